@@ -1,0 +1,122 @@
+"""The embedded default: PUMA on real digits plus a generated pool, offline, on a CPU.
+
+Command (2 CPU cores, about 5 minutes, no download):
+
+    python -m jax_advprune.main --config configs/default.py --workdir runs/default
+
+Smoke variant (about a minute; what the tests run):
+
+    python -m jax_advprune.main --config configs/default.py:smoke --workdir runs/smoke
+
+Data: scikit-learn's 1,797 handwritten digits, bilinearly resized to 16x16x1
+uint8 and split per class into 1,528 train / 269 test images, plus a pool of
+20,000 images sampled from per-class Gaussian mixtures fitted in a PCA space of
+the train split (see jax_advprune/data/generate.py), written once as npz files
+into <workdir>/data in the DM-Improves-AT format.
+
+Phases: a small CNN is PGD-AT trained on the whole pool (L-inf eps 0.1, 10 steps)
+and DeepFool L-inf margins are computed for every pool sample; PUMA keeps the
+50% lowest-margin samples and lowers the training eps of kept samples whose
+margin is below eps; a fresh model is PGD-AT trained on the selection and
+evaluated (clean and PGD-20) on the test split.
+
+Expected result (seed 0, this machine class): see the README's "Embedded default"
+section for the measured numbers of this exact config.
+
+Any field can be overridden: --config.pruning.keep_ratio=0.75
+--config.pruning.strategy=random --config.train.epochs=10 ...
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # 'digits' (embedded) or 'npz' (user files in the DM-Improves-AT format)
+    c.data.num_classes = 10
+    c.data.image_size = 16  # digits only
+    c.data.synthetic_size = 20_000  # digits only
+    c.data.test_fraction = 0.15  # digits only
+    c.data.seed = 0  # digits only: split and generator seed
+    c.data.original = ""  # npz only: original training split
+    c.data.synthetic = []  # npz only: synthetic parts, read in order
+    c.data.test = ""  # npz only: test split
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "small_cnn"
+    c.model.kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128), "mean": (0.5,), "std": (0.25,)})
+
+    # The training attack (also the threat model of the evaluation).
+    c.attack = ml_collections.ConfigDict()
+    c.attack.norm = "linf"
+    c.attack.eps = 0.1
+    c.attack.step_size = 0.025  # scaled per sample by eps_i / eps
+    c.attack.steps = 10
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 15.0  # an epoch is ceil(kept originals / originals per batch) steps
+    c.train.batch_size = 128
+    c.train.original_fraction = 0.3  # originals per batch; 0 = plain epochs over the kept pool
+    c.train.synthetic_with_replacement = True
+    c.train.lr = 0.1
+    c.train.momentum = 0.9
+    c.train.nesterov = True
+    c.train.weight_decay = 5e-4
+    c.train.warmup_steps = 50
+    c.train.label_smoothing = 0.1
+    c.train.ema_decay = 0.995
+    c.train.ema_warmup_steps = 0
+    c.train.crop_padding = 2
+    c.train.flip = False  # digits are not mirror-symmetric
+    c.train.num_workers = 0
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.log_every_steps = 25
+    c.train.log_every_s = 10.0
+
+    c.scoring = ml_collections.ConfigDict()
+    c.scoring.train_epochs = 8.0  # the margin model: PGD-AT on the whole pool
+    c.scoring.use_ema = True
+    c.scoring.slots = 256  # samples per DeepFool iteration (the work queue's width)
+    c.scoring.chunk_size = 4096  # samples per device call; the queue refills slots within a chunk
+    c.scoring.deepfool = ml_collections.ConfigDict()
+    c.scoring.deepfool.norm = "linf"  # must match attack.norm for puma
+    c.scoring.deepfool.max_iter = 50
+    c.scoring.deepfool.overshoot = 0.02
+    c.scoring.deepfool.candidates = ml_collections.FieldReference(None, field_type=int)  # None = all classes
+
+    c.pruning = ml_collections.ConfigDict()
+    c.pruning.strategy = "puma"  # random | prune_easy | prune_hard | puma
+    c.pruning.keep_ratio = 0.5
+    c.pruning.scope = "all"  # 'all' or 'synthetic' (originals always kept)
+    c.pruning.class_balanced = False
+    c.pruning.puma = ml_collections.ConfigDict()
+    c.pruning.puma.rule = "below_eps"  # or 'low_fraction'
+    c.pruning.puma.scale = 1.0
+    c.pruning.puma.eps_min = 0.0
+    c.pruning.puma.low_fraction = 0.1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.pgd_steps = 20
+    c.eval.step_fraction = 0.25  # PGD step = eps * step_fraction
+    c.eval.batch_size = 256
+
+    if arg == "smoke":
+        c.data.synthetic_size = 2_000
+        c.train.epochs = 1.0
+        c.train.batch_size = 64
+        c.train.warmup_steps = 5
+        c.train.checkpoint_every = 20
+        c.train.log_every_steps = 10
+        c.train.log_every_s = 5.0
+        c.scoring.train_epochs = 0.5
+        c.attack.steps = 3
+        c.attack.step_size = 0.05
+        c.scoring.deepfool.max_iter = 10
+        c.eval.pgd_steps = 5
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r}; known: 'smoke'")
+    return c

@@ -1,0 +1,173 @@
+"""DeepFool (Moosavi-Dezfooli et al. 2016): a sample's distance to the decision boundary.
+
+The update follows foolbox's form: at every iteration linearise the differences
+f_k(x) - f_origin(x) for the candidate classes k, take the class whose linearised
+boundary is closest, add the step that reaches it to an accumulated perturbation
+r_total, and set x = clip(x0 + (1 + overshoot) * r_total, 0, 1). The origin class
+is the model's prediction on x0, and a sample is done once its prediction changes.
+
+Only the (candidate - origin) input gradients are computed: one forward pass and
+one VJP per candidate, batched with vmap over cotangents, inside a
+`lax.while_loop` whose slots are refilled as samples finish (see `deepfool`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_advprune.attacks.common import check_norm, dual_norm_name, flat_norm, per_sample
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+# Added to each linearised distance so that a step never lands exactly on the
+# boundary (foolbox adds 1e-4; a smaller value keeps L-inf margins of ~1/255 exact).
+STEP_SLACK = 1e-5
+_TINY = 1e-8
+
+
+class DeepFoolResult(NamedTuple):
+    """Per-sample DeepFool outputs; every field has leading shape (B,).
+
+    x_adv: (B, H, W, C) the final point, clip(x0 + (1 + overshoot) r_total, 0, 1).
+    distance: ||r_total|| in the attack norm, the estimated distance (>= 0) from x0
+      to the nearest decision boundary, without the overshoot.
+    margin: +distance where x0 is classified as its label, -distance otherwise.
+    converged: True where the prediction at x_adv differs from the one at x0.
+    n_iter: number of DeepFool steps the sample took (int32).
+    """
+
+    x_adv: jax.Array
+    distance: jax.Array
+    margin: jax.Array
+    converged: jax.Array
+    n_iter: jax.Array
+
+
+def deepfool(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    norm: str = "l2",
+    max_iter: int = 50,
+    overshoot: float = 0.02,
+    candidates: int | None = None,
+    slots: int | None = None,
+) -> DeepFoolResult:
+    """Minimal perturbation that changes the model's prediction, per sample.
+
+    Samples are processed through a fixed number of `slots` (a work queue inside
+    one `lax.while_loop`): a sample leaves its slot as soon as it is done and the
+    next waiting sample takes it, so the cost follows the total number of
+    iterations rather than (number of batches) x (slowest sample's iterations).
+    Each sample's result is the same as running it alone.
+
+    Args:
+      logits_fn: images (S, H, W, C) in [0, 1] -> logits (S, K), called on `slots`
+        samples at a time. Samples must be independent (BatchNorm in inference
+        mode), since per-sample gradients are read from one batched VJP.
+      x: images (B, H, W, C), float32 in [0, 1].
+      y: int labels (B,); they set the sign of the margin only.
+      norm: 'l2' or 'linf'; the distance is measured in this norm.
+      max_iter: iteration cap. Samples not flipped by then keep their accumulated
+        distance and `converged=False`.
+      overshoot: r_total is scaled by (1 + overshoot) when forming x_adv.
+      candidates: number of top classes by logit at x0 considered (the predicted
+        one included); None = all classes.
+      slots: samples processed per iteration (static); None = all B at once.
+
+    Returns:
+      DeepFoolResult, see its docstring.
+    """
+    check_norm(norm)
+    x = jnp.asarray(x, jnp.float32)
+    batch = x.shape[0]
+    slots = batch if slots is None else max(1, min(int(slots), batch))
+    num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((slots,) + x.shape[1:], x.dtype)).shape[-1]
+    k = num_classes if candidates is None else max(2, min(int(candidates), num_classes))
+    rows = jnp.arange(slots)
+    dual = dual_norm_name(norm)
+
+    def step(state):
+        slot, out = state
+        logits, vjp_fn = jax.vjp(logits_fn, slot["x"])
+        _, ranked = jax.lax.top_k(logits, k)
+        origin = jnp.where(slot["fresh"], ranked[:, 0], slot["origin"])
+        others = jnp.where(slot["fresh"][:, None], ranked[:, 1:], slot["others"])
+        flipped = jnp.argmax(logits, axis=-1) != origin
+        finished = slot["live"] & (flipped | (slot["n_iter"] >= max_iter))
+
+        # Write finished samples out (rows of other slots go out of range and are dropped).
+        target = jnp.where(finished, slot["sample"], batch)
+        out = {
+            "x_adv": out["x_adv"].at[target].set(slot["x"], mode="drop"),
+            "r_norm": out["r_norm"].at[target].set(flat_norm(slot["r"], norm), mode="drop"),
+            "converged": out["converged"].at[target].set(flipped, mode="drop"),
+            "n_iter": out["n_iter"].at[target].set(slot["n_iter"], mode="drop"),
+            "origin": out["origin"].at[target].set(origin, mode="drop"),
+        }
+
+        # One DeepFool step for the samples that go on: linearise f_k - f_origin.
+        cotangents = jax.nn.one_hot(others, num_classes) - jax.nn.one_hot(origin, num_classes)[:, None, :]
+        grads = jax.vmap(lambda c: vjp_fn(c)[0])(jnp.moveaxis(cotangents, 1, 0))  # (k-1, S, H, W, C)
+        gaps = jnp.take_along_axis(logits, others, axis=-1) - logits[rows, origin][:, None]  # (S, k-1)
+        grad_norms = jax.vmap(lambda g: flat_norm(g, dual))(grads).T  # (S, k-1)
+        distances = jnp.abs(gaps) / (grad_norms + _TINY)
+        best = jnp.argmin(distances, axis=1)
+        best_grad = grads[best, rows]
+        if norm == "l2":
+            direction = best_grad / per_sample(grad_norms[rows, best] + _TINY, best_grad)
+        else:
+            direction = jnp.sign(best_grad)
+        r_step = per_sample(distances[rows, best] + STEP_SLACK, direction) * direction
+        going_on = slot["live"] & ~finished
+        r = jnp.where(per_sample(going_on, r_step), slot["r"] + r_step, slot["r"])
+        x_next = jnp.clip(slot["x0"] + (1.0 + overshoot) * r, 0.0, 1.0)
+        x_cur = jnp.where(per_sample(going_on, x_next), x_next, slot["x"])
+
+        # Finished slots take the next waiting samples.
+        new_sample = slot["next"] + jnp.cumsum(finished) - 1
+        refill = finished & (new_sample < batch)
+        new_x0 = x[jnp.clip(new_sample, 0, batch - 1)]
+        refill_b = per_sample(refill, new_x0)
+        slot = {
+            "sample": jnp.where(refill, new_sample, slot["sample"]),
+            "x0": jnp.where(refill_b, new_x0, slot["x0"]),
+            "x": jnp.where(refill_b, new_x0, x_cur),
+            "r": jnp.where(refill_b, 0.0, r),
+            "n_iter": jnp.where(refill, 0, slot["n_iter"] + going_on.astype(jnp.int32)),
+            "origin": origin,
+            "others": others,
+            "fresh": refill,
+            "live": going_on | refill,
+            "next": slot["next"] + jnp.sum(finished, dtype=jnp.int32),
+        }
+        return slot, out
+
+    first = x[:slots]
+    init_slot = {
+        "sample": rows,
+        "x0": first,
+        "x": first,
+        "r": jnp.zeros_like(first),
+        "n_iter": jnp.zeros((slots,), jnp.int32),
+        "origin": jnp.zeros((slots,), jnp.int32),
+        "others": jnp.zeros((slots, k - 1), jnp.int32),
+        "fresh": jnp.ones((slots,), bool),
+        "live": jnp.ones((slots,), bool),
+        "next": jnp.asarray(slots, jnp.int32),
+    }
+    init_out = {
+        "x_adv": jnp.zeros_like(x),
+        "r_norm": jnp.zeros((batch,), x.dtype),
+        "converged": jnp.zeros((batch,), bool),
+        "n_iter": jnp.zeros((batch,), jnp.int32),
+        "origin": jnp.zeros((batch,), jnp.int32),
+    }
+    _, out = jax.lax.while_loop(lambda state: jnp.any(state[0]["live"]), step, (init_slot, init_out))
+    distance = out["r_norm"]
+    margin = jnp.where(out["origin"] == y, distance, -distance)
+    return DeepFoolResult(out["x_adv"], distance, margin, out["converged"], out["n_iter"])

@@ -1,0 +1,45 @@
+"""Per-sample attack objectives: (logits (B, C), target) -> loss (B,), to be maximised."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttackLoss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Cross-entropy of int labels (B,) under logits (B, C) -> (B,) nats."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
+def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Carlini-Wagner margin max_{k != y} z_k - z_y (B,); positive once misclassified."""
+    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return jnp.max(others, axis=-1) - true_logit
+
+
+def kl_to_clean(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
+    """KL(clean_probs || softmax(logits)) (B,): the TRADES inner objective.
+
+    `clean_probs` (B, C) is the softmax of the clean logits, passed as the target.
+    """
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.where(clean_probs > 0, clean_probs, 1.0)
+    return jnp.sum(jnp.where(clean_probs > 0, clean_probs * (jnp.log(safe) - log_probs), 0.0), axis=-1)
+
+
+ATTACK_LOSSES: dict[str, AttackLoss] = {"ce": cross_entropy, "margin": margin, "kl": kl_to_clean}
+
+
+def get_attack_loss(loss: str | AttackLoss) -> AttackLoss:
+    """Resolves a loss name from ATTACK_LOSSES, or returns a callable unchanged."""
+    if callable(loss):
+        return loss
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"attack loss must be one of {sorted(ATTACK_LOSSES)} or a callable, got {loss!r}")
+    return ATTACK_LOSSES[loss]

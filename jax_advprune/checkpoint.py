@@ -1,0 +1,56 @@
+"""Orbax checkpoints of the train state together with the grain data-iterator state."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Keeps the last `max_to_keep` checkpoints of (train state, data iterator) in `directory`.
+
+    Saves are asynchronous; call `wait()` before reading them or exiting.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator=None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> Any:
+        """Restores the state at `step` (default: latest) into `abstract_state`'s structure.
+
+        When `data_iterator` is given its position is restored in place too.
+        """
+        step = self.latest_step() if step is None else step
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStruct tree of `tree`, for restoring without allocating twice."""
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)

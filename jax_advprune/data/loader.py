@@ -1,0 +1,187 @@
+"""Training batches from a pool: keep-mask filter, original/synthetic mixing, augmentation.
+
+The batch at global step s is a pure function of (seed, s): `BatchPlan.indices(s)`
+picks global pool indices, `BatchReader` gathers them from the memory-mapped pool
+and augments the whole batch at once with numpy. A grain `MapDataset` over step
+numbers runs the reader (optionally in worker processes), and its iterator state
+is checkpointed so a resumed run continues with exactly the batches it would have
+seen.
+
+Mixing (the DM-Improves-AT recipe): each batch holds `original_per_batch` kept
+original samples, drawn as per-epoch permutations, and the rest kept synthetic
+samples, drawn uniformly with replacement or as a stream of permutations. An
+epoch is ceil(kept originals / original_per_batch) steps, so pruning the
+synthetic pool does not shorten it. Without mixing, epochs are permutations of
+the whole kept pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from jax_advprune.data.sources import Pool
+
+
+class EmptySelectionError(ValueError):
+    """The keep mask leaves nothing to draw a batch from."""
+
+
+def _permutation(seed: int, stream: int, cycle: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, stream, cycle]).permutation(n)
+
+
+def _permutation_stream(seed: int, stream: int, population: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Items [start, start + count) of the endless sequence perm_0 ++ perm_1 ++ ... of `population`."""
+    positions = start + np.arange(count)
+    cycles, offsets = np.divmod(positions, len(population))
+    out = np.empty(count, population.dtype)
+    for cycle in np.unique(cycles):
+        where = cycles == cycle
+        out[where] = population[_permutation(seed, stream, int(cycle), len(population))[offsets[where]]]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which global pool indices form the batch of each step.
+
+    Attributes:
+      original: kept original-split indices (sorted).
+      synthetic: kept synthetic indices (sorted).
+      batch_size: global batch size.
+      original_per_batch: originals per batch when mixing; None = no mixing.
+      synthetic_with_replacement: draw synthetic samples i.i.d. (reference) or as
+        a stream of permutations.
+      seed: base seed.
+    """
+
+    original: np.ndarray
+    synthetic: np.ndarray
+    batch_size: int
+    original_per_batch: int | None
+    synthetic_with_replacement: bool
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.original_per_batch is None:
+            return -(-(len(self.original) + len(self.synthetic)) // self.batch_size)
+        return -(-len(self.original) // self.original_per_batch)
+
+    def indices(self, step: int) -> np.ndarray:
+        """Global pool indices (batch_size,) int64 of the batch at `step`."""
+        if self.original_per_batch is None:
+            kept = np.concatenate([self.original, self.synthetic])
+            return _permutation_stream(self.seed, 0, kept, step * self.batch_size, self.batch_size)
+        epoch, within = divmod(step, self.steps_per_epoch)
+        n_orig = self.original_per_batch
+        order = _permutation(self.seed, 1, epoch, len(self.original))
+        take = (within * n_orig + np.arange(n_orig)) % len(self.original)  # the last batch wraps around
+        originals = self.original[order[take]]
+        n_syn = self.batch_size - n_orig
+        if self.synthetic_with_replacement:
+            rng = np.random.default_rng([self.seed, 2, step])
+            synthetic = self.synthetic[rng.integers(0, len(self.synthetic), n_syn)]
+        else:
+            synthetic = _permutation_stream(self.seed, 3, self.synthetic, step * n_syn, n_syn)
+        return np.concatenate([originals, synthetic])
+
+
+def make_plan(
+    keep: np.ndarray,
+    num_original: int,
+    *,
+    batch_size: int,
+    original_fraction: float | None,
+    synthetic_with_replacement: bool,
+    seed: int,
+) -> BatchPlan:
+    """Builds a BatchPlan from a keep mask (N,) bool over the pool.
+
+    `original_fraction` in (0, 1) mixes round(fraction * batch) originals into each
+    batch; None (or a pool without synthetic rows) draws plain epochs over the kept pool.
+    """
+    keep = np.asarray(keep, bool)
+    kept = np.flatnonzero(keep)
+    if kept.size == 0:
+        raise EmptySelectionError("the keep mask selects no sample: nothing to train on")
+    original, synthetic = kept[kept < num_original], kept[kept >= num_original]
+    original_per_batch = None
+    if original_fraction is not None and len(keep) > num_original:
+        if not 0.0 < original_fraction < 1.0:
+            raise ValueError(f"original_fraction must be in (0, 1) or None, got {original_fraction}")
+        original_per_batch = int(round(original_fraction * batch_size))
+        if not 0 < original_per_batch < batch_size:
+            raise ValueError(f"original_fraction {original_fraction} x batch {batch_size} leaves no room for both kinds")
+        if len(original) == 0 or len(synthetic) == 0:
+            raise EmptySelectionError(
+                f"mixing needs kept samples of both kinds, but {len(original)} original and {len(synthetic)} synthetic are kept; "
+                "set original_fraction=None for plain epochs"
+            )
+    return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, seed)
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, *, crop_padding: int, flip: bool) -> np.ndarray:
+    """Random crop after zero padding, and random horizontal flip, for a whole batch.
+
+    images: (B, H, W, C) uint8 -> (B, H, W, C) uint8.
+    """
+    b, h, w, _ = images.shape
+    out = images
+    if crop_padding > 0:
+        padded = np.pad(images, ((0, 0), (crop_padding,) * 2, (crop_padding,) * 2, (0, 0)))
+        dy = rng.integers(0, 2 * crop_padding + 1, b)
+        dx = rng.integers(0, 2 * crop_padding + 1, b)
+        rows = (dy[:, None] + np.arange(h))[:, :, None]
+        cols = (dx[:, None] + np.arange(w))[:, None, :]
+        out = padded[np.arange(b)[:, None, None], rows, cols]
+    if flip:
+        flipped = rng.random(b) < 0.5
+        out = np.where(flipped[:, None, None, None], out[:, :, ::-1], out)
+    return out
+
+
+@dataclasses.dataclass
+class BatchReader:
+    """Step number -> batch dict for this process's share of the global batch.
+
+    The dict holds `image` (b, H, W, C) uint8, `label` (b,) int32, `eps` (b,) float32
+    (the per-sample training eps) and `index` (b,) int64 (global pool position),
+    with b = batch_size // process_count.
+    """
+
+    pool: Pool
+    plan: BatchPlan
+    eps: np.ndarray
+    crop_padding: int = 0
+    flip: bool = False
+    process_index: int = 0
+    process_count: int = 1
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        indices = self.plan.indices(int(step))
+        share = self.plan.batch_size // self.process_count
+        indices = indices[self.process_index * share : (self.process_index + 1) * share]
+        images, labels = self.pool.read(indices)
+        rng = np.random.default_rng([self.plan.seed, 4, int(step), self.process_index])
+        images = augment_batch(images, rng, crop_padding=self.crop_padding, flip=self.flip)
+        return {
+            "image": images,
+            "label": labels.astype(np.int32),
+            "eps": np.asarray(self.eps[indices], np.float32),
+            "index": indices,
+        }
+
+
+def batch_iterator(reader: BatchReader, num_steps: int, *, num_workers: int = 0):
+    """A checkpointable grain iterator over the batches of steps [0, num_steps)."""
+    if reader.plan.batch_size % reader.process_count:
+        raise ValueError(f"batch size {reader.plan.batch_size} is not divisible by {reader.process_count} processes")
+    dataset = grain.MapDataset.range(num_steps).map(reader)
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2))
+    if num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(iter_dataset)

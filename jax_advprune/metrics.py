@@ -1,0 +1,56 @@
+"""Progress lines (steps/s, images/s, ETA) and metrics as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger("jax_advprune")
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> 'H:MM:SS'."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Reports rate and ETA of a loop of `total` steps of `items_per_step` items each.
+
+    `update(step, **metrics)` appends {"phase", "step", metrics..., "items_per_s"}
+    (the rate since the previous update) to the JSON-lines file, if any, and logs
+    a progress line at most every `every_s` seconds and always on the last step.
+    """
+
+    def __init__(self, phase: str, total: int, items_per_step: int, jsonl_path: str | None = None, every_s: float = 10.0, first_step: int = 0):
+        self.phase, self.total, self.items_per_step = phase, total, items_per_step
+        self.jsonl_path, self.every_s = jsonl_path, every_s
+        self.start_time = self.last_time = self.last_log_time = time.perf_counter()
+        self.first_step = self.last_step = first_step
+        if jsonl_path:
+            os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+
+    def update(self, step: int, force: bool = False, **metrics) -> None:
+        """Call after finishing `step` (1-based count of steps done)."""
+        now = time.perf_counter()
+        done = step - self.first_step
+        elapsed = now - self.start_time
+        rate = (step - self.last_step) * self.items_per_step / max(now - self.last_time, 1e-9)
+        steps_per_s = done / max(elapsed, 1e-9)
+        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+        self.last_time, self.last_step = now, step
+        record = {"phase": self.phase, "step": step, **{k: float(v) for k, v in metrics.items()}, "items_per_s": rate}
+        if self.jsonl_path:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if not force and step < self.total and now - self.last_log_time < self.every_s:
+            return
+        self.last_log_time = now
+        shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+        log.info(
+            "[%s] %d/%d (%.0f%%) %.0f img/s elapsed %s ETA %s %s",
+            self.phase, step, self.total, 100.0 * step / max(self.total, 1), rate,
+            format_duration(elapsed), format_duration(eta), shown,
+        )

@@ -1,0 +1,35 @@
+"""A small strided CNN: the CPU-sized model of tests, smoke runs and the embedded default."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class SmallCNN(nn.Module):
+    """conv3x3 blocks (BatchNorm, ReLU), stride 2 after the first, global average pool, dense.
+
+    Strided convolutions instead of max-pooling: XLA:CPU differentiates
+    max-pool (select-and-scatter) very slowly, and attacks live on input gradients.
+
+    Input: images (B, H, W, C) float32 in [0, 1]; normalised inside with
+    `mean` / `std` (per channel). Output: logits (B, num_classes).
+    """
+
+    num_classes: int = 10
+    widths: Sequence[int] = (32, 64, 128)
+    mean: Sequence[float] = (0.5,)
+    std: Sequence[float] = (0.25,)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        for i, width in enumerate(self.widths):
+            stride = 1 if i == 0 else 2
+            x = nn.Conv(width, (3, 3), strides=(stride, stride), use_bias=False, name=f"conv{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
+            x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,335 @@
+"""The four phases of a run: score -> select -> train -> evaluate.
+
+Each phase reads its inputs from and writes its outputs to the work directory,
+is skipped when its outputs are complete, and refuses to run over outputs that
+were made with other settings (`settings/<phase>.json` records them), so nothing
+a previous run wrote is ever overwritten. Outputs are written to temporary names
+and renamed, with the phase's `meta.json` last: a phase cut off half-way is
+simply run again (training resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from jax_advprune import training
+from jax_advprune.checkpoint import Checkpointer, abstract_like
+from jax_advprune.data.generate import write_embedded_default
+from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
+from jax_advprune.data.sources import NpzPart, Pool, open_pool
+from jax_advprune.evaluation import evaluate_split
+from jax_advprune.metrics import Progress
+from jax_advprune.models import create_model
+from jax_advprune.pruning import scores as scores_lib
+from jax_advprune.pruning import strategies
+
+log = logging.getLogger("jax_advprune")
+
+
+class SettingsMismatchError(RuntimeError):
+    """The work directory holds outputs of a phase made with other settings."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically (temp file, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+    os.replace(path + ".tmp", path)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """Saves an .npy atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, array)
+    os.replace(path + ".tmp", path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def guard_settings(workdir: str, phase: str, settings: dict) -> None:
+    """Records `settings` for `phase`, or checks them against the recorded ones.
+
+    Raises SettingsMismatchError naming every key that differs.
+    """
+    path = os.path.join(workdir, "settings", f"{phase}.json")
+    settings = json.loads(json.dumps(settings, default=_jsonable))
+    if not os.path.exists(path):
+        write_json(path, settings)
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    old, new = _flatten(recorded), _flatten(settings)
+    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        raise SettingsMismatchError(
+            f"{workdir} already holds '{phase}' outputs made with other settings ({path}):\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a new --workdir (nothing is overwritten)."
+        )
+
+
+def _section(config: ml_collections.ConfigDict, *names: str) -> dict:
+    return {name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name] for name in names}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+    """The pool (memory-mapped) and the test split (in memory, uint8 NHWC)."""
+
+    pool: Pool
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+    """Opens the pool and test split named by config.data.
+
+    'digits' writes the embedded default into <workdir>/data once; 'npz' reads
+    user files in the DM-Improves-AT format (original, synthetic parts, test).
+    """
+    cfg = config.data
+    if cfg.name == "digits":
+        paths = write_embedded_default(
+            os.path.join(workdir, "data"),
+            image_size=cfg.image_size, synthetic_size=cfg.synthetic_size, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        )
+        original, synthetic, test = paths["train"], [paths["synthetic"]], paths["test"]
+    elif cfg.name == "npz":
+        original, synthetic, test = cfg.original, list(cfg.synthetic), cfg.test
+    else:
+        raise ValueError(f"config.data.name must be 'digits' or 'npz', got {cfg.name!r}")
+    pool = open_pool(original, synthetic, cfg.num_classes)
+    test_part = NpzPart(test, cfg.num_classes)
+    log.info("pool: %d original + %d synthetic images of shape %s; test: %d", pool.num_original, len(pool) - pool.num_original, pool.image_shape, len(test_part))
+    return Data(pool, np.asarray(test_part.images), np.asarray(test_part.labels))
+
+
+# --------------------------------------------------------------------------- training (shared by score and train)
+
+
+def _train_model(config, data: Data, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int):
+    """PGD-AT of a fresh model on the kept pool with per-sample eps; resumes from ckpt_dir.
+
+    Returns (model, final TrainState).
+    """
+    tcfg = config.train
+    model = create_model(config.model.name, num_classes=config.data.num_classes, **config.model.kwargs.to_dict())
+    plan = make_plan(
+        keep, data.pool.num_original, batch_size=tcfg.batch_size,
+        original_fraction=tcfg.original_fraction if tcfg.original_fraction > 0 else None,
+        synthetic_with_replacement=tcfg.synthetic_with_replacement, seed=seed,
+    )
+    num_steps = max(1, int(np.ceil(epochs * plan.steps_per_epoch)))
+    tx = training.make_optimizer(tcfg, num_steps)
+    state = training.init_train_state(model, tx, data.pool.image_shape, seed)
+    reader = BatchReader(
+        data.pool, plan, eps, crop_padding=tcfg.crop_padding, flip=tcfg.flip,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    batches = batch_iterator(reader, num_steps, num_workers=tcfg.num_workers)
+    checkpointer = Checkpointer(ckpt_dir, max_to_keep=tcfg.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_like(state), batches)
+        log.info("[%s] resumed from %s at step %d", phase, ckpt_dir, int(state.step))
+    log.info("[%s] %d steps (%.3g epochs of %d steps), batch %d, %d kept samples", phase, num_steps, epochs, plan.steps_per_epoch, tcfg.batch_size, int(keep.sum()))
+    train_step = training.make_train_step(model, tx, tcfg, config.attack)
+    progress = Progress(phase, num_steps, tcfg.batch_size, metrics_path, every_s=tcfg.log_every_s, first_step=int(state.step))
+    state = training.fit(
+        state, train_step, batches, num_steps=num_steps, checkpointer=checkpointer,
+        checkpoint_every=tcfg.checkpoint_every, progress=progress, log_every_steps=tcfg.log_every_steps,
+    )
+    checkpointer.close()
+    return model, state
+
+
+def _apply_fn(model):
+    return lambda variables, x: model.apply(variables, x, train=False)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def score(config, workdir: str, data: Data) -> None:
+    """Trains the margin model on the full pool and writes scores/margin.npy (+ converged, n_iter, meta)."""
+    out_dir = os.path.join(workdir, "scores")
+    guard_settings(workdir, "score", _section(config, "data", "model", "attack", "train", "scoring") | {"seed": config.seed})
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        log.info("[score] complete, skipped (%s)", out_dir)
+        return
+    scfg = config.scoring
+    n = len(data.pool)
+    base_eps = np.full(n, config.attack.eps, np.float32)
+    ckpt_dir = os.path.join(workdir, "scoring_model", "checkpoints")
+    model, state = _train_model(
+        config, data, np.ones(n, bool), base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
+        metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train", seed=config.seed + 1,
+    )
+    df = scfg.deepfool
+    num_chunks = -(-n // scfg.chunk_size)
+    progress = Progress("score/deepfool", num_chunks, scfg.chunk_size, os.path.join(workdir, "metrics.jsonl"), every_s=config.train.log_every_s)
+    start = time.perf_counter()
+    result = scores_lib.margin_scores(
+        _apply_fn(model), state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, slots=scfg.slots,
+        norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    for name, array in result.items():
+        save_npy(os.path.join(out_dir, f"{name}.npy"), array)
+    margin = result["margin"]
+    write_json(os.path.join(out_dir, "meta.json"), {
+        "score": "margin",
+        "model_checkpoint": os.path.join(ckpt_dir, str(int(state.step))),
+        "weights": "ema" if scfg.use_ema else "raw",
+        "seed": config.seed + 1,
+        "deepfool": df.to_dict(),
+        "num_samples": n,
+        "fraction_converged": float(result["converged"].mean()),
+        "fraction_correct": float((margin > 0).mean()),
+        "mean_iterations": float(result["n_iter"].mean()),
+        "margin_quantiles": {str(q): float(np.quantile(margin, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+        "seconds": seconds,
+    })
+    log.info("[score] margins of %d samples in %.1fs: %.1f%% converged, median %.4g", n, seconds, 100 * result["converged"].mean(), np.median(margin))
+
+
+def select(config, workdir: str, data: Data) -> None:
+    """Applies the pruning strategy to the scores -> selection/keep.npy, eps.npy, meta.json."""
+    out_dir = os.path.join(workdir, "selection")
+    guard_settings(workdir, "select", _section(config, "pruning") | {"eps": config.attack.eps, "seed": config.seed})
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        log.info("[select] complete, skipped (%s)", out_dir)
+        return
+    pcfg = config.pruning
+    margins = np.load(os.path.join(workdir, "scores", "margin.npy"))
+    if pcfg.strategy == "puma" and config.scoring.deepfool.norm != config.attack.norm:
+        raise ValueError(
+            f"puma compares margins with the training eps, so scoring.deepfool.norm ({config.scoring.deepfool.norm}) "
+            f"must equal attack.norm ({config.attack.norm})"
+        )
+    labels = data.pool.labels()
+    scopes = {"all": np.ones(len(labels), bool), "synthetic": data.pool.is_synthetic}
+    if pcfg.scope not in scopes:
+        raise ValueError(f"pruning.scope must be one of {sorted(scopes)}, got {pcfg.scope!r}")
+    keep, eps = strategies.select(
+        pcfg.strategy, scores=margins, labels=labels, prunable=scopes[pcfg.scope], keep_ratio=pcfg.keep_ratio,
+        base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed, puma=pcfg.puma.to_dict(),
+    )
+    save_npy(os.path.join(out_dir, "keep.npy"), keep)
+    save_npy(os.path.join(out_dir, "eps.npy"), eps)
+    synthetic = data.pool.is_synthetic
+    meta = {
+        "strategy": pcfg.strategy,
+        "settings": pcfg.to_dict(),
+        "kept": int(keep.sum()),
+        "kept_original": int((keep & ~synthetic).sum()),
+        "kept_synthetic": int((keep & synthetic).sum()),
+        "pool_size": len(keep),
+        "kept_per_class": np.bincount(labels[keep], minlength=config.data.num_classes).tolist(),
+        "lowered_eps": int((keep & (eps < config.attack.eps)).sum()),
+        "mean_eps_kept": float(eps[keep].mean()) if keep.any() else 0.0,
+    }
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    log.info("[select] %s kept %d / %d (%d original, %d synthetic), %d with lowered eps", pcfg.strategy, meta["kept"], len(keep), meta["kept_original"], meta["kept_synthetic"], meta["lowered_eps"])
+
+
+def _load_selection(workdir: str, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.load(os.path.join(workdir, "selection", "keep.npy"))
+    eps = np.load(os.path.join(workdir, "selection", "eps.npy"))
+    for name, array in (("keep.npy", keep), ("eps.npy", eps)):
+        if array.shape != (pool_size,):
+            raise ValueError(f"{os.path.join(workdir, 'selection', name)} has shape {array.shape}, expected ({pool_size},), one entry per pool sample")
+    return keep.astype(bool), eps.astype(np.float32)
+
+
+def train(config, workdir: str, data: Data):
+    """PGD-AT of a fresh model on the selection; checkpoints/ and metrics.jsonl; resumes."""
+    guard_settings(workdir, "train", _section(config, "data", "model", "attack", "train", "pruning") | {"seed": config.seed})
+    keep, eps = _load_selection(workdir, len(data.pool))
+    return _train_model(
+        config, data, keep, eps, epochs=config.train.epochs, ckpt_dir=os.path.join(workdir, "checkpoints"),
+        metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="train", seed=config.seed,
+    )
+
+
+def evaluate(config, workdir: str, data: Data, model, state) -> None:
+    """Clean and PGD accuracy of the raw and EMA weights on the test split -> results.json, report.md."""
+    guard_settings(workdir, "evaluate", _section(config, "eval") | {"eps": config.attack.eps, "norm": config.attack.norm})
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
+        return
+    ecfg = config.eval
+    results = {}
+    for weights in ("raw", "ema"):
+        results[weights] = evaluate_split(
+            _apply_fn(model), state.variables(ema=weights == "ema"), data.test_images, data.test_labels,
+            eps=config.attack.eps, step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps,
+            norm=config.attack.norm, batch_size=ecfg.batch_size, seed=config.seed,
+        )
+        log.info("[evaluate] %s weights: clean %.4f, PGD-%d %.4f", weights, results[weights]["clean_accuracy"], ecfg.pgd_steps, results[weights]["pgd_accuracy"])
+    with open(os.path.join(workdir, "selection", "meta.json")) as f:
+        selection = json.load(f)
+    summary = {
+        "strategy": config.pruning.strategy,
+        "keep_ratio": config.pruning.keep_ratio,
+        "kept": selection["kept"],
+        "pool_size": selection["pool_size"],
+        "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": ecfg.pgd_steps},
+        "checkpoint_step": int(state.step),
+        "results": results,
+    }
+    lines = [
+        f"# {os.path.basename(os.path.abspath(workdir))}: {config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}",
+        "",
+        f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps.",
+        f"Test split: {len(data.test_labels)} images; {config.attack.norm} eps {config.attack.eps:.4g}, PGD-{ecfg.pgd_steps}.",
+        "",
+        "| weights | clean accuracy | PGD accuracy |",
+        "| --- | --- | --- |",
+    ] + [f"| {w} | {r['clean_accuracy']:.4f} | {r['pgd_accuracy']:.4f} |" for w, r in results.items()]
+    with open(os.path.join(workdir, "report.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
+    write_json(os.path.join(workdir, "results.json"), summary)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Runs every phase whose outputs are missing."""
+    os.makedirs(workdir, exist_ok=True)
+    data = load_data(config, workdir)
+    score(config, workdir, data)
+    select(config, workdir, data)
+    model, state = train(config, workdir, data)
+    evaluate(config, workdir, data, model, state)
+    log.info("done: %s", os.path.join(workdir, "report.md"))

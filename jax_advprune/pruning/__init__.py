@@ -1,0 +1,1 @@
+"""Per-sample importance scores and the selection strategies built on them."""

@@ -1,0 +1,143 @@
+"""Attack tests against analytic answers and invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_advprune.attacks import deepfool, pgd
+from jax_advprune.attacks.common import flat_norm
+
+IMAGE_SHAPE = (4, 4, 1)
+NUM_CLASSES = 5
+
+
+def affine_classifier(seed: int, scale: float = 3.0):
+    """Returns (logits_fn, W (D, K), b (K,)) of an affine classifier on flattened images."""
+    rng = np.random.default_rng(seed)
+    dims = int(np.prod(IMAGE_SHAPE))
+    weights = rng.normal(size=(dims, NUM_CLASSES)).astype(np.float32) * scale
+    bias = rng.normal(size=NUM_CLASSES).astype(np.float32)
+
+    def logits_fn(x):
+        return x.reshape(x.shape[0], -1) @ weights + bias
+
+    return logits_fn, weights, bias
+
+
+def analytic_distance(x, weights, bias, dual_ord):
+    """min_{k != pred} |f_k - f_pred| / ||w_k - w_pred||_dual per sample, in numpy."""
+    flat = x.reshape(x.shape[0], -1).astype(np.float64)
+    logits = flat @ weights + bias
+    pred = logits.argmax(1)
+    out = []
+    for i, p in enumerate(pred):
+        gaps = np.abs(logits[i] - logits[i, p])
+        norms = np.linalg.norm((weights - weights[:, [p]]).T, ord=dual_ord, axis=1)
+        ratios = np.where(np.arange(NUM_CLASSES) == p, np.inf, gaps / np.maximum(norms, 1e-30))
+        out.append(ratios.min())
+    return np.array(out), pred
+
+
+@pytest.mark.parametrize("norm,dual_ord", [("l2", 2), ("linf", 1)])
+def test_deepfool_matches_analytic_distance_on_affine_classifier(norm, dual_ord):
+    logits_fn, weights, bias = affine_classifier(seed=0)
+    rng = np.random.default_rng(1)
+    x = (0.5 + rng.uniform(-0.05, 0.05, size=(64,) + IMAGE_SHAPE)).astype(np.float32)
+    expected, pred = analytic_distance(x, weights, bias, dual_ord)
+    labels = pred.copy()
+    labels[::3] = (pred[::3] + 1) % NUM_CLASSES  # every third sample is misclassified
+
+    result = jax.jit(lambda a, b: deepfool(logits_fn, a, b, norm=norm, overshoot=0.02))(x, labels)
+
+    x_adv = np.asarray(result.x_adv)
+    assert np.all((x_adv > 0) & (x_adv < 1)), "the test needs clipping inactive"
+    assert np.all(result.converged)
+    np.testing.assert_array_equal(result.n_iter, 1)  # one exact linear step
+    np.testing.assert_allclose(result.distance, expected, rtol=1e-3)
+    misclassified = labels != pred
+    assert np.all(np.asarray(result.margin)[misclassified] < 0)
+    np.testing.assert_allclose(np.asarray(result.margin)[~misclassified], expected[~misclassified], rtol=1e-3)
+    # the prediction at x_adv really changed, and x_adv is (1 + overshoot) r_total away
+    assert np.all(np.asarray(logits_fn(x_adv)).argmax(1) != pred)
+    np.testing.assert_allclose(flat_norm(jnp.asarray(x_adv - x), norm), 1.02 * np.asarray(result.distance), rtol=1e-4)
+
+
+def test_deepfool_candidates_restrict_to_top_classes():
+    logits_fn, weights, bias = affine_classifier(seed=2)
+    x = np.full((8,) + IMAGE_SHAPE, 0.5, np.float32) + np.random.default_rng(3).uniform(-0.05, 0.05, (8,) + IMAGE_SHAPE).astype(np.float32)
+    labels = np.asarray(logits_fn(x)).argmax(1)
+    full = deepfool(logits_fn, x, labels, norm="l2")
+    top2 = deepfool(logits_fn, x, labels, norm="l2", candidates=2)
+    # fewer candidates can only find a boundary at least as far away
+    assert np.all(np.asarray(top2.distance) >= np.asarray(full.distance) * (1 - 1e-5))
+
+
+def test_deepfool_reports_unconverged_samples():
+    logits_fn, _, _ = affine_classifier(seed=4)
+    x = np.full((4,) + IMAGE_SHAPE, 0.5, np.float32)
+    labels = np.zeros(4, np.int32)
+    result = deepfool(logits_fn, x, labels, norm="l2", max_iter=0)
+    assert not np.any(result.converged)
+    np.testing.assert_array_equal(result.n_iter, 0)
+    np.testing.assert_array_equal(result.distance, 0.0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_stays_in_per_sample_ball_and_unit_box(norm):
+    logits_fn, _, _ = affine_classifier(seed=5)
+    rng = np.random.default_rng(6)
+    x = rng.uniform(0, 1, size=(16,) + IMAGE_SHAPE).astype(np.float32)
+    x[:4] = 0.0  # corners exercise the [0, 1] clip
+    x[4:8] = 1.0
+    y = rng.integers(0, NUM_CLASSES, 16)
+    eps = np.linspace(0.0, 0.5 if norm == "linf" else 2.0, 16).astype(np.float32)
+    x_adv = pgd(logits_fn, x, y, jax.random.key(0), eps=eps, step_size=eps / 4, steps=10, norm=norm)
+    x_adv = np.asarray(x_adv)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    dist = np.asarray(flat_norm(jnp.asarray(x_adv - x), norm))
+    assert np.all(dist <= eps + 1e-5)
+    assert dist[0] == 0.0  # eps 0 means the clean input
+    assert np.all(dist[8:] > 0.5 * eps[8:])  # and it actually moved
+
+
+def test_pgd_increases_loss_on_affine_classifier():
+    logits_fn, _, _ = affine_classifier(seed=7)
+    rng = np.random.default_rng(8)
+    x = rng.uniform(0.3, 0.7, size=(32,) + IMAGE_SHAPE).astype(np.float32)
+    y = np.asarray(logits_fn(x)).argmax(1)
+    x_adv = pgd(logits_fn, x, y, jax.random.key(1), eps=0.1, step_size=0.025, steps=10, random_start=False)
+    from jax_advprune.attacks.losses import cross_entropy
+
+    assert np.all(np.asarray(cross_entropy(logits_fn(x_adv), y)) >= np.asarray(cross_entropy(logits_fn(x), y)) - 1e-6)
+
+
+def tiny_mlp(seed: int):
+    """A nonlinear classifier whose DeepFool iteration counts differ between samples."""
+    rng = np.random.default_rng(seed)
+    dims = int(np.prod(IMAGE_SHAPE))
+    w1 = rng.normal(size=(dims, 32)).astype(np.float32)
+    w2 = rng.normal(size=(32, NUM_CLASSES)).astype(np.float32)
+
+    def logits_fn(x):
+        return jnp.tanh(x.reshape(x.shape[0], -1) @ w1 - 4.0) @ w2 * 3.0
+
+    return logits_fn
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_deepfool_work_queue_gives_each_sample_its_solo_result(norm):
+    logits_fn = tiny_mlp(seed=9)
+    rng = np.random.default_rng(10)
+    x = rng.uniform(0, 1, size=(24,) + IMAGE_SHAPE).astype(np.float32)
+    y = rng.integers(0, NUM_CLASSES, 24)
+    queued = jax.jit(lambda a, b: deepfool(logits_fn, a, b, norm=norm, max_iter=20, slots=5))(x, y)
+    assert len(np.unique(np.asarray(queued.n_iter))) > 1, "the test needs samples of different difficulty"
+    solo_fn = jax.jit(lambda a, b: deepfool(logits_fn, a, b, norm=norm, max_iter=20))
+    for i in range(len(x)):
+        solo = solo_fn(x[i : i + 1], y[i : i + 1])
+        assert int(solo.n_iter[0]) == int(queued.n_iter[i])
+        assert bool(solo.converged[0]) == bool(queued.converged[i])
+        np.testing.assert_allclose(queued.distance[i], solo.distance[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(queued.margin[i], solo.margin[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(queued.x_adv[i], solo.x_adv[0], atol=1e-5)  # matmul round-off differs by batch shape
