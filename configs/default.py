@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "small_cnn"
-    c.model.kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128), "mean": (0.5,), "std": (0.25,)})
+    c.model.kwargs = ml_collections.ConfigDict({"widths": (16, 32, 64), "mean": (0.5,), "std": (0.25,)})
 
     # The training attack (also the threat model of the evaluation).
     c.attack = ml_collections.ConfigDict()
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.attack.steps = 10
 
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = 15.0  # an epoch is ceil(kept originals / originals per batch) steps
+    c.train.epochs = 40.0  # an epoch is ceil(len(original split) / batch_size) steps: 12 here
     c.train.batch_size = 128
     c.train.original_fraction = 0.3  # originals per batch; 0 = plain epochs over the kept pool
     c.train.synthetic_with_replacement = True
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every_s = 10.0
 
     c.scoring = ml_collections.ConfigDict()
-    c.scoring.train_epochs = 8.0  # the margin model: PGD-AT on the whole pool
+    c.scoring.train_epochs = 25.0  # the margin model: PGD-AT on the whole pool
     c.scoring.use_ema = True
     c.scoring.slots = 256  # samples per DeepFool iteration (the work queue's width)
     c.scoring.chunk_size = 4096  # samples per device call; the queue refills slots within a chunk
@@ -86,7 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.deepfool.norm = "linf"  # must match attack.norm for puma
     c.scoring.deepfool.max_iter = 50
     c.scoring.deepfool.overshoot = 0.02
-    c.scoring.deepfool.candidates = ml_collections.FieldReference(None, field_type=int)  # None = all classes
+    # Top-3 classes by logit instead of all 10: about 4x faster on the CPU, distances
+    # within about 1% (../shared/STACK.md); set None for all classes.
+    c.scoring.deepfool.candidates = ml_collections.FieldReference(3, field_type=int)
 
     c.pruning = ml_collections.ConfigDict()
     c.pruning.strategy = "puma"  # random | prune_easy | prune_hard | puma
@@ -106,13 +108,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "smoke":
         c.data.synthetic_size = 2_000
-        c.train.epochs = 1.0
+        c.train.epochs = 2.0
         c.train.batch_size = 64
         c.train.warmup_steps = 5
         c.train.checkpoint_every = 20
         c.train.log_every_steps = 10
         c.train.log_every_s = 5.0
-        c.scoring.train_epochs = 0.5
+        c.scoring.train_epochs = 2.0
         c.attack.steps = 3
         c.attack.step_size = 0.05
         c.scoring.deepfool.max_iter = 10

@@ -162,6 +162,10 @@ def _train_model(config, data: Data, keep: np.ndarray, eps: np.ndarray, *, epoch
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=tcfg.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_like(state), batches)
+        if int(state.step) >= num_steps:
+            log.info("[%s] complete, skipped (checkpoint step %d in %s)", phase, int(state.step), ckpt_dir)
+            checkpointer.close()
+            return model, state
         log.info("[%s] resumed from %s at step %d", phase, ckpt_dir, int(state.step))
     log.info("[%s] %d steps (%.3g epochs of %d steps), batch %d, %d kept samples", phase, num_steps, epochs, plan.steps_per_epoch, tcfg.batch_size, int(keep.sum()))
     train_step = training.make_train_step(model, tx, tcfg, config.attack)

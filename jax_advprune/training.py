@@ -131,7 +131,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
             "loss": loss,
             "adv_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "mean_eps": jnp.mean(eps),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return new_state, metrics
 

@@ -8,11 +8,10 @@ is checkpointed so a resumed run continues with exactly the batches it would hav
 seen.
 
 Mixing (the DM-Improves-AT recipe): each batch holds `original_per_batch` kept
-original samples, drawn as per-epoch permutations, and the rest kept synthetic
+original samples, drawn as a stream of permutations, and the rest kept synthetic
 samples, drawn uniformly with replacement or as a stream of permutations. An
-epoch is ceil(kept originals / original_per_batch) steps, so pruning the
-synthetic pool does not shorten it. Without mixing, epochs are permutations of
-the whole kept pool.
+epoch is ceil(len(original split) / batch_size) steps, so pruning does not
+shorten it. Without mixing, epochs are permutations of the whole kept pool.
 """
 
 from __future__ import annotations
@@ -29,10 +28,6 @@ class EmptySelectionError(ValueError):
     """The keep mask leaves nothing to draw a batch from."""
 
 
-def _permutation(seed: int, stream: int, cycle: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, stream, cycle]).permutation(n)
-
-
 def _permutation_stream(seed: int, stream: int, population: np.ndarray, start: int, count: int) -> np.ndarray:
     """Items [start, start + count) of the endless sequence perm_0 ++ perm_1 ++ ... of `population`."""
     positions = start + np.arange(count)
@@ -40,7 +35,8 @@ def _permutation_stream(seed: int, stream: int, population: np.ndarray, start: i
     out = np.empty(count, population.dtype)
     for cycle in np.unique(cycles):
         where = cycles == cycle
-        out[where] = population[_permutation(seed, stream, int(cycle), len(population))[offsets[where]]]
+        permutation = np.random.default_rng([seed, stream, int(cycle)]).permutation(len(population))
+        out[where] = population[permutation[offsets[where]]]
     return out
 
 
@@ -55,6 +51,7 @@ class BatchPlan:
       original_per_batch: originals per batch when mixing; None = no mixing.
       synthetic_with_replacement: draw synthetic samples i.i.d. (reference) or as
         a stream of permutations.
+      steps_per_epoch: steps that count as one epoch (for schedules and logs).
       seed: base seed.
     """
 
@@ -63,24 +60,21 @@ class BatchPlan:
     batch_size: int
     original_per_batch: int | None
     synthetic_with_replacement: bool
+    steps_per_epoch: int
     seed: int
 
-    @property
-    def steps_per_epoch(self) -> int:
-        if self.original_per_batch is None:
-            return -(-(len(self.original) + len(self.synthetic)) // self.batch_size)
-        return -(-len(self.original) // self.original_per_batch)
-
     def indices(self, step: int) -> np.ndarray:
-        """Global pool indices (batch_size,) int64 of the batch at `step`."""
+        """Global pool indices (batch_size,) int64 of the batch at `step`.
+
+        Kept originals (and, without replacement, kept synthetic samples) are
+        consumed as an endless stream of seeded permutations, so every kept
+        sample is visited once before any is visited twice.
+        """
         if self.original_per_batch is None:
             kept = np.concatenate([self.original, self.synthetic])
             return _permutation_stream(self.seed, 0, kept, step * self.batch_size, self.batch_size)
-        epoch, within = divmod(step, self.steps_per_epoch)
         n_orig = self.original_per_batch
-        order = _permutation(self.seed, 1, epoch, len(self.original))
-        take = (within * n_orig + np.arange(n_orig)) % len(self.original)  # the last batch wraps around
-        originals = self.original[order[take]]
+        originals = _permutation_stream(self.seed, 1, self.original, step * n_orig, n_orig)
         n_syn = self.batch_size - n_orig
         if self.synthetic_with_replacement:
             rng = np.random.default_rng([self.seed, 2, step])
@@ -101,27 +95,31 @@ def make_plan(
 ) -> BatchPlan:
     """Builds a BatchPlan from a keep mask (N,) bool over the pool.
 
-    `original_fraction` in (0, 1) mixes round(fraction * batch) originals into each
-    batch; None (or a pool without synthetic rows) draws plain epochs over the kept pool.
+    `original_fraction` in (0, 1) mixes round(fraction * batch) kept originals into
+    each batch, and an epoch is ceil(num_original / batch_size) steps whatever the
+    mask keeps (the DM-Improves-AT definition: pruning does not shorten training).
+    None (or a pool without synthetic rows) draws plain epochs over the kept pool,
+    ceil(kept / batch_size) steps each.
     """
     keep = np.asarray(keep, bool)
     kept = np.flatnonzero(keep)
     if kept.size == 0:
         raise EmptySelectionError("the keep mask selects no sample: nothing to train on")
     original, synthetic = kept[kept < num_original], kept[kept >= num_original]
-    original_per_batch = None
-    if original_fraction is not None and len(keep) > num_original:
-        if not 0.0 < original_fraction < 1.0:
-            raise ValueError(f"original_fraction must be in (0, 1) or None, got {original_fraction}")
-        original_per_batch = int(round(original_fraction * batch_size))
-        if not 0 < original_per_batch < batch_size:
-            raise ValueError(f"original_fraction {original_fraction} x batch {batch_size} leaves no room for both kinds")
-        if len(original) == 0 or len(synthetic) == 0:
-            raise EmptySelectionError(
-                f"mixing needs kept samples of both kinds, but {len(original)} original and {len(synthetic)} synthetic are kept; "
-                "set original_fraction=None for plain epochs"
-            )
-    return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, seed)
+    if original_fraction is None or len(keep) == num_original:
+        return BatchPlan(original, synthetic, batch_size, None, synthetic_with_replacement, -(-len(kept) // batch_size), seed)
+    if not 0.0 < original_fraction < 1.0:
+        raise ValueError(f"original_fraction must be in (0, 1) or None, got {original_fraction}")
+    original_per_batch = int(round(original_fraction * batch_size))
+    if not 0 < original_per_batch < batch_size:
+        raise ValueError(f"original_fraction {original_fraction} x batch {batch_size} leaves no room for both kinds")
+    if len(original) == 0 or len(synthetic) == 0:
+        raise EmptySelectionError(
+            f"mixing needs kept samples of both kinds, but {len(original)} original and {len(synthetic)} synthetic are kept; "
+            "set original_fraction=None for plain epochs"
+        )
+    steps_per_epoch = -(-num_original // batch_size)
+    return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, steps_per_epoch, seed)
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, *, crop_padding: int, flip: bool) -> np.ndarray:

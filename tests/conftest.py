@@ -1,0 +1,30 @@
+"""Shared fixtures: small pools written in the real npz format."""
+
+import numpy as np
+import pytest
+
+from jax_advprune.data.generate import write_npz
+
+
+def make_npz(path, n, *, shape=(8, 8, 1), num_classes=10, seed=0, offset=0):
+    """Writes an npz pool whose image bytes encode the row (for round-trip checks); returns (images, labels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
+    images[:, 0, 0, 0] = (np.arange(n) + offset) % 256
+    labels = np.sort(rng.integers(0, num_classes, n)).astype(np.int64)  # sorted by class, like real pools
+    write_npz(str(path), images, labels)
+    return images, labels
+
+
+@pytest.fixture
+def small_pool(tmp_path):
+    """(pool, original arrays, synthetic arrays): 60 original + 140 synthetic in two parts."""
+    from jax_advprune.data.sources import open_pool
+
+    orig = make_npz(tmp_path / "orig.npz", 60, seed=1)
+    part1 = make_npz(tmp_path / "syn_part1.npz", 90, seed=2, offset=60)
+    part2 = make_npz(tmp_path / "syn_part2.npz", 50, seed=3, offset=150)
+    pool = open_pool(str(tmp_path / "orig.npz"), [str(tmp_path / "syn_part1.npz"), str(tmp_path / "syn_part2.npz")], 10)
+    images = np.concatenate([orig[0], part1[0], part2[0]])
+    labels = np.concatenate([orig[1], part1[1], part2[1]])
+    return pool, images, labels

@@ -1,0 +1,164 @@
+"""Sources and loader: memory-mapped round trips, bad input, masks, mixing, resume."""
+
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from jax_advprune.data.generate import write_embedded_default
+from jax_advprune.data.loader import BatchReader, EmptySelectionError, augment_batch, batch_iterator, make_plan
+from jax_advprune.data.sources import NpzPart, PoolFormatError, open_npz_member
+
+from conftest import make_npz
+
+
+def test_npz_member_is_memory_mapped_and_round_trips(tmp_path):
+    images, labels = make_npz(tmp_path / "p.npz", 33)
+    mapped = open_npz_member(str(tmp_path / "p.npz"), "image")
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, images)
+    np.testing.assert_array_equal(open_npz_member(str(tmp_path / "p.npz"), "label"), labels)
+
+
+def test_pool_reads_across_part_boundaries_in_any_order(small_pool):
+    pool, images, labels = small_pool
+    assert len(pool) == 200 and pool.num_original == 60
+    idx = np.array([199, 0, 59, 60, 149, 150, 151, 61, 0, 120])
+    got_images, got_labels = pool.read(idx)
+    np.testing.assert_array_equal(got_images, images[idx])
+    np.testing.assert_array_equal(got_labels, labels[idx])
+    np.testing.assert_array_equal(pool.labels(), labels)
+    np.testing.assert_array_equal(pool.is_synthetic, np.arange(200) >= 60)
+
+
+def test_pool_part_survives_pickling_without_copying_the_array(small_pool):
+    pool, images, _ = small_pool
+    blob = pickle.dumps(pool)
+    assert len(blob) < 2000  # paths, not pixels
+    np.testing.assert_array_equal(pickle.loads(blob).read(np.arange(200))[0], images)
+
+
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ({"image": np.zeros((4, 8, 8, 1), np.uint8)}, "no array 'label'"),
+        ({"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int64)}, "expected uint8"),
+        ({"image": np.zeros((4, 8, 8), np.uint8), "label": np.zeros(4, np.int64)}, "expected (N, H, W, C)"),
+        ({"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.zeros(5, np.int64)}, "4 images but 5 labels"),
+        ({"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.array([0, 1, 2, 10])}, "expected [0, 10)"),
+    ],
+)
+def test_bad_pool_files_get_errors_naming_file_and_key(tmp_path, arrays, message):
+    path = str(tmp_path / "bad.npz")
+    np.savez(path, **arrays)
+    with pytest.raises(PoolFormatError) as err:
+        NpzPart(path, num_classes=10)
+    assert message in str(err.value) and path in str(err.value)
+
+
+def test_compressed_npz_is_refused_with_conversion_hint(tmp_path):
+    path = str(tmp_path / "compressed.npz")
+    np.savez_compressed(path, image=np.zeros((4, 8, 8, 1), np.uint8), label=np.zeros(4, np.int64))
+    with pytest.raises(PoolFormatError, match="compressed.*np.savez"):
+        NpzPart(path, num_classes=10)
+    with zipfile.ZipFile(path) as archive:  # untouched
+        assert archive.getinfo("image.npy").compress_type == zipfile.ZIP_DEFLATED
+
+
+def _all_indices(reader, steps):
+    return np.concatenate([reader(s)["index"] for s in range(steps)])
+
+
+def test_loader_never_yields_masked_out_indices_and_honours_mix_ratio(small_pool):
+    pool, _, _ = small_pool
+    keep = np.random.default_rng(0).random(200) < 0.4
+    eps = np.linspace(0, 1, 200).astype(np.float32)
+    plan = make_plan(keep, 60, batch_size=20, original_fraction=0.3, synthetic_with_replacement=True, seed=3)
+    reader = BatchReader(pool, plan, eps)
+    for step in range(3 * plan.steps_per_epoch):
+        batch = reader(step)
+        assert keep[batch["index"]].all()
+        assert (batch["index"] < 60).sum() == 6  # 30% of 20, every batch
+        np.testing.assert_array_equal(batch["eps"], eps[batch["index"]])
+    assert plan.steps_per_epoch == 3  # ceil(60 originals / batch 20), whatever the mask keeps
+    # kept originals are streamed as permutations: every one is seen before any repeats
+    kept_originals = np.flatnonzero(keep[:60])
+    steps = -(-len(kept_originals) // 6)
+    originals = _all_indices(reader, steps)
+    originals = originals[originals < 60][: len(kept_originals)]
+    assert sorted(originals) == sorted(kept_originals)
+
+
+def test_loader_round_trips_images_and_labels_exactly(small_pool):
+    pool, images, labels = small_pool
+    keep = np.ones(200, bool)
+    plan = make_plan(keep, 60, batch_size=16, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    reader = BatchReader(pool, plan, np.zeros(200, np.float32))  # no augmentation
+    seen = []
+    for step in range(plan.steps_per_epoch):
+        batch = reader(step)
+        np.testing.assert_array_equal(batch["image"], images[batch["index"]])
+        np.testing.assert_array_equal(batch["label"], labels[batch["index"]])
+        seen.append(batch["index"])
+    assert set(np.concatenate(seen)) == set(range(200))  # a plain epoch visits every kept sample
+
+
+def test_process_shares_are_disjoint_and_cover_the_global_batch(small_pool):
+    pool, _, _ = small_pool
+    keep = np.ones(200, bool)
+    plan = make_plan(keep, 60, batch_size=20, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    shares = [BatchReader(pool, plan, np.zeros(200, np.float32), process_index=i, process_count=2)(5)["index"] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(shares), plan.indices(5))
+
+
+def test_grain_iterator_resumes_with_identical_batches(small_pool):
+    pool, _, _ = small_pool
+    keep = np.ones(200, bool)
+    plan = make_plan(keep, 60, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=1)
+    reader = BatchReader(pool, plan, np.zeros(200, np.float32), crop_padding=2, flip=True)
+    reference = [next(it)["image"] for it in [batch_iterator(reader, 10)] for _ in range(10)]
+    it = batch_iterator(reader, 10)
+    for _ in range(4):
+        next(it)
+    state = it.get_state()
+    resumed = batch_iterator(reader, 10)
+    resumed.set_state(state)
+    for step in range(4, 10):
+        np.testing.assert_array_equal(next(resumed)["image"], reference[step])
+
+
+def test_empty_selection_and_impossible_mix_are_refused():
+    with pytest.raises(EmptySelectionError):
+        make_plan(np.zeros(10, bool), 5, batch_size=4, original_fraction=None, synthetic_with_replacement=True, seed=0)
+    keep = np.r_[np.ones(5, bool), np.zeros(5, bool)]
+    with pytest.raises(EmptySelectionError, match="0 synthetic"):
+        make_plan(keep, 5, batch_size=4, original_fraction=0.5, synthetic_with_replacement=True, seed=0)
+
+
+def test_augmentation_is_a_shifted_crop_of_the_padded_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(32, 6, 6, 1), dtype=np.uint8)  # no zeros, so padding is visible
+    out = augment_batch(images, np.random.default_rng(1), crop_padding=2, flip=True)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    for img, aug in zip(images, out):
+        padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+        candidates = [padded[dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        candidates += [c[:, ::-1] for c in candidates]
+        assert any(np.array_equal(aug, c) for c in candidates)
+
+
+def test_embedded_default_is_deterministic_and_never_overwritten(tmp_path):
+    a = write_embedded_default(str(tmp_path / "a"), image_size=16, synthetic_size=300, test_fraction=0.15, seed=0)
+    b = write_embedded_default(str(tmp_path / "b"), image_size=16, synthetic_size=300, test_fraction=0.15, seed=0)
+    for key in a:
+        da, db = np.load(a[key]), np.load(b[key])
+        np.testing.assert_array_equal(da["image"], db["image"])
+        np.testing.assert_array_equal(da["label"], db["label"])
+    synthetic = NpzPart(a["synthetic"], 10)
+    assert synthetic.images.shape == (300, 16, 16, 1) and np.all(np.diff(synthetic.labels) >= 0)
+    mtime = os.path.getmtime(a["train"])
+    with pytest.raises(ValueError, match="use a new --workdir"):
+        write_embedded_default(str(tmp_path / "a"), image_size=16, synthetic_size=400, test_fraction=0.15, seed=0)
+    assert os.path.getmtime(a["train"]) == mtime

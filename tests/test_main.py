@@ -1,0 +1,67 @@
+"""The command line end to end on the :smoke variant, and phase skipping on a rerun."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(workdir, *overrides):
+    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir), *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    first = run_main(workdir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return workdir, first
+
+
+def test_smoke_run_writes_every_phase_output(smoke_run):
+    workdir, first = smoke_run
+    for rel in ["data/synthetic.npz", "scores/margin.npy", "scores/converged.npy", "scores/meta.json",
+                "selection/keep.npy", "selection/eps.npy", "selection/meta.json", "metrics.jsonl", "results.json", "report.md"]:
+        assert os.path.exists(workdir / rel), rel
+    assert os.listdir(workdir / "checkpoints")
+    pool_size = 1528 + 2000
+    margin = np.load(workdir / "scores/margin.npy")
+    keep = np.load(workdir / "selection/keep.npy")
+    eps = np.load(workdir / "selection/eps.npy")
+    assert margin.shape == keep.shape == eps.shape == (pool_size,)
+    assert keep.sum() == round(0.5 * pool_size)
+    assert eps.max() <= 0.1 + 1e-7
+    results = json.load(open(workdir / "results.json"))
+    for weights in ("raw", "ema"):
+        assert 0.0 <= results["results"][weights]["pgd_accuracy"] <= results["results"][weights]["clean_accuracy"] <= 1.0
+    phases = {json.loads(line)["phase"] for line in open(workdir / "metrics.jsonl")}
+    assert {"score/train", "score/deepfool", "train"} <= phases
+    assert "img/s" in first.stdout and "ETA" in first.stdout
+
+
+def test_second_invocation_skips_finished_phases_and_keeps_outputs(smoke_run):
+    workdir, _ = smoke_run
+    before = {rel: os.path.getmtime(workdir / rel) for rel in ["scores/margin.npy", "selection/keep.npy", "results.json", "data/synthetic.npz"]}
+    metrics_lines = len(open(workdir / "metrics.jsonl").readlines())
+    second = run_main(workdir)
+    assert second.returncode == 0, second.stdout + second.stderr
+    for phase in ("score", "select", "evaluate"):
+        assert f"[{phase}] complete, skipped" in second.stdout
+    assert "[train] complete" in second.stdout
+    assert {rel: os.path.getmtime(workdir / rel) for rel in before} == before
+    assert len(open(workdir / "metrics.jsonl").readlines()) == metrics_lines
+
+
+def test_changed_settings_on_an_existing_workdir_are_refused(smoke_run):
+    workdir, _ = smoke_run
+    keep_before = np.load(workdir / "selection/keep.npy")
+    third = run_main(workdir, "--config.pruning.keep_ratio=0.75")
+    assert third.returncode != 0
+    assert "pruning.keep_ratio: 0.5 -> 0.75" in third.stdout + third.stderr
+    np.testing.assert_array_equal(np.load(workdir / "selection/keep.npy"), keep_before)

@@ -1,0 +1,94 @@
+"""Selection strategies on synthetic score vectors: exact counts, balance, eps bounds."""
+
+import numpy as np
+import pytest
+
+from jax_advprune.pruning.strategies import keep_by_score, puma_eps, select
+
+N = 1000
+BASE_EPS = 0.1
+
+
+@pytest.fixture
+def scored():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), N // 10)
+    margins = rng.normal(0.15, 0.1, N).astype(np.float32)
+    prunable = np.arange(N) >= 200  # the first 200 are 'original' and never pruned
+    return labels, margins, prunable
+
+
+def test_prune_easy_drops_exactly_the_highest_margins(scored):
+    labels, margins, prunable = scored
+    keep, eps = select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.25, base_eps=BASE_EPS)
+    assert keep[~prunable].all()
+    kept = np.flatnonzero(keep & prunable)
+    assert len(kept) == 200  # 25% of 800
+    assert margins[kept].max() <= margins[prunable & ~keep].min()
+    assert np.all(eps == BASE_EPS)
+
+
+def test_prune_hard_drops_exactly_the_lowest_margins(scored):
+    labels, margins, prunable = scored
+    keep, _ = select("prune_hard", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
+    kept = np.flatnonzero(keep & prunable)
+    assert len(kept) == 400
+    assert margins[kept].min() >= margins[prunable & ~keep].max()
+
+
+def test_random_keeps_exact_count_and_is_seeded(scored):
+    labels, margins, prunable = scored
+    a, _ = select("random", scores=None, labels=labels, prunable=prunable, keep_ratio=0.3, base_eps=BASE_EPS, seed=1)
+    b, _ = select("random", scores=None, labels=labels, prunable=prunable, keep_ratio=0.3, base_eps=BASE_EPS, seed=1)
+    c, _ = select("random", scores=None, labels=labels, prunable=prunable, keep_ratio=0.3, base_eps=BASE_EPS, seed=2)
+    assert (a & prunable).sum() == 240
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_class_balanced_keeps_the_ratio_in_every_class(scored):
+    labels, margins, prunable = scored
+    margins = margins + labels * 1.0  # without balancing, prune_easy would empty the high classes
+    keep, _ = select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS, class_balanced=True)
+    for c in range(10):
+        members = prunable & (labels == c)
+        assert (keep & members).sum() == round(0.5 * members.sum())
+
+
+def test_puma_lowers_eps_below_margin_and_never_above_base(scored):
+    labels, margins, prunable = scored
+    keep, eps = select(
+        "puma", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS,
+        puma={"rule": "below_eps", "scale": 1.0, "eps_min": 0.01},
+    )
+    np.testing.assert_array_equal(keep, select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)[0])
+    assert eps.max() <= BASE_EPS and eps.min() >= 0.01
+    low = keep & (margins < BASE_EPS)
+    np.testing.assert_allclose(eps[low], np.clip(margins[low], 0.01, BASE_EPS))
+    assert np.all(eps[~low] == BASE_EPS)
+    assert np.all(eps[keep & (margins <= 0)] == 0.01)  # misclassified samples get eps_min
+
+
+def test_puma_low_fraction_rule_lowers_exactly_that_fraction():
+    margins = np.linspace(0.0, 0.2, 100).astype(np.float32)
+    keep = np.ones(100, bool)
+    eps = puma_eps(margins, keep, BASE_EPS, rule="low_fraction", low_fraction=0.2, scale=0.5)
+    lowered = eps < BASE_EPS
+    assert lowered.sum() == 20 and lowered[:20].all()
+    np.testing.assert_allclose(eps[:20], 0.5 * margins[:20])
+
+
+def test_ties_are_broken_at_random_not_by_file_order():
+    scores = np.zeros(1000)
+    keep = keep_by_score(scores, np.ones(1000, bool), 0.5, keep="lowest", seed=0)
+    assert 200 < keep[:500].sum() < 300  # not the first half of a class-sorted file
+
+
+def test_bad_arguments_are_refused(scored):
+    labels, margins, prunable = scored
+    with pytest.raises(ValueError, match="unknown pruning strategy"):
+        select("prune_medium", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=1.5, base_eps=BASE_EPS)
+    with pytest.raises(ValueError, match="one score per pool sample"):
+        select("puma", scores=margins[:10], labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
