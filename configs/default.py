@@ -1,6 +1,6 @@
 """The embedded default: PUMA on real digits plus a generated pool, offline, on a CPU.
 
-Command (2 CPU cores, about 5 minutes, no download):
+Command (2 CPU cores, about 5.5 minutes, no download):
 
     python -m jax_advprune.main --config configs/default.py --workdir runs/default
 
@@ -14,7 +14,7 @@ uint8 and split per class into 1,528 train / 269 test images, plus a pool of
 the train split (see jax_advprune/data/generate.py), written once as npz files
 into <workdir>/data in the DM-Improves-AT format.
 
-Phases: a small CNN is PGD-AT trained on the whole pool (L-inf eps 0.1, 10 steps)
+Phases: a small CNN is PGD-AT trained on the whole pool (L-inf eps 0.05, 10 steps)
 and DeepFool L-inf margins are computed for every pool sample; PUMA keeps the
 50% lowest-margin samples and lowers the training eps of kept samples whose
 margin is below eps; a fresh model is PGD-AT trained on the selection and
@@ -52,8 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The training attack (also the threat model of the evaluation).
     c.attack = ml_collections.ConfigDict()
     c.attack.norm = "linf"
-    c.attack.eps = 0.1
-    c.attack.step_size = 0.025  # scaled per sample by eps_i / eps
+    c.attack.eps = 0.05
+    c.attack.step_size = 0.0125  # scaled per sample by eps_i / eps
     c.attack.steps = 10
 
     c.train = ml_collections.ConfigDict()
@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.log_every_s = 5.0
         c.scoring.train_epochs = 2.0
         c.attack.steps = 3
-        c.attack.step_size = 0.05
+        c.attack.step_size = 0.025
         c.scoring.deepfool.max_iter = 10
         c.eval.pgd_steps = 5
     elif arg:

@@ -97,8 +97,18 @@ def guard_settings(workdir: str, phase: str, settings: dict) -> None:
         )
 
 
-def _section(config: ml_collections.ConfigDict, *names: str) -> dict:
-    return {name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name] for name in names}
+# Fields that change how a run reports, not what it computes: free to change on a rerun.
+OPERATIONAL_FIELDS = ("log_every_s", "log_every_steps", "checkpoint_every", "keep_checkpoints")
+
+
+def _section(config: ml_collections.ConfigDict, *names: str, drop: tuple[str, ...] = ()) -> dict:
+    """The settings of config sections `names` that decide a phase's outputs."""
+    out = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name] for name in names}
+    for section in out.values():
+        if isinstance(section, dict):
+            for field in OPERATIONAL_FIELDS + drop:
+                section.pop(field, None)
+    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -188,7 +198,7 @@ def _apply_fn(model):
 def score(config, workdir: str, data: Data) -> None:
     """Trains the margin model on the full pool and writes scores/margin.npy (+ converged, n_iter, meta)."""
     out_dir = os.path.join(workdir, "scores")
-    guard_settings(workdir, "score", _section(config, "data", "model", "attack", "train", "scoring") | {"seed": config.seed})
+    guard_settings(workdir, "score", _section(config, "data", "model", "attack", "train", "scoring", drop=("epochs",)) | {"seed": config.seed})
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         log.info("[score] complete, skipped (%s)", out_dir)
         return

@@ -141,3 +141,50 @@ def test_deepfool_work_queue_gives_each_sample_its_solo_result(norm):
         np.testing.assert_allclose(queued.distance[i], solo.distance[0], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(queued.margin[i], solo.margin[0], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(queued.x_adv[i], solo.x_adv[0], atol=1e-5)  # matmul round-off differs by batch shape
+
+
+def binary_linear(seed: int):
+    """Two-class affine model with logits (0, w.x + b); returns (logits_fn, w (D,))."""
+    w = np.random.default_rng(seed).normal(size=int(np.prod(IMAGE_SHAPE))).astype(np.float32)
+
+    def logits_fn(x):
+        z = x.reshape(x.shape[0], -1) @ w + 0.1
+        return jnp.stack([jnp.zeros_like(z), z], axis=-1)
+
+    return logits_fn, w
+
+
+@pytest.mark.parametrize("norm,random_start", [("linf", True), ("l2", False)])
+def test_pgd_finds_the_closed_form_optimum_of_a_linear_binary_model(norm, random_start):
+    """For label 0 the CE loss grows with w.x, so the optimum is eps sign(w) (linf) or eps w/||w|| (l2)."""
+    logits_fn, w = binary_linear(11)
+    x = np.full((3,) + IMAGE_SHAPE, 0.5, np.float32)
+    y = np.zeros(3, np.int32)
+    eps = 0.2
+    x_adv = pgd(logits_fn, x, y, jax.random.key(2), eps=eps, step_size=eps / 4, steps=12, norm=norm, random_start=random_start)
+    direction = np.sign(w) if norm == "linf" else w / np.linalg.norm(w)
+    expected = x.reshape(3, -1) + eps * direction
+    np.testing.assert_allclose(np.asarray(x_adv).reshape(3, -1), expected, atol=1e-5)
+
+
+def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
+    from jax_advprune.attacks.losses import margin
+
+    affine_fn, _, _ = affine_classifier(seed=12)
+    rng = np.random.default_rng(13)
+    x = rng.uniform(0.3, 0.7, size=(32,) + IMAGE_SHAPE).astype(np.float32)
+    target = (np.asarray(affine_fn(x)).argmax(1) + 1) % NUM_CLASSES
+    x_t = pgd(affine_fn, x, target, jax.random.key(0), eps=0.3, step_size=0.05, steps=20, targeted=True)
+    np.testing.assert_array_equal(np.asarray(affine_fn(x_t)).argmax(1), target)
+
+    logits_fn = tiny_mlp(seed=12)
+    x = rng.uniform(0, 1, size=(32,) + IMAGE_SHAPE).astype(np.float32)
+    y = np.asarray(logits_fn(x)).argmax(1)
+
+    key = jax.random.key(3)
+    kwargs = dict(eps=0.05, step_size=0.0125, steps=5, loss="margin")
+    single = pgd(logits_fn, x, y, jax.random.fold_in(key, 0), **kwargs)  # the first restart's own run
+    best = pgd(logits_fn, x, y, key, restarts=4, **kwargs)
+    gain = np.asarray(margin(logits_fn(best), y)) - np.asarray(margin(logits_fn(single), y))
+    assert np.all(gain >= -1e-6) and np.any(gain > 0)
+    np.testing.assert_array_equal(best, pgd(logits_fn, x, y, key, restarts=4, **kwargs))  # deterministic per key

@@ -36,7 +36,7 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
     eps = np.load(workdir / "selection/eps.npy")
     assert margin.shape == keep.shape == eps.shape == (pool_size,)
     assert keep.sum() == round(0.5 * pool_size)
-    assert eps.max() <= 0.1 + 1e-7
+    assert eps.max() <= 0.05 + 1e-7
     results = json.load(open(workdir / "results.json"))
     for weights in ("raw", "ema"):
         assert 0.0 <= results["results"][weights]["pgd_accuracy"] <= results["results"][weights]["clean_accuracy"] <= 1.0

@@ -25,9 +25,11 @@ def pgd(
     norm: str = "linf",
     random_start: bool = True,
     loss: str | AttackLoss = "ce",
+    targeted: bool = False,
+    restarts: int = 1,
     unroll: int | bool = 1,
 ) -> jax.Array:
-    """Untargeted PGD: maximises `loss(logits_fn(x_adv), y)` inside the eps-ball around x.
+    """PGD: maximises `loss(logits_fn(x_adv), y)` (minimises it when targeted) in the eps-ball around x.
 
     Args:
       logits_fn: maps images (B, H, W, C) float32 in [0, 1] to logits (B, K).
@@ -42,6 +44,10 @@ def pgd(
       norm: 'linf' (signed-gradient steps) or 'l2' (normalised-gradient steps).
       random_start: start from a uniform point in the ball instead of x.
       loss: 'ce', 'margin', 'kl' or a callable (logits, y) -> (B,) to maximise.
+      targeted: `y` holds target classes and the loss is minimised instead.
+      restarts: independent random starts (static); each sample keeps its worst
+        case: a successful point first (misclassified, or classified as the
+        target), then the highest objective.
       unroll: passed to `lax.fori_loop`; unrolling is faster on XLA:CPU at
         the price of compile time.
 
@@ -50,19 +56,43 @@ def pgd(
     """
     check_norm(norm)
     loss_fn = get_attack_loss(loss)
+    sign = -1.0 if targeted else 1.0
     x = jnp.asarray(x, jnp.float32)
     step_b = per_sample(step_size, x)
 
-    def total_loss(x_adv):
-        return jnp.sum(loss_fn(logits_fn(x_adv), y))
+    def objective(x_adv):
+        return sign * loss_fn(logits_fn(x_adv), y)
 
     def body(_, x_adv):
-        grad = jax.grad(total_loss)(x_adv)
+        grad = jax.grad(lambda z: jnp.sum(objective(z)))(x_adv)
         x_adv = x_adv + step_b * steepest_ascent(grad, norm)
         return jnp.clip(x + project(x_adv - x, eps, norm), 0.0, 1.0)
 
-    x_adv = x
-    if random_start:
-        x_adv = jnp.clip(x + random_in_ball(key, x, eps, norm), 0.0, 1.0)
-    x_adv = jax.lax.fori_loop(0, steps, body, x_adv, unroll=unroll)
-    return jax.lax.stop_gradient(x_adv)
+    def one_run(run_key):
+        x_adv = x
+        if random_start:
+            x_adv = jnp.clip(x + random_in_ball(run_key, x, eps, norm), 0.0, 1.0)
+        return jax.lax.fori_loop(0, steps, body, x_adv, unroll=unroll)
+
+    if restarts <= 1:
+        return jax.lax.stop_gradient(one_run(key))
+
+    def worst_case_score(x_adv):
+        logits = logits_fn(x_adv)
+        value = sign * loss_fn(logits, y)
+        if y.ndim != 1:  # soft targets (KL): no notion of success
+            return value
+        hit = jnp.argmax(logits, axis=-1) == y
+        success = hit if targeted else ~hit
+        return jnp.where(success, jnp.inf, value)
+
+    def restart(i, carry):
+        best_x, best_score = carry
+        candidate = one_run(jax.random.fold_in(key, i))
+        score = worst_case_score(candidate)
+        better = score > best_score
+        return jnp.where(per_sample(better, candidate), candidate, best_x), jnp.where(better, score, best_score)
+
+    first = one_run(jax.random.fold_in(key, 0))
+    best_x, _ = jax.lax.fori_loop(1, restarts, restart, (first, worst_case_score(first)))
+    return jax.lax.stop_gradient(best_x)
