@@ -33,6 +33,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.num_devices = 0  # devices of the data mesh; 0 = all (on a CPU: one virtual device per core)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # 'digits' (embedded) or 'npz' (user files in the DM-Improves-AT format)
@@ -105,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.pgd_steps = 20
     c.eval.step_fraction = 0.25  # PGD step = eps * step_fraction
     c.eval.batch_size = 256
+    c.eval.apgd_steps = 100  # APGD-CE then APGD-T on the survivors; 0 = skip
+    c.eval.apgd_targets = 3  # APGD-T target classes (AutoAttack standard: 9)
 
     if arg == "smoke":
         c.data.synthetic_size = 2_000
@@ -119,6 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.attack.step_size = 0.025
         c.scoring.deepfool.max_iter = 10
         c.eval.pgd_steps = 5
+        c.eval.apgd_steps = 10
+        c.eval.apgd_targets = 1
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; known: 'smoke'")
     return c

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_advprune import parallel
 from jax_advprune.attacks import pgd
+from jax_advprune.attacks.apgd import apgd
 from jax_advprune.batching import padded_batches
 
 ApplyFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images in [0, 1]) -> logits, inference mode
@@ -25,25 +27,92 @@ def evaluate_split(
     steps: int,
     norm: str,
     batch_size: int,
+    mesh: jax.sharding.Mesh,
     seed: int = 0,
 ) -> dict[str, float]:
     """Clean and PGD-`steps` (CE loss, random start) accuracy of a model on a split.
 
-    images: (N, H, W, C) uint8; labels: (N,) int. Returns fractions in [0, 1] and n.
+    images: (N, H, W, C) uint8; labels: (N,) int. Batches of `batch_size` (divisible
+    by the mesh size) are split over the mesh's devices. Returns fractions in [0, 1] and n.
     """
+    parallel.check_divisible(batch_size, mesh, "eval batch size")
 
-    @jax.jit
-    def batch_correct(variables, x_uint8, y, key):
+    def shard_correct(variables, key, x_uint8, y):
         x = x_uint8.astype(jnp.float32) / 255.0
         logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
-        x_adv = pgd(logits_fn, x, y, key, eps=eps, step_size=step_size, steps=steps, norm=norm)
-        return jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y
+        x_adv = pgd(logits_fn, x, y, parallel.shard_key(key), eps=eps, step_size=step_size, steps=steps, norm=norm)
+        return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
+
+    batch_correct = jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))
 
     clean = robust = 0
     base_key = jax.random.PRNGKey(seed)
     for i, (idx, valid) in enumerate(padded_batches(len(labels), batch_size)):
-        ok_clean, ok_adv = batch_correct(variables, images[idx], labels[idx].astype(np.int32), jax.random.fold_in(base_key, i))
-        clean += int(np.sum(np.asarray(ok_clean) & valid))
-        robust += int(np.sum(np.asarray(ok_adv) & valid))
+        correct = np.asarray(batch_correct(variables, jax.random.fold_in(base_key, i), images[idx], labels[idx].astype(np.int32)))
+        clean += int(np.sum(correct[:, 0] & valid))
+        robust += int(np.sum(correct[:, 1] & valid))
     n = len(labels)
     return {"clean_accuracy": clean / n, "pgd_accuracy": robust / n, "n": n}
+
+
+def autoattack_lite(
+    apply_fn: ApplyFn,
+    variables: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    eps: float,
+    norm: str,
+    steps: int,
+    num_targets: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    seed: int = 0,
+) -> dict[str, float]:
+    """APGD-CE, then APGD-T (targeted DLR) on the survivors, worst case per sample.
+
+    Every attack starts from the clean input (plus its own random start); APGD-T
+    runs once per target class, the 2nd to (num_targets + 1)-th most likely clean
+    class, each time only on the samples that are still robust, gathered into
+    fixed-shape batches. images: (N, H, W, C) uint8, labels (N,) int.
+    Returns clean, APGD-CE and final robust accuracy, fractions in [0, 1].
+    """
+    parallel.check_divisible(batch_size, mesh, "eval batch size")
+
+    def shard_fooled(variables, key, target_rank, x_uint8, y):
+        x = x_uint8.astype(jnp.float32) / 255.0
+        logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
+        clean_logits = logits_fn(x)
+        key = parallel.shard_key(key)
+        if target_rank is None:
+            x_adv = apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="ce")
+        else:
+            ranked = jnp.argsort(-clean_logits, axis=-1)
+            targets = jnp.take_along_axis(ranked, jnp.full((x.shape[0], 1), target_rank + 1), axis=-1)[:, 0]
+            x_adv = apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="dlr_targeted", targets=targets)
+        return jnp.stack([jnp.argmax(clean_logits, -1) != y, jnp.argmax(logits_fn(x_adv), -1) != y], axis=1)
+
+    untargeted = jax.jit(parallel.shard_over_batch(lambda v, k, x, y: shard_fooled(v, k, None, x, y), mesh, num_replicated=2))
+    targeted = jax.jit(parallel.shard_over_batch(shard_fooled, mesh, num_replicated=3))
+    labels = np.asarray(labels, np.int32)
+    robust = np.ones(len(labels), bool)  # attack 0 runs on every sample and also sets clean_correct
+    clean_correct = np.zeros(len(labels), bool)
+    base_key = jax.random.PRNGKey(seed)
+    accuracies = {}
+    for attack in range(num_targets + 1):
+        todo = np.flatnonzero(robust)
+        for i, (rows, valid) in enumerate(padded_batches(len(todo), batch_size)):
+            idx = todo[rows]
+            key = jax.random.fold_in(jax.random.fold_in(base_key, attack), i)
+            if attack == 0:
+                fooled = np.asarray(untargeted(variables, key, images[idx], labels[idx]))
+            else:
+                fooled = np.asarray(targeted(variables, key, jnp.asarray(attack - 1), images[idx], labels[idx]))
+            robust[idx[valid & (fooled[:, 0] | fooled[:, 1])]] = False
+            if attack == 0:
+                clean_correct[idx[valid]] = ~fooled[valid, 0]
+        if attack == 0:
+            accuracies["clean_accuracy"] = float(clean_correct.mean())
+            accuracies["apgd_ce_accuracy"] = float(robust.mean())
+    accuracies["autoattack_lite_accuracy"] = float(robust.mean())
+    return accuracies

@@ -10,6 +10,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file, optionally ':variant'.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory holding every phase's outputs; rerunning resumes.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Virtual XLA:CPU devices to split batches over when running on a CPU; 0 = one per core."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,7 +34,9 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
-    from jax_advprune import pipeline  # after flags: imports jax
+    from jax_advprune import parallel, pipeline
+
+    parallel.use_cpu_devices(_CPU_DEVICES.value)  # before jax starts its backends
 
     pipeline.run(_CONFIG.value, _WORKDIR.value)
 

@@ -20,12 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_advprune import training
+from jax_advprune import parallel, training
 from jax_advprune.checkpoint import Checkpointer, abstract_like
 from jax_advprune.data.generate import write_embedded_default
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
-from jax_advprune.evaluation import evaluate_split
+from jax_advprune.evaluation import autoattack_lite, evaluate_split
 from jax_advprune.metrics import Progress
 from jax_advprune.models import create_model
 from jax_advprune.pruning import scores as scores_lib
@@ -149,7 +149,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 # --------------------------------------------------------------------------- training (shared by score and train)
 
 
-def _train_model(config, data: Data, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int):
+def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int):
     """PGD-AT of a fresh model on the kept pool with per-sample eps; resumes from ckpt_dir.
 
     Returns (model, final TrainState).
@@ -178,7 +178,7 @@ def _train_model(config, data: Data, keep: np.ndarray, eps: np.ndarray, *, epoch
             return model, state
         log.info("[%s] resumed from %s at step %d", phase, ckpt_dir, int(state.step))
     log.info("[%s] %d steps (%.3g epochs of %d steps), batch %d, %d kept samples", phase, num_steps, epochs, plan.steps_per_epoch, tcfg.batch_size, int(keep.sum()))
-    train_step = training.make_train_step(model, tx, tcfg, config.attack)
+    train_step = training.make_train_step(model, tx, tcfg, config.attack, mesh)
     progress = Progress(phase, num_steps, tcfg.batch_size, metrics_path, every_s=tcfg.log_every_s, first_step=int(state.step))
     state = training.fit(
         state, train_step, batches, num_steps=num_steps, checkpointer=checkpointer,
@@ -195,7 +195,7 @@ def _apply_fn(model):
 # --------------------------------------------------------------------------- phases
 
 
-def score(config, workdir: str, data: Data) -> None:
+def score(config, workdir: str, data: Data, mesh) -> None:
     """Trains the margin model on the full pool and writes scores/margin.npy (+ converged, n_iter, meta)."""
     out_dir = os.path.join(workdir, "scores")
     guard_settings(workdir, "score", _section(config, "data", "model", "attack", "train", "scoring", drop=("epochs",)) | {"seed": config.seed})
@@ -207,7 +207,7 @@ def score(config, workdir: str, data: Data) -> None:
     base_eps = np.full(n, config.attack.eps, np.float32)
     ckpt_dir = os.path.join(workdir, "scoring_model", "checkpoints")
     model, state = _train_model(
-        config, data, np.ones(n, bool), base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
+        config, data, mesh, np.ones(n, bool), base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
         metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train", seed=config.seed + 1,
     )
     df = scfg.deepfool
@@ -216,7 +216,7 @@ def score(config, workdir: str, data: Data) -> None:
     start = time.perf_counter()
     result = scores_lib.margin_scores(
         _apply_fn(model), state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, slots=scfg.slots,
-        norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, progress=progress,
+        norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, mesh=mesh, progress=progress,
     )
     seconds = time.perf_counter() - start
     for name, array in result.items():
@@ -287,18 +287,21 @@ def _load_selection(workdir: str, pool_size: int) -> tuple[np.ndarray, np.ndarra
     return keep.astype(bool), eps.astype(np.float32)
 
 
-def train(config, workdir: str, data: Data):
+def train(config, workdir: str, data: Data, mesh):
     """PGD-AT of a fresh model on the selection; checkpoints/ and metrics.jsonl; resumes."""
     guard_settings(workdir, "train", _section(config, "data", "model", "attack", "train", "pruning") | {"seed": config.seed})
     keep, eps = _load_selection(workdir, len(data.pool))
     return _train_model(
-        config, data, keep, eps, epochs=config.train.epochs, ckpt_dir=os.path.join(workdir, "checkpoints"),
+        config, data, mesh, keep, eps, epochs=config.train.epochs, ckpt_dir=os.path.join(workdir, "checkpoints"),
         metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="train", seed=config.seed,
     )
 
 
-def evaluate(config, workdir: str, data: Data, model, state) -> None:
-    """Clean and PGD accuracy of the raw and EMA weights on the test split -> results.json, report.md."""
+def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
+    """Clean, PGD and APGD (autoattack_lite) accuracy of the raw and EMA weights on the test split.
+
+    Writes results.json and report.md.
+    """
     guard_settings(workdir, "evaluate", _section(config, "eval") | {"eps": config.attack.eps, "norm": config.attack.norm})
     if os.path.exists(os.path.join(workdir, "results.json")):
         log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
@@ -306,12 +309,18 @@ def evaluate(config, workdir: str, data: Data, model, state) -> None:
     ecfg = config.eval
     results = {}
     for weights in ("raw", "ema"):
+        variables = state.variables(ema=weights == "ema")
+        common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh, seed=config.seed)
         results[weights] = evaluate_split(
-            _apply_fn(model), state.variables(ema=weights == "ema"), data.test_images, data.test_labels,
-            eps=config.attack.eps, step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps,
-            norm=config.attack.norm, batch_size=ecfg.batch_size, seed=config.seed,
+            _apply_fn(model), variables, data.test_images, data.test_labels,
+            step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common,
         )
-        log.info("[evaluate] %s weights: clean %.4f, PGD-%d %.4f", weights, results[weights]["clean_accuracy"], ecfg.pgd_steps, results[weights]["pgd_accuracy"])
+        if ecfg.apgd_steps > 0:
+            results[weights].update(autoattack_lite(
+                _apply_fn(model), variables, data.test_images, data.test_labels,
+                steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets, **common,
+            ))
+        log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items() if k != "n"))
     with open(os.path.join(workdir, "selection", "meta.json")) as f:
         selection = json.load(f)
     summary = {
@@ -323,15 +332,17 @@ def evaluate(config, workdir: str, data: Data, model, state) -> None:
         "checkpoint_step": int(state.step),
         "results": results,
     }
+    columns = [c for c in ("clean_accuracy", "pgd_accuracy", "apgd_ce_accuracy", "autoattack_lite_accuracy") if c in results["raw"]]
     lines = [
         f"# {os.path.basename(os.path.abspath(workdir))}: {config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}",
         "",
         f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps.",
-        f"Test split: {len(data.test_labels)} images; {config.attack.norm} eps {config.attack.eps:.4g}, PGD-{ecfg.pgd_steps}.",
+        f"Test split: {len(data.test_labels)} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start); "
+        f"APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, worst case per sample.",
         "",
-        "| weights | clean accuracy | PGD accuracy |",
-        "| --- | --- | --- |",
-    ] + [f"| {w} | {r['clean_accuracy']:.4f} | {r['pgd_accuracy']:.4f} |" for w, r in results.items()]
+        "| weights | " + " | ".join(columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ] + [f"| {w} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |" for w, r in results.items()]
     with open(os.path.join(workdir, "report.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
@@ -341,9 +352,11 @@ def evaluate(config, workdir: str, data: Data, model, state) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every phase whose outputs are missing."""
     os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(config.num_devices or None)
+    log.info("devices: %d x %s (process %d of %d)", mesh.size, mesh.devices.flat[0].platform, jax.process_index(), jax.process_count())
     data = load_data(config, workdir)
-    score(config, workdir, data)
+    score(config, workdir, data, mesh)
     select(config, workdir, data)
-    model, state = train(config, workdir, data)
-    evaluate(config, workdir, data, model, state)
+    model, state = train(config, workdir, data, mesh)
+    evaluate(config, workdir, data, mesh, model, state)
     log.info("done: %s", os.path.join(workdir, "report.md"))

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jax_advprune import parallel
 from jax_advprune.attacks import pgd
 from jax_advprune.checkpoint import Checkpointer
 from jax_advprune.losses import smoothed_cross_entropy
@@ -93,12 +94,21 @@ def inference_logits_fn(model: nn.Module, variables: dict) -> Callable[[jax.Arra
     return lambda x: model.apply(variables, x, train=False)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict, attack: ml_collections.ConfigDict):
-    """Jitted PGD-AT step (state, batch) -> (state, metrics).
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    cfg: ml_collections.ConfigDict,
+    attack: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+):
+    """PGD-AT step (state, host batch) -> (state, metrics), jitted over the mesh.
 
-    batch: `image` (B, H, W, C) uint8, `label` (B,) int, `eps` (B,) float32 per-sample
-    training radius. The attack's step size scales with eps:
-    alpha_i = eps_i * attack.step_size / attack.eps.
+    host batch: this process's share of `image` (b, H, W, C) uint8, `label` (b,) int
+    and `eps` (b,) float32 per-sample training radius; it becomes a global batch
+    split over the mesh's `data` axis, while the state is replicated. The compiler
+    partitions the step, so BatchNorm statistics are those of the global batch and
+    the update equals the one-device update up to float round-off. The attack's
+    step size scales with eps: alpha_i = eps_i * attack.step_size / attack.eps.
     """
     step_ratio = attack.step_size / attack.eps
 
@@ -135,7 +145,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
         }
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    def step(state: TrainState, host_batch: dict) -> tuple[TrainState, dict]:
+        return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
+
+    return step
 
 
 class NonFiniteLossError(RuntimeError):

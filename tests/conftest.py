@@ -1,4 +1,10 @@
-"""Shared fixtures: small pools written in the real npz format."""
+"""Shared fixtures: small pools written in the real npz format; 4 virtual CPU devices."""
+
+import os
+
+# Before jax is imported anywhere: multi-device code is tested on 4 virtual CPU devices.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import numpy as np
 import pytest

@@ -188,3 +188,28 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
     gain = np.asarray(margin(logits_fn(best), y)) - np.asarray(margin(logits_fn(single), y))
     assert np.all(gain >= -1e-6) and np.any(gain > 0)
     np.testing.assert_array_equal(best, pgd(logits_fn, x, y, key, restarts=4, **kwargs))  # deterministic per key
+
+
+def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
+    """The sharded work-queue scorer returns the same margins whatever the device count."""
+    from jax_advprune.parallel import make_mesh
+    from jax_advprune.pruning.scores import margin_scores
+
+    pool, _, _ = small_pool  # 200 samples of 8x8x1
+    rng = np.random.default_rng(14)
+    w1 = rng.normal(size=(64, 32)).astype(np.float32) * 0.3
+    w2 = rng.normal(size=(32, NUM_CLASSES)).astype(np.float32)
+
+    def apply_fn(variables, x):
+        return jnp.tanh(x.reshape(x.shape[0], -1) @ variables["w1"] - 1.0) @ variables["w2"]
+
+    variables = {"w1": w1, "w2": w2}
+    results = [
+        margin_scores(apply_fn, variables, pool, chunk_size=64, slots=16, norm="l2", max_iter=30,
+                      overshoot=0.02, candidates=None, mesh=make_mesh(devices))
+        for devices in (1, 4)
+    ]
+    assert len(np.unique(results[0]["n_iter"])) > 1
+    np.testing.assert_array_equal(results[0]["n_iter"], results[1]["n_iter"])
+    np.testing.assert_array_equal(results[0]["converged"], results[1]["converged"])
+    np.testing.assert_allclose(results[0]["margin"], results[1]["margin"], rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from jax_advprune.checkpoint import Checkpointer, abstract_like
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.metrics import Progress
 from jax_advprune.models import create_model
+from jax_advprune.parallel import make_mesh
 
 NUM_STEPS = 6
 
@@ -29,7 +30,7 @@ def setup():
     cfg, attack = _config()
     model = create_model("small_cnn", num_classes=10, widths=(8, 16))
     tx = training.make_optimizer(cfg, NUM_STEPS)
-    step_fn = training.make_train_step(model, tx, cfg, attack)
+    step_fn = training.make_train_step(model, tx, cfg, attack, make_mesh(2))
     return model, tx, step_fn
 
 
@@ -87,3 +88,21 @@ def test_ema_decay_follows_the_reference_warmup():
     assert decays[1] == pytest.approx(2.0 / 11.0)  # (1 + d) / (10 + d), d = step - warmup
     assert decays[2] == pytest.approx(11.0 / 20.0)
     assert decays[3] == pytest.approx(0.995)
+
+
+def test_four_devices_give_the_one_device_update(setup, small_pool):
+    model, tx, _ = setup
+    cfg, attack = _config()
+    pool, _, _ = small_pool
+    plan = make_plan(np.ones(len(pool), bool), pool.num_original, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=0)
+    batch = BatchReader(pool, plan, np.linspace(0, 0.1, len(pool)).astype(np.float32), crop_padding=1)(0)
+    states = []
+    for devices in (1, 4):
+        step_fn = training.make_train_step(model, tx, cfg, attack, make_mesh(devices))
+        state = training.init_train_state(model, tx, pool.image_shape, seed=0)
+        for _ in range(2):
+            state, metrics = step_fn(state, batch)
+        states.append(state)
+    assert len(states[1].params["head"]["kernel"].sharding.device_set) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

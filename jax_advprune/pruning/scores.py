@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_advprune import parallel
 from jax_advprune.attacks import deepfool
 from jax_advprune.batching import padded_batches
 from jax_advprune.data.sources import Pool
@@ -25,25 +26,32 @@ def margin_scores(
     max_iter: int,
     overshoot: float,
     candidates: int | None,
+    mesh: jax.sharding.Mesh,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
     """DeepFool margins of every pool sample under an inference-mode model.
 
     Reads the pool in fixed-shape chunks of `chunk_size` samples (the last one
     padded); inside a chunk DeepFool runs a work queue of `slots` samples, so a
-    chunk costs its samples' total iterations, not its slowest sample's.
+    chunk costs its samples' total iterations, not its slowest sample's. Each chunk
+    is split over the mesh's devices, each running its own queue of
+    slots / devices samples (both sizes must divide evenly).
     Returns `margin` (N,) float32 (signed, in units of `norm` on [0, 1] pixels),
     `converged` (N,) bool and `n_iter` (N,) int32.
     """
 
-    @jax.jit
-    def score_batch(variables, x_uint8, y):
+    parallel.check_divisible(chunk_size, mesh, "scoring chunk size")
+    parallel.check_divisible(slots, mesh, "scoring slots")
+
+    def shard_scores(variables, x_uint8, y):
         x = x_uint8.astype(jnp.float32) / 255.0
         result = deepfool(
             lambda z: apply_fn(variables, z), x, y,
-            norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates, slots=slots,
+            norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates, slots=slots // mesh.size,
         )
         return result.margin, result.converged, result.n_iter
+
+    score_batch = jax.jit(parallel.shard_over_batch(shard_scores, mesh, num_replicated=1))
 
     n = len(pool)
     out = {"margin": np.zeros(n, np.float32), "converged": np.zeros(n, bool), "n_iter": np.zeros(n, np.int32)}

@@ -1,0 +1,87 @@
+"""One `data` mesh axis over all devices: shardings, process-local -> global arrays, shard_map.
+
+On the CPU the batch is split across virtual devices too (`use_cpu_devices`),
+since one XLA:CPU device does not keep all cores busy (see ../shared/STACK.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def use_cpu_devices(count: int | None = None) -> int:
+    """Asks XLA:CPU for `count` virtual devices (default: one per core); call before jax starts.
+
+    Leaves an explicit `--xla_force_host_platform_device_count` in XLA_FLAGS alone.
+    Returns the count asked for (0 when XLA_FLAGS already decides).
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return 0
+    count = count or os.cpu_count() or 1
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh named DATA_AXIS over the first `num_devices` devices (default: all)."""
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(f"asked for {num_devices} devices, but only {len(devices)} exist: {devices}")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over DATA_AXIS."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full array on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(size: int, mesh: Mesh, what: str) -> None:
+    """Raises unless `size` splits evenly over the mesh's devices."""
+    if size % mesh.size:
+        raise ValueError(f"{what} ({size}) must be divisible by the number of devices ({mesh.size})")
+
+
+def global_batch(local: Any, mesh: Mesh) -> Any:
+    """Process-local arrays (leading axis = this process's share) -> global arrays sharded over DATA_AXIS.
+
+    On one process this is a device_put; on many, each process contributes its rows.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local)
+
+
+def shard_over_batch(fn: Callable, mesh: Mesh, num_replicated: int) -> Callable:
+    """shard_map of fn(*replicated_args, *batched_args) -> outputs with a leading batch axis.
+
+    The first `num_replicated` arguments (parameters, keys) are passed whole to every
+    device; the rest are split along axis 0. Inside fn, `jax.lax.axis_index(DATA_AXIS)`
+    names the shard (fold it into random keys). Per-sample work only: fn must not
+    mix samples across shards.
+    """
+
+    def wrapped(*args):
+        specs = (PartitionSpec(),) * num_replicated + (PartitionSpec(DATA_AXIS),) * (len(args) - num_replicated)
+        # check_vma=False: loop carries built from constants inside fn (the DeepFool work
+        # queue) are per-shard values, which the varying-axis checker cannot see.
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(DATA_AXIS), check_vma=False)(*args)
+
+    return wrapped
+
+
+def shard_key(key: jax.Array) -> jax.Array:
+    """Inside shard_over_batch: a key distinct for each shard."""
+    return jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
