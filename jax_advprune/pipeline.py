@@ -332,7 +332,8 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
         "checkpoint_step": int(state.step),
         "results": results,
     }
-    columns = [c for c in ("clean_accuracy", "pgd_accuracy", "apgd_ce_accuracy", "autoattack_lite_accuracy") if c in results["raw"]]
+    headers = {"clean_accuracy": "clean", "pgd_accuracy": f"PGD-{ecfg.pgd_steps}", "apgd_ce_accuracy": "APGD-CE", "autoattack_lite_accuracy": "APGD-CE + APGD-T"}
+    columns = [c for c in headers if c in results["raw"]]
     lines = [
         f"# {os.path.basename(os.path.abspath(workdir))}: {config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}",
         "",
@@ -340,7 +341,7 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
         f"Test split: {len(data.test_labels)} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start); "
         f"APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, worst case per sample.",
         "",
-        "| weights | " + " | ".join(columns) + " |",
+        "| weights | " + " | ".join(f"{headers[c]} accuracy" for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
     ] + [f"| {w} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |" for w, r in results.items()]
     with open(os.path.join(workdir, "report.md.tmp"), "w") as f:

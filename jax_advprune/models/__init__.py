@@ -6,9 +6,10 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from jax_advprune.models.preact_resnet import preact_resnet18
 from jax_advprune.models.small_cnn import SmallCNN
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
+MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "preact_resnet18": preact_resnet18}
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

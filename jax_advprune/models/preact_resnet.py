@@ -1,0 +1,60 @@
+"""PreAct ResNet-18 (He et al. 2016, identity mappings), as in the DM-Improves-AT code."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
+
+
+class PreActBlock(nn.Module):
+    """BN-act-conv3x3(stride)-BN-act-conv3x3 plus a shortcut (1x1 conv when the shape changes)."""
+
+    planes: int
+    stride: int
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        act = ACTIVATIONS[self.activation]
+        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x))
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            shortcut = nn.Conv(self.planes, (1, 1), strides=self.stride, use_bias=False, name="shortcut")(out)
+        out = nn.Conv(self.planes, (3, 3), strides=self.stride, use_bias=False, name="conv1")(out)
+        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn2")(out))
+        out = nn.Conv(self.planes, (3, 3), use_bias=False, name="conv2")(out)
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """PreAct ResNet: conv3x3, four stages of PreActBlocks, BN-act, global average pool, dense.
+
+    Input: images (B, H, W, C) float32 in [0, 1], normalised inside with `mean` / `std`.
+    Output: logits (B, num_classes). `width` scales the stage widths (64 = the standard net).
+    """
+
+    num_classes: int = 10
+    blocks: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+    activation: str = "relu"
+    mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
+    std: Sequence[float] = (0.2471, 0.2435, 0.2616)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+        for stage, count in enumerate(self.blocks):
+            for i in range(count):
+                stride = 2 if stage > 0 and i == 0 else 1
+                x = PreActBlock(self.width * 2**stage, stride, self.activation, name=f"stage{stage}_block{i}")(x, train)
+        x = ACTIVATIONS[self.activation](nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_final")(x))
+        return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def preact_resnet18(**kwargs) -> PreActResNet:
+    return PreActResNet(blocks=(2, 2, 2, 2), **kwargs)
