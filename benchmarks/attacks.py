@@ -28,7 +28,7 @@ import time
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--batch", type=int, default=128)
-    _args.add_argument("--devices", type=int, default=os.cpu_count() or 1, help="virtual XLA:CPU devices")
+    _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1), help="virtual XLA:CPU devices")
     _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
     _args.add_argument("--resnet-batch", type=int, default=16)
     _args.add_argument("--skip-resnet", action="store_true")
@@ -44,11 +44,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jax_advprune import parallel  # noqa: E402
-from jax_advprune.attacks import deepfool, pgd  # noqa: E402
+from jax_advprune.attacks import pgd  # noqa: E402
 from jax_advprune.attacks.apgd import apgd  # noqa: E402
 from jax_advprune.attacks.common import flat_norm  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.models.torch_export import to_torch  # noqa: E402
+from jax_advprune.pruning.scores import deepfool_runner  # noqa: E402
 
 EPS_LINF = 0.05
 PGD_STEPS = 10
@@ -175,7 +176,7 @@ def bench_model(label: str, model, variables, x, y, repeats: int, peak: float):
     row(f"PGD-{PGD_STEPS} linf", t_ours, "torchattacks.PGD", timed(lambda: atk(x_t, y_t), repeats)[0], n * PGD_STEPS * (fwd_flops + grad_flops))
 
     # APGD-CE, L-inf.
-    ours_apgd = sharded(lambda v, k, z, t: apgd(lambda q: apply_fn(v, q), z, t, parallel.shard_key(k), eps=EPS_LINF, steps=APGD_STEPS, loss="ce"), 2)
+    ours_apgd = sharded(lambda v, k, z, t: apgd(lambda q: apply_fn(v, q), z, t, parallel.shard_key(k), eps=EPS_LINF, steps=APGD_STEPS, loss="ce", unroll=True), 2)
     t_ours, _ = timed(lambda: ours_apgd(variables, key, xs, ys), repeats)
     atk = torchattacks.APGD(torch_model, norm="Linf", eps=EPS_LINF, steps=APGD_STEPS, n_restarts=1, loss="ce", seed=0)
     row(f"APGD-CE-{APGD_STEPS} linf", t_ours, "torchattacks.APGD", timed(lambda: atk(x_t, y_t), repeats)[0], n * (APGD_STEPS + 1) * (fwd_flops + grad_flops))
@@ -189,10 +190,10 @@ def bench_model(label: str, model, variables, x, y, repeats: int, peak: float):
         ("linf", None, fb.attacks.LinfDeepFoolAttack),
         ("l2", 3, fb.attacks.L2DeepFoolAttack),
     ):
-        slots = max(n // 2 // ARGS.devices, 1)
-        ours_df = sharded(lambda v, z, t: deepfool(lambda q: apply_fn(v, q), z, t, norm=norm, max_iter=DEEPFOOL_ITERS, overshoot=0.02, candidates=candidates, slots=slots), 1)
+        slots = max(n // 2 // ARGS.devices, 1) * ARGS.devices
+        run = deepfool_runner(apply_fn, slots=slots, norm=norm, max_iter=DEEPFOOL_ITERS, overshoot=0.02, candidates=candidates, mesh=mesh)
         which = "all classes" if candidates is None else f"top-{candidates} vs all"
-        t_ours, result = timed(lambda: ours_df(variables, xs, ys), repeats)
+        t_ours, result = timed(lambda: run(variables, xs, ys), repeats)
         ours_adv, converged, n_iter = (np.asarray(a) for a in (result.x_adv, result.converged, result.n_iter))
         attack = fb_attack(steps=DEEPFOOL_ITERS, candidates=10, overshoot=0.02, loss="logits")
         t_ref, (_, fb_adv, fb_success) = timed(lambda: attack(fmodel, x_t, y_t, epsilons=None), 1, warmup=False)

@@ -33,7 +33,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.num_devices = 0  # devices of the data mesh; 0 = all (on a CPU: one virtual device per core)
+    c.num_devices = 0  # devices of the data mesh; 0 = all (on a CPU: two virtual devices per core)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # 'digits' (embedded) or 'npz' (user files in the DM-Improves-AT format)

@@ -11,7 +11,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file, optionally ':variant'.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory holding every phase's outputs; rerunning resumes.")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "Virtual XLA:CPU devices to split batches over when running on a CPU; 0 = one per core."
+    "cpu_devices", 0, "Virtual XLA:CPU devices to split batches over when running on a CPU; 0 = two per core."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

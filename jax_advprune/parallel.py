@@ -17,14 +17,17 @@ DATA_AXIS = "data"
 
 
 def use_cpu_devices(count: int | None = None) -> int:
-    """Asks XLA:CPU for `count` virtual devices (default: one per core); call before jax starts.
+    """Asks XLA:CPU for `count` virtual devices (default: two per core); call before jax starts.
+
+    Two per core measured fastest for PGD-10 on 2 cores (1,895 img/s on 4 devices,
+    1,530 on 2, 1,092 on 1; small CNN, batch 128).
 
     Leaves an explicit `--xla_force_host_platform_device_count` in XLA_FLAGS alone.
     Returns the count asked for (0 when XLA_FLAGS already decides).
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return 0
-    count = count or os.cpu_count() or 1
+    count = count or 2 * (os.cpu_count() or 1)
     jax.config.update("jax_num_cpu_devices", count)
     return count
 

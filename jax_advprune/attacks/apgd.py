@@ -66,6 +66,7 @@ def apgd(
     norm: str = "linf",
     loss: str = "ce",
     targets: jax.Array | None = None,
+    unroll: int | bool = 1,
 ) -> jax.Array:
     """APGD from a random point of the eps-ball around the clean input.
 
@@ -78,6 +79,8 @@ def apgd(
       steps: iterations N (static).
       norm: 'linf' or 'l2'.
       loss: 'ce', 'dlr' or 'dlr_targeted' (then `targets` (B,) are the target classes).
+      unroll: passed to `lax.fori_loop`; True is faster on XLA:CPU for short
+        attacks but compiles slowly for long ones.
 
     Returns:
       (B, H, W, C): per sample, the first misclassified iterate if any was found,
@@ -159,5 +162,5 @@ def apgd(
             since_check=jnp.where(at_check, 0, s["since_check"]),
         )
 
-    s = jax.lax.fori_loop(0, steps, body, state)
+    s = jax.lax.fori_loop(0, steps, body, state, unroll=unroll)
     return jax.lax.stop_gradient(jnp.where(per_sample(s["found"], x), s["x_found"], s["x_best"]))
