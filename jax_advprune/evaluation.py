@@ -44,6 +44,7 @@ def evaluate_split(
         return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
 
     batch_correct = jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))
+    variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
 
     clean = robust = 0
     base_key = jax.random.PRNGKey(seed)
@@ -94,6 +95,7 @@ def autoattack_lite(
 
     untargeted = jax.jit(parallel.shard_over_batch(lambda v, k, x, y: shard_fooled(v, k, None, x, y), mesh, num_replicated=2))
     targeted = jax.jit(parallel.shard_over_batch(shard_fooled, mesh, num_replicated=3))
+    variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
     labels = np.asarray(labels, np.int32)
     robust = np.ones(len(labels), bool)  # attack 0 runs on every sample and also sets clean_correct
     clean_correct = np.zeros(len(labels), bool)

@@ -214,10 +214,11 @@ def score(config, workdir: str, data: Data, mesh) -> None:
     num_chunks = -(-n // scfg.chunk_size)
     progress = Progress("score/deepfool", num_chunks, scfg.chunk_size, os.path.join(workdir, "metrics.jsonl"), every_s=config.train.log_every_s)
     start = time.perf_counter()
-    result = scores_lib.margin_scores(
-        _apply_fn(model), state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, slots=scfg.slots,
-        norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, mesh=mesh, progress=progress,
+    run = scores_lib.deepfool_runner(
+        _apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
+        candidates=df.candidates, mesh=mesh,
     )
+    result = scores_lib.margin_scores(run, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, progress=progress)
     seconds = time.perf_counter() - start
     for name, array in result.items():
         save_npy(os.path.join(out_dir, f"{name}.npy"), array)

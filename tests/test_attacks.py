@@ -195,7 +195,7 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
 def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
     """The sharded work-queue scorer returns the same margins whatever the device count."""
     from jax_advprune.parallel import make_mesh
-    from jax_advprune.pruning.scores import margin_scores
+    from jax_advprune.pruning.scores import deepfool_runner, margin_scores
 
     pool, _, _ = small_pool  # 200 samples of 8x8x1
     rng = np.random.default_rng(14)
@@ -207,8 +207,10 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
 
     variables = {"w1": w1, "w2": w2}
     results = [
-        margin_scores(apply_fn, variables, pool, chunk_size=64, slots=16, norm="l2", max_iter=30,
-                      overshoot=0.02, candidates=None, mesh=make_mesh(devices))
+        margin_scores(
+            deepfool_runner(apply_fn, slots=16, norm="l2", max_iter=30, overshoot=0.02, candidates=None, mesh=make_mesh(devices)),
+            variables, pool, chunk_size=64,
+        )
         for devices in (1, 4)
     ]
     assert len(np.unique(results[0]["n_iter"])) > 1

@@ -7,8 +7,10 @@ r_total, and set x = clip(x0 + (1 + overshoot) * r_total, 0, 1). The origin clas
 is the model's prediction on x0, and a sample is done once its prediction changes.
 
 Only the (candidate - origin) input gradients are computed: one forward pass and
-one VJP per candidate, batched with vmap over cotangents, inside a
-`lax.while_loop` whose slots are refilled as samples finish (see `deepfool`).
+one VJP per candidate, batched with vmap over cotangents, on a fixed number of
+slots that are refilled as samples finish (`queue_step`). `deepfool` drives the
+queue with a `lax.while_loop`; jax_advprune.pruning.scores.deepfool_runner drives
+it from the host, which XLA:CPU runs faster.
 """
 
 from __future__ import annotations

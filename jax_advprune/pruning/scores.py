@@ -55,6 +55,9 @@ def deepfool_runner(
 
     def run(variables, x, y):
         parallel.check_divisible(x.shape[0], mesh, "DeepFool batch")
+        # Placed once: the host loop below must not re-send the batch or the weights every step.
+        variables = jax.device_put(variables, parallel.replicated(mesh))
+        x, y = jax.device_put((x, y), parallel.batch_sharding(mesh))
         queue = start(variables, x)
         while np.any(np.asarray(queue.slot["live"])):
             queue = advance(variables, x, queue)
@@ -64,48 +67,29 @@ def deepfool_runner(
 
 
 def margin_scores(
-    apply_fn: Callable[[dict, jax.Array], jax.Array],
+    run: Callable[[dict, jax.Array, jax.Array], DeepFoolResult],
     variables: dict,
     pool: Pool,
     *,
     chunk_size: int,
-    slots: int,
-    norm: str,
-    max_iter: int,
-    overshoot: float,
-    candidates: int | None,
-    mesh: jax.sharding.Mesh,
     progress: Progress | None = None,
-    steps_per_check: int = 2,
 ) -> dict[str, np.ndarray]:
-    """DeepFool margins of every pool sample under an inference-mode model.
+    """DeepFool margins of every pool sample, with `run` from `deepfool_runner`.
 
     Reads the pool in fixed-shape chunks of `chunk_size` samples (the last one
-    padded); inside a chunk DeepFool runs a work queue of `slots` samples, so a
-    chunk costs its samples' total iterations, not its slowest sample's. Each chunk
-    is split over the mesh's devices, each running its own queue of
-    slots / devices samples (both sizes must divide evenly). The queue is driven
-    from the host, `steps_per_check` jitted DeepFool steps between checks of
-    whether any slot is still busy.
-    Returns `margin` (N,) float32 (signed, in units of `norm` on [0, 1] pixels),
-    `converged` (N,) bool and `n_iter` (N,) int32.
+    padded, its padding discarded); within a chunk the runner's work queue makes
+    the cost follow the samples' total iterations, not the slowest sample's.
+    Returns `margin` (N,) float32 (signed, in units of the runner's norm on [0, 1]
+    pixels), `converged` (N,) bool and `n_iter` (N,) int32.
     """
-    parallel.check_divisible(chunk_size, mesh, "scoring chunk size")
-    run = deepfool_runner(
-        apply_fn, slots=slots, norm=norm, max_iter=max_iter, overshoot=overshoot,
-        candidates=candidates, mesh=mesh, steps_per_check=steps_per_check,
-    )
-
     n = len(pool)
     out = {"margin": np.zeros(n, np.float32), "converged": np.zeros(n, bool), "n_iter": np.zeros(n, np.int32)}
     for chunk, (idx, valid) in enumerate(padded_batches(n, chunk_size), start=1):
         images, labels = pool.read(idx)
         result = run(variables, images, labels.astype(np.int32))
-        margin, converged, n_iter = result.margin, result.converged, result.n_iter
         rows = idx[valid]
-        out["margin"][rows] = np.asarray(margin)[valid]
-        out["converged"][rows] = np.asarray(converged)[valid]
-        out["n_iter"][rows] = np.asarray(n_iter)[valid]
+        for name in out:
+            out[name][rows] = np.asarray(getattr(result, name))[valid]
         if progress is not None:
-            progress.update(chunk, mean_iterations=float(np.mean(np.asarray(n_iter)[valid])))
+            progress.update(chunk, mean_iterations=float(out["n_iter"][rows].mean()))
     return out
