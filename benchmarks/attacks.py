@@ -87,7 +87,7 @@ def trained_model(batch: int):
     paths = write_embedded_default(os.path.join(REPO, "runs", "bench_data"), image_size=16, synthetic_size=2000, test_fraction=0.15, seed=0)
     train = NpzPart(paths["train"], 10)
     images = np.asarray(train.images)
-    labels = np.asarray(train.labels, np.int32)
+    labels = train.labels().astype(np.int32)
     model = create_model("small_cnn", num_classes=10, widths=(16, 32, 64))
     cfg = ml_collections.ConfigDict(dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, warmup_steps=5, label_smoothing=0.0, ema_decay=0.0, ema_warmup_steps=0))
     attack = ml_collections.ConfigDict(dict(norm="linf", eps=EPS_LINF, step_size=EPS_LINF / 4, steps=5))
@@ -101,7 +101,7 @@ def trained_model(batch: int):
         state, _ = step(state, {"image": images[idx], "label": labels[idx], "eps": np.full(128, EPS_LINF, np.float32)})
     test = NpzPart(paths["test"], 10)
     x = np.asarray(test.images[:batch], np.float32) / 255.0
-    y = np.asarray(test.labels[:batch], np.int32)
+    y = test.labels()[:batch].astype(np.int32)
     return model, jax.device_get(state.variables()), x, y
 
 

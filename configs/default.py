@@ -36,15 +36,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_devices = 0  # devices of the data mesh; 0 = all (on a CPU: two virtual devices per core)
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # 'digits' (embedded) or 'npz' (user files in the DM-Improves-AT format)
+    c.data.name = "digits"  # 'digits' (embedded), 'npz' (DM-Improves-AT files), 'cifar_tarball' or 'tfds'; README "Data"
     c.data.num_classes = 10
     c.data.image_size = 16  # digits only
     c.data.synthetic_size = 20_000  # digits only
     c.data.test_fraction = 0.15  # digits only
     c.data.seed = 0  # digits only: split and generator seed
     c.data.original = ""  # npz only: original training split
-    c.data.synthetic = []  # npz only: synthetic parts, read in order
     c.data.test = ""  # npz only: test split
+    c.data.tarball = ""  # cifar_tarball only: cifar-10-python.tar.gz or cifar-100-python.tar.gz
+    c.data.cache_dir = ""  # cifar_tarball only: where the converted npz files go ('' = <workdir>/data)
+    c.data.tfds_name = "cifar10"  # tfds only: cifar10 | cifar100 | svhn_cropped
+    c.data.tfds_data_dir = ""  # tfds only: prepared array_record data ('' = TFDS default)
+    c.data.synthetic = ()  # synthetic npz parts appended to the pool, read in order
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "small_cnn"

@@ -22,6 +22,7 @@ import numpy as np
 
 from jax_advprune import parallel, training
 from jax_advprune.checkpoint import Checkpointer, abstract_like
+from jax_advprune.data.cifar import convert_cifar_tarball
 from jax_advprune.data.generate import write_embedded_default
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
@@ -123,27 +124,47 @@ class Data:
     test_labels: np.ndarray
 
 
-def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-    """Opens the pool and test split named by config.data.
+DATA_SOURCES = ("digits", "npz", "cifar_tarball", "tfds")
 
-    'digits' writes the embedded default into <workdir>/data once; 'npz' reads
-    user files in the DM-Improves-AT format (original, synthetic parts, test).
+
+def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+    """Opens the pool `[original training split ; config.data.synthetic parts]` and the test split.
+
+    config.data.name picks the original and test splits: 'digits' writes the
+    embedded default into <workdir>/data once (its generated pool comes first
+    among the synthetic parts); 'npz' reads user files in the DM-Improves-AT
+    format; 'cifar_tarball' converts the official CIFAR-10/100 python tarball
+    into npz files once (in data.cache_dir, default <workdir>/data); 'tfds' reads
+    a prepared TFDS data set through tfds.data_source.
     """
     cfg = config.data
+    synthetic = list(cfg.synthetic)
     if cfg.name == "digits":
         paths = write_embedded_default(
             os.path.join(workdir, "data"),
             image_size=cfg.image_size, synthetic_size=cfg.synthetic_size, test_fraction=cfg.test_fraction, seed=cfg.seed,
         )
-        original, synthetic, test = paths["train"], [paths["synthetic"]], paths["test"]
+        original, test, synthetic = NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes), [paths["synthetic"]] + synthetic
     elif cfg.name == "npz":
-        original, synthetic, test = cfg.original, list(cfg.synthetic), cfg.test
+        original, test = NpzPart(cfg.original, cfg.num_classes), NpzPart(cfg.test, cfg.num_classes)
+    elif cfg.name == "cifar_tarball":
+        converted = convert_cifar_tarball(cfg.tarball, cfg.cache_dir or os.path.join(workdir, "data"))
+        if converted["num_classes"] != cfg.num_classes:
+            raise ValueError(f"{cfg.tarball} is {converted['name']} ({converted['num_classes']} classes) but data.num_classes is {cfg.num_classes}")
+        original, test = NpzPart(converted["train"], cfg.num_classes), NpzPart(converted["test"], cfg.num_classes)
+    elif cfg.name == "tfds":
+        from jax_advprune.data.tfds_source import TfdsPart
+
+        original = TfdsPart(cfg.tfds_name, "train", cfg.tfds_data_dir, cfg.num_classes)
+        test = TfdsPart(cfg.tfds_name, "test", cfg.tfds_data_dir, cfg.num_classes)
     else:
-        raise ValueError(f"config.data.name must be 'digits' or 'npz', got {cfg.name!r}")
+        raise ValueError(f"config.data.name must be one of {DATA_SOURCES}, got {cfg.name!r}")
     pool = open_pool(original, synthetic, cfg.num_classes)
-    test_part = NpzPart(test, cfg.num_classes)
-    log.info("pool: %d original + %d synthetic images of shape %s; test: %d", pool.num_original, len(pool) - pool.num_original, pool.image_shape, len(test_part))
-    return Data(pool, np.asarray(test_part.images), np.asarray(test_part.labels))
+    test_images, test_labels = test.read(np.arange(len(test)))
+    if test_images.shape[1:] != pool.image_shape:
+        raise ValueError(f"test split {test.name} has images of shape {test_images.shape[1:]}, the pool {pool.image_shape}")
+    log.info("pool: %d original + %d synthetic images of shape %s; test: %d", pool.num_original, len(pool) - pool.num_original, pool.image_shape, len(test_labels))
+    return Data(pool, test_images, test_labels)
 
 
 # --------------------------------------------------------------------------- training (shared by score and train)

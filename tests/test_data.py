@@ -157,8 +157,78 @@ def test_embedded_default_is_deterministic_and_never_overwritten(tmp_path):
         np.testing.assert_array_equal(da["image"], db["image"])
         np.testing.assert_array_equal(da["label"], db["label"])
     synthetic = NpzPart(a["synthetic"], 10)
-    assert synthetic.images.shape == (300, 16, 16, 1) and np.all(np.diff(synthetic.labels) >= 0)
+    assert synthetic.images.shape == (300, 16, 16, 1) and np.all(np.diff(synthetic.labels()) >= 0)
     mtime = os.path.getmtime(a["train"])
     with pytest.raises(ValueError, match="use a new --workdir"):
         write_embedded_default(str(tmp_path / "a"), image_size=16, synthetic_size=400, test_fraction=0.15, seed=0)
     assert os.path.getmtime(a["train"]) == mtime
+
+
+def test_plain_epochs_are_seeded_permutations_of_the_kept_pool(small_pool):
+    pool, _, _ = small_pool
+    keep = np.random.default_rng(1).random(200) < 0.6
+    kept = np.flatnonzero(keep)
+    plan = make_plan(keep, 60, batch_size=len(kept), original_fraction=None, synthetic_with_replacement=False, seed=5)
+    epochs = [np.sort(plan.indices(e)) for e in range(3)]
+    for epoch in epochs:
+        np.testing.assert_array_equal(epoch, kept)  # each epoch visits every kept sample once
+    orders = [plan.indices(e) for e in range(3)]
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled per epoch
+    same = make_plan(keep, 60, batch_size=len(kept), original_fraction=None, synthetic_with_replacement=False, seed=5)
+    np.testing.assert_array_equal(same.indices(2), orders[2])  # a pure function of (seed, epoch)
+
+
+def test_two_processes_cover_the_kept_pool_over_an_epoch(small_pool):
+    pool, _, _ = small_pool
+    keep = np.random.default_rng(2).random(200) < 0.3
+    plan = make_plan(keep, 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    readers = [BatchReader(pool, plan, np.zeros(200, np.float32), process_index=i, process_count=2) for i in range(2)]
+    epoch_rows = plan.steps_per_epoch * plan.batch_size
+    shares = [_all_indices(r, plan.steps_per_epoch) for r in readers]
+    first_pass = np.concatenate([plan.indices(s) for s in range(plan.steps_per_epoch)])[: keep.sum()]
+    assert sorted(first_pass) == sorted(np.flatnonzero(keep))
+    assert len(shares[0]) + len(shares[1]) == epoch_rows
+    assert set(shares[0]) | set(shares[1]) == set(np.flatnonzero(keep))
+    for step in range(plan.steps_per_epoch):  # disjoint within every global batch
+        a, b = (r(step)["index"] for r in readers)
+        assert not set(a) & set(b) or len(set(plan.indices(step))) < plan.batch_size
+
+
+def test_two_worker_processes_yield_the_same_batches_as_none(small_pool):
+    pool, _, _ = small_pool
+    keep = np.random.default_rng(3).random(200) < 0.5
+    plan = make_plan(keep, 60, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=2)
+    reader = BatchReader(pool, plan, np.linspace(0, 1, 200).astype(np.float32), crop_padding=2, flip=True)
+    single = list(batch_iterator(reader, 6))
+    multi = list(batch_iterator(reader, 6, num_workers=2))
+    assert len(multi) == 6
+    for a, b in zip(single, multi):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_keep_and_eps_arrays_must_match_the_pool(small_pool):
+    pool, _, _ = small_pool
+    plan = make_plan(np.ones(150, bool), 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    with pytest.raises(ValueError, match="keep mask has 150 entries.*pool of 200 samples.*orig.npz"):
+        BatchReader(pool, plan, np.zeros(200, np.float32))
+    plan = make_plan(np.ones(200, bool), 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    with pytest.raises(ValueError, match=r"eps array has shape \(199,\).*\(200,\) expected"):
+        BatchReader(pool, plan, np.zeros(199, np.float32))
+
+
+def test_a_run_on_a_bad_pool_fails_before_touching_anything(tmp_path):
+    from jax_advprune import pipeline
+    from configs import default
+
+    make_npz(tmp_path / "orig.npz", 20, shape=(8, 8, 1))
+    make_npz(tmp_path / "test.npz", 10, shape=(8, 8, 1))
+    np.savez(tmp_path / "syn.npz", image=np.zeros((5, 8, 8, 1), np.uint8), label=np.array([0, 1, 2, 3, 12]))
+    before = {p: (tmp_path / p).read_bytes() for p in ("orig.npz", "test.npz", "syn.npz")}
+    config = default.get_config("smoke")
+    config.data.name, config.num_devices = "npz", 1
+    config.data.original, config.data.test, config.data.synthetic = str(tmp_path / "orig.npz"), str(tmp_path / "test.npz"), [str(tmp_path / "syn.npz")]
+    with pytest.raises(PoolFormatError, match=r"syn.npz: 'label' values span \[0, 12\]"):
+        pipeline.run(config, str(tmp_path / "work"))
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert not os.path.exists(tmp_path / "work") or os.listdir(tmp_path / "work") == []

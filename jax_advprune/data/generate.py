@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from jax_advprune.data.sources import IMAGE_KEY, LABEL_KEY
+from jax_advprune.data.npz_format import write_npz
 
 DIGITS_CLASSES = 10
 
@@ -109,13 +109,6 @@ def sample_synthetic(
         pixels.append(np.clip(pca.inverse_transform(sampled), 0, 1).astype(np.float32))
         labels.append(np.full(int(per_class[c]), c, np.int64))
     return np.concatenate(pixels), np.concatenate(labels)
-
-
-def write_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Writes an uncompressed DM-Improves-AT npz atomically (temp file, then rename)."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{IMAGE_KEY: np.ascontiguousarray(images), LABEL_KEY: np.ascontiguousarray(labels, np.int64)})
-    os.replace(tmp, path)
 
 
 def write_embedded_default(

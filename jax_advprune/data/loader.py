@@ -17,8 +17,10 @@ shorten it. Without mixing, epochs are permutations of the whole kept pool.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import grain
+from absl import flags
 import numpy as np
 
 from jax_advprune.data.sources import Pool
@@ -28,15 +30,28 @@ class EmptySelectionError(ValueError):
     """The keep mask leaves nothing to draw a batch from."""
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, stream: int, cycle: int, size: int) -> np.ndarray:
+    """The permutation (size,) of pass `cycle` over a stream: a pure function of its arguments.
+
+    Cached (one or two live passes per stream), so a batch costs O(batch), not O(pool).
+    """
+    permutation = np.random.default_rng([seed, stream, cycle]).permutation(size)
+    return permutation.astype(np.int32) if size < 2**31 else permutation
+
+
 def _permutation_stream(seed: int, stream: int, population: np.ndarray, start: int, count: int) -> np.ndarray:
-    """Items [start, start + count) of the endless sequence perm_0 ++ perm_1 ++ ... of `population`."""
+    """Items [start, start + count) of the endless sequence perm_0 ++ perm_1 ++ ... of `population`.
+
+    Pass c over the population is shuffled by (seed, stream, c): in plain epochs
+    pass c is epoch c.
+    """
     positions = start + np.arange(count)
     cycles, offsets = np.divmod(positions, len(population))
     out = np.empty(count, population.dtype)
     for cycle in np.unique(cycles):
         where = cycles == cycle
-        permutation = np.random.default_rng([seed, stream, int(cycle)]).permutation(len(population))
-        out[where] = population[permutation[offsets[where]]]
+        out[where] = population[_permutation(seed, stream, int(cycle), len(population))[offsets[where]]]
     return out
 
 
@@ -53,6 +68,7 @@ class BatchPlan:
         a stream of permutations.
       steps_per_epoch: steps that count as one epoch (for schedules and logs).
       seed: base seed.
+      pool_size: length of the keep mask the plan was made from.
     """
 
     original: np.ndarray
@@ -62,6 +78,12 @@ class BatchPlan:
     synthetic_with_replacement: bool
     steps_per_epoch: int
     seed: int
+    pool_size: int
+
+    @functools.cached_property
+    def kept(self) -> np.ndarray:
+        """All kept indices (originals first), the population of plain epochs."""
+        return np.concatenate([self.original, self.synthetic])
 
     def indices(self, step: int) -> np.ndarray:
         """Global pool indices (batch_size,) int64 of the batch at `step`.
@@ -71,8 +93,7 @@ class BatchPlan:
         sample is visited once before any is visited twice.
         """
         if self.original_per_batch is None:
-            kept = np.concatenate([self.original, self.synthetic])
-            return _permutation_stream(self.seed, 0, kept, step * self.batch_size, self.batch_size)
+            return _permutation_stream(self.seed, 0, self.kept, step * self.batch_size, self.batch_size)
         n_orig = self.original_per_batch
         originals = _permutation_stream(self.seed, 1, self.original, step * n_orig, n_orig)
         n_syn = self.batch_size - n_orig
@@ -107,7 +128,7 @@ def make_plan(
         raise EmptySelectionError("the keep mask selects no sample: nothing to train on")
     original, synthetic = kept[kept < num_original], kept[kept >= num_original]
     if original_fraction is None or len(keep) == num_original:
-        return BatchPlan(original, synthetic, batch_size, None, synthetic_with_replacement, -(-len(kept) // batch_size), seed)
+        return BatchPlan(original, synthetic, batch_size, None, synthetic_with_replacement, -(-len(kept) // batch_size), seed, len(keep))
     if not 0.0 < original_fraction < 1.0:
         raise ValueError(f"original_fraction must be in (0, 1) or None, got {original_fraction}")
     original_per_batch = int(round(original_fraction * batch_size))
@@ -119,7 +140,7 @@ def make_plan(
             "set original_fraction=None for plain epochs"
         )
     steps_per_epoch = -(-num_original // batch_size)
-    return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, steps_per_epoch, seed)
+    return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, steps_per_epoch, seed, len(keep))
 
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, *, crop_padding: int, flip: bool) -> np.ndarray:
@@ -159,6 +180,13 @@ class BatchReader:
     process_index: int = 0
     process_count: int = 1
 
+    def __post_init__(self):
+        where = f"a pool of {len(self.pool)} samples ({', '.join(p.name for p in self.pool.parts)})"
+        if self.plan.pool_size != len(self.pool):
+            raise ValueError(f"the keep mask has {self.plan.pool_size} entries but it selects from {where}: one entry per pool sample expected")
+        if np.shape(self.eps) != (len(self.pool),):
+            raise ValueError(f"the eps array has shape {np.shape(self.eps)} but it applies to {where}: shape ({len(self.pool)},) expected")
+
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         indices = self.plan.indices(int(step))
         share = self.plan.batch_size // self.process_count
@@ -181,5 +209,9 @@ def batch_iterator(reader: BatchReader, num_steps: int, *, num_workers: int = 0)
     dataset = grain.MapDataset.range(num_steps).map(reader)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2))
     if num_workers > 0:
+        # grain 0.2.18 worker start-up reads absl flags (grain issue 1355): outside
+        # absl.app.run they are unparsed and the workers crash.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(iter_dataset)

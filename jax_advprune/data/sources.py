@@ -1,9 +1,10 @@
-"""Random-access image sources over global pool indices, memory-mapped from npz files.
+"""Random-access image sources over global pool indices.
 
 The on-disk format is the one of DM-Improves-AT's generated pools: an uncompressed
-`np.savez` archive with `image` (uint8, N x H x W x C) and `label` (integer, N).
-`open_npz_member` memory-maps one member inside the zip without reading it, so a
-50M-image pool costs no RAM until rows are gathered.
+`np.savez` archive with `image` (uint8, N x H x W x C) and `label` (integer, N),
+read row by row with positional reads (`npz_format`), so a 50M-image pool costs
+no RAM until rows are gathered. Other parts (TFDS, `tfds_source.py`) follow the
+same `PoolPart` protocol; CIFAR tarballs are converted to npz once (`cifar.py`).
 
 A pool is `[original training split ; synthetic parts]`, concatenated in file order.
 Every per-sample array of the project (scores, keep mask, eps) is indexed by that
@@ -12,127 +13,138 @@ global position.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import zipfile
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
-IMAGE_KEY = "image"
-LABEL_KEY = "label"
+from jax_advprune.data.npz_format import (  # noqa: F401  (re-exported: the format's names)
+    IMAGE_KEY,
+    LABEL_KEY,
+    PoolFormatError,
+    locate_npz_member,
+    open_npz_member,
+    read_rows,
+)
+
+_LABEL_CHECK_ROWS = 1 << 20  # labels are range-checked this many at a time (flat memory)
 
 
-class PoolFormatError(ValueError):
-    """A pool file does not hold what the DM-Improves-AT format promises."""
+class PoolPart(Protocol):
+    """One source of a pool: `len` rows of `image_shape` uint8 images with labels."""
+
+    name: str
+    image_shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Strictly increasing rows (M,) -> images (M, H, W, C) uint8, labels (M,) int64."""
+
+    def labels(self) -> np.ndarray:
+        """All labels (N,) int64."""
 
 
-def open_npz_member(path: str, key: str) -> np.memmap:
-    """Memory-maps array `key` of the uncompressed npz at `path` (read-only).
-
-    Raises PoolFormatError naming the file and key when the member is missing,
-    compressed, or not a plain (non-object, C-order) .npy array.
-    """
-    member = f"{key}.npy"
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        if member not in names:
-            stored = sorted(n[:-4] if n.endswith(".npy") else n for n in names)
-            raise PoolFormatError(f"{path}: no array {key!r} in the npz (it holds {stored}); expected keys 'image' and 'label'")
-        info = archive.getinfo(member)
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise PoolFormatError(
-                f"{path}: array {key!r} is compressed (np.savez_compressed) and cannot be memory-mapped; "
-                "rewrite it uncompressed once, e.g. "
-                "`d = np.load(path); np.savez(new_path, image=d['image'], label=d['label'])`"
-            )
-    with open(path, "rb") as handle:
-        handle.seek(info.header_offset)
-        local_header = handle.read(30)
-        if local_header[:4] != b"PK\x03\x04":
-            raise PoolFormatError(f"{path}: corrupt zip local header for {key!r}")
-        name_len = int.from_bytes(local_header[26:28], "little")
-        extra_len = int.from_bytes(local_header[28:30], "little")
-        handle.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-        else:
-            raise PoolFormatError(f"{path}: array {key!r} uses .npy format {version}, expected 1.0 or 2.0")
-        data_offset = handle.tell()
-    if fortran_order or dtype.hasobject:
-        raise PoolFormatError(f"{path}: array {key!r} is Fortran-ordered or of object dtype; expected a C-ordered numeric array "
-            "(rewrite it with np.ascontiguousarray)")
-    if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape)
+def check_labels(name: str, labels: np.ndarray, num_classes: int) -> None:
+    """Raises PoolFormatError naming `name` when a label lies outside [0, num_classes)."""
+    if len(labels):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise PoolFormatError(f"{name}: 'label' values span [{low}, {high}], expected [0, {num_classes})")
 
 
-@dataclasses.dataclass
 class NpzPart:
-    """One npz file of a pool: memory-mapped `image` (N, H, W, C) uint8 and `label` (N,)."""
+    """One npz file of a pool, read with positional reads: `image` (N, H, W, C) uint8, `label` (N,).
 
-    path: str
-    num_classes: int
-    images: np.ndarray = dataclasses.field(init=False, repr=False)
-    labels: np.ndarray = dataclasses.field(init=False, repr=False)
+    Nothing is mapped or kept in memory: a batch costs one read per run of
+    consecutive rows, so resident memory does not grow with the pool.
+    """
 
-    def __post_init__(self):
+    def __init__(self, path: str, num_classes: int):
+        self.path = self.name = path
+        self.num_classes = num_classes
         self._open()
         self._validate()
 
     def _open(self):
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"pool file {self.path} does not exist")
-        self.images = open_npz_member(self.path, IMAGE_KEY)
-        self.labels = open_npz_member(self.path, LABEL_KEY)
+        self._image = locate_npz_member(self.path, IMAGE_KEY)
+        self._label = locate_npz_member(self.path, LABEL_KEY)
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def _validate(self):
-        if self.images.dtype != np.uint8:
-            raise PoolFormatError(f"{self.path}: 'image' has dtype {self.images.dtype}, expected uint8 in [0, 255]")
-        if self.images.ndim != 4:
-            raise PoolFormatError(f"{self.path}: 'image' has shape {self.images.shape}, expected (N, H, W, C)")
-        if not np.issubdtype(self.labels.dtype, np.integer) or self.labels.ndim != 1:
-            raise PoolFormatError(f"{self.path}: 'label' has dtype {self.labels.dtype} and shape {self.labels.shape}, expected integer (N,)")
-        if len(self.labels) != len(self.images):
-            raise PoolFormatError(f"{self.path}: {len(self.images)} images but {len(self.labels)} labels")
-        if len(self.labels):
-            low, high = int(self.labels.min()), int(self.labels.max())
-            if low < 0 or high >= self.num_classes:
-                raise PoolFormatError(f"{self.path}: 'label' values span [{low}, {high}], expected [0, {self.num_classes})")
+        image, label = self._image, self._label
+        if image.dtype != np.uint8:
+            raise PoolFormatError(f"{self.path}: 'image' has dtype {image.dtype}, expected uint8 in [0, 255]")
+        if len(image.shape) != 4:
+            raise PoolFormatError(f"{self.path}: 'image' has shape {image.shape}, expected (N, H, W, C)")
+        if not np.issubdtype(label.dtype, np.integer) or len(label.shape) != 1:
+            raise PoolFormatError(f"{self.path}: 'label' has dtype {label.dtype} and shape {label.shape}, expected integer (N,)")
+        if label.shape[0] != image.shape[0]:
+            raise PoolFormatError(f"{self.path}: {image.shape[0]} images but {label.shape[0]} labels")
+        size = os.path.getsize(self.path)
+        for member in (image, label):
+            if member.offset + member.shape[0] * member.row_bytes > size:
+                raise PoolFormatError(f"{self.path}: array {member.key!r} is truncated: the file ends before its {member.shape[0]} rows")
+        for start in range(0, len(self), _LABEL_CHECK_ROWS):
+            rows = np.arange(start, min(start + _LABEL_CHECK_ROWS, len(self)))
+            check_labels(self.path, read_rows(self._fd, label, rows), self.num_classes)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self._label.shape[0]
 
-    # np.memmap copies its whole array when pickled (grain workers pickle sources):
-    # drop the maps and reopen them on the other side.
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self._image.shape[1:]
+
+    @property
+    def images(self) -> np.ndarray:
+        """All images, memory-mapped (for small splits; batches go through `read`)."""
+        return self._image.memmap()
+
+    def labels(self) -> np.ndarray:
+        """All labels (N,) int64, read into memory (8 bytes per sample)."""
+        return read_rows(self._fd, self._label, np.arange(len(self))).astype(np.int64)
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Strictly increasing rows (M,) -> images (M, H, W, C) uint8, labels (M,) int64."""
+        return read_rows(self._fd, self._image, rows), read_rows(self._fd, self._label, rows).astype(np.int64)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+    # Grain workers receive sources by pickling: send the path, reopen on the other side.
     def __getstate__(self):
         return {"path": self.path, "num_classes": self.num_classes}
 
     def __setstate__(self, state):
-        self.path, self.num_classes = state["path"], state["num_classes"]
+        self.path = self.name = state["path"]
+        self.num_classes = state["num_classes"]
         self._open()
 
 
 class Pool:
     """Parts read as one array in order: global index i -> (part, row).
 
-    `num_original` leading rows are the original training split; the rest are synthetic.
+    `num_original` leading rows are the original training split; the rest are
+    synthetic. Also a grain random-access source (`len`, `pool[i]` -> record).
     """
 
-    def __init__(self, parts: Sequence[NpzPart], num_original: int):
+    def __init__(self, parts: Sequence[PoolPart], num_original: int):
         if not parts:
             raise ValueError("a pool needs at least one part")
-        shapes = {p.images.shape[1:] for p in parts}
+        shapes = {tuple(p.image_shape) for p in parts}
         if len(shapes) != 1:
-            detail = ", ".join(f"{p.path}: {p.images.shape[1:]}" for p in parts)
+            detail = ", ".join(f"{p.name}: {tuple(p.image_shape)}" for p in parts)
             raise PoolFormatError(f"pool parts disagree on the image shape: {detail}")
         self.parts = list(parts)
         self.num_original = int(num_original)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.image_shape = tuple(self.parts[0].images.shape[1:])
+        self.image_shape = tuple(self.parts[0].image_shape)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -144,13 +156,13 @@ class Pool:
 
     def labels(self) -> np.ndarray:
         """All labels (N,) int64, read into memory (8 bytes per sample)."""
-        return np.concatenate([np.asarray(p.labels, np.int64) for p in self.parts])
+        return np.concatenate([p.labels() for p in self.parts])
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gathers rows at global `indices` (M,) -> images (M, H, W, C) uint8, labels (M,) int64.
 
-        Reads each part with sorted indices (sequential-ish disk access) and returns
-        rows in the order asked for.
+        Each part is read once per distinct row, in increasing order (sequential-ish
+        disk access); rows come back in the order asked for, repeats included.
         """
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
@@ -160,15 +172,19 @@ class Pool:
         part_of = np.searchsorted(self.offsets, indices, side="right") - 1
         for part_id in np.unique(part_of):
             where = np.flatnonzero(part_of == part_id)
-            rows = indices[where] - self.offsets[part_id]
-            order = np.argsort(rows, kind="stable")
-            part = self.parts[part_id]
-            images[where[order]] = part.images[rows[order]]
-            labels[where[order]] = part.labels[rows[order]]
+            rows, inverse = np.unique(indices[where] - self.offsets[part_id], return_inverse=True)
+            part_images, part_labels = self.parts[part_id].read(rows)
+            images[where] = part_images[inverse]
+            labels[where] = part_labels[inverse]
         return images, labels
 
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        images, labels = self.read(np.array([index]))
+        return {IMAGE_KEY: images[0], LABEL_KEY: labels[0]}
 
-def open_pool(original: str, synthetic: Sequence[str], num_classes: int) -> Pool:
-    """Pool of one original-split npz followed by synthetic npz parts, in the given order."""
-    parts = [NpzPart(original, num_classes)] + [NpzPart(p, num_classes) for p in synthetic]
-    return Pool(parts, num_original=len(parts[0]))
+
+def open_pool(original: str | PoolPart, synthetic: Sequence[str], num_classes: int) -> Pool:
+    """Pool of the original split (an npz path or an opened part) followed by synthetic npz parts, in order."""
+    first = NpzPart(original, num_classes) if isinstance(original, str) else original
+    parts = [first] + [NpzPart(p, num_classes) for p in synthetic]
+    return Pool(parts, num_original=len(first))

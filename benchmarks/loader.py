@@ -1,0 +1,225 @@
+"""Loader throughput and memory on a generated pool: jax_advprune's grain loader vs the reference's.
+
+    pip install -e ".[bench]"
+    python benchmarks/loader.py                  # 1M-image pool (2.9 GB on disk)
+    python benchmarks/loader.py --size 5000000   # 5M images (14 GB on disk)
+
+Builds the pool once with `python -m jax_advprune.data.make_pool` (32x32x3, in
+parts of at most 1M images) under --dir, keeps a random 30% of it, and streams
+batches of 512 with augmentation (random crop with padding 4, flip) and per-
+sample eps, in the DM-Improves-AT mix (30% originals per batch from the first
+50k rows, synthetic drawn with replacement), with 0 and 2 grain workers.
+
+Baseline, same run: what the DM-Improves-AT reference does, i.e. the pool
+loaded into RAM (`np.load`), a `torch.utils.data.Subset` of the kept rows, and
+per-sample transforms (ToTensor, RandomCrop(32, padding=4), RandomHorizontalFlip,
+written with torch ops because the registry's torchvision wheel does not load
+with the CPU torch) in a `DataLoader` with the same batch and worker counts.
+
+Each configuration runs in a fresh process; memory is the peak, sampled every
+50 ms, of the proportional set size (PSS) summed over that process and its
+workers (shared pages counted once), plus the main process's peak RSS from
+getrusage. The page cache (file data the kernel keeps) is not process memory and
+is not counted. Prints a table and writes benchmarks/results/loader.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+NUM_ORIGINAL = 50_000
+PART_ROWS = 1_000_000
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and its descendants in a thread; `.peak` in bytes."""
+
+    def __init__(self, every_s: float = 0.05):
+        import psutil
+
+        self._process, self._every_s, self.peak = psutil.Process(), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self._process] + self._process.children(recursive=True):
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self._every_s)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def pool_paths(directory: str, size: int) -> list[str]:
+    """Generates the pool (once) and returns its part paths."""
+    from jax_advprune.data.make_pool import make_pool, part_paths
+
+    parts = -(-size // PART_ROWS)
+    out = os.path.join(directory, f"pool_{size}.npz")
+    paths = part_paths(out, parts)
+    if not all(os.path.exists(p) for p in paths):
+        start = time.perf_counter()
+        make_pool(out, size, parts=parts)
+        print(f"generated {size} images in {time.perf_counter() - start:.0f}s: {paths}", flush=True)
+    return paths
+
+
+def keep_mask(size: int, keep: float) -> np.ndarray:
+    return np.random.default_rng(0).random(size) < keep
+
+
+def run_ours(paths: list[str], keep: float, batch: int, workers: int, steps: int, warmup: int) -> dict:
+    from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
+    from jax_advprune.data.sources import NpzPart, Pool
+
+    pool = Pool([NpzPart(p, 10) for p in paths], num_original=NUM_ORIGINAL)
+    mask = keep_mask(len(pool), keep)
+    plan = make_plan(mask, NUM_ORIGINAL, batch_size=batch, original_fraction=0.3, synthetic_with_replacement=True, seed=0)
+    reader = BatchReader(pool, plan, np.full(len(pool), 8 / 255, np.float32), crop_padding=4, flip=True)
+    iterator = batch_iterator(reader, warmup + steps, num_workers=workers)
+    for _ in range(warmup):
+        batch_dict = next(iterator)
+    assert mask[batch_dict["index"]].all() and batch_dict["image"].dtype == np.uint8
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    iterator.close()
+    return {"seconds": seconds}
+
+
+def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    images = np.concatenate([np.load(p)["image"] for p in paths])  # the reference concatenates everything in RAM
+    labels = np.concatenate([np.load(p)["label"] for p in paths])
+
+    class InMemory(torch.utils.data.Dataset):
+        """Per-sample ToTensor + RandomCrop(32, padding=4) + RandomHorizontalFlip, as torchvision does them."""
+
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            image = torch.nn.functional.pad(torch.from_numpy(images[i]).permute(2, 0, 1).float().div(255), (4, 4, 4, 4))
+            top, left = torch.randint(0, 9, (2,)).tolist()
+            image = image[:, top : top + 32, left : left + 32]
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            return image, int(labels[i])
+
+    kept = np.flatnonzero(keep_mask(len(labels), keep))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(InMemory(), kept), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    del iterator
+    return {"seconds": seconds}
+
+
+def child(spec: dict) -> dict:
+    """Runs one configuration in this (fresh) process and returns its measurements."""
+    memory = PeakMemory()
+    fn = run_ours if spec["loader"] == "jax_advprune" else run_reference
+    if spec["loader"] != "jax_advprune":
+        import torch
+
+        torch.set_num_threads(1)
+    out = fn(spec["paths"], spec["keep"], spec["batch"], spec["workers"], spec["steps"], spec["warmup"])
+    out["peak_pss_bytes"] = memory.stop()
+    out["main_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["images_per_s"] = spec["steps"] * spec["batch"] / out["seconds"]
+    return out
+
+
+def measure(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{spec['loader']} with {spec['workers']} workers failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1_000_000, help="pool images")
+    parser.add_argument("--dir", default="/tmp/jax_advprune_bench", help="where the generated pool lives (kept between runs)")
+    parser.add_argument("--keep", type=float, default=0.3)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=200, help="timed batches per configuration")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--skip-reference", action="store_true", help="skip the PyTorch in-RAM baseline")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    paths = pool_paths(args.dir, args.size)
+    import psutil
+
+    loaders = ["jax_advprune"] + ([] if args.skip_reference else ["reference (torch, in RAM)"])
+    pool_bytes = sum(os.path.getsize(p) for p in paths)
+    if len(loaders) > 1 and 2 * pool_bytes > 0.8 * psutil.virtual_memory().available:
+        print(f"reference skipped: it holds the pool twice at peak ({2 * pool_bytes / 2**30:.1f} GiB), more than this machine's free memory", flush=True)
+        loaders = loaders[:1]
+    rows = []
+    for workers in args.workers:
+        for loader in loaders:
+            steps = args.steps if loader == "jax_advprune" else max(20, args.steps // 4)
+            spec = dict(loader=loader, paths=paths, keep=args.keep, batch=args.batch, workers=workers, steps=steps, warmup=5)
+            result = measure(spec)
+            rows.append({"loader": loader, "workers": workers, "steps": steps, **result})
+            print(f"  {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB", flush=True)
+    by = {(r["loader"], r["workers"]): r for r in rows}
+    print(f"\npool {args.size:,} images ({sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB on disk), keep {args.keep:.0%}, batch {args.batch}, crop+flip\n")
+    print(f"| loader | workers | images/s | peak PSS (GiB) | main peak RSS (GiB) | speed vs reference |")
+    print(f"| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ref = by.get(("reference (torch, in RAM)", r["workers"]))
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.1f}x" if ref and r["loader"] == "jax_advprune" else ""
+        print(f"| {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['peak_pss_bytes'] / 2**30:.2f} | {r['main_peak_rss_bytes'] / 2**30:.2f} | {ratio} |")
+    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    out = os.path.join(REPO, "benchmarks", "results", f"loader_{args.size}.json")
+    with open(out, "w") as f:
+        json.dump({
+            "pool_size": args.size, "keep": args.keep, "batch": args.batch, "augmentation": "crop 4 + flip",
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
+        }, f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
