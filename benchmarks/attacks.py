@@ -89,7 +89,7 @@ def trained_model(batch: int):
     images = np.asarray(train.images)
     labels = train.labels().astype(np.int32)
     model = create_model("small_cnn", num_classes=10, widths=(16, 32, 64))
-    cfg = ml_collections.ConfigDict(dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, warmup_steps=5, label_smoothing=0.0, ema_decay=0.0, ema_warmup_steps=0))
+    cfg = ml_collections.ConfigDict(dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, warmup_steps=5, label_smoothing=0.0, ema_decay=0.0, ema_warmup_steps=0, loss="pgd_at"))
     attack = ml_collections.ConfigDict(dict(norm="linf", eps=EPS_LINF, step_size=EPS_LINF / 4, steps=5))
     tx = training.make_optimizer(cfg, 60)
     mesh = parallel.make_mesh(1)

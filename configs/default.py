@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.attack.steps = 10
 
     c.train = ml_collections.ConfigDict()
+    c.train.loss = "pgd_at"  # 'pgd_at' (Madry) or 'trades' (KL attack, CE + beta * KL)
+    c.train.trades_beta = 6.0  # trades only
+    c.train.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
     c.train.epochs = 40.0  # an epoch is ceil(len(original split) / batch_size) steps: 12 here
     c.train.batch_size = 128
     c.train.original_fraction = 0.3  # originals per batch; 0 = plain epochs over the kept pool
@@ -77,6 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.crop_padding = 2
     c.train.flip = False  # digits are not mirror-symmetric
     c.train.num_workers = 0
+    # Model selection as in the reference: PGD accuracy of the EMA weights on originals
+    # held out of training; the best checkpoint is kept in checkpoints_best/.
+    c.train.validation_size = 128
+    c.train.validation_every_epochs = 5.0
+    c.train.validation_pgd_steps = 10
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.log_every_steps = 25
@@ -121,6 +129,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.checkpoint_every = 20
         c.train.log_every_steps = 10
         c.train.log_every_s = 5.0
+        c.train.validation_size = 32
+        c.train.validation_every_epochs = 1.0
+        c.train.validation_pgd_steps = 2
         c.scoring.train_epochs = 2.0
         c.attack.steps = 3
         c.attack.step_size = 0.025

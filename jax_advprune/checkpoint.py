@@ -11,26 +11,35 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Keeps the last `max_to_keep` checkpoints of (train state, data iterator) in `directory`.
+    """Keeps checkpoints of (train state, data iterator) in `directory`.
 
-    Saves are asynchronous; call `wait()` before reading them or exiting.
+    Without `best_metric`: the last `max_to_keep` saves. With it: the `max_to_keep`
+    saves with the highest `metrics[best_metric]` (recorded with each save, so the
+    choice survives a restart). Saves are asynchronous; call `wait()` before
+    reading them or exiting.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, max_to_keep: int = 2, best_metric: str | None = None):
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        if best_metric is not None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, best_fn=lambda metrics: metrics[best_metric], best_mode="max",
+                keep_checkpoints_without_metrics=False,
+            )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator=None) -> None:
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state: Any, data_iterator=None, metrics: dict | None = None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
     def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> Any:
         """Restores the state at `step` (default: latest) into `abstract_state`'s structure.

@@ -16,11 +16,8 @@ from jax_advprune.batching import padded_batches
 ApplyFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images in [0, 1]) -> logits, inference mode
 
 
-def evaluate_split(
+def pgd_evaluator(
     apply_fn: ApplyFn,
-    variables: dict,
-    images: np.ndarray,
-    labels: np.ndarray,
     *,
     eps: float,
     step_size: float,
@@ -28,12 +25,12 @@ def evaluate_split(
     norm: str,
     batch_size: int,
     mesh: jax.sharding.Mesh,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Clean and PGD-`steps` (CE loss, random start) accuracy of a model on a split.
+) -> Callable[..., dict[str, float]]:
+    """evaluate(variables, images, labels, seed=0) -> clean and PGD-`steps` accuracy; compiled once.
 
-    images: (N, H, W, C) uint8; labels: (N,) int. Batches of `batch_size` (divisible
-    by the mesh size) are split over the mesh's devices. Returns fractions in [0, 1] and n.
+    PGD: CE loss, random start. images: (N, H, W, C) uint8, the same on every
+    process; labels: (N,) int. Batches of `batch_size` (divisible by the mesh size)
+    are split over the mesh's devices. Returns fractions in [0, 1] and n.
     """
     parallel.check_divisible(batch_size, mesh, "eval batch size")
 
@@ -44,16 +41,33 @@ def evaluate_split(
         return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
 
     batch_correct = jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))
-    variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
 
-    clean = robust = 0
-    base_key = jax.random.PRNGKey(seed)
-    for i, (idx, valid) in enumerate(padded_batches(len(labels), batch_size)):
-        correct = np.asarray(batch_correct(variables, jax.random.fold_in(base_key, i), images[idx], labels[idx].astype(np.int32)))
-        clean += int(np.sum(correct[:, 0] & valid))
-        robust += int(np.sum(correct[:, 1] & valid))
-    n = len(labels)
-    return {"clean_accuracy": clean / n, "pgd_accuracy": robust / n, "n": n}
+    def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+        variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
+        clean = robust = 0
+        base_key = jax.random.PRNGKey(seed)
+        for i, (idx, valid) in enumerate(padded_batches(len(labels), batch_size)):
+            x, y = parallel.shared_batch((images[idx], labels[idx].astype(np.int32)), mesh)
+            correct = parallel.to_host(batch_correct(variables, jax.random.fold_in(base_key, i), x, y))
+            clean += int(np.sum(correct[:, 0] & valid))
+            robust += int(np.sum(correct[:, 1] & valid))
+        n = len(labels)
+        return {"clean_accuracy": clean / n, "pgd_accuracy": robust / n, "n": n}
+
+    return evaluate
+
+
+def evaluate_split(
+    apply_fn: ApplyFn,
+    variables: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    **settings,
+) -> dict[str, float]:
+    """Clean and PGD accuracy of a model on a split: `pgd_evaluator(apply_fn, **settings)` run once."""
+    return pgd_evaluator(apply_fn, **settings)(variables, images, labels, seed)
 
 
 def autoattack_lite(
@@ -106,10 +120,11 @@ def autoattack_lite(
         for i, (rows, valid) in enumerate(padded_batches(len(todo), batch_size)):
             idx = todo[rows]
             key = jax.random.fold_in(jax.random.fold_in(base_key, attack), i)
+            x, y = parallel.shared_batch((images[idx], labels[idx]), mesh)
             if attack == 0:
-                fooled = np.asarray(untargeted(variables, key, images[idx], labels[idx]))
+                fooled = parallel.to_host(untargeted(variables, key, x, y))
             else:
-                fooled = np.asarray(targeted(variables, key, jnp.asarray(attack - 1), images[idx], labels[idx]))
+                fooled = parallel.to_host(targeted(variables, key, jnp.asarray(attack - 1), x, y))
             robust[idx[valid & (fooled[:, 0] | fooled[:, 1])]] = False
             if attack == 0:
                 clean_correct[idx[valid]] = ~fooled[valid, 0]

@@ -13,6 +13,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory holding every ph
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "Virtual XLA:CPU devices to split batches over when running on a CPU; 0 = two per core."
 )
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-host: 'auto' calls jax.distributed.initialize when JAX_COORDINATOR_ADDRESS or JAX_NUM_PROCESSES "
+    "is set (with JAX_PROCESS_ID), 'on' always (SLURM, Open MPI, Cloud TPU and Kubernetes are detected), 'off' never.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,6 +42,7 @@ def main(argv) -> None:
     from jax_advprune import parallel, pipeline
 
     parallel.use_cpu_devices(_CPU_DEVICES.value)  # before jax starts its backends
+    parallel.initialize_distributed(_DISTRIBUTED.value)
 
     pipeline.run(_CONFIG.value, _WORKDIR.value)
 

@@ -1,4 +1,4 @@
-"""Progress lines (steps/s, images/s, ETA) and metrics as JSON lines."""
+"""Progress lines (bar, images/s, ETA) and metrics as JSON lines and TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -16,21 +16,57 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def progress_bar(fraction: float, width: int = 20) -> str:
+    """'[#####...............]' for a fraction in [0, 1]."""
+    filled = int(round(min(max(fraction, 0.0), 1.0) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 class Progress:
     """Reports rate and ETA of a loop of `total` steps of `items_per_step` items each.
 
     `update(step, **metrics)` appends {"phase", "step", metrics..., "items_per_s"}
-    (the rate since the previous update) to the JSON-lines file, if any, and logs
-    a progress line at most every `every_s` seconds and always on the last step.
+    (the rate since the previous update) to the JSON-lines file, if any, writes
+    the same scalars as `<phase>/<name>` to TensorBoard event files in
+    `tensorboard_dir`, if any, and logs a progress line at most every `every_s`
+    seconds and always on the last step. Only process 0 of a multi-host run
+    should write (the caller passes no paths elsewhere).
     """
 
-    def __init__(self, phase: str, total: int, items_per_step: int, jsonl_path: str | None = None, every_s: float = 10.0, first_step: int = 0):
+    def __init__(
+        self, phase: str, total: int, items_per_step: int, jsonl_path: str | None = None, every_s: float = 10.0,
+        first_step: int = 0, tensorboard_dir: str | None = None,
+    ):
         self.phase, self.total, self.items_per_step = phase, total, items_per_step
         self.jsonl_path, self.every_s = jsonl_path, every_s
         self.start_time = self.last_time = self.last_log_time = time.perf_counter()
         self.first_step = self.last_step = first_step
         if jsonl_path:
             os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+        self._tensorboard = None
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(tensorboard_dir, flush_secs=30)
+
+    def log(self, step: int, **metrics) -> None:
+        """Records metrics that are not part of the rate (validation results): JSON line, TensorBoard, log line."""
+        record = {"phase": self.phase, "step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._write(step, record)
+        log.info("[%s] step %d: %s", self.phase, step, " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()))
+
+    def _write(self, step: int, record: dict) -> None:
+        if self.jsonl_path:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name not in ("phase", "step"):
+                    self._tensorboard.add_scalar(f"{self.phase}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def update(self, step: int, force: bool = False, **metrics) -> None:
         """Call after finishing `step` (1-based count of steps done)."""
@@ -42,15 +78,13 @@ class Progress:
         eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
         self.last_time, self.last_step = now, step
         record = {"phase": self.phase, "step": step, **{k: float(v) for k, v in metrics.items()}, "items_per_s": rate}
-        if self.jsonl_path:
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self._write(step, record)
         if not force and step < self.total and now - self.last_log_time < self.every_s:
             return
         self.last_log_time = now
         shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
         log.info(
-            "[%s] %d/%d (%.0f%%) %.0f img/s elapsed %s ETA %s %s",
-            self.phase, step, self.total, 100.0 * step / max(self.total, 1), rate,
+            "[%s] %s %d/%d (%.0f%%) %.0f img/s elapsed %s ETA %s %s",
+            self.phase, progress_bar(step / max(self.total, 1)), step, self.total, 100.0 * step / max(self.total, 1), rate,
             format_duration(elapsed), format_duration(eta), shown,
         )

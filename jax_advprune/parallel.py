@@ -67,6 +67,59 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local)
 
 
+def shared_batch(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays that every process holds whole (leading axis = global batch) -> global arrays
+    sharded over DATA_AXIS; each process places only the rows of its own devices."""
+    sharding = batch_sharding(mesh)
+
+    def place(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host) global array -> the whole numpy array, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(mode: str = "auto") -> bool:
+    """Starts multi-host JAX (`jax.distributed.initialize`) from the environment; True when it did.
+
+    mode 'auto': only when JAX_COORDINATOR_ADDRESS or JAX_NUM_PROCESSES is set,
+    with JAX_NUM_PROCESSES and JAX_PROCESS_ID read from the environment (or left
+    to JAX's cluster detection: SLURM, Open MPI, Cloud TPU, Kubernetes). 'on':
+    always (JAX detects the cluster). 'off': never. The same command then runs
+    on one host or many. CPU processes exchange data through gloo.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}")
+    env = os.environ
+    if mode == "off" or (mode == "auto" and not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES"))):
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    num_processes, process_id = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(
+        coordinator_address=env.get("JAX_COORDINATOR_ADDRESS"),
+        num_processes=int(num_processes) if num_processes else None,
+        process_id=int(process_id) if process_id else None,
+    )
+    return True
+
+
+def sync(name: str) -> None:
+    """Barrier across the processes of a multi-host run (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def shard_over_batch(fn: Callable, mesh: Mesh, num_replicated: int) -> Callable:
     """shard_map of fn(*replicated_args, *batched_args) -> outputs with a leading batch axis.
 

@@ -17,6 +17,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -26,7 +27,7 @@ from jax_advprune.data.cifar import convert_cifar_tarball
 from jax_advprune.data.generate import write_embedded_default
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
-from jax_advprune.evaluation import autoattack_lite, evaluate_split
+from jax_advprune.evaluation import autoattack_lite, evaluate_split, pgd_evaluator
 from jax_advprune.metrics import Progress
 from jax_advprune.models import create_model
 from jax_advprune.pruning import scores as scores_lib
@@ -42,8 +43,15 @@ class SettingsMismatchError(RuntimeError):
 # --------------------------------------------------------------------------- files
 
 
+def _is_writer() -> bool:
+    """Process 0 writes logs, metrics and files; every process computes."""
+    return jax.process_index() == 0
+
+
 def write_json(path: str, obj) -> None:
-    """Writes JSON atomically (temp file, then rename)."""
+    """Writes JSON atomically (temp file, then rename); only process 0 of a multi-host run writes."""
+    if not _is_writer():
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
@@ -59,7 +67,9 @@ def _jsonable(value):
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    """Saves an .npy atomically."""
+    """Saves an .npy atomically; only process 0 of a multi-host run writes."""
+    if not _is_writer():
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         np.save(f, array)
@@ -140,15 +150,23 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     cfg = config.data
     synthetic = list(cfg.synthetic)
     if cfg.name == "digits":
-        paths = write_embedded_default(
+        write_default = lambda: write_embedded_default(  # noqa: E731
             os.path.join(workdir, "data"),
             image_size=cfg.image_size, synthetic_size=cfg.synthetic_size, test_fraction=cfg.test_fraction, seed=cfg.seed,
         )
+        if _is_writer():  # process 0 writes, the others then find the files complete
+            write_default()
+        parallel.sync("embedded default written")
+        paths = write_default()
         original, test, synthetic = NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes), [paths["synthetic"]] + synthetic
     elif cfg.name == "npz":
         original, test = NpzPart(cfg.original, cfg.num_classes), NpzPart(cfg.test, cfg.num_classes)
     elif cfg.name == "cifar_tarball":
-        converted = convert_cifar_tarball(cfg.tarball, cfg.cache_dir or os.path.join(workdir, "data"))
+        convert = lambda: convert_cifar_tarball(cfg.tarball, cfg.cache_dir or os.path.join(workdir, "data"))  # noqa: E731
+        if _is_writer():
+            convert()
+        parallel.sync("CIFAR converted")
+        converted = convert()
         if converted["num_classes"] != cfg.num_classes:
             raise ValueError(f"{cfg.tarball} is {converted['name']} ({converted['num_classes']} classes) but data.num_classes is {cfg.num_classes}")
         original, test = NpzPart(converted["train"], cfg.num_classes), NpzPart(converted["test"], cfg.num_classes)
@@ -170,13 +188,37 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 # --------------------------------------------------------------------------- training (shared by score and train)
 
 
-def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int):
-    """PGD-AT of a fresh model on the kept pool with per-sample eps; resumes from ckpt_dir.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-    Returns (model, final TrainState).
+
+def build_model(config, compute_dtype: str = "float32"):
+    """The configured model; `compute_dtype` 'bfloat16' computes in bf16 with float32 parameters."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    kwargs = config.model.kwargs.to_dict()
+    return create_model(config.model.name, num_classes=config.data.num_classes, dtype=COMPUTE_DTYPES[compute_dtype], **kwargs)
+
+
+def validation_indices(num_original: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices (size,) of the held-out slice of the original training split, fixed by `seed`."""
+    if not 0 <= size < num_original:
+        raise ValueError(f"train.validation_size ({size}) must be in [0, {num_original}), the original split's size")
+    return np.sort(np.random.default_rng([seed, 7]).choice(num_original, size, replace=False))
+
+
+def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int):
+    """Adversarial training (config.train.loss) of a fresh model on the kept pool with per-sample eps.
+
+    Resumes from ckpt_dir. The validation slice (config.train.validation_size
+    originals, fixed by config.seed) is never trained on; with it, robust accuracy
+    on that slice picks the best checkpoint, kept in `<ckpt_dir>_best`.
+    Returns (model with float32 compute, final TrainState).
     """
     tcfg = config.train
-    model = create_model(config.model.name, num_classes=config.data.num_classes, **config.model.kwargs.to_dict())
+    model = build_model(config, tcfg.compute_dtype)
+    held_out = validation_indices(data.pool.num_original, tcfg.validation_size, config.seed)
+    keep = keep.copy()
+    keep[held_out] = False
     plan = make_plan(
         keep, data.pool.num_original, batch_size=tcfg.batch_size,
         original_fraction=tcfg.original_fraction if tcfg.original_fraction > 0 else None,
@@ -184,6 +226,7 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
     )
     num_steps = max(1, int(np.ceil(epochs * plan.steps_per_epoch)))
     tx = training.make_optimizer(tcfg, num_steps)
+    eval_model = build_model(config)
     state = training.init_train_state(model, tx, data.pool.image_shape, seed)
     reader = BatchReader(
         data.pool, plan, eps, crop_padding=tcfg.crop_padding, flip=tcfg.flip,
@@ -196,17 +239,44 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
         if int(state.step) >= num_steps:
             log.info("[%s] complete, skipped (checkpoint step %d in %s)", phase, int(state.step), ckpt_dir)
             checkpointer.close()
-            return model, state
+            return eval_model, state
         log.info("[%s] resumed from %s at step %d", phase, ckpt_dir, int(state.step))
-    log.info("[%s] %d steps (%.3g epochs of %d steps), batch %d, %d kept samples", phase, num_steps, epochs, plan.steps_per_epoch, tcfg.batch_size, int(keep.sum()))
-    train_step = training.make_train_step(model, tx, tcfg, config.attack, mesh)
-    progress = Progress(phase, num_steps, tcfg.batch_size, metrics_path, every_s=tcfg.log_every_s, first_step=int(state.step))
-    state = training.fit(
-        state, train_step, batches, num_steps=num_steps, checkpointer=checkpointer,
-        checkpoint_every=tcfg.checkpoint_every, progress=progress, log_every_steps=tcfg.log_every_steps,
+    log.info(
+        "[%s] %s, %d steps (%.3g epochs of %d steps), batch %d, %d kept samples, %d held out for validation, %s compute",
+        phase, tcfg.loss, num_steps, epochs, plan.steps_per_epoch, tcfg.batch_size, int(keep.sum()), len(held_out), tcfg.compute_dtype,
     )
-    checkpointer.close()
-    return model, state
+    train_step = training.make_train_step(model, tx, tcfg, config.attack, mesh, schedule=training.make_schedule(tcfg, num_steps))
+    workdir_tb = os.path.join(os.path.dirname(metrics_path), "tensorboard", phase.replace("/", "_"))
+    progress = Progress(
+        phase, num_steps, tcfg.batch_size, metrics_path if _is_writer() else None, every_s=tcfg.log_every_s,
+        first_step=int(state.step), tensorboard_dir=workdir_tb if _is_writer() else None,
+    )
+    validation = None
+    if len(held_out):
+        val_images, val_labels = data.pool.read(held_out)
+        evaluate = pgd_evaluator(
+            _apply_fn(eval_model), eps=config.attack.eps, step_size=config.attack.eps * config.eval.step_fraction,
+            steps=tcfg.validation_pgd_steps, norm=config.attack.norm, batch_size=config.eval.batch_size, mesh=mesh,
+        )
+        validation = training.Validation(
+            evaluate=lambda variables: evaluate(variables, val_images, val_labels, seed),
+            every=max(1, int(round(tcfg.validation_every_epochs * plan.steps_per_epoch))),
+            checkpointer=Checkpointer(ckpt_dir + "_best", max_to_keep=1, best_metric="pgd_accuracy"),
+        )
+    try:
+        state = training.fit(
+            state, train_step, batches, num_steps=num_steps, checkpointer=checkpointer,
+            checkpoint_every=tcfg.checkpoint_every, progress=progress, log_every_steps=tcfg.log_every_steps,
+            validation=validation,
+        )
+        if validation is not None:
+            log.info("[%s] best validation checkpoint: step %s in %s_best", phase, validation.checkpointer.best_step(), ckpt_dir)
+    finally:
+        checkpointer.close()
+        progress.close()
+        if validation is not None:
+            validation.checkpointer.close()
+    return eval_model, state
 
 
 def _apply_fn(model):
@@ -263,7 +333,7 @@ def score(config, workdir: str, data: Data, mesh) -> None:
 def select(config, workdir: str, data: Data) -> None:
     """Applies the pruning strategy to the scores -> selection/keep.npy, eps.npy, meta.json."""
     out_dir = os.path.join(workdir, "selection")
-    guard_settings(workdir, "select", _section(config, "pruning") | {"eps": config.attack.eps, "seed": config.seed})
+    guard_settings(workdir, "select", _section(config, "pruning") | {"eps": config.attack.eps, "seed": config.seed, "validation_size": config.train.validation_size})
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         log.info("[select] complete, skipped (%s)", out_dir)
         return
@@ -278,10 +348,17 @@ def select(config, workdir: str, data: Data) -> None:
     scopes = {"all": np.ones(len(labels), bool), "synthetic": data.pool.is_synthetic}
     if pcfg.scope not in scopes:
         raise ValueError(f"pruning.scope must be one of {sorted(scopes)}, got {pcfg.scope!r}")
-    keep, eps = strategies.select(
-        pcfg.strategy, scores=margins, labels=labels, prunable=scopes[pcfg.scope], keep_ratio=pcfg.keep_ratio,
-        base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed, puma=pcfg.puma.to_dict(),
+    held_out = validation_indices(data.pool.num_original, config.train.validation_size, config.seed)
+    trainable = np.ones(len(labels), bool)
+    trainable[held_out] = False  # the validation slice is never trained on: select among the rest
+    keep_sub, eps_sub = strategies.select(
+        pcfg.strategy, scores=margins[trainable], labels=labels[trainable], prunable=scopes[pcfg.scope][trainable],
+        keep_ratio=pcfg.keep_ratio, base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed,
+        puma=pcfg.puma.to_dict(),
     )
+    keep = np.zeros(len(labels), bool)
+    eps = np.full(len(labels), config.attack.eps, np.float32)
+    keep[trainable], eps[trainable] = keep_sub, eps_sub
     save_npy(os.path.join(out_dir, "keep.npy"), keep)
     save_npy(os.path.join(out_dir, "eps.npy"), eps)
     synthetic = data.pool.is_synthetic
@@ -292,6 +369,7 @@ def select(config, workdir: str, data: Data) -> None:
         "kept_original": int((keep & ~synthetic).sum()),
         "kept_synthetic": int((keep & synthetic).sum()),
         "pool_size": len(keep),
+        "held_out_for_validation": len(held_out),
         "kept_per_class": np.bincount(labels[keep], minlength=config.data.num_classes).tolist(),
         "lowered_eps": int((keep & (eps < config.attack.eps)).sum()),
         "mean_eps_kept": float(eps[keep].mean()) if keep.any() else 0.0,
@@ -366,9 +444,10 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
         "| weights | " + " | ".join(f"{headers[c]} accuracy" for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
     ] + [f"| {w} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |" for w, r in results.items()]
-    with open(os.path.join(workdir, "report.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
+    if _is_writer():
+        with open(os.path.join(workdir, "report.md.tmp"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
     write_json(os.path.join(workdir, "results.json"), summary)
 
 
@@ -379,7 +458,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     log.info("devices: %d x %s (process %d of %d)", mesh.size, mesh.devices.flat[0].platform, jax.process_index(), jax.process_count())
     data = load_data(config, workdir)
     score(config, workdir, data, mesh)
+    parallel.sync("score written")
     select(config, workdir, data)
+    parallel.sync("selection written")
     model, state = train(config, workdir, data, mesh)
     evaluate(config, workdir, data, mesh, model, state)
     log.info("done: %s", os.path.join(workdir, "report.md"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
@@ -16,7 +17,7 @@ from flax import struct
 from jax_advprune import parallel
 from jax_advprune.attacks import pgd
 from jax_advprune.checkpoint import Checkpointer
-from jax_advprune.losses import smoothed_cross_entropy
+from jax_advprune.losses import smoothed_cross_entropy, trades_loss
 from jax_advprune.metrics import Progress
 
 
@@ -45,16 +46,20 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step: linear warm-up over cfg.warmup_steps to cfg.lr, then cosine to 0."""
+    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """SGD (Nesterov) with decoupled-from-BN weight decay and a warm-up + cosine schedule per step.
+    """SGD (Nesterov) with weight decay on kernels only (not BatchNorm, not biases), `make_schedule` per step.
 
     Reads cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.warmup_steps.
     """
-    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov),
+        optax.sgd(make_schedule(cfg, total_steps), momentum=cfg.momentum, nesterov=cfg.nesterov),
     )
 
 
@@ -94,14 +99,28 @@ def inference_logits_fn(model: nn.Module, variables: dict) -> Callable[[jax.Arra
     return lambda x: model.apply(variables, x, train=False)
 
 
+TRAINING_LOSSES = ("pgd_at", "trades")
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     cfg: ml_collections.ConfigDict,
     attack: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
+    schedule: optax.Schedule | None = None,
 ):
-    """PGD-AT step (state, host batch) -> (state, metrics), jitted over the mesh.
+    """Adversarial training step (state, host batch) -> (state, metrics), jitted over the mesh.
+
+    cfg.loss 'pgd_at' (Madry): PGD on cross-entropy, then label-smoothed
+    cross-entropy of the adversarial logits. 'trades' (Zhang et al., the
+    reference's `trades_loss`): PGD on KL(p_clean || p_adv), then
+    CE_smoothed(clean) + cfg.trades_beta * KL(softmax(clean) || softmax(adv)),
+    with gradients through both logits.
+
+    BatchNorm: the attack's forward passes use batch statistics and leave the
+    running averages alone; the training forward passes (clean then adversarial
+    for TRADES) update them, in that order, as PyTorch does.
 
     host batch: this process's share of `image` (b, H, W, C) uint8, `label` (b,) int
     and `eps` (b,) float32 per-sample training radius; it becomes a global batch
@@ -110,26 +129,37 @@ def make_train_step(
     the update equals the one-device update up to float round-off. The attack's
     step size scales with eps: alpha_i = eps_i * attack.step_size / attack.eps.
     """
+    if cfg.loss not in TRAINING_LOSSES:
+        raise ValueError(f"train.loss must be one of {TRAINING_LOSSES}, got {cfg.loss!r}")
     step_ratio = attack.step_size / attack.eps
+    trades = cfg.loss == "trades"
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         x = batch["image"].astype(jnp.float32) / 255.0
         labels = batch["label"]
         eps = batch["eps"]
         key = jax.random.fold_in(state.rng, state.step)
-        x_adv = pgd(
-            batch_stat_logits_fn(model, state.variables()), x, labels, key,
-            eps=eps, step_size=eps * step_ratio, steps=attack.steps, norm=attack.norm,
-        )
+        attack_logits_fn = batch_stat_logits_fn(model, state.variables())
+        if trades:
+            clean_probs = jax.lax.stop_gradient(jax.nn.softmax(attack_logits_fn(x), axis=-1))
+            x_adv = pgd(attack_logits_fn, x, clean_probs, key, eps=eps, step_size=eps * step_ratio, steps=attack.steps, norm=attack.norm, loss="kl")
+        else:
+            x_adv = pgd(attack_logits_fn, x, labels, key, eps=eps, step_size=eps * step_ratio, steps=attack.steps, norm=attack.norm)
 
         def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, x_adv, train=True, mutable=["batch_stats"]
-            )
-            loss = jnp.mean(smoothed_cross_entropy(logits, labels, cfg.label_smoothing))
-            return loss, (logits, updates["batch_stats"])
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if trades:
+                clean_logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+                variables = {"params": params, "batch_stats": updates["batch_stats"]}
+            logits, updates = model.apply(variables, x_adv, train=True, mutable=["batch_stats"])
+            if trades:
+                loss = jnp.mean(trades_loss(clean_logits, logits, labels, cfg.trades_beta, cfg.label_smoothing))
+            else:
+                clean_logits = jax.lax.stop_gradient(attack_logits_fn(x))  # for the clean-accuracy metric only
+                loss = jnp.mean(smoothed_cross_entropy(logits, labels, cfg.label_smoothing))
+            return loss, (logits, clean_logits, updates["batch_stats"])
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, clean_logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup_steps)
@@ -139,10 +169,13 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
+            "clean_accuracy": jnp.mean(jnp.argmax(clean_logits, -1) == labels),
             "adv_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "mean_eps": jnp.mean(eps),
             "grad_norm": optax.tree.norm(grads),
         }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
         return new_state, metrics
 
     jitted = jax.jit(
@@ -162,6 +195,28 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
 
 
+@dataclasses.dataclass
+class Validation:
+    """Model selection during training: robust accuracy on a held-out slice, the best checkpoint kept.
+
+    evaluate: variables -> metrics dict holding `metric` (e.g. PGD accuracy).
+    every: validate every this many steps, and after the last step.
+    checkpointer: a Checkpointer with best_metric=`metric` (keeps the best save).
+    use_ema: validate the EMA weights (what is reported) instead of the raw ones.
+    """
+
+    evaluate: Callable[[dict], dict]
+    every: int
+    checkpointer: Checkpointer
+    metric: str = "pgd_accuracy"
+    use_ema: bool = True
+
+    def __call__(self, state: TrainState, step: int, progress: Progress) -> None:
+        metrics = self.evaluate(state.variables(ema=self.use_ema))
+        progress.log(step, **{f"val_{k}": v for k, v in metrics.items()})
+        self.checkpointer.save(step, state, metrics={k: float(v) for k, v in metrics.items()})
+
+
 def fit(
     state: TrainState,
     train_step,
@@ -172,12 +227,13 @@ def fit(
     checkpoint_every: int,
     progress: Progress,
     log_every_steps: int = 50,
+    validation: Validation | None = None,
 ) -> TrainState:
     """Runs train_step from state.step to num_steps, checkpointing state and iterator.
 
     Metrics are averaged over the steps since the last report. The final step is
-    always checkpointed; a non-finite loss stops the run without saving over the
-    last good checkpoint.
+    always checkpointed (and validated, with `validation`); a non-finite loss
+    stops the run without saving over the last good checkpoint.
     """
     step = int(state.step)
     pending: list[dict] = []
@@ -196,5 +252,9 @@ def fit(
             progress.update(step, force=step == num_steps, **averaged)
         if step % checkpoint_every == 0 or step == num_steps:
             checkpointer.save(step, state, batches)
+        if validation is not None and (step % validation.every == 0 or step == num_steps):
+            validation(state, step, progress)
     checkpointer.wait()
+    if validation is not None:
+        validation.checkpointer.wait()
     return state

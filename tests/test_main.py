@@ -35,8 +35,16 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
     keep = np.load(workdir / "selection/keep.npy")
     eps = np.load(workdir / "selection/eps.npy")
     assert margin.shape == keep.shape == eps.shape == (pool_size,)
-    assert keep.sum() == round(0.5 * pool_size)
+    held_out = json.load(open(workdir / "selection/meta.json"))["held_out_for_validation"]
+    from jax_advprune.pipeline import validation_indices
+
+    assert held_out == 32 and not keep[validation_indices(1528, 32, seed=0)].any()
+    assert keep.sum() == round(0.5 * (pool_size - held_out))  # the held-out slice is neither kept nor counted
     assert eps.max() <= 0.05 + 1e-7
+    assert os.listdir(workdir / "checkpoints_best")  # best by validation PGD accuracy
+    validation = [json.loads(line) for line in open(workdir / "metrics.jsonl") if "val_pgd_accuracy" in line]
+    assert validation and all(0 <= v["val_pgd_accuracy"] <= v["val_clean_accuracy"] <= 1 for v in validation)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard" / "train"))
     results = json.load(open(workdir / "results.json"))
     for weights in ("raw", "ema"):
         assert 0.0 <= results["results"][weights]["pgd_accuracy"] <= results["results"][weights]["clean_accuracy"] <= 1.0

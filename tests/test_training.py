@@ -19,7 +19,7 @@ NUM_STEPS = 6
 def _config():
     cfg = ml_collections.ConfigDict(dict(
         lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, warmup_steps=2,
-        label_smoothing=0.1, ema_decay=0.995, ema_warmup_steps=0,
+        label_smoothing=0.1, ema_decay=0.995, ema_warmup_steps=0, loss="pgd_at", trades_beta=6.0,
     ))
     attack = ml_collections.ConfigDict(dict(norm="linf", eps=0.1, step_size=0.05, steps=2))
     return cfg, attack

@@ -8,8 +8,16 @@ import flax.linen as nn
 
 from jax_advprune.models.preact_resnet import preact_resnet18
 from jax_advprune.models.small_cnn import SmallCNN
+from jax_advprune.models.wide_resnet import wide_resnet
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "preact_resnet18": preact_resnet18}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "preact_resnet18": preact_resnet18,
+    "wide_resnet": wide_resnet,  # kwargs depth, width, activation ('relu' | 'swish')
+    "wrn28_10": lambda **kw: wide_resnet(28, 10, **kw),
+    "wrn34_10": lambda **kw: wide_resnet(34, 10, **kw),
+    "wrn70_16": lambda **kw: wide_resnet(70, 16, **kw),
+}
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

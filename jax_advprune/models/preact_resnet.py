@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -16,17 +16,18 @@ class PreActBlock(nn.Module):
     planes: int
     stride: int
     activation: str = "relu"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         act = ACTIVATIONS[self.activation]
-        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x))
+        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn1")(x))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            shortcut = nn.Conv(self.planes, (1, 1), strides=self.stride, use_bias=False, name="shortcut")(out)
-        out = nn.Conv(self.planes, (3, 3), strides=self.stride, use_bias=False, name="conv1")(out)
-        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn2")(out))
-        out = nn.Conv(self.planes, (3, 3), use_bias=False, name="conv2")(out)
+            shortcut = nn.Conv(self.planes, (1, 1), strides=self.stride, use_bias=False, dtype=self.dtype, name="shortcut")(out)
+        out = nn.Conv(self.planes, (3, 3), strides=self.stride, use_bias=False, dtype=self.dtype, name="conv1")(out)
+        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn2")(out))
+        out = nn.Conv(self.planes, (3, 3), use_bias=False, dtype=self.dtype, name="conv2")(out)
         return out + shortcut
 
 
@@ -34,7 +35,8 @@ class PreActResNet(nn.Module):
     """PreAct ResNet: conv3x3, four stages of PreActBlocks, BN-act, global average pool, dense.
 
     Input: images (B, H, W, C) float32 in [0, 1], normalised inside with `mean` / `std`.
-    Output: logits (B, num_classes). `width` scales the stage widths (64 = the standard net).
+    Output: logits (B, num_classes) float32. `width` scales the stage widths (64 = the
+    standard net). `dtype` is the compute dtype; parameters stay float32.
     """
 
     num_classes: int = 10
@@ -43,17 +45,19 @@ class PreActResNet(nn.Module):
     activation: str = "relu"
     mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
     std: Sequence[float] = (0.2471, 0.2435, 0.2616)
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+        x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
+        x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype, name="stem")(x)
         for stage, count in enumerate(self.blocks):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = PreActBlock(self.width * 2**stage, stride, self.activation, name=f"stage{stage}_block{i}")(x, train)
-        x = ACTIVATIONS[self.activation](nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_final")(x))
-        return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+                x = PreActBlock(self.width * 2**stage, stride, self.activation, self.dtype, name=f"stage{stage}_block{i}")(x, train)
+        bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn_final")
+        x = ACTIVATIONS[self.activation](bn(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
 
 
 def preact_resnet18(**kwargs) -> PreActResNet:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,21 +15,23 @@ class SmallCNN(nn.Module):
     max-pool (select-and-scatter) very slowly, and attacks live on input gradients.
 
     Input: images (B, H, W, C) float32 in [0, 1]; normalised inside with
-    `mean` / `std` (per channel). Output: logits (B, num_classes).
+    `mean` / `std` (per channel). Output: logits (B, num_classes) float32.
+    `dtype` is the compute dtype (bfloat16 for mixed precision); parameters stay float32.
     """
 
     num_classes: int = 10
     widths: Sequence[int] = (32, 64, 128)
     mean: Sequence[float] = (0.5,)
     std: Sequence[float] = (0.25,)
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
         for i, width in enumerate(self.widths):
             stride = 1 if i == 0 else 2
-            x = nn.Conv(width, (3, 3), strides=(stride, stride), use_bias=False, name=f"conv{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
+            x = nn.Conv(width, (3, 3), strides=(stride, stride), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)

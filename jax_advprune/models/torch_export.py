@@ -140,7 +140,50 @@ def preact_resnet_to_torch(model, variables: dict, image_shape: tuple[int, int, 
     return TorchPreActResNet().eval()
 
 
-EXPORTERS = {"SmallCNN": small_cnn_to_torch, "PreActResNet": preact_resnet_to_torch}
+def wide_resnet_to_torch(model, variables: dict, image_shape: tuple[int, int, int]):
+    """A torch.nn.Module computing `model.apply(variables, x, train=False)` for a WideResNet."""
+    _, F, nn, SameConv, batch_norm, dense, normalizer = _torch_layers()
+    params, stats = variables["params"], variables["batch_stats"]
+    activation = {"relu": F.relu, "swish": F.silu}[model.activation]
+
+    class Block(nn.Module):
+        def __init__(self, name: str, stride: int, hw):
+            super().__init__()
+            p, st = params[name], stats[name]
+            self.bn0, self.bn1 = batch_norm(p["bn0"], st["bn0"]), batch_norm(p["bn1"], st["bn1"])
+            self.conv0 = SameConv(p["conv0"]["kernel"], stride, hw)
+            self.conv1 = SameConv(p["conv1"]["kernel"], 1, self.conv0.out_hw)
+            self.shortcut = SameConv(p["shortcut"]["kernel"], stride, hw) if "shortcut" in p else None
+            self.out_hw = self.conv0.out_hw
+
+        def forward(self, x):
+            activated = activation(self.bn0(x))
+            out = self.conv1(activation(self.bn1(self.conv0(activated))))
+            return (self.shortcut(activated) if self.shortcut is not None else x) + out
+
+    class TorchWideResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = normalizer(model.mean, model.std)
+            self.stem = SameConv(params["stem"]["kernel"], 1, tuple(image_shape[:2]))
+            hw, blocks, per_group = self.stem.out_hw, [], (model.depth - 4) // 6
+            for group, stride in enumerate((1, 2, 2)):
+                for i in range(per_group):
+                    block = Block(f"group{group}_block{i}", stride if i == 0 else 1, hw)
+                    hw = block.out_hw
+                    blocks.append(block)
+            self.blocks = nn.Sequential(*blocks)
+            self.bn_final = batch_norm(params["bn_final"], stats["bn_final"])
+            self.head = dense(params["head"])
+
+        def forward(self, x):
+            x = self.blocks(self.stem(self.normalize(x)))
+            return self.head(activation(self.bn_final(x)).mean(dim=(2, 3)))
+
+    return TorchWideResNet().eval()
+
+
+EXPORTERS = {"SmallCNN": small_cnn_to_torch, "PreActResNet": preact_resnet_to_torch, "WideResNet": wide_resnet_to_torch}
 
 
 def to_torch(model, variables: dict, image_shape: tuple[int, int, int]):

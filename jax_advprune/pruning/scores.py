@@ -57,9 +57,9 @@ def deepfool_runner(
         parallel.check_divisible(x.shape[0], mesh, "DeepFool batch")
         # Placed once: the host loop below must not re-send the batch or the weights every step.
         variables = jax.device_put(variables, parallel.replicated(mesh))
-        x, y = jax.device_put((x, y), parallel.batch_sharding(mesh))
+        x, y = parallel.shared_batch((x, y), mesh)
         queue = start(variables, x)
-        while np.any(np.asarray(queue.slot["live"])):
+        while np.any(parallel.to_host(queue.slot["live"])):
             queue = advance(variables, x, queue)
         return finish(queue, y)
 
@@ -89,7 +89,7 @@ def margin_scores(
         result = run(variables, images, labels.astype(np.int32))
         rows = idx[valid]
         for name in out:
-            out[name][rows] = np.asarray(getattr(result, name))[valid]
+            out[name][rows] = parallel.to_host(getattr(result, name))[valid]
         if progress is not None:
             progress.update(chunk, mean_iterations=float(out["n_iter"][rows].mean()))
     return out
