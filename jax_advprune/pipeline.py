@@ -289,6 +289,9 @@ def _apply_fn(model):
 def score(config, workdir: str, data: Data, mesh) -> None:
     """Trains the margin model on the full pool and writes scores/margin.npy (+ converged, n_iter, meta)."""
     out_dir = os.path.join(workdir, "scores")
+    if config.pruning.strategy == "random":
+        log.info("[score] not needed by strategy 'random', skipped")
+        return
     guard_settings(workdir, "score", _section(config, "data", "model", "attack", "train", "scoring", drop=("epochs",)) | {"seed": config.seed})
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         log.info("[score] complete, skipped (%s)", out_dir)
@@ -338,7 +341,7 @@ def select(config, workdir: str, data: Data) -> None:
         log.info("[select] complete, skipped (%s)", out_dir)
         return
     pcfg = config.pruning
-    margins = np.load(os.path.join(workdir, "scores", "margin.npy"))
+    margins = None if pcfg.strategy == "random" else np.load(os.path.join(workdir, "scores", "margin.npy"))
     if pcfg.strategy == "puma" and config.scoring.deepfool.norm != config.attack.norm:
         raise ValueError(
             f"puma compares margins with the training eps, so scoring.deepfool.norm ({config.scoring.deepfool.norm}) "
@@ -352,7 +355,7 @@ def select(config, workdir: str, data: Data) -> None:
     trainable = np.ones(len(labels), bool)
     trainable[held_out] = False  # the validation slice is never trained on: select among the rest
     keep_sub, eps_sub = strategies.select(
-        pcfg.strategy, scores=margins[trainable], labels=labels[trainable], prunable=scopes[pcfg.scope][trainable],
+        pcfg.strategy, scores=None if margins is None else margins[trainable], labels=labels[trainable], prunable=scopes[pcfg.scope][trainable],
         keep_ratio=pcfg.keep_ratio, base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed,
         puma=pcfg.puma.to_dict(),
     )

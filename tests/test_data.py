@@ -232,3 +232,12 @@ def test_a_run_on_a_bad_pool_fails_before_touching_anything(tmp_path):
         pipeline.run(config, str(tmp_path / "work"))
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
     assert not os.path.exists(tmp_path / "work") or os.listdir(tmp_path / "work") == []
+
+
+def test_augmented_batches_do_not_depend_on_the_process_count(small_pool):
+    pool, _, _ = small_pool
+    plan = make_plan(np.ones(200, bool), 60, batch_size=20, original_fraction=0.3, synthetic_with_replacement=True, seed=4)
+    whole = BatchReader(pool, plan, np.zeros(200, np.float32), crop_padding=2, flip=True)(3)
+    halves = [BatchReader(pool, plan, np.zeros(200, np.float32), crop_padding=2, flip=True, process_index=i, process_count=2)(3) for i in range(2)]
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])

@@ -22,6 +22,8 @@ def test_same_padding_puts_the_odd_pixel_last():
         ("small_cnn", dict(widths=(8, 16, 32), mean=(0.4,), std=(0.3,)), (16, 16, 1)),
         ("small_cnn", dict(widths=(8, 16, 32), mean=(0.4,), std=(0.3,)), (15, 15, 1)),
         ("preact_resnet18", dict(width=8, activation="swish"), (16, 16, 3)),
+        ("wide_resnet", dict(depth=10, width=2, activation="swish"), (16, 16, 3)),
+        ("wide_resnet", dict(depth=16, width=1, activation="relu"), (15, 15, 3)),
     ],
 )
 def test_export_matches_flax(name, kwargs, shape):
@@ -35,3 +37,11 @@ def test_export_matches_flax(name, kwargs, shape):
     with torch.no_grad():
         ours = exported(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(ours, np.asarray(model.apply(variables, x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("name,params", [("wrn28_10", 36_479_194), ("wrn34_10", 46_160_474), ("wrn70_16", 266_796_506)])
+def test_wide_resnets_have_the_reference_parameter_counts(name, params):
+    """The reference's WRN-28-10 has 36,479,194 parameters (10 classes); 34-10 46.2M, 70-16 266.8M."""
+    model = create_model(name, num_classes=10)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes["params"])) == params

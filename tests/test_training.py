@@ -1,5 +1,7 @@
 """Training: a resumed run equals an uninterrupted one; EMA and weight-decay details."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,6 +9,8 @@ import numpy as np
 import pytest
 
 from jax_advprune import training
+from jax_advprune.attacks import pgd
+from jax_advprune.losses import trades_loss
 from jax_advprune.checkpoint import Checkpointer, abstract_like
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.metrics import Progress
@@ -90,9 +94,11 @@ def test_ema_decay_follows_the_reference_warmup():
     assert decays[3] == pytest.approx(0.995)
 
 
-def test_four_devices_give_the_one_device_update(setup, small_pool):
+@pytest.mark.parametrize("loss", ["pgd_at", "trades"])
+def test_four_devices_give_the_one_device_update(setup, small_pool, loss):
     model, tx, _ = setup
     cfg, attack = _config()
+    cfg.loss = loss
     pool, _, _ = small_pool
     plan = make_plan(np.ones(len(pool), bool), pool.num_original, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=0)
     batch = BatchReader(pool, plan, np.linspace(0, 0.1, len(pool)).astype(np.float32), crop_padding=1)(0)
@@ -106,3 +112,76 @@ def test_four_devices_give_the_one_device_update(setup, small_pool):
     assert len(states[1].params["head"]["kernel"].sharding.device_set) == 4
     for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_trades_loss_matches_the_reference_formula_in_pytorch():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    clean, adv = rng.normal(size=(2, 8, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, 8)
+    ours = float(jnp.mean(trades_loss(jnp.asarray(clean), jnp.asarray(adv), jnp.asarray(labels), beta=5.0, label_smoothing=0.1)))
+    clean_t, adv_t = torch.tensor(clean), torch.tensor(adv)
+    natural = F.cross_entropy(clean_t, torch.tensor(labels), label_smoothing=0.1)
+    robust = F.kl_div(F.log_softmax(adv_t, dim=1), F.softmax(clean_t, dim=1), reduction="batchmean")
+    assert ours == pytest.approx(float(natural + 5.0 * robust), rel=1e-5)
+
+
+def test_attack_passes_leave_batchnorm_averages_to_the_training_passes(setup, small_pool):
+    """After a TRADES step the running averages are exactly those of two training-mode passes
+    (clean, then adversarial) from the old statistics: PGD's forward passes did not touch them."""
+    model, tx, _ = setup
+    cfg, attack = _config()
+    cfg.loss = "trades"
+    pool, _, _ = small_pool
+    plan = make_plan(np.ones(len(pool), bool), pool.num_original, batch_size=16, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    batch = BatchReader(pool, plan, np.full(len(pool), 0.1, np.float32))(0)
+    state = training.init_train_state(model, tx, pool.image_shape, seed=0)
+    _, updates = model.apply(state.variables(), jnp.zeros((4,) + pool.image_shape) + 0.3, train=True, mutable=["batch_stats"])
+    state = state.replace(batch_stats=updates["batch_stats"])  # non-trivial starting averages
+    new_state, _ = training.make_train_step(model, tx, cfg, attack, make_mesh(1))(jax.tree_util.tree_map(jnp.copy, state), batch)
+
+    x = jnp.asarray(batch["image"], jnp.float32) / 255.0
+    logits_fn = training.batch_stat_logits_fn(model, state.variables())
+    clean_probs = jax.nn.softmax(logits_fn(x), axis=-1)
+    key = jax.random.fold_in(state.rng, state.step)
+    eps = jnp.asarray(batch["eps"])
+    x_adv = pgd(logits_fn, x, clean_probs, key, eps=eps, step_size=eps * 0.5, steps=attack.steps, norm="linf", loss="kl")
+    _, after_clean = model.apply(state.variables(), x, train=True, mutable=["batch_stats"])
+    _, after_adv = model.apply({"params": state.params, "batch_stats": after_clean["batch_stats"]}, x_adv, train=True, mutable=["batch_stats"])
+    for got, want in zip(jax.tree_util.tree_leaves(new_state.batch_stats), jax.tree_util.tree_leaves(after_adv["batch_stats"])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(small_pool):
+    cfg, attack = _config()
+    pool, _, _ = small_pool
+    plan = make_plan(np.ones(len(pool), bool), pool.num_original, batch_size=16, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    batch = BatchReader(pool, plan, np.full(len(pool), 0.1, np.float32))(0)
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = create_model("small_cnn", num_classes=10, widths=(8, 16), dtype=dtype)
+        tx = training.make_optimizer(cfg, NUM_STEPS)
+        state = training.init_train_state(model, tx, pool.image_shape, seed=0)
+        state, metrics = training.make_train_step(model, tx, cfg, attack, make_mesh(2))(state, batch)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(state.params))
+        assert model.apply(state.variables(), jnp.zeros((2,) + pool.image_shape)).dtype == jnp.float32
+        losses[dtype] = float(metrics["loss"])
+    assert np.isfinite(losses[jnp.bfloat16]) and losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=0.05)
+
+
+def test_best_checkpointer_keeps_the_highest_metric_across_restarts(tmp_path):
+    saves = [(1, 0.3), (2, 0.5), (3, 0.4)]
+    checkpointer = Checkpointer(str(tmp_path), max_to_keep=1, best_metric="pgd_accuracy")
+    for step, accuracy in saves:
+        checkpointer.save(step, {"w": jnp.full(3, float(step))}, metrics={"pgd_accuracy": accuracy})
+    checkpointer.wait()
+    checkpointer.close()
+    reopened = Checkpointer(str(tmp_path), max_to_keep=1, best_metric="pgd_accuracy")
+    assert reopened.best_step() == 2
+    reopened.save(4, {"w": jnp.full(3, 4.0)}, metrics={"pgd_accuracy": 0.45})  # worse: dropped
+    reopened.wait()
+    assert reopened.best_step() == 2 and os.listdir(tmp_path) == ["2"]
+    np.testing.assert_array_equal(reopened.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})["w"], np.full(3, 2.0))
+    reopened.close()

@@ -143,24 +143,34 @@ def make_plan(
     return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, steps_per_epoch, seed, len(keep))
 
 
+def draw_augmentation(rng: np.random.Generator, batch: int, *, crop_padding: int, flip: bool) -> dict[str, np.ndarray]:
+    """Per-sample crop offsets `dy`, `dx` (batch,) in [0, 2 * crop_padding] and `flip` (batch,) bool."""
+    dy = rng.integers(0, 2 * crop_padding + 1, batch)
+    dx = rng.integers(0, 2 * crop_padding + 1, batch)
+    return {"dy": dy, "dx": dx, "flip": rng.random(batch) < 0.5 if flip else np.zeros(batch, bool)}
+
+
+def apply_augmentation(images: np.ndarray, draws: dict[str, np.ndarray], *, crop_padding: int) -> np.ndarray:
+    """Crop after zero padding at the drawn offsets, then flip where drawn: (B, H, W, C) uint8 -> same."""
+    b, h, w, _ = images.shape
+    out = images
+    if crop_padding > 0:
+        padded = np.pad(images, ((0, 0), (crop_padding,) * 2, (crop_padding,) * 2, (0, 0)))
+        rows = (draws["dy"][:, None] + np.arange(h))[:, :, None]
+        cols = (draws["dx"][:, None] + np.arange(w))[:, None, :]
+        out = padded[np.arange(b)[:, None, None], rows, cols]
+    if draws["flip"].any():
+        out = np.where(draws["flip"][:, None, None, None], out[:, :, ::-1], out)
+    return out
+
+
 def augment_batch(images: np.ndarray, rng: np.random.Generator, *, crop_padding: int, flip: bool) -> np.ndarray:
     """Random crop after zero padding, and random horizontal flip, for a whole batch.
 
     images: (B, H, W, C) uint8 -> (B, H, W, C) uint8.
     """
-    b, h, w, _ = images.shape
-    out = images
-    if crop_padding > 0:
-        padded = np.pad(images, ((0, 0), (crop_padding,) * 2, (crop_padding,) * 2, (0, 0)))
-        dy = rng.integers(0, 2 * crop_padding + 1, b)
-        dx = rng.integers(0, 2 * crop_padding + 1, b)
-        rows = (dy[:, None] + np.arange(h))[:, :, None]
-        cols = (dx[:, None] + np.arange(w))[:, None, :]
-        out = padded[np.arange(b)[:, None, None], rows, cols]
-    if flip:
-        flipped = rng.random(b) < 0.5
-        out = np.where(flipped[:, None, None, None], out[:, :, ::-1], out)
-    return out
+    draws = draw_augmentation(rng, len(images), crop_padding=crop_padding, flip=flip)
+    return apply_augmentation(images, draws, crop_padding=crop_padding)
 
 
 @dataclasses.dataclass
@@ -188,12 +198,14 @@ class BatchReader:
             raise ValueError(f"the eps array has shape {np.shape(self.eps)} but it applies to {where}: shape ({len(self.pool)},) expected")
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        indices = self.plan.indices(int(step))
         share = self.plan.batch_size // self.process_count
-        indices = indices[self.process_index * share : (self.process_index + 1) * share]
+        mine = slice(self.process_index * share, (self.process_index + 1) * share)
+        indices = self.plan.indices(int(step))[mine]
         images, labels = self.pool.read(indices)
-        rng = np.random.default_rng([self.plan.seed, 4, int(step), self.process_index])
-        images = augment_batch(images, rng, crop_padding=self.crop_padding, flip=self.flip)
+        # Drawn for the whole global batch, then sliced: batches do not depend on the process count.
+        rng = np.random.default_rng([self.plan.seed, 4, int(step)])
+        draws = draw_augmentation(rng, self.plan.batch_size, crop_padding=self.crop_padding, flip=self.flip)
+        images = apply_augmentation(images, {k: v[mine] for k, v in draws.items()}, crop_padding=self.crop_padding)
         return {
             "image": images,
             "label": labels.astype(np.int32),

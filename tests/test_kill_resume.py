@@ -1,0 +1,58 @@
+"""A training run killed with SIGKILL and rerun ends bitwise equal to an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
+OVERRIDES = [
+    "--config.pruning.strategy=random", "--config.train.checkpoint_every=8", "--config.train.log_every_steps=1",
+    "--config.eval.pgd_steps=1", "--config.eval.apgd_steps=0",
+]
+
+
+def _command(workdir):
+    return [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"),
+            "--workdir", str(workdir), *OVERRIDES]
+
+
+def _final_state(workdir):
+    ckpt_dir = workdir / "checkpoints"
+    step = max(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
+    restored = ocp.StandardCheckpointer().restore(str(ckpt_dir / str(step) / "state"))
+    return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(restored)}
+
+
+def test_sigkill_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_path):
+    straight = subprocess.run(_command(tmp_path / "straight"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until a mid-run checkpoint is complete, then kill
+        names = os.listdir(killed_dir / "checkpoints") if (killed_dir / "checkpoints").exists() else []
+        if any(name.isdigit() and 16 <= int(name) < 48 for name in names):
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "results.json").exists()
+
+    resumed = subprocess.run(_command(killed_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    step_a, state_a = _final_state(tmp_path / "straight")
+    step_b, state_b = _final_state(killed_dir)
+    assert step_a == step_b == 48
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        np.testing.assert_array_equal(state_a[name], state_b[name], err_msg=name)
