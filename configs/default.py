@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # cifar_tarball only: where the converted npz files go ('' = <workdir>/data)
     c.data.tfds_name = "cifar10"  # tfds only: cifar10 | cifar100 | svhn_cropped
     c.data.tfds_data_dir = ""  # tfds only: prepared array_record data ('' = TFDS default)
+    c.data.generated_sizes = (0, 0, 0)  # generated only: train, test, synthetic images
+    c.data.generated_image_shape = (32, 32, 3)  # generated only
     c.data.synthetic = ()  # synthetic npz parts appended to the pool, read in order
 
     c.model = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ from jax_advprune import parallel, training
 from jax_advprune.checkpoint import Checkpointer, abstract_like
 from jax_advprune.data.cifar import convert_cifar_tarball
 from jax_advprune.data.generate import write_embedded_default
+from jax_advprune.data.make_pool import write_generated_dataset
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
 from jax_advprune.evaluation import autoattack_lite, evaluate_split, pgd_evaluator
@@ -134,7 +135,7 @@ class Data:
     test_labels: np.ndarray
 
 
-DATA_SOURCES = ("digits", "npz", "cifar_tarball", "tfds")
+DATA_SOURCES = ("digits", "npz", "cifar_tarball", "tfds", "generated")
 
 
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
@@ -145,7 +146,9 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     among the synthetic parts); 'npz' reads user files in the DM-Improves-AT
     format; 'cifar_tarball' converts the official CIFAR-10/100 python tarball
     into npz files once (in data.cache_dir, default <workdir>/data); 'tfds' reads
-    a prepared TFDS data set through tfds.data_source.
+    a prepared TFDS data set through tfds.data_source; 'generated' writes a
+    class-pattern data set of data.generated_sizes (train, test, synthetic) into
+    <workdir>/data once (smoke runs of the paper configs, offline).
     """
     cfg = config.data
     synthetic = list(cfg.synthetic)
@@ -170,6 +173,17 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
         if converted["num_classes"] != cfg.num_classes:
             raise ValueError(f"{cfg.tarball} is {converted['name']} ({converted['num_classes']} classes) but data.num_classes is {cfg.num_classes}")
         original, test = NpzPart(converted["train"], cfg.num_classes), NpzPart(converted["test"], cfg.num_classes)
+    elif cfg.name == "generated":
+        generate = lambda: write_generated_dataset(  # noqa: E731
+            os.path.join(workdir, "data"), train=cfg.generated_sizes[0], test=cfg.generated_sizes[1], synthetic=cfg.generated_sizes[2],
+            image_shape=tuple(cfg.generated_image_shape), num_classes=cfg.num_classes, seed=cfg.seed,
+        )
+        if _is_writer():
+            generate()
+        parallel.sync("generated data written")
+        paths = generate()
+        original, test = NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes)
+        synthetic = [paths["synthetic"]] + synthetic
     elif cfg.name == "tfds":
         from jax_advprune.data.tfds_source import TfdsPart
 

@@ -185,7 +185,13 @@ def make_train_step(
         donate_argnums=0,
     )
 
+    replicated = parallel.replicated(mesh)
+
     def step(state: TrainState, host_batch: dict) -> tuple[TrainState, dict]:
+        # A state straight from init or restore is not yet placed like the step's outputs;
+        # placing it first keeps the second call from compiling the step again.
+        if any(getattr(leaf, "sharding", None) != replicated for leaf in jax.tree_util.tree_leaves(state)[:1] + [state.step]):
+            state = jax.device_put(state, replicated)
         return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
 
     return step
@@ -228,12 +234,14 @@ def fit(
     progress: Progress,
     log_every_steps: int = 50,
     validation: Validation | None = None,
+    callbacks: tuple[Callable[[TrainState, int], None], ...] = (),
 ) -> TrainState:
     """Runs train_step from state.step to num_steps, checkpointing state and iterator.
 
     Metrics are averaged over the steps since the last report. The final step is
     always checkpointed (and validated, with `validation`); a non-finite loss
-    stops the run without saving over the last good checkpoint.
+    stops the run without saving over the last good checkpoint. Each callback is
+    called as callback(state, step) after every step (the training-history recorder).
     """
     step = int(state.step)
     pending: list[dict] = []
@@ -254,6 +262,8 @@ def fit(
             checkpointer.save(step, state, batches)
         if validation is not None and (step % validation.every == 0 or step == num_steps):
             validation(state, step, progress)
+        for callback in callbacks:
+            callback(state, step)
     checkpointer.wait()
     if validation is not None:
         validation.checkpointer.wait()

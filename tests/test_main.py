@@ -73,3 +73,18 @@ def test_changed_settings_on_an_existing_workdir_are_refused(smoke_run):
     assert third.returncode != 0
     assert "pruning.keep_ratio: 0.5 -> 0.75" in third.stdout + third.stderr
     np.testing.assert_array_equal(np.load(workdir / "selection/keep.npy"), keep_before)
+
+
+def test_reference_recipe_smoke_variant_trains_trades_on_generated_data(tmp_path):
+    """configs/cifar10_trades.py:smoke: TRADES, a WideResNet, 32x32x3 generated data, validation and evaluation."""
+    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/cifar10_trades.py:smoke"), "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[train] trades" in proc.stdout and "best validation checkpoint" in proc.stdout
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["checkpoint_step"] == 16
+    for weights in ("raw", "ema"):
+        r = results["results"][weights]
+        assert 0.0 <= r["autoattack_lite_accuracy"] <= r["apgd_ce_accuracy"] <= r["clean_accuracy"] <= 1.0
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
+    assert lrs and max(lrs) <= 0.2 + 1e-6

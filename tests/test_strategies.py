@@ -92,3 +92,22 @@ def test_bad_arguments_are_refused(scored):
         select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=1.5, base_eps=BASE_EPS)
     with pytest.raises(ValueError, match="one score per pool sample"):
         select("puma", scores=margins[:10], labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
+
+
+@pytest.mark.parametrize("strategy,twin", [("keep_top", "prune_hard"), ("keep_bottom", "prune_easy")])
+def test_keep_top_and_bottom_keep_exact_counts_of_any_score(scored, strategy, twin):
+    labels, margins, prunable = scored
+    scores = -margins * 3.0 + 1.0  # any score, not only margins
+    keep, eps = select(strategy, scores=scores, labels=labels, prunable=prunable, keep_ratio=0.3, base_eps=BASE_EPS, class_balanced=True)
+    assert keep[~prunable].all() and np.all(eps == BASE_EPS)
+    classes = range(2, 10)  # classes 0 and 1 lie in the 200 unprunable rows
+    for c in classes:  # 30% of each class's 100 prunable samples
+        assert (keep & prunable & (labels == c)).sum() == 30
+    kept, dropped = scores[keep & prunable], scores[prunable & ~keep]
+    if strategy == "keep_top":
+        assert all(scores[keep & prunable & (labels == c)].min() >= scores[prunable & ~keep & (labels == c)].max() for c in classes)
+    else:
+        assert all(scores[keep & prunable & (labels == c)].max() <= scores[prunable & ~keep & (labels == c)].min() for c in classes)
+    same, _ = select(twin, scores=scores, labels=labels, prunable=prunable, keep_ratio=0.3, base_eps=BASE_EPS, class_balanced=True)
+    np.testing.assert_array_equal(keep, same)
+    assert len(kept) + len(dropped) == 800

@@ -38,9 +38,15 @@ def part_labels(num_rows: int, num_classes: int, seed: int, part: int) -> np.nda
     return np.repeat(np.arange(num_classes, dtype=np.int64), counts)
 
 
-def write_part(path: str, num_rows: int, image_shape: tuple[int, int, int], num_classes: int, seed: int, part: int) -> None:
-    """Writes one part chunk by chunk (memory: one chunk of CHUNK_ROWS images)."""
-    half_templates = class_templates(num_classes, image_shape, seed) >> 1
+def write_part(
+    path: str, num_rows: int, image_shape: tuple[int, int, int], num_classes: int, seed: int, part: int, template_seed: int | None = None,
+) -> None:
+    """Writes one part chunk by chunk (memory: one chunk of CHUNK_ROWS images).
+
+    The class patterns come from `template_seed` (default `seed`), the labels and
+    noise from (seed, part): splits sharing a template seed share their classes.
+    """
+    half_templates = class_templates(num_classes, image_shape, seed if template_seed is None else template_seed) >> 1
     labels = part_labels(num_rows, num_classes, seed, part)
     rng = np.random.default_rng([seed, 2, part])
     row_bytes = int(np.prod(image_shape))
@@ -63,7 +69,9 @@ def part_paths(out: str, parts: int) -> list[str]:
     return [f"{stem}_part{i}.npz" for i in range(1, parts + 1)]
 
 
-def make_pool(out: str, size: int, *, parts: int = 1, image_shape=(32, 32, 3), num_classes: int = 10, seed: int = 0) -> list[str]:
+def make_pool(
+    out: str, size: int, *, parts: int = 1, image_shape=(32, 32, 3), num_classes: int = 10, seed: int = 0, template_seed: int | None = None,
+) -> list[str]:
     """Writes `size` images split evenly over `parts` files; returns their paths."""
     if size < 1 or parts < 1 or parts > size:
         raise ValueError(f"need size >= parts >= 1, got size {size} and parts {parts}")
@@ -71,7 +79,19 @@ def make_pool(out: str, size: int, *, parts: int = 1, image_shape=(32, 32, 3), n
     bounds = np.linspace(0, size, parts + 1).astype(np.int64)
     for i, path in enumerate(paths):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_part(path, int(bounds[i + 1] - bounds[i]), tuple(image_shape), num_classes, seed, i)
+        write_part(path, int(bounds[i + 1] - bounds[i]), tuple(image_shape), num_classes, seed, i, template_seed)
+    return paths
+
+
+def write_generated_dataset(data_dir: str, *, train: int, test: int, synthetic: int, image_shape, num_classes: int, seed: int) -> dict[str, str]:
+    """A whole offline data set in the pool format (train, test, synthetic splits sharing class
+    patterns), written into data_dir once; returns the three paths. For smoke runs of the
+    paper-sized configs, not for measuring accuracy."""
+    paths = {}
+    for stream, (name, size) in enumerate((("train", train), ("test", test), ("synthetic", synthetic))):
+        paths[name] = os.path.join(data_dir, f"generated_{name}.npz")
+        if not os.path.exists(paths[name]):
+            make_pool(paths[name], size, image_shape=image_shape, num_classes=num_classes, seed=seed * 3 + stream + 1, template_seed=seed)
     return paths
 
 

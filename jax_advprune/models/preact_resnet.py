@@ -37,6 +37,7 @@ class PreActResNet(nn.Module):
     Input: images (B, H, W, C) float32 in [0, 1], normalised inside with `mean` / `std`.
     Output: logits (B, num_classes) float32. `width` scales the stage widths (64 = the
     standard net). `dtype` is the compute dtype; parameters stay float32.
+    With `return_features`: (logits, penultimate features (B, 8 * width)).
     """
 
     num_classes: int = 10
@@ -48,7 +49,7 @@ class PreActResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
         x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype, name="stem")(x)
         for stage, count in enumerate(self.blocks):
@@ -56,8 +57,9 @@ class PreActResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 x = PreActBlock(self.width * 2**stage, stride, self.activation, self.dtype, name=f"stage{stage}_block{i}")(x, train)
         bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn_final")
-        x = ACTIVATIONS[self.activation](bn(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+        features = jnp.mean(ACTIVATIONS[self.activation](bn(x)), axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
+        return (logits, features.astype(jnp.float32)) if return_features else logits
 
 
 def preact_resnet18(**kwargs) -> PreActResNet:

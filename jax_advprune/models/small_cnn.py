@@ -17,6 +17,7 @@ class SmallCNN(nn.Module):
     Input: images (B, H, W, C) float32 in [0, 1]; normalised inside with
     `mean` / `std` (per channel). Output: logits (B, num_classes) float32.
     `dtype` is the compute dtype (bfloat16 for mixed precision); parameters stay float32.
+    With `return_features`: (logits, penultimate features (B, widths[-1])).
     """
 
     num_classes: int = 10
@@ -26,12 +27,13 @@ class SmallCNN(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
         for i, width in enumerate(self.widths):
             stride = 1 if i == 0 else 2
             x = nn.Conv(width, (3, 3), strides=(stride, stride), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        features = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
+        return (logits, features.astype(jnp.float32)) if return_features else logits

@@ -52,6 +52,7 @@ class WideResNet(nn.Module):
 
     Input: images (B, H, W, C) float32 in [0, 1]; output: logits (B, num_classes) float32.
     `dtype` is the compute dtype (bfloat16 for mixed precision); parameters stay float32.
+    With `return_features`: (logits, penultimate features (B, 64 * width)).
     """
 
     num_classes: int = 10
@@ -63,7 +64,7 @@ class WideResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
         if (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}")
         blocks = (self.depth - 4) // 6
@@ -73,9 +74,9 @@ class WideResNet(nn.Module):
             for i in range(blocks):
                 x = WideBlock(planes, stride if i == 0 else 1, self.activation, self.dtype, name=f"group{group}_block{i}")(x, train)
         x = ACTIVATIONS[self.activation](nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name="bn_final")(x))
-        x = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x)
-        return logits.astype(jnp.float32)
+        features = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(features).astype(jnp.float32)
+        return (logits, features.astype(jnp.float32)) if return_features else logits
 
 
 def wide_resnet(depth: int = 28, width: int = 10, **kwargs) -> WideResNet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -72,24 +73,40 @@ def margin_scores(
     pool: Pool,
     *,
     chunk_size: int,
+    indices: np.ndarray | None = None,
+    resume_dir: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """DeepFool margins of every pool sample, with `run` from `deepfool_runner`.
+    """DeepFool margins of pool rows `indices` (default: all), with `run` from `deepfool_runner`.
 
     Reads the pool in fixed-shape chunks of `chunk_size` samples (the last one
     padded, its padding discarded); within a chunk the runner's work queue makes
     the cost follow the samples' total iterations, not the slowest sample's.
-    Returns `margin` (N,) float32 (signed, in units of the runner's norm on [0, 1]
-    pixels), `converged` (N,) bool and `n_iter` (N,) int32.
+    With `resume_dir`, each finished chunk is saved there (chunk_<i>.npz, written
+    atomically) and chunks already there are loaded instead of recomputed, so a
+    killed run resumes where it stopped.
+    Returns `margin` (M,) float32 (signed, in units of the runner's norm on [0, 1]
+    pixels), `converged` (M,) bool and `n_iter` (M,) int32, in the order of `indices`.
     """
-    n = len(pool)
-    out = {"margin": np.zeros(n, np.float32), "converged": np.zeros(n, bool), "n_iter": np.zeros(n, np.int32)}
-    for chunk, (idx, valid) in enumerate(padded_batches(n, chunk_size), start=1):
-        images, labels = pool.read(idx)
-        result = run(variables, images, labels.astype(np.int32))
-        rows = idx[valid]
+    indices = np.arange(len(pool)) if indices is None else np.asarray(indices)
+    m = len(indices)
+    out = {"margin": np.zeros(m, np.float32), "converged": np.zeros(m, bool), "n_iter": np.zeros(m, np.int32)}
+    if resume_dir:
+        os.makedirs(resume_dir, exist_ok=True)
+    for chunk, (rows, valid) in enumerate(padded_batches(m, chunk_size), start=1):
+        path = os.path.join(resume_dir, f"chunk_{chunk:06d}.npz") if resume_dir else None
+        if path and os.path.exists(path):
+            with np.load(path) as saved:
+                done = {name: saved[name] for name in out}
+        else:
+            images, labels = pool.read(indices[rows])
+            result = run(variables, images, labels.astype(np.int32))
+            done = {name: parallel.to_host(getattr(result, name))[valid] for name in out}
+            if path and jax.process_index() == 0:
+                np.savez(path + ".tmp.npz", **done)
+                os.replace(path + ".tmp.npz", path)
         for name in out:
-            out[name][rows] = parallel.to_host(getattr(result, name))[valid]
+            out[name][rows[valid]] = done[name]
         if progress is not None:
-            progress.update(chunk, mean_iterations=float(out["n_iter"][rows].mean()))
+            progress.update(chunk, mean_iterations=float(done["n_iter"].mean()))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STRATEGIES = ("random", "prune_easy", "prune_hard", "puma")
+STRATEGIES = ("random", "prune_easy", "prune_hard", "puma", "keep_top", "keep_bottom")
 PUMA_RULES = ("below_eps", "low_fraction")
 
 
@@ -99,7 +99,9 @@ def select(
 
     random: a uniform random subset. prune_easy: drop the highest scores (margins).
     prune_hard: drop the lowest. puma: prune_easy plus `puma_eps` on the kept samples,
-    with `puma` holding puma_eps's keyword options.
+    with `puma` holding puma_eps's keyword options. keep_top / keep_bottom: keep the
+    highest / lowest scores of any score (keep_top of DU is the extrapolation
+    paper's rule; keep_bottom of a margin is prune_easy).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown pruning strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -111,7 +113,7 @@ def select(
         return keep, np.full(n, base_eps, np.float32)
     if scores is None or len(scores) != n:
         raise ValueError(f"strategy {strategy!r} needs one score per pool sample ({n}), got {None if scores is None else len(scores)}")
-    keep_side = "highest" if strategy == "prune_hard" else "lowest"
+    keep_side = "highest" if strategy in ("prune_hard", "keep_top") else "lowest"
     keep = keep_by_score(scores, prunable, keep_ratio, keep=keep_side, labels=group_labels, seed=seed)
     if strategy == "puma":
         return keep, puma_eps(scores, keep, base_eps, **(puma or {}))

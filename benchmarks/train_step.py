@@ -1,0 +1,178 @@
+"""TRADES-10 train-step throughput: jax_advprune vs the reference's PyTorch loop, same model and weights, one run.
+
+    pip install -e ".[bench]"
+    python benchmarks/train_step.py [--devices 4] [--threads 2] [--steps 5] [--skip-wrn]
+
+For each model (small CNN, PreAct ResNet-18, WRN-16-4; 32x32x3 inputs) the Flax
+model is initialised once and exported with jax_advprune.models.torch_export, so
+both sides start from the same weights. Both run the TRADES step of the
+DM-Improves-AT reference (gowal21uncovering/utils/trades.py): uniform random start,
+10 signed-gradient steps on KL(p_clean || p_adv) with BatchNorm in training mode but
+running averages frozen, then CE with label smoothing 0.1 on the clean logits +
+beta * KL(clean || adv) (beta 5), backward, SGD Nesterov with weight decay on
+kernels only. Same batch, same CPU: ours on virtual XLA:CPU devices (two per core),
+PyTorch with one thread per core. Reported: images/s over `--steps` steps after a
+warm-up step (compilation on our side). Prints a table and writes
+benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+if __name__ == "__main__":
+    _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1), help="virtual XLA:CPU devices")
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
+    _args.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    _args.add_argument("--skip-wrn", action="store_true")
+    _args.add_argument("--bf16", action="store_true", help="also time our step with bfloat16 compute")
+    ARGS = _args.parse_args()
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from jax_advprune import parallel, training  # noqa: E402
+from jax_advprune.models import create_model  # noqa: E402
+from jax_advprune.models.torch_export import to_torch  # noqa: E402
+
+EPS, STEP, ATTACK_STEPS, BETA, SMOOTHING, LR = 8 / 255, 2 / 255, 10, 5.0, 0.1, 0.1
+
+MODELS = [  # (label, registry name, kwargs, batch)
+    ("small CNN (32/64/128)", "small_cnn", dict(widths=(32, 64, 128), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), 128),
+    ("PreAct ResNet-18", "preact_resnet18", {}, 32),
+    ("WRN-16-4 (Swish)", "wide_resnet", dict(depth=16, width=4, activation="swish"), 32),
+]
+
+
+def train_config():
+    cfg = ml_collections.ConfigDict(dict(
+        loss="trades", trades_beta=BETA, label_smoothing=SMOOTHING, lr=LR, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, warmup_steps=0, ema_decay=0.995, ema_warmup_steps=0,
+    ))
+    attack = ml_collections.ConfigDict(dict(norm="linf", eps=EPS, step_size=STEP, steps=ATTACK_STEPS))
+    return cfg, attack
+
+
+def time_ours(model, variables, batch: dict, steps: int) -> tuple[float, float]:
+    """(seconds per step, first loss) of our jitted TRADES step on the mesh."""
+    cfg, attack = train_config()
+    tx = training.make_optimizer(cfg, 1000)
+    state = training.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]), ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]),
+        rng=jax.random.PRNGKey(0),
+    )
+    step_fn = training.make_train_step(model, tx, cfg, attack, parallel.make_mesh(ARGS.devices))
+    state, metrics = step_fn(state, batch)  # compiles
+    first_loss = float(metrics["loss"])
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps, first_loss
+
+
+def time_reference(torch_model, batch: dict, steps: int) -> tuple[float, float]:
+    """(seconds per step, first loss) of the reference's PyTorch TRADES step."""
+    import torch
+    import torch.nn.functional as F
+
+    model = torch_model.train()
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=LR, momentum=0.9, nesterov=True)
+    kl = torch.nn.KLDivLoss(reduction="batchmean")
+    x = torch.tensor(batch["image"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    y = torch.tensor(batch["label"], dtype=torch.long)
+
+    def step():
+        for bn in batch_norms:  # the reference's track_bn_stats(model, False): batch statistics, no update
+            bn.momentum = 0.0
+        x_adv = torch.clamp(x + torch.empty_like(x).uniform_(-EPS, EPS), 0.0, 1.0)
+        p_natural = F.softmax(model(x), dim=1).detach()
+        for _ in range(ATTACK_STEPS):
+            x_adv.requires_grad_()
+            loss_kl = kl(F.log_softmax(model(x_adv), dim=1), p_natural)
+            grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+            x_adv = torch.min(torch.max(x_adv.detach() + STEP * torch.sign(grad), x - EPS), x + EPS).clamp(0.0, 1.0)
+        for bn in batch_norms:
+            bn.momentum = 0.1
+        optimizer.zero_grad()
+        logits_natural, logits_adv = model(x), model(x_adv)
+        loss = F.cross_entropy(logits_natural, y, label_smoothing=SMOOTHING) + BETA * kl(F.log_softmax(logits_adv, dim=1), F.softmax(logits_natural, dim=1))
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    first_loss = step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps, first_loss
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(ARGS.threads)
+    rows = []
+    for label, name, kwargs, batch_size in MODELS:
+        if ARGS.skip_wrn and name == "wide_resnet":
+            continue
+        rng = np.random.default_rng(0)
+        batch = {
+            "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, batch_size).astype(np.int32),
+            "eps": np.full(batch_size, EPS, np.float32),
+        }
+        model = create_model(name, num_classes=10, **kwargs)
+        variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+        torch_model = to_torch(model, variables, (32, 32, 3))
+        x = batch["image"][:4].astype(np.float32) / 255.0
+        with torch.no_grad():
+            diff = np.abs(torch_model(torch.tensor(x.transpose(0, 3, 1, 2))).numpy() - np.asarray(model.apply(variables, x))).max()
+        assert diff < 1e-3, f"{label}: exported model differs by {diff}"
+        t_ref, loss_ref = time_reference(torch_model, batch, ARGS.steps)
+        t_ours, loss_ours = time_ours(model, variables, batch, ARGS.steps)
+        row = dict(model=label, batch=batch_size, ours_img_s=batch_size / t_ours, ref_img_s=batch_size / t_ref,
+                   speedup=t_ref / t_ours, first_loss_ours=loss_ours, first_loss_ref=loss_ref)
+        if ARGS.bf16:
+            bf16_model = create_model(name, num_classes=10, dtype=jnp.bfloat16, **kwargs)
+            row["ours_bf16_img_s"] = batch_size / time_ours(bf16_model, variables, batch, ARGS.steps)[0]
+        rows.append(row)
+        print(f"{label:24s} batch {batch_size:4d}: ours {row['ours_img_s']:7.1f} img/s, PyTorch {row['ref_img_s']:7.1f} img/s, "
+              f"{row['speedup']:.2f}x (first losses {loss_ours:.4f} / {loss_ref:.4f})", flush=True)
+
+    print(f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices vs {ARGS.threads} torch threads, {ARGS.steps} timed steps\n")
+    print("| model | batch | ours img/s | PyTorch img/s | speedup |" + (" ours bf16 img/s |" if ARGS.bf16 else ""))
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if ARGS.bf16 else ""))
+    for r in rows:
+        extra = f" {r['ours_bf16_img_s']:.1f} |" if ARGS.bf16 else ""
+        print(f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x |{extra}")
+    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    out = os.path.join(REPO, "benchmarks", "results", "train_step.json")
+    with open(out, "w") as f:
+        json.dump(dict(
+            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__, devices=ARGS.devices, threads=ARGS.threads),
+            settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, timed_steps=ARGS.steps),
+            rows=rows,
+        ), f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

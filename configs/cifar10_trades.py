@@ -1,0 +1,114 @@
+"""The reference recipe (Wang et al. 2023, DM-Improves-AT): TRADES WRN-28-10 Swish on CIFAR-10 + generated data.
+
+Command (one GPU or a pod; the same line on every host of a multi-host run, with
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, or under SLURM
+with --distributed=on):
+
+    python -m jax_advprune.main --config configs/cifar10_trades.py --workdir runs/c10_trades \\
+      --config.data.tarball=/data/cifar-10-python.tar.gz \\
+      --config.data.synthetic='("/data/20m_part1.npz", "/data/20m_part2.npz", ...)'
+
+Settings (section 3 of ../shared/papers/ALGORITHMS.md): WRN-28-10 with Swish,
+TRADES beta 5 with the attack on KL, L-inf eps 8/255, 10 steps of 2/255, batch 512
+with 30% original / 70% generated images (generated drawn with replacement), an
+epoch = ceil(50,000 / 512) = 98 steps, 400 epochs, SGD Nesterov 0.9, lr 0.2 with
+warm-up over the first 2.5% of steps then cosine decay, weight decay 5e-4 (not on
+BatchNorm or biases), label smoothing 0.1, EMA 0.995 with the reference's dynamic
+decay, random crop (padding 4) and flip; model selection by PGD-40 accuracy of the
+EMA weights on 1,024 held-out training images. No pruning here (keep everything);
+configs/cifar10_puma.py and cifar10_extrapolation.py build on this.
+
+Expected result (reported by the reference, 20M generated images, 400 epochs,
+AutoAttack on the 10k test images): 92.44% clean, 67.31% robust. Our evaluator is
+APGD-CE + APGD-T (9 targets), the two strongest parts of AutoAttack.
+Differences from the reference we know of: the warm-up is linear (theirs is
+OneCycleLR's cosine warm-up), and FAB-T and Square are not run.
+
+Smoke variant (runs here, offline, in about a minute: a WRN-10-1 on a generated
+32x32x3 data set):
+
+    python -m jax_advprune.main --config configs/cifar10_trades.py:smoke --workdir runs/c10_smoke
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("jax_advprune_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
+_default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_default)
+
+EPOCH_STEPS = -(-50_000 // 512)  # 98
+
+
+def get_config(arg: str | None = None):
+    c = _default.get_config()
+    c.data.name = "cifar_tarball"
+    c.data.tarball = "cifar-10-python.tar.gz"
+    c.data.num_classes = 10
+
+    c.model.name = "wrn28_10"
+    c.model.kwargs = {"activation": "swish"}  # CIFAR-10 mean/std are the model's defaults
+
+    c.attack.norm = "linf"
+    c.attack.eps = 8 / 255
+    c.attack.step_size = 2 / 255
+    c.attack.steps = 10
+
+    t = c.train
+    t.loss = "trades"
+    t.trades_beta = 5.0
+    t.epochs = 400.0
+    t.batch_size = 512
+    t.original_fraction = 0.3
+    t.synthetic_with_replacement = True
+    t.lr = 0.2
+    t.momentum = 0.9
+    t.nesterov = True
+    t.weight_decay = 5e-4
+    t.warmup_steps = int(0.025 * 400 * EPOCH_STEPS)
+    t.label_smoothing = 0.1
+    t.ema_decay = 0.995
+    t.ema_warmup_steps = 0
+    t.crop_padding = 4
+    t.flip = True
+    t.num_workers = 2
+    t.checkpoint_every = EPOCH_STEPS * 5
+    t.keep_checkpoints = 2
+    t.validation_size = 1024
+    t.validation_every_epochs = 1.0
+    t.validation_pgd_steps = 40
+    t.log_every_steps = 50
+    t.log_every_s = 60.0
+
+    c.pruning.strategy = "random"
+    c.pruning.keep_ratio = 1.0
+
+    c.eval.pgd_steps = 40
+    c.eval.batch_size = 512
+    c.eval.apgd_steps = 100
+    c.eval.apgd_targets = 9
+
+    if arg == "smoke":
+        c.data.name = "generated"
+        c.data.generated_sizes = (512, 128, 1024)
+        c.model.name = "wide_resnet"
+        c.model.kwargs = {"depth": 10, "width": 1, "activation": "swish"}
+        c.attack.steps = 2
+        c.attack.step_size = 4 / 255
+        t.epochs = 2.0
+        t.batch_size = 64
+        t.warmup_steps = 2
+        t.num_workers = 0
+        t.checkpoint_every = 8
+        t.validation_size = 64
+        t.validation_every_epochs = 1.0
+        t.validation_pgd_steps = 2
+        t.log_every_steps = 4
+        t.log_every_s = 5.0
+        c.eval.pgd_steps = 2
+        c.eval.batch_size = 64
+        c.eval.apgd_steps = 5
+        c.eval.apgd_targets = 1
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r}; known: 'smoke'")
+    return c

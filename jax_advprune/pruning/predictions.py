@@ -1,0 +1,83 @@
+"""Model outputs over (a subset of) a pool: probabilities, penultimate features, true-class probability.
+
+Sharded over the data mesh in fixed-shape chunks, for the scores of importance.py,
+the training-history recorder and the extrapolation embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_advprune import parallel
+from jax_advprune.attacks import pgd
+from jax_advprune.batching import padded_batches
+from jax_advprune.data.sources import Pool
+
+FeaturesFn = Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]  # (variables, x in [0, 1]) -> (logits, features)
+
+
+class Predictor:
+    """predict(variables, images (B, H, W, C) uint8, labels (B,), key) -> {'probs' (B, K), 'features' (B, D)}.
+
+    With `attack` (keywords of `pgd`: eps, step_size, steps, norm), the outputs are
+    those of PGD adversarial inputs (CE loss, random start) instead of clean ones.
+    B must divide over the mesh. `place(variables)` puts weights on the mesh once.
+    """
+
+    def __init__(self, features_fn: FeaturesFn, *, mesh: jax.sharding.Mesh, attack: dict | None = None):
+        self.mesh = mesh
+        self._predict = _make_predict(features_fn, mesh, attack)
+
+    def place(self, variables: dict) -> dict:
+        return jax.device_put(variables, parallel.replicated(self.mesh))
+
+    def __call__(self, variables, images, labels, key) -> dict[str, np.ndarray]:
+        x, y = parallel.shared_batch((images, np.asarray(labels, np.int32)), self.mesh)
+        return {k: parallel.to_host(v) for k, v in self._predict(variables, key, x, y).items()}
+
+
+def _make_predict(features_fn: FeaturesFn, mesh, attack):
+
+    def shard_predict(variables, key, x_uint8, y):
+        x = x_uint8.astype(jnp.float32) / 255.0
+        if attack is not None:
+            logits_fn = lambda z: features_fn(variables, z)[0]  # noqa: E731
+            x = pgd(logits_fn, x, y, parallel.shard_key(key), **attack)
+        logits, features = features_fn(variables, x)
+        return {"probs": jax.nn.softmax(logits, axis=-1), "features": features}
+
+    return jax.jit(parallel.shard_over_batch(shard_predict, mesh, num_replicated=2))
+
+
+def pool_outputs(predict: Predictor, variables: dict, pool: Pool, indices: np.ndarray, *, chunk_size: int, seed: int = 0,
+                 keep: tuple[str, ...] = ("probs", "features"), out: dict[str, np.ndarray] | None = None,
+                 progress=None) -> dict[str, np.ndarray]:
+    """`predict` over pool rows `indices` (M,) in chunks of `chunk_size` -> {'labels' (M,), and each of `keep`}.
+
+    `out` may hold preallocated (e.g. memory-mapped, for pool-sized embeddings) arrays to fill.
+    """
+    variables = predict.place(variables)  # once, not per chunk
+    out = dict(out or {})
+    labels_out = np.zeros(len(indices), np.int64)
+    base_key = jax.random.PRNGKey(seed)
+    for chunk, (rows, valid) in enumerate(padded_batches(len(indices), chunk_size), start=1):
+        images, labels = pool.read(indices[rows])
+        result = predict(variables, images, labels, jax.random.fold_in(base_key, chunk))
+        for name in keep:
+            if name not in out:
+                out[name] = np.zeros((len(indices),) + result[name].shape[1:], np.float32)
+            out[name][rows[valid]] = result[name][valid]
+        labels_out[rows[valid]] = labels[valid]
+        if progress is not None:
+            progress.update(chunk)
+    out["labels"] = labels_out
+    return out
+
+
+def true_class_probability(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """p_y (M,) from probs (M, K) and labels (M,)."""
+    return np.take_along_axis(probs, np.asarray(labels)[:, None], axis=1)[:, 0]
