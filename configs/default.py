@@ -93,7 +93,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every_s = 10.0
 
     c.scoring = ml_collections.ConfigDict()
-    c.scoring.train_epochs = 25.0  # the margin model: PGD-AT on the whole pool
+    c.scoring.score = "margin"  # margin | el2n | grand | forgetting | du | fp | random
+    c.scoring.train_epochs = 25.0  # the scoring model: adversarial training on the scored rows
+    c.scoring.num_models = 2  # el2n / grand: scores averaged over this many seeds
+    c.scoring.history_inputs = "clean"  # forgetting / du / fp: true-class probability on 'clean' or 'pgd' inputs, every epoch
+    c.scoring.du_window = 10  # du: window J
+    c.scoring.extrapolation = ml_collections.ConfigDict()
+    c.scoring.extrapolation.enabled = False  # score a subset, kNN-extrapolate to the rest (Nieth et al.)
+    c.scoring.extrapolation.subset_size = 2000  # synthetic rows scored (originals are always scored)
+    c.scoring.extrapolation.seed = 0
+    c.scoring.extrapolation.k = 12
+    c.scoring.extrapolation.metric = "euclidean"  # or 'cosine'
+    c.scoring.extrapolation.weighting = "uniform"  # or 'distance'
+    c.scoring.extrapolation.holdout_fraction = 0.1  # scored rows kept out of the references, to measure Spearman
     c.scoring.use_ema = True
     c.scoring.slots = 256  # samples per DeepFool iteration (the work queue's width)
     c.scoring.chunk_size = 4096  # samples per device call; the queue refills slots within a chunk
@@ -106,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.deepfool.candidates = ml_collections.FieldReference(3, field_type=int)
 
     c.pruning = ml_collections.ConfigDict()
-    c.pruning.strategy = "puma"  # random | prune_easy | prune_hard | puma
+    c.pruning.strategy = "puma"  # random | prune_easy | prune_hard | puma (margins) | keep_top | keep_bottom (any score)
     c.pruning.keep_ratio = 0.5
     c.pruning.scope = "all"  # 'all' or 'synthetic' (originals always kept)
     c.pruning.class_balanced = False

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy.stats import spearmanr
 
 from jax_advprune import parallel, training
 from jax_advprune.checkpoint import Checkpointer, abstract_like
@@ -31,6 +32,8 @@ from jax_advprune.data.sources import NpzPart, Pool, open_pool
 from jax_advprune.evaluation import autoattack_lite, evaluate_split, pgd_evaluator
 from jax_advprune.metrics import Progress
 from jax_advprune.models import create_model
+from jax_advprune.pruning import importance, predictions
+from jax_advprune.pruning import knn as knn_lib
 from jax_advprune.pruning import scores as scores_lib
 from jax_advprune.pruning import strategies
 
@@ -220,7 +223,8 @@ def validation_indices(num_original: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 7]).choice(num_original, size, replace=False))
 
 
-def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int):
+def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int,
+                 callbacks: tuple = ()):
     """Adversarial training (config.train.loss) of a fresh model on the kept pool with per-sample eps.
 
     Resumes from ckpt_dir. The validation slice (config.train.validation_size
@@ -281,7 +285,7 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
         state = training.fit(
             state, train_step, batches, num_steps=num_steps, checkpointer=checkpointer,
             checkpoint_every=tcfg.checkpoint_every, progress=progress, log_every_steps=tcfg.log_every_steps,
-            validation=validation,
+            validation=validation, callbacks=callbacks,
         )
         if validation is not None:
             log.info("[%s] best validation checkpoint: step %s in %s_best", phase, validation.checkpointer.best_step(), ckpt_dir)
@@ -300,62 +304,218 @@ def _apply_fn(model):
 # --------------------------------------------------------------------------- phases
 
 
+class HistoryRecorder:
+    """Records, every `every` steps (an epoch), the true-class probability and correctness of the scored
+    samples under the training model (raw weights; clean or PGD inputs), one file per epoch.
+
+    Files are written atomically and an existing epoch is not recomputed, so a
+    resumed run completes the same history. `load()` -> (p_true (E, M), correct (E, M)).
+    """
+
+    def __init__(self, predict, pool: Pool, indices: np.ndarray, *, every: int, out_dir: str, chunk_size: int, seed: int):
+        self.predict, self.pool, self.indices, self.every = predict, pool, indices, every
+        self.out_dir, self.chunk_size, self.seed = out_dir, chunk_size, seed
+        os.makedirs(out_dir, exist_ok=True)
+
+    def _path(self, epoch: int) -> str:
+        return os.path.join(self.out_dir, f"epoch_{epoch:05d}.npz")
+
+    def __call__(self, state, step: int) -> None:
+        if step % self.every or os.path.exists(self._path(step // self.every)):
+            return
+        out = predictions.pool_outputs(self.predict, state.variables(), self.pool, self.indices, chunk_size=self.chunk_size,
+                                       seed=self.seed + step, keep=("probs",))
+        p_true = predictions.true_class_probability(out["probs"], out["labels"])
+        if _is_writer():
+            path = self._path(step // self.every)
+            np.savez(path + ".tmp.npz", p_true=p_true, correct=np.argmax(out["probs"], axis=1) == out["labels"])
+            os.replace(path + ".tmp.npz", path)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        files = sorted(f for f in os.listdir(self.out_dir) if f.startswith("epoch_") and f.endswith(".npz") and ".tmp" not in f)
+        records = [np.load(os.path.join(self.out_dir, f)) for f in files]
+        return np.stack([r["p_true"] for r in records]), np.stack([r["correct"] for r in records])
+
+
+def scored_indices(config, data: Data, trainable: np.ndarray) -> np.ndarray:
+    """Pool rows that get a computed score: every trainable row, or with extrapolation the trainable
+    originals plus `scoring.extrapolation.subset_size` synthetic rows drawn with its seed."""
+    ext = config.scoring.extrapolation
+    if not ext.enabled:
+        return np.flatnonzero(trainable)
+    synthetic = np.flatnonzero(trainable & data.pool.is_synthetic)
+    if not 0 < ext.subset_size <= len(synthetic):
+        raise ValueError(f"scoring.extrapolation.subset_size must be in [1, {len(synthetic)}] (the synthetic pool), got {ext.subset_size}")
+    subset = np.random.default_rng([ext.seed, 13]).choice(synthetic, ext.subset_size, replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(trainable & ~data.pool.is_synthetic), subset]))
+
+
+def _features_fn(model):
+    return lambda variables, x: model.apply(variables, x, train=False, return_features=True)
+
+
 def score(config, workdir: str, data: Data, mesh) -> None:
-    """Trains the margin model on the full pool and writes scores/margin.npy (+ converged, n_iter, meta)."""
+    """Computes config.scoring.score for the pool -> scores/<score>.npy (+ extras) and scores/meta.json.
+
+    Scores that need a model train one (or `num_models` for el2n / grand) on the
+    scored rows; with scoring.extrapolation.enabled the scored rows are a subset
+    and every other row gets the mean score of its k nearest scored rows in the
+    scoring model's penultimate-feature space (Nieth et al.).
+    """
     out_dir = os.path.join(workdir, "scores")
+    scfg = config.scoring
     if config.pruning.strategy == "random":
         log.info("[score] not needed by strategy 'random', skipped")
         return
+    if scfg.score not in importance.SCORES:
+        raise ValueError(f"scoring.score must be one of {importance.SCORES}, got {scfg.score!r}")
     guard_settings(workdir, "score", _section(config, "data", "model", "attack", "train", "scoring", drop=("epochs",)) | {"seed": config.seed})
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         log.info("[score] complete, skipped (%s)", out_dir)
         return
-    scfg = config.scoring
-    n = len(data.pool)
-    base_eps = np.full(n, config.attack.eps, np.float32)
-    ckpt_dir = os.path.join(workdir, "scoring_model", "checkpoints")
-    model, state = _train_model(
-        config, data, mesh, np.ones(n, bool), base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
-        metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train", seed=config.seed + 1,
-    )
-    df = scfg.deepfool
-    num_chunks = -(-n // scfg.chunk_size)
-    progress = Progress("score/deepfool", num_chunks, scfg.chunk_size, os.path.join(workdir, "metrics.jsonl"), every_s=config.train.log_every_s)
     start = time.perf_counter()
-    run = scores_lib.deepfool_runner(
-        _apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
-        candidates=df.candidates, mesh=mesh,
-    )
-    result = scores_lib.margin_scores(run, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, progress=progress)
-    seconds = time.perf_counter() - start
-    for name, array in result.items():
-        save_npy(os.path.join(out_dir, f"{name}.npy"), array)
-    margin = result["margin"]
-    write_json(os.path.join(out_dir, "meta.json"), {
-        "score": "margin",
-        "model_checkpoint": os.path.join(ckpt_dir, str(int(state.step))),
-        "weights": "ema" if scfg.use_ema else "raw",
-        "seed": config.seed + 1,
-        "deepfool": df.to_dict(),
-        "num_samples": n,
-        "fraction_converged": float(result["converged"].mean()),
-        "fraction_correct": float((margin > 0).mean()),
-        "mean_iterations": float(result["n_iter"].mean()),
-        "margin_quantiles": {str(q): float(np.quantile(margin, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
-        "seconds": seconds,
-    })
-    log.info("[score] margins of %d samples in %.1fs: %.1f%% converged, median %.4g", n, seconds, 100 * result["converged"].mean(), np.median(margin))
+    n = len(data.pool)
+    labels = data.pool.labels()
+    trainable = np.ones(n, bool)
+    trainable[validation_indices(data.pool.num_original, config.train.validation_size, config.seed)] = False
+    scored = scored_indices(config, data, trainable)
+    meta = {"score": scfg.score, "seed": config.seed + 1, "scored": len(scored), "num_samples": n, "weights": "ema" if scfg.use_ema else "raw"}
+    extras: dict[str, np.ndarray] = {}
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if scfg.score == "random":
+        values = importance.random_scores(len(scored), config.seed)
+        model = state = None
+    else:
+        keep = np.zeros(n, bool)
+        keep[scored] = True
+        base_eps = np.full(n, config.attack.eps, np.float32)
+        history_scores = ("forgetting", "du", "fp")
+        num_models = scfg.num_models if scfg.score in ("el2n", "grand") else 1
+        outputs = []
+        for m in range(num_models):
+            ckpt_dir = os.path.join(workdir, "scoring_model" if m == 0 else f"scoring_model_{m}", "checkpoints")
+            callbacks = ()
+            if scfg.score in history_scores:
+                attack = None
+                if scfg.history_inputs == "pgd":
+                    a = config.attack
+                    attack = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm)
+                elif scfg.history_inputs != "clean":
+                    raise ValueError(f"scoring.history_inputs must be 'clean' or 'pgd', got {scfg.history_inputs!r}")
+                recorder = HistoryRecorder(
+                    predictions.Predictor(_features_fn(build_model(config)), mesh=mesh, attack=attack), data.pool, scored,
+                    every=_steps_per_epoch(config, data, keep), out_dir=os.path.join(out_dir, "history"),
+                    chunk_size=scfg.chunk_size, seed=config.seed + 1,
+                )
+                callbacks = (recorder,)
+            model, state = _train_model(
+                config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir, metrics_path=metrics_path,
+                phase="score/train" if m == 0 else f"score/train_{m}", seed=config.seed + 1 + m, callbacks=callbacks,
+            )
+            meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
+            if scfg.score in ("el2n", "grand"):
+                predict = predictions.Predictor(_features_fn(model), mesh=mesh)
+                outputs.append(predictions.pool_outputs(predict, state.variables(ema=scfg.use_ema), data.pool, scored, chunk_size=scfg.chunk_size,
+                                                        keep=("probs", "features") if scfg.score == "grand" else ("probs",)))
+        if scfg.score == "margin":
+            df = scfg.deepfool
+            run = scores_lib.deepfool_runner(
+                _apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, mesh=mesh,
+            )
+            progress = Progress("score/deepfool", -(-len(scored) // scfg.chunk_size), scfg.chunk_size, metrics_path if _is_writer() else None, every_s=config.train.log_every_s)
+            result = scores_lib.margin_scores(run, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, indices=scored,
+                                              resume_dir=os.path.join(out_dir, "deepfool_chunks"), progress=progress)
+            values, extras = result["margin"], {"converged": result["converged"], "n_iter": result["n_iter"]}
+            meta.update(deepfool=df.to_dict(), fraction_converged=float(result["converged"].mean()), mean_iterations=float(result["n_iter"].mean()))
+        elif scfg.score == "el2n":
+            values = np.mean([importance.el2n(o["probs"], o["labels"]) for o in outputs], axis=0)
+        elif scfg.score == "grand":
+            values = np.mean([importance.grand_last_layer(o["probs"], o["labels"], o["features"]) for o in outputs], axis=0)
+        else:
+            p_true, correct = recorder.load()
+            meta["history_epochs"] = int(p_true.shape[0])
+            if scfg.score == "forgetting":
+                values = importance.forgetting_events(correct)
+            elif scfg.score == "du":
+                values = importance.dynamic_uncertainty(p_true, window=scfg.du_window)
+            else:
+                values = importance.frequency_score(p_true)
+    full = np.full(n, np.nan, np.float32)  # rows without a score (the validation slice) stay NaN
+    full[scored] = values
+    if scfg.extrapolation.enabled:
+        full, meta["extrapolation"] = _extrapolate(config, data, mesh, model, state, scored, values, trainable, out_dir)
+    for name, array in extras.items():
+        whole = np.zeros(n, array.dtype)
+        whole[scored] = array
+        save_npy(os.path.join(out_dir, f"{name}.npy"), whole)
+    save_npy(os.path.join(out_dir, f"{scfg.score}.npy"), full)
+    finite = full[np.isfinite(full)]
+    meta.update(seconds=time.perf_counter() - start, quantiles={str(q): float(np.quantile(finite, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)})
+    if scfg.score == "margin":
+        meta["fraction_correct"] = float((finite > 0).mean())
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    log.info("[score] %s of %d samples (%d computed) in %.1fs, median %.4g", scfg.score, int(np.isfinite(full).sum()), len(scored), meta["seconds"], np.median(finite))
+
+
+def _steps_per_epoch(config, data: Data, keep: np.ndarray) -> int:
+    tcfg = config.train
+    plan = make_plan(keep, data.pool.num_original, batch_size=tcfg.batch_size,
+                     original_fraction=tcfg.original_fraction if tcfg.original_fraction > 0 else None,
+                     synthetic_with_replacement=tcfg.synthetic_with_replacement, seed=0)
+    return plan.steps_per_epoch
+
+
+def _extrapolate(config, data: Data, mesh, model, state, scored: np.ndarray, values: np.ndarray, trainable: np.ndarray, out_dir: str):
+    """Fills every trainable row's score from its k nearest scored rows -> (scores (N,), report).
+
+    A `holdout_fraction` of the scored rows is left out of the references and
+    extrapolated too: the Spearman correlation there measures the extrapolation.
+    """
+    ext = config.scoring.extrapolation
+    if model is None:
+        raise ValueError("extrapolation embeds with the scoring model; scoring.score='random' has none")
+    n = len(data.pool)
+    rng = np.random.default_rng([ext.seed, 17])
+    holdout = rng.random(len(scored)) < ext.holdout_fraction
+    refs = scored[~holdout]
+    predict = predictions.Predictor(_features_fn(model), mesh=mesh)
+    variables = state.variables(ema=config.scoring.use_ema)
+    queries = np.flatnonzero(trainable)
+    chunk = config.scoring.chunk_size
+    ref_features = predictions.pool_outputs(predict, variables, data.pool, refs, chunk_size=chunk, keep=("features",))["features"]
+    embedding_path = os.path.join(out_dir, "embedding.npy")
+    os.makedirs(out_dir, exist_ok=True)
+    embedding = np.lib.format.open_memmap(embedding_path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
+    predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding})
+    embedding.flush()
+    query_chunk = max(chunk // mesh.size, 1) * mesh.size
+    dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=query_chunk, mesh=mesh)
+    del embedding
+    os.replace(embedding_path + ".tmp.npy", embedding_path)  # (trainable rows, D): the queries' embedding, kept for inspection
+    extrapolated = knn_lib.extrapolate(values[~holdout], dist, idx, ext.weighting)
+    full = np.full(n, np.nan, np.float32)
+    full[queries] = extrapolated
+    full[refs] = values[~holdout]  # reference rows keep their computed score
+    position = np.searchsorted(queries, scored[holdout])
+    rho = float(spearmanr(extrapolated[position], values[holdout]).statistic) if holdout.sum() > 2 else float("nan")
+    log.info("[score] extrapolated to %d rows from %d references (k=%d, %s); Spearman on %d held-out scored rows: %.3f",
+             len(queries), len(refs), ext.k, ext.metric, int(holdout.sum()), rho)
+    return full, {"references": int(len(refs)), "held_out": int(holdout.sum()), "spearman_held_out": rho, **ext.to_dict()}
 
 
 def select(config, workdir: str, data: Data) -> None:
     """Applies the pruning strategy to the scores -> selection/keep.npy, eps.npy, meta.json."""
     out_dir = os.path.join(workdir, "selection")
-    guard_settings(workdir, "select", _section(config, "pruning") | {"eps": config.attack.eps, "seed": config.seed, "validation_size": config.train.validation_size})
+    guard_settings(workdir, "select", _section(config, "pruning") | {"eps": config.attack.eps, "seed": config.seed, "validation_size": config.train.validation_size, "score": config.scoring.score})
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         log.info("[select] complete, skipped (%s)", out_dir)
         return
     pcfg = config.pruning
-    margins = None if pcfg.strategy == "random" else np.load(os.path.join(workdir, "scores", "margin.npy"))
+    score_name = config.scoring.score
+    margins = None if pcfg.strategy == "random" else np.load(os.path.join(workdir, "scores", f"{score_name}.npy"))
+    if pcfg.strategy in ("puma", "prune_easy", "prune_hard") and score_name != "margin":
+        raise ValueError(f"pruning.strategy {pcfg.strategy!r} ranks DeepFool margins, but scoring.score is {score_name!r}; "
+                         "use keep_top / keep_bottom for other scores")
     if pcfg.strategy == "puma" and config.scoring.deepfool.norm != config.attack.norm:
         raise ValueError(
             f"puma compares margins with the training eps, so scoring.deepfool.norm ({config.scoring.deepfool.norm}) "

@@ -1,5 +1,7 @@
 """Attack tests against analytic answers and invariants."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +219,32 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
     np.testing.assert_array_equal(results[0]["n_iter"], results[1]["n_iter"])
     np.testing.assert_array_equal(results[0]["converged"], results[1]["converged"])
     np.testing.assert_allclose(results[0]["margin"], results[1]["margin"], rtol=1e-5, atol=1e-6)
+
+
+def test_killed_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path):
+    from jax_advprune.parallel import make_mesh
+    from jax_advprune.pruning.scores import deepfool_runner, margin_scores
+
+    pool, _, _ = small_pool
+    rng = np.random.default_rng(15)
+    variables = {"w": rng.normal(size=(64, NUM_CLASSES)).astype(np.float32)}
+    run = deepfool_runner(lambda v, x: x.reshape(x.shape[0], -1) @ v["w"], slots=16, norm="l2", max_iter=30,
+                          overshoot=0.02, candidates=None, mesh=make_mesh(2))
+    straight = margin_scores(run, variables, pool, chunk_size=48)
+    calls = []
+
+    def dying_run(v, x, y):  # killed while computing the third chunk
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run(v, x, y)
+
+    with pytest.raises(KeyboardInterrupt):
+        margin_scores(dying_run, variables, pool, chunk_size=48, resume_dir=str(tmp_path / "chunks"))
+    assert sorted(os.listdir(tmp_path / "chunks")) == ["chunk_000001.npz", "chunk_000002.npz"]
+    calls.clear()
+    counting_run = lambda v, x, y: calls.append(len(x)) or run(v, x, y)  # noqa: E731
+    resumed = margin_scores(counting_run, variables, pool, chunk_size=48, resume_dir=str(tmp_path / "chunks"))
+    assert len(calls) == 3  # chunks 3, 4 and 5 of ceil(200 / 48) = 5
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])

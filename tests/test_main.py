@@ -88,3 +88,25 @@ def test_reference_recipe_smoke_variant_trains_trades_on_generated_data(tmp_path
         assert 0.0 <= r["autoattack_lite_accuracy"] <= r["apgd_ce_accuracy"] <= r["clean_accuracy"] <= 1.0
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
     assert lrs and max(lrs) <= 0.2 + 1e-6
+
+
+def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
+    """Nieth et al.'s setup at smoke size: DU from a per-epoch history on a subset, kNN-extrapolated, keep_top."""
+    proc = run_main(
+        tmp_path, "--config.scoring.score=du", "--config.scoring.extrapolation.enabled=True",
+        "--config.scoring.extrapolation.subset_size=500", "--config.scoring.train_epochs=6", "--config.scoring.du_window=5",
+        "--config.pruning.strategy=keep_top", "--config.pruning.scope=synthetic", "--config.pruning.class_balanced=True",
+        "--config.eval.apgd_steps=0",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.load(open(tmp_path / "scores/meta.json"))
+    assert meta["score"] == "du" and meta["history_epochs"] == 6 and meta["scored"] == 1528 - 32 + 500
+    assert -1.0 <= meta["extrapolation"]["spearman_held_out"] <= 1.0 and meta["extrapolation"]["k"] == 12
+    assert len(os.listdir(tmp_path / "scores/history")) == 6
+    du = np.load(tmp_path / "scores/du.npy")
+    keep = np.load(tmp_path / "selection/keep.npy")
+    assert du.shape == keep.shape == (3528,) and np.isnan(du).sum() == 32  # only the validation slice is unscored
+    synthetic = np.arange(3528) >= 1528
+    assert keep[:1528].sum() == 1528 - 32  # originals kept whole (scope 'synthetic')
+    assert keep[synthetic].sum() == 1000  # half of the 2,000 synthetic rows
+    assert du[synthetic & keep].mean() > du[synthetic & ~keep].mean()  # the high-uncertainty half is kept
