@@ -75,9 +75,10 @@ def test_changed_settings_on_an_existing_workdir_are_refused(smoke_run):
     np.testing.assert_array_equal(np.load(workdir / "selection/keep.npy"), keep_before)
 
 
-def test_reference_recipe_smoke_variant_trains_trades_on_generated_data(tmp_path):
-    """configs/cifar10_trades.py:smoke: TRADES, a WideResNet, 32x32x3 generated data, validation and evaluation."""
-    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/cifar10_trades.py:smoke"), "--workdir", str(tmp_path)]
+@pytest.mark.parametrize("config", ["cifar10_trades", "cifar10_puma", "cifar10_extrapolation"])
+def test_paper_config_smoke_variants_run_offline(tmp_path, config):
+    """configs/<paper>.py:smoke: TRADES, a WideResNet, 32x32x3 generated data, scoring, selection, validation, evaluation."""
+    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, f"configs/{config}.py:smoke"), "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[train] trades" in proc.stdout and "best validation checkpoint" in proc.stdout
@@ -88,6 +89,17 @@ def test_reference_recipe_smoke_variant_trains_trades_on_generated_data(tmp_path
         assert 0.0 <= r["autoattack_lite_accuracy"] <= r["apgd_ce_accuracy"] <= r["clean_accuracy"] <= 1.0
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
     assert lrs and max(lrs) <= 0.2 + 1e-6
+    selection = json.load(open(tmp_path / "selection/meta.json"))
+    if config == "cifar10_trades":
+        assert selection["kept"] == 1536 - 64 and not os.path.exists(tmp_path / "scores")
+    else:  # half of the 1,024 synthetic images kept, originals whole
+        assert selection["kept_original"] == 512 - 64 and abs(selection["kept_synthetic"] - 512) <= 10
+        scores = json.load(open(tmp_path / "scores/meta.json"))
+        assert scores["score"] == ("margin" if config == "cifar10_puma" else "du")
+        if config == "cifar10_puma":
+            assert selection["lowered_eps"] > 0 and selection["mean_eps_kept"] <= 8 / 255
+        else:
+            assert "spearman_held_out" in scores["extrapolation"]
 
 
 def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):

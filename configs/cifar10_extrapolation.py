@@ -1,0 +1,64 @@
+"""Data importance extrapolation (Nieth et al., arXiv 2406.13283) on CIFAR-10 + a generated pool.
+
+Command (paths are flags; one GPU or a pod, see configs/cifar10_trades.py):
+
+    python -m jax_advprune.main --config configs/cifar10_extrapolation.py --workdir runs/c10_extra \\
+      --config.data.tarball=/data/cifar-10-python.tar.gz \\
+      --config.data.synthetic='("/data/1m.npz",)' --config.pruning.keep_ratio=0.5
+
+Setup (section 2 of ../shared/papers/ALGORITHMS.md): a TRADES scoring run on
+CIFAR-10 plus a 100k-image subset of the generated pool records every epoch the
+true-class probability on PGD-10 inputs (L-inf 8/255, step 2/255, random start);
+dynamic uncertainty (window 10) of that history scores the subset; every other
+pool image gets the unweighted mean score of its k = 12 nearest scored images
+(Euclidean) in the embedding of the scoring model's penultimate features (the
+paper uses an SSCD copy-detection network; any embedding is allowed). The lowest-
+scoring synthetic images are pruned (keep_top, class-balanced); the original
+training set is kept whole. Batches are 20% original / 80% synthetic; an epoch is
+ceil(50,000 / 512) batches. The final model follows configs/cifar10_trades.py.
+The Spearman correlation between extrapolated and computed scores on 10% of the
+scored images held out of the references is written to scores/meta.json.
+
+What the paper reports: extrapolated DU pruning matches or beats random pruning
+(second-hand: about +0.5 points at 50% pruning), at the cost of scoring a small
+subset instead of the pool.
+
+Smoke variant (runs here, offline, in about two minutes):
+
+    python -m jax_advprune.main --config configs/cifar10_extrapolation.py:smoke --workdir runs/extra_smoke
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("jax_advprune_trades_config", os.path.join(os.path.dirname(__file__), "cifar10_trades.py"))
+_trades = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_trades)
+
+
+def get_config(arg: str | None = None):
+    if arg not in (None, "smoke"):
+        raise ValueError(f"unknown variant {arg!r}; known: 'smoke'")
+    c = _trades.get_config(arg)
+    c.train.original_fraction = 0.2
+    s = c.scoring
+    s.score = "du"
+    s.du_window = 10 if arg is None else 2
+    s.history_inputs = "pgd"
+    s.train_epochs = 100.0 if arg is None else 3.0
+    s.use_ema = True
+    s.chunk_size = 16384 if arg is None else 256
+    e = s.extrapolation
+    e.enabled = True
+    e.subset_size = 100_000 if arg is None else 256
+    e.seed = 0
+    e.k = 12
+    e.metric = "euclidean"
+    e.weighting = "uniform"
+    e.holdout_fraction = 0.1
+    p = c.pruning
+    p.strategy = "keep_top"
+    p.keep_ratio = 0.5
+    p.scope = "synthetic"
+    p.class_balanced = True
+    return c
