@@ -101,8 +101,10 @@ def main() -> None:
             if score is not None:  # share the score phase of the first run that computed it
                 score_key = f"seed{seed}/scores_{score}"
                 source = os.path.join(args.workdir, score_key)
-                if not os.path.exists(os.path.join(source, "scores", "meta.json")):
-                    pipeline.run(study_config(strategy, score, scoring, ratio, seed, args.epochs), source)
+                if not os.path.exists(os.path.join(source, "scores", "meta.json")):  # the score phase alone
+                    config = study_config(strategy, score, scoring, ratio, seed, args.epochs)
+                    os.makedirs(source, exist_ok=True)
+                    pipeline.score(config, source, pipeline.load_data(config, source), parallel.make_mesh(config.num_devices or None))
                 share_scores(source, workdir)
             if not os.path.exists(os.path.join(workdir, "results.json")):
                 pipeline.run(study_config(strategy, score, scoring, ratio, seed, args.epochs), workdir)

@@ -316,12 +316,15 @@ class HistoryRecorder:
         self.predict, self.pool, self.indices, self.every = predict, pool, indices, every
         self.out_dir, self.chunk_size, self.seed = out_dir, chunk_size, seed
         os.makedirs(out_dir, exist_ok=True)
+        parallel.sync("history listed")
+        # Decided once, so every process of a multi-host run records the same epochs.
+        self.recorded = {f for f in os.listdir(out_dir) if f.startswith("epoch_") and ".tmp" not in f}
 
     def _path(self, epoch: int) -> str:
         return os.path.join(self.out_dir, f"epoch_{epoch:05d}.npz")
 
     def __call__(self, state, step: int) -> None:
-        if step % self.every or os.path.exists(self._path(step // self.every)):
+        if step % self.every or os.path.basename(self._path(step // self.every)) in self.recorded:
             return
         out = predictions.pool_outputs(self.predict, state.variables(), self.pool, self.indices, chunk_size=self.chunk_size,
                                        seed=self.seed + step, keep=("probs",))
@@ -332,6 +335,7 @@ class HistoryRecorder:
             os.replace(path + ".tmp.npz", path)
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
+        parallel.sync("history written")
         files = sorted(f for f in os.listdir(self.out_dir) if f.startswith("epoch_") and f.endswith(".npz") and ".tmp" not in f)
         records = [np.load(os.path.join(self.out_dir, f)) for f in files]
         return np.stack([r["p_true"] for r in records]), np.stack([r["correct"] for r in records])
@@ -375,71 +379,16 @@ def score(config, workdir: str, data: Data, mesh) -> None:
         return
     start = time.perf_counter()
     n = len(data.pool)
-    labels = data.pool.labels()
     trainable = np.ones(n, bool)
     trainable[validation_indices(data.pool.num_original, config.train.validation_size, config.seed)] = False
     scored = scored_indices(config, data, trainable)
     meta = {"score": scfg.score, "seed": config.seed + 1, "scored": len(scored), "num_samples": n, "weights": "ema" if scfg.use_ema else "raw"}
     extras: dict[str, np.ndarray] = {}
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if scfg.score == "random":
         values = importance.random_scores(len(scored), config.seed)
         model = state = None
     else:
-        keep = np.zeros(n, bool)
-        keep[scored] = True
-        base_eps = np.full(n, config.attack.eps, np.float32)
-        history_scores = ("forgetting", "du", "fp")
-        num_models = scfg.num_models if scfg.score in ("el2n", "grand") else 1
-        outputs = []
-        for m in range(num_models):
-            ckpt_dir = os.path.join(workdir, "scoring_model" if m == 0 else f"scoring_model_{m}", "checkpoints")
-            callbacks = ()
-            if scfg.score in history_scores:
-                attack = None
-                if scfg.history_inputs == "pgd":
-                    a = config.attack
-                    attack = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm)
-                elif scfg.history_inputs != "clean":
-                    raise ValueError(f"scoring.history_inputs must be 'clean' or 'pgd', got {scfg.history_inputs!r}")
-                recorder = HistoryRecorder(
-                    predictions.Predictor(_features_fn(build_model(config)), mesh=mesh, attack=attack), data.pool, scored,
-                    every=_steps_per_epoch(config, data, keep), out_dir=os.path.join(out_dir, "history"),
-                    chunk_size=scfg.chunk_size, seed=config.seed + 1,
-                )
-                callbacks = (recorder,)
-            model, state = _train_model(
-                config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir, metrics_path=metrics_path,
-                phase="score/train" if m == 0 else f"score/train_{m}", seed=config.seed + 1 + m, callbacks=callbacks,
-            )
-            meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
-            if scfg.score in ("el2n", "grand"):
-                predict = predictions.Predictor(_features_fn(model), mesh=mesh)
-                outputs.append(predictions.pool_outputs(predict, state.variables(ema=scfg.use_ema), data.pool, scored, chunk_size=scfg.chunk_size,
-                                                        keep=("probs", "features") if scfg.score == "grand" else ("probs",)))
-        if scfg.score == "margin":
-            df = scfg.deepfool
-            run = scores_lib.deepfool_runner(
-                _apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, mesh=mesh,
-            )
-            progress = Progress("score/deepfool", -(-len(scored) // scfg.chunk_size), scfg.chunk_size, metrics_path if _is_writer() else None, every_s=config.train.log_every_s)
-            result = scores_lib.margin_scores(run, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, indices=scored,
-                                              resume_dir=os.path.join(out_dir, "deepfool_chunks"), progress=progress)
-            values, extras = result["margin"], {"converged": result["converged"], "n_iter": result["n_iter"]}
-            meta.update(deepfool=df.to_dict(), fraction_converged=float(result["converged"].mean()), mean_iterations=float(result["n_iter"].mean()))
-        elif scfg.score == "el2n":
-            values = np.mean([importance.el2n(o["probs"], o["labels"]) for o in outputs], axis=0)
-        elif scfg.score == "grand":
-            values = np.mean([importance.grand_last_layer(o["probs"], o["labels"], o["features"]) for o in outputs], axis=0)
-        else:
-            p_true, correct = recorder.load()
-            meta["history_epochs"] = int(p_true.shape[0])
-            if scfg.score == "forgetting":
-                values = importance.forgetting_events(correct)
-            elif scfg.score == "du":
-                values = importance.dynamic_uncertainty(p_true, window=scfg.du_window)
-            else:
-                values = importance.frequency_score(p_true)
+        values, extras, model, state = _computed_scores(config, workdir, data, mesh, scored, meta)
     full = np.full(n, np.nan, np.float32)  # rows without a score (the validation slice) stay NaN
     full[scored] = values
     if scfg.extrapolation.enabled:
@@ -455,6 +404,74 @@ def score(config, workdir: str, data: Data, mesh) -> None:
         meta["fraction_correct"] = float((finite > 0).mean())
     write_json(os.path.join(out_dir, "meta.json"), meta)
     log.info("[score] %s of %d samples (%d computed) in %.1fs, median %.4g", scfg.score, int(np.isfinite(full).sum()), len(scored), meta["seconds"], np.median(finite))
+
+
+def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict):
+    """Trains the scoring model(s) on the `scored` rows and scores them -> (values (M,), extras, model, state).
+
+    Adds the checkpoints and score-specific facts to `meta`.
+    """
+    scfg = config.scoring
+    out_dir = os.path.join(workdir, "scores")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    n = len(data.pool)
+    extras: dict[str, np.ndarray] = {}
+    keep = np.zeros(n, bool)
+    keep[scored] = True
+    base_eps = np.full(n, config.attack.eps, np.float32)
+    history_scores = ("forgetting", "du", "fp")
+    num_models = scfg.num_models if scfg.score in ("el2n", "grand") else 1
+    outputs = []
+    for m in range(num_models):
+        ckpt_dir = os.path.join(workdir, "scoring_model" if m == 0 else f"scoring_model_{m}", "checkpoints")
+        callbacks = ()
+        if scfg.score in history_scores:
+            attack = None
+            if scfg.history_inputs == "pgd":
+                a = config.attack
+                attack = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm)
+            elif scfg.history_inputs != "clean":
+                raise ValueError(f"scoring.history_inputs must be 'clean' or 'pgd', got {scfg.history_inputs!r}")
+            recorder = HistoryRecorder(
+                predictions.Predictor(_features_fn(build_model(config)), mesh=mesh, attack=attack), data.pool, scored,
+                every=_steps_per_epoch(config, data, keep), out_dir=os.path.join(out_dir, "history"),
+                chunk_size=scfg.chunk_size, seed=config.seed + 1,
+            )
+            callbacks = (recorder,)
+        model, state = _train_model(
+            config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir, metrics_path=metrics_path,
+            phase="score/train" if m == 0 else f"score/train_{m}", seed=config.seed + 1 + m, callbacks=callbacks,
+        )
+        meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
+        if scfg.score in ("el2n", "grand"):
+            predict = predictions.Predictor(_features_fn(model), mesh=mesh)
+            outputs.append(predictions.pool_outputs(predict, state.variables(ema=scfg.use_ema), data.pool, scored, chunk_size=scfg.chunk_size,
+                                                    keep=("probs", "features") if scfg.score == "grand" else ("probs",)))
+    if scfg.score == "margin":
+        df = scfg.deepfool
+        run = scores_lib.deepfool_runner(
+            _apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot, candidates=df.candidates, mesh=mesh,
+        )
+        progress = Progress("score/deepfool", -(-len(scored) // scfg.chunk_size), scfg.chunk_size, metrics_path if _is_writer() else None, every_s=config.train.log_every_s)
+        parallel.sync("before DeepFool chunks are listed")
+        result = scores_lib.margin_scores(run, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, indices=scored,
+                                          resume_dir=os.path.join(out_dir, "deepfool_chunks"), progress=progress)
+        values, extras = result["margin"], {"converged": result["converged"], "n_iter": result["n_iter"]}
+        meta.update(deepfool=df.to_dict(), fraction_converged=float(result["converged"].mean()), mean_iterations=float(result["n_iter"].mean()))
+    elif scfg.score == "el2n":
+        values = np.mean([importance.el2n(o["probs"], o["labels"]) for o in outputs], axis=0)
+    elif scfg.score == "grand":
+        values = np.mean([importance.grand_last_layer(o["probs"], o["labels"], o["features"]) for o in outputs], axis=0)
+    else:
+        p_true, correct = recorder.load()
+        meta["history_epochs"] = int(p_true.shape[0])
+        if scfg.score == "forgetting":
+            values = importance.forgetting_events(correct)
+        elif scfg.score == "du":
+            values = importance.dynamic_uncertainty(p_true, window=scfg.du_window)
+        else:
+            values = importance.frequency_score(p_true)
+    return values, extras, model, state
 
 
 def _steps_per_epoch(config, data: Data, keep: np.ndarray) -> int:
@@ -485,13 +502,17 @@ def _extrapolate(config, data: Data, mesh, model, state, scored: np.ndarray, val
     ref_features = predictions.pool_outputs(predict, variables, data.pool, refs, chunk_size=chunk, keep=("features",))["features"]
     embedding_path = os.path.join(out_dir, "embedding.npy")
     os.makedirs(out_dir, exist_ok=True)
-    embedding = np.lib.format.open_memmap(embedding_path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
+    tmp_path = embedding_path + f".tmp{jax.process_index()}.npy"  # every process fills its own copy
+    embedding = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
     predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding})
     embedding.flush()
     query_chunk = max(chunk // mesh.size, 1) * mesh.size
     dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=query_chunk, mesh=mesh)
     del embedding
-    os.replace(embedding_path + ".tmp.npy", embedding_path)  # (trainable rows, D): the queries' embedding, kept for inspection
+    if _is_writer():
+        os.replace(tmp_path, embedding_path)  # (trainable rows, D): the queries' embedding, kept for inspection
+    else:
+        os.remove(tmp_path)
     extrapolated = knn_lib.extrapolate(values[~holdout], dist, idx, ext.weighting)
     full = np.full(n, np.nan, np.float32)
     full[queries] = extrapolated
@@ -512,7 +533,7 @@ def select(config, workdir: str, data: Data) -> None:
         return
     pcfg = config.pruning
     score_name = config.scoring.score
-    margins = None if pcfg.strategy == "random" else np.load(os.path.join(workdir, "scores", f"{score_name}.npy"))
+    scores = None if pcfg.strategy == "random" else np.load(os.path.join(workdir, "scores", f"{score_name}.npy"))
     if pcfg.strategy in ("puma", "prune_easy", "prune_hard") and score_name != "margin":
         raise ValueError(f"pruning.strategy {pcfg.strategy!r} ranks DeepFool margins, but scoring.score is {score_name!r}; "
                          "use keep_top / keep_bottom for other scores")
@@ -529,7 +550,7 @@ def select(config, workdir: str, data: Data) -> None:
     trainable = np.ones(len(labels), bool)
     trainable[held_out] = False  # the validation slice is never trained on: select among the rest
     keep_sub, eps_sub = strategies.select(
-        pcfg.strategy, scores=None if margins is None else margins[trainable], labels=labels[trainable], prunable=scopes[pcfg.scope][trainable],
+        pcfg.strategy, scores=None if scores is None else scores[trainable], labels=labels[trainable], prunable=scopes[pcfg.scope][trainable],
         keep_ratio=pcfg.keep_ratio, base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed,
         puma=pcfg.puma.to_dict(),
     )

@@ -122,3 +122,19 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
     assert keep[:1528].sum() == 1528 - 32  # originals kept whole (scope 'synthetic')
     assert keep[synthetic].sum() == 1000  # half of the 2,000 synthetic rows
     assert du[synthetic & keep].mean() > du[synthetic & ~keep].mean()  # the high-uncertainty half is kept
+
+
+def test_el2n_over_two_scoring_models_feeds_keep_bottom(tmp_path):
+    proc = run_main(
+        tmp_path, "--config.scoring.score=el2n", "--config.scoring.num_models=2", "--config.scoring.train_epochs=1",
+        "--config.pruning.strategy=keep_bottom", "--config.pruning.keep_ratio=0.25", "--config.eval.apgd_steps=0",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.load(open(tmp_path / "scores/meta.json"))
+    assert meta["score"] == "el2n" and len(meta["model_checkpoints"]) == 2
+    el2n = np.load(tmp_path / "scores/el2n.npy")
+    keep = np.load(tmp_path / "selection/keep.npy")
+    scored = np.isfinite(el2n)
+    assert scored.sum() == 3528 - 32 and np.all((el2n[scored] >= 0) & (el2n[scored] <= np.sqrt(2) + 1e-6))
+    assert keep.sum() == round(0.25 * (3528 - 32))
+    assert el2n[keep].max() <= el2n[scored & ~keep].min()  # the easiest quarter is kept

@@ -96,40 +96,44 @@ def small_cnn_to_torch(model, variables: dict, image_shape: tuple[int, int, int]
     return TorchSmallCNN().eval()
 
 
-def preact_resnet_to_torch(model, variables: dict, image_shape: tuple[int, int, int]):
-    """A torch.nn.Module computing `model.apply(variables, x, train=False)` for a PreActResNet."""
+def _residual_to_torch(model, variables: dict, image_shape: tuple[int, int, int], blocks: list[tuple[str, int]], layer_names: tuple[str, str, str, str]):
+    """Shared exporter of the pre-activation residual nets (PreActResNet, WideResNet).
+
+    Both compute stem conv -> blocks -> BN-act -> global mean -> dense, where a block is
+    act(bn_a(x)) -> conv_a(stride) -> act(bn_b) -> conv_b, plus x or a 1x1 shortcut of
+    act(bn_a(x)). `blocks`: (Flax block name, stride) in order; `layer_names`: the
+    block's (bn_a, conv_a, bn_b, conv_b) parameter names.
+    """
     _, F, nn, SameConv, batch_norm, dense, normalizer = _torch_layers()
     params, stats = variables["params"], variables["batch_stats"]
     activation = {"relu": F.relu, "swish": F.silu}[model.activation]
+    bn_a, conv_a, bn_b, conv_b = layer_names
 
     class Block(nn.Module):
         def __init__(self, name: str, stride: int, hw):
             super().__init__()
             p, st = params[name], stats[name]
-            self.bn1, self.bn2 = batch_norm(p["bn1"], st["bn1"]), batch_norm(p["bn2"], st["bn2"])
-            self.conv1 = SameConv(p["conv1"]["kernel"], stride, hw)
-            self.conv2 = SameConv(p["conv2"]["kernel"], 1, self.conv1.out_hw)
+            self.bn_a, self.bn_b = batch_norm(p[bn_a], st[bn_a]), batch_norm(p[bn_b], st[bn_b])
+            self.conv_a = SameConv(p[conv_a]["kernel"], stride, hw)
+            self.conv_b = SameConv(p[conv_b]["kernel"], 1, self.conv_a.out_hw)
             self.shortcut = SameConv(p["shortcut"]["kernel"], stride, hw) if "shortcut" in p else None
-            self.out_hw = self.conv1.out_hw
+            self.out_hw = self.conv_a.out_hw
 
         def forward(self, x):
-            out = activation(self.bn1(x))
-            shortcut = self.shortcut(out) if self.shortcut is not None else x
-            out = self.conv1(out)
-            return self.conv2(activation(self.bn2(out))) + shortcut
+            activated = activation(self.bn_a(x))
+            out = self.conv_b(activation(self.bn_b(self.conv_a(activated))))
+            return (self.shortcut(activated) if self.shortcut is not None else x) + out
 
-    class TorchPreActResNet(nn.Module):
+    class TorchResidualNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.normalize = normalizer(model.mean, model.std)
             self.stem = SameConv(params["stem"]["kernel"], 1, tuple(image_shape[:2]))
-            hw, blocks = self.stem.out_hw, []
-            for stage, count in enumerate(model.blocks):
-                for i in range(count):
-                    block = Block(f"stage{stage}_block{i}", 2 if stage > 0 and i == 0 else 1, hw)
-                    hw = block.out_hw
-                    blocks.append(block)
-            self.blocks = nn.Sequential(*blocks)
+            hw, layers = self.stem.out_hw, []
+            for name, stride in blocks:
+                layers.append(Block(name, stride, hw))
+                hw = layers[-1].out_hw
+            self.blocks = nn.Sequential(*layers)
             self.bn_final = batch_norm(params["bn_final"], stats["bn_final"])
             self.head = dense(params["head"])
 
@@ -137,50 +141,20 @@ def preact_resnet_to_torch(model, variables: dict, image_shape: tuple[int, int, 
             x = self.blocks(self.stem(self.normalize(x)))
             return self.head(activation(self.bn_final(x)).mean(dim=(2, 3)))
 
-    return TorchPreActResNet().eval()
+    return TorchResidualNet().eval()
+
+
+def preact_resnet_to_torch(model, variables: dict, image_shape: tuple[int, int, int]):
+    """A torch.nn.Module computing `model.apply(variables, x, train=False)` for a PreActResNet."""
+    blocks = [(f"stage{stage}_block{i}", 2 if stage > 0 and i == 0 else 1) for stage, count in enumerate(model.blocks) for i in range(count)]
+    return _residual_to_torch(model, variables, image_shape, blocks, ("bn1", "conv1", "bn2", "conv2"))
 
 
 def wide_resnet_to_torch(model, variables: dict, image_shape: tuple[int, int, int]):
     """A torch.nn.Module computing `model.apply(variables, x, train=False)` for a WideResNet."""
-    _, F, nn, SameConv, batch_norm, dense, normalizer = _torch_layers()
-    params, stats = variables["params"], variables["batch_stats"]
-    activation = {"relu": F.relu, "swish": F.silu}[model.activation]
-
-    class Block(nn.Module):
-        def __init__(self, name: str, stride: int, hw):
-            super().__init__()
-            p, st = params[name], stats[name]
-            self.bn0, self.bn1 = batch_norm(p["bn0"], st["bn0"]), batch_norm(p["bn1"], st["bn1"])
-            self.conv0 = SameConv(p["conv0"]["kernel"], stride, hw)
-            self.conv1 = SameConv(p["conv1"]["kernel"], 1, self.conv0.out_hw)
-            self.shortcut = SameConv(p["shortcut"]["kernel"], stride, hw) if "shortcut" in p else None
-            self.out_hw = self.conv0.out_hw
-
-        def forward(self, x):
-            activated = activation(self.bn0(x))
-            out = self.conv1(activation(self.bn1(self.conv0(activated))))
-            return (self.shortcut(activated) if self.shortcut is not None else x) + out
-
-    class TorchWideResNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.normalize = normalizer(model.mean, model.std)
-            self.stem = SameConv(params["stem"]["kernel"], 1, tuple(image_shape[:2]))
-            hw, blocks, per_group = self.stem.out_hw, [], (model.depth - 4) // 6
-            for group, stride in enumerate((1, 2, 2)):
-                for i in range(per_group):
-                    block = Block(f"group{group}_block{i}", stride if i == 0 else 1, hw)
-                    hw = block.out_hw
-                    blocks.append(block)
-            self.blocks = nn.Sequential(*blocks)
-            self.bn_final = batch_norm(params["bn_final"], stats["bn_final"])
-            self.head = dense(params["head"])
-
-        def forward(self, x):
-            x = self.blocks(self.stem(self.normalize(x)))
-            return self.head(activation(self.bn_final(x)).mean(dim=(2, 3)))
-
-    return TorchWideResNet().eval()
+    per_group = (model.depth - 4) // 6
+    blocks = [(f"group{group}_block{i}", stride if i == 0 else 1) for group, stride in enumerate((1, 2, 2)) for i in range(per_group)]
+    return _residual_to_torch(model, variables, image_shape, blocks, ("bn0", "conv0", "bn1", "conv1"))
 
 
 EXPORTERS = {"SmallCNN": small_cnn_to_torch, "PreActResNet": preact_resnet_to_torch, "WideResNet": wide_resnet_to_torch}

@@ -91,11 +91,14 @@ def margin_scores(
     indices = np.arange(len(pool)) if indices is None else np.asarray(indices)
     m = len(indices)
     out = {"margin": np.zeros(m, np.float32), "converged": np.zeros(m, bool), "n_iter": np.zeros(m, np.int32)}
+    finished: set[str] = set()
     if resume_dir:
         os.makedirs(resume_dir, exist_ok=True)
+        # Decided once, so every process of a multi-host run skips the same chunks.
+        finished = {name for name in os.listdir(resume_dir) if name.startswith("chunk_") and ".tmp" not in name}
     for chunk, (rows, valid) in enumerate(padded_batches(m, chunk_size), start=1):
         path = os.path.join(resume_dir, f"chunk_{chunk:06d}.npz") if resume_dir else None
-        if path and os.path.exists(path):
+        if path and os.path.basename(path) in finished:
             with np.load(path) as saved:
                 done = {name: saved[name] for name in out}
         else:
