@@ -382,7 +382,8 @@ def score(config, workdir: str, data: Data, mesh) -> None:
     trainable = np.ones(n, bool)
     trainable[validation_indices(data.pool.num_original, config.train.validation_size, config.seed)] = False
     scored = scored_indices(config, data, trainable)
-    meta = {"score": scfg.score, "seed": config.seed + 1, "scored": len(scored), "num_samples": n, "weights": "ema" if scfg.use_ema else "raw"}
+    meta = {"score": scfg.score, "seed": config.seed + 1, "scored": len(scored), "num_samples": n, "weights": "ema" if scfg.use_ema else "raw",
+            "settings": scfg.to_dict()}
     extras: dict[str, np.ndarray] = {}
     if scfg.score == "random":
         values = importance.random_scores(len(scored), config.seed)
