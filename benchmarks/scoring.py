@@ -13,7 +13,7 @@ images, streamed from disk in chunks like the score phase:
     queries/s and GFLOP/s of the distance matmuls; the same search with
     faiss-cpu `IndexFlatL2` (exact, the usual tool) in the same run, with the
     fraction of identical neighbour lists;
-  - peak memory (PSS of this process) over the whole run.
+  - peak memory over the whole run: PSS sampled every 0.5 s and the peak RSS.
 The kNN uses random embeddings of the model's feature width (its cost does not
 depend on the values). Prints a table and writes benchmarks/results/scoring.json.
 """
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -136,8 +137,10 @@ def main() -> None:
         print("faiss-cpu not installed: no yardstick for the kNN", flush=True)
     rows.append(knn_row)
     peak = memory.stop()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    print(f"\n{ARGS.devices} XLA:CPU devices; pool {len(pool):,} images of 32x32x3 on disk; peak memory (PSS) {peak / 2**30:.2f} GiB\n")
+    print(f"\n{ARGS.devices} XLA:CPU devices; pool {len(pool):,} images of 32x32x3 on disk; peak memory: PSS {peak / 2**30:.2f} GiB, "
+          f"RSS {peak_rss / 2**30:.2f} GiB (the kNN's {ARGS.queries:,} x {dim} float32 queries alone take {ARGS.queries * dim * 4 / 2**30:.2f} GiB)\n")
     print("| stage | items | seconds | items/s | hours per 1M | notes |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -154,7 +157,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, devices=ARGS.devices),
-                       settings=vars(ARGS), pool_size=len(pool), peak_pss_bytes=peak, rows=rows), f, indent=2)
+                       settings=vars(ARGS), pool_size=len(pool), peak_pss_bytes=peak, peak_rss_bytes=peak_rss, rows=rows), f, indent=2)
     print(f"\nwrote {out}")
 
 
