@@ -32,11 +32,12 @@ if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--pool-size", type=int, default=1_000_000)
     _args.add_argument("--dir", default="/tmp/jax_advprune_bench")
-    _args.add_argument("--deepfool-images", type=int, default=20_000)
+    _args.add_argument("--deepfool-images", type=int, default=4096)
     _args.add_argument("--embed-images", type=int, default=100_000)
     _args.add_argument("--queries", type=int, default=1_000_000)
     _args.add_argument("--refs", type=int, default=20_000)
     _args.add_argument("--train-steps", type=int, default=100)
+    _args.add_argument("--deepfool-iterations", type=int, default=50)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1))
     ARGS = _args.parse_args()
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
@@ -55,6 +56,7 @@ from loader import PeakMemory, pool_paths  # noqa: E402
 from jax_advprune import parallel, training  # noqa: E402
 from jax_advprune.data.loader import BatchReader, make_plan  # noqa: E402
 from jax_advprune.data.sources import NpzPart, Pool  # noqa: E402
+from jax_advprune.metrics import Progress  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.pruning import knn as knn_lib  # noqa: E402
 from jax_advprune.pruning import predictions  # noqa: E402
@@ -80,6 +82,9 @@ def trained_model(pool: Pool, mesh, steps: int):
 
 
 def main() -> None:
+    from jax_advprune.main import setup_logging
+
+    setup_logging()
     memory = PeakMemory(every_s=0.5)
     paths = pool_paths(ARGS.dir, ARGS.pool_size)
     pool = Pool([NpzPart(p, 10) for p in paths], num_original=len(NpzPart(paths[0], 10)))
@@ -91,12 +96,14 @@ def main() -> None:
 
     # DeepFool margins over a random subset of the pool, chunks of 4,096 read from disk.
     subset = np.sort(rng.choice(len(pool), ARGS.deepfool_images, replace=False))
-    run = deepfool_runner(apply_fn, slots=512, norm="linf", max_iter=50, overshoot=0.02, candidates=None, mesh=mesh)
-    margin_scores(run, variables, pool, chunk_size=4096, indices=subset[:4096])  # compile
+    run = deepfool_runner(apply_fn, slots=512, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
+    chunk = min(1024, len(subset))
+    margin_scores(run, variables, pool, chunk_size=chunk, indices=subset[:chunk])  # compile
     start = time.perf_counter()
-    result = margin_scores(run, variables, pool, chunk_size=4096, indices=subset)
+    progress = Progress("deepfool", -(-len(subset) // chunk), chunk, every_s=10.0)
+    result = margin_scores(run, variables, pool, chunk_size=chunk, indices=subset, progress=progress)
     seconds = time.perf_counter() - start
-    rows.append(dict(stage="DeepFool L-inf margins (10 classes, 50 it.)", items=len(subset), seconds=seconds, per_s=len(subset) / seconds,
+    rows.append(dict(stage=f"DeepFool L-inf margins (10 classes, <= {ARGS.deepfool_iterations} it.)", items=len(subset), seconds=seconds, per_s=len(subset) / seconds,
                      mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean()),
                      hours_per_million=1e6 / (len(subset) / seconds) / 3600))
 
