@@ -12,6 +12,7 @@ both the scoring and the final model; PGD-20 evaluation, no APGD) for:
   keep_top du (extrapolated)  Nieth et al.: DU of a per-epoch history on the originals
                               + a 4,000-image synthetic subset, kNN-extrapolated (k=12)
   keep_top el2n               keep the highest EL2N (2 scoring models)
+  keep_bottom el2n            keep the lowest EL2N (the easy samples)
 
 at each keep ratio, plus the full pool (keep ratio 1.0), for each seed (the seed
 changes the data order, initialisation and scoring models, not the data). Each
@@ -41,6 +42,7 @@ METHODS = [
     ("puma", "puma", "margin", {}),
     ("keep_top du (extrapolated)", "keep_top", "du", {"extrapolation": {"enabled": True, "subset_size": 4000}, "du_window": 5}),
     ("keep_top el2n", "keep_top", "el2n", {}),
+    ("keep_bottom el2n", "keep_bottom", "el2n", {}),
 ]
 
 
