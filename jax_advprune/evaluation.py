@@ -11,6 +11,7 @@ import numpy as np
 from jax_advprune import parallel
 from jax_advprune.attacks import pgd
 from jax_advprune.attacks.apgd import apgd
+from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.batching import padded_batches
 
 ApplyFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images in [0, 1]) -> logits, inference mode
@@ -35,7 +36,7 @@ def pgd_evaluator(
     parallel.check_divisible(batch_size, mesh, "eval batch size")
 
     def shard_correct(variables, key, x_uint8, y):
-        x = x_uint8.astype(jnp.float32) / 255.0
+        x = to_unit_interval(x_uint8)
         logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
         x_adv = pgd(logits_fn, x, y, parallel.shard_key(key), eps=eps, step_size=step_size, steps=steps, norm=norm)
         return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
@@ -70,11 +71,8 @@ def evaluate_split(
     return pgd_evaluator(apply_fn, **settings)(variables, images, labels, seed)
 
 
-def autoattack_lite(
+def autoattack_lite_evaluator(
     apply_fn: ApplyFn,
-    variables: dict,
-    images: np.ndarray,
-    labels: np.ndarray,
     *,
     eps: float,
     norm: str,
@@ -82,9 +80,9 @@ def autoattack_lite(
     num_targets: int,
     batch_size: int,
     mesh: jax.sharding.Mesh,
-    seed: int = 0,
-) -> dict[str, float]:
-    """APGD-CE, then APGD-T (targeted DLR) on the survivors, worst case per sample.
+) -> Callable[..., dict[str, float]]:
+    """evaluate(variables, images, labels, seed=0) -> APGD-CE, then APGD-T (targeted DLR) on the survivors,
+    worst case per sample; compiled once.
 
     Every attack starts from the clean input (plus its own random start); APGD-T
     runs once per target class, the 2nd to (num_targets + 1)-th most likely clean
@@ -95,7 +93,7 @@ def autoattack_lite(
     parallel.check_divisible(batch_size, mesh, "eval batch size")
 
     def shard_fooled(variables, key, target_rank, x_uint8, y):
-        x = x_uint8.astype(jnp.float32) / 255.0
+        x = to_unit_interval(x_uint8)
         logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
         clean_logits = logits_fn(x)
         key = parallel.shard_key(key)
@@ -109,27 +107,44 @@ def autoattack_lite(
 
     untargeted = jax.jit(parallel.shard_over_batch(lambda v, k, x, y: shard_fooled(v, k, None, x, y), mesh, num_replicated=2))
     targeted = jax.jit(parallel.shard_over_batch(shard_fooled, mesh, num_replicated=3))
-    variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
-    labels = np.asarray(labels, np.int32)
-    robust = np.ones(len(labels), bool)  # attack 0 runs on every sample and also sets clean_correct
-    clean_correct = np.zeros(len(labels), bool)
-    base_key = jax.random.PRNGKey(seed)
-    accuracies = {}
-    for attack in range(num_targets + 1):
-        todo = np.flatnonzero(robust)
-        for i, (rows, valid) in enumerate(padded_batches(len(todo), batch_size)):
-            idx = todo[rows]
-            key = jax.random.fold_in(jax.random.fold_in(base_key, attack), i)
-            x, y = parallel.shared_batch((images[idx], labels[idx]), mesh)
+
+    def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+        variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
+        labels = np.asarray(labels, np.int32)
+        robust = np.ones(len(labels), bool)  # attack 0 runs on every sample and also sets clean_correct
+        clean_correct = np.zeros(len(labels), bool)
+        base_key = jax.random.PRNGKey(seed)
+        accuracies = {}
+        for attack in range(num_targets + 1):
+            todo = np.flatnonzero(robust)
+            for i, (rows, valid) in enumerate(padded_batches(len(todo), batch_size)):
+                idx = todo[rows]
+                key = jax.random.fold_in(jax.random.fold_in(base_key, attack), i)
+                x, y = parallel.shared_batch((images[idx], labels[idx]), mesh)
+                if attack == 0:
+                    fooled = parallel.to_host(untargeted(variables, key, x, y))
+                else:
+                    fooled = parallel.to_host(targeted(variables, key, jnp.asarray(attack - 1), x, y))
+                robust[idx[valid & (fooled[:, 0] | fooled[:, 1])]] = False
+                if attack == 0:
+                    clean_correct[idx[valid]] = ~fooled[valid, 0]
             if attack == 0:
-                fooled = parallel.to_host(untargeted(variables, key, x, y))
-            else:
-                fooled = parallel.to_host(targeted(variables, key, jnp.asarray(attack - 1), x, y))
-            robust[idx[valid & (fooled[:, 0] | fooled[:, 1])]] = False
-            if attack == 0:
-                clean_correct[idx[valid]] = ~fooled[valid, 0]
-        if attack == 0:
-            accuracies["clean_accuracy"] = float(clean_correct.mean())
-            accuracies["apgd_ce_accuracy"] = float(robust.mean())
-    accuracies["autoattack_lite_accuracy"] = float(robust.mean())
-    return accuracies
+                accuracies["clean_accuracy"] = float(clean_correct.mean())
+                accuracies["apgd_ce_accuracy"] = float(robust.mean())
+        accuracies["autoattack_lite_accuracy"] = float(robust.mean())
+        return accuracies
+
+    return evaluate
+
+
+def autoattack_lite(
+    apply_fn: ApplyFn,
+    variables: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    **settings,
+) -> dict[str, float]:
+    """APGD-CE then APGD-T accuracy of a model on a split: `autoattack_lite_evaluator(apply_fn, **settings)` run once."""
+    return autoattack_lite_evaluator(apply_fn, **settings)(variables, images, labels, seed)

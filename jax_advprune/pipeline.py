@@ -29,7 +29,7 @@ from jax_advprune.data.generate import write_embedded_default
 from jax_advprune.data.make_pool import write_generated_dataset
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
-from jax_advprune.evaluation import autoattack_lite, evaluate_split, pgd_evaluator
+from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
 from jax_advprune.metrics import Progress
 from jax_advprune.models import create_model
 from jax_advprune.pruning import importance, predictions
@@ -141,6 +141,15 @@ class Data:
 DATA_SOURCES = ("digits", "npz", "cifar_tarball", "tfds", "generated")
 
 
+def _prepared_once(what: str, prepare):
+    """Runs `prepare` (which writes files once and returns their paths) on process 0, waits for it,
+    then on every process, where it finds the files complete and only returns the paths."""
+    if _is_writer():
+        prepare()
+    parallel.sync(f"{what} written")
+    return prepare()
+
+
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     """Opens the pool `[original training split ; config.data.synthetic parts]` and the test split.
 
@@ -155,37 +164,23 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     """
     cfg = config.data
     synthetic = list(cfg.synthetic)
+    data_dir = os.path.join(workdir, "data")
     if cfg.name == "digits":
-        write_default = lambda: write_embedded_default(  # noqa: E731
-            os.path.join(workdir, "data"),
-            image_size=cfg.image_size, synthetic_size=cfg.synthetic_size, test_fraction=cfg.test_fraction, seed=cfg.seed,
-        )
-        if _is_writer():  # process 0 writes, the others then find the files complete
-            write_default()
-        parallel.sync("embedded default written")
-        paths = write_default()
-        original, test, synthetic = NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes), [paths["synthetic"]] + synthetic
+        paths = _prepared_once("embedded default", lambda: write_embedded_default(
+            data_dir, image_size=cfg.image_size, synthetic_size=cfg.synthetic_size, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        ))
+        synthetic = [paths["synthetic"]] + synthetic
     elif cfg.name == "npz":
-        original, test = NpzPart(cfg.original, cfg.num_classes), NpzPart(cfg.test, cfg.num_classes)
+        paths = {"train": cfg.original, "test": cfg.test}
     elif cfg.name == "cifar_tarball":
-        convert = lambda: convert_cifar_tarball(cfg.tarball, cfg.cache_dir or os.path.join(workdir, "data"))  # noqa: E731
-        if _is_writer():
-            convert()
-        parallel.sync("CIFAR converted")
-        converted = convert()
-        if converted["num_classes"] != cfg.num_classes:
-            raise ValueError(f"{cfg.tarball} is {converted['name']} ({converted['num_classes']} classes) but data.num_classes is {cfg.num_classes}")
-        original, test = NpzPart(converted["train"], cfg.num_classes), NpzPart(converted["test"], cfg.num_classes)
+        paths = _prepared_once("CIFAR conversion", lambda: convert_cifar_tarball(cfg.tarball, cfg.cache_dir or data_dir))
+        if paths["num_classes"] != cfg.num_classes:
+            raise ValueError(f"{cfg.tarball} is {paths['name']} ({paths['num_classes']} classes) but data.num_classes is {cfg.num_classes}")
     elif cfg.name == "generated":
-        generate = lambda: write_generated_dataset(  # noqa: E731
-            os.path.join(workdir, "data"), train=cfg.generated_sizes[0], test=cfg.generated_sizes[1], synthetic=cfg.generated_sizes[2],
+        paths = _prepared_once("generated data", lambda: write_generated_dataset(
+            data_dir, train=cfg.generated_sizes[0], test=cfg.generated_sizes[1], synthetic=cfg.generated_sizes[2],
             image_shape=tuple(cfg.generated_image_shape), num_classes=cfg.num_classes, seed=cfg.seed,
-        )
-        if _is_writer():
-            generate()
-        parallel.sync("generated data written")
-        paths = generate()
-        original, test = NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes)
+        ))
         synthetic = [paths["synthetic"]] + synthetic
     elif cfg.name == "tfds":
         from jax_advprune.data.tfds_source import TfdsPart
@@ -194,6 +189,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
         test = TfdsPart(cfg.tfds_name, "test", cfg.tfds_data_dir, cfg.num_classes)
     else:
         raise ValueError(f"config.data.name must be one of {DATA_SOURCES}, got {cfg.name!r}")
+    if cfg.name != "tfds":
+        original, test = NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes)
     pool = open_pool(original, synthetic, cfg.num_classes)
     test_images, test_labels = test.read(np.arange(len(test)))
     if test_images.shape[1:] != pool.image_shape:
@@ -223,6 +220,13 @@ def validation_indices(num_original: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 7]).choice(num_original, size, replace=False))
 
 
+def trainable_mask(config, data: Data) -> np.ndarray:
+    """(N,) bool: every pool row except the validation slice, which is never trained on, scored or selected."""
+    trainable = np.ones(len(data.pool), bool)
+    trainable[validation_indices(data.pool.num_original, config.train.validation_size, config.seed)] = False
+    return trainable
+
+
 def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str, phase: str, seed: int,
                  callbacks: tuple = ()):
     """Adversarial training (config.train.loss) of a fresh model on the kept pool with per-sample eps.
@@ -235,8 +239,7 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
     tcfg = config.train
     model = build_model(config, tcfg.compute_dtype)
     held_out = validation_indices(data.pool.num_original, tcfg.validation_size, config.seed)
-    keep = keep.copy()
-    keep[held_out] = False
+    keep = keep & trainable_mask(config, data)
     plan = make_plan(
         keep, data.pool.num_original, batch_size=tcfg.batch_size,
         original_fraction=tcfg.original_fraction if tcfg.original_fraction > 0 else None,
@@ -379,21 +382,22 @@ def score(config, workdir: str, data: Data, mesh) -> None:
         return
     start = time.perf_counter()
     n = len(data.pool)
-    trainable = np.ones(n, bool)
-    trainable[validation_indices(data.pool.num_original, config.train.validation_size, config.seed)] = False
+    trainable = trainable_mask(config, data)
     scored = scored_indices(config, data, trainable)
     meta = {"score": scfg.score, "seed": config.seed + 1, "scored": len(scored), "num_samples": n, "weights": "ema" if scfg.use_ema else "raw",
             "settings": scfg.to_dict()}
     extras: dict[str, np.ndarray] = {}
+    # One compiled clean forward pass (probabilities, features) serves every scoring model and the embedding.
+    predict = predictions.Predictor(_features_fn(build_model(config)), mesh=mesh)
     if scfg.score == "random":
         values = importance.random_scores(len(scored), config.seed)
-        model = state = None
+        state = None
     else:
-        values, extras, model, state = _computed_scores(config, workdir, data, mesh, scored, meta)
+        values, extras, state = _computed_scores(config, workdir, data, mesh, scored, meta, predict)
     full = np.full(n, np.nan, np.float32)  # rows without a score (the validation slice) stay NaN
     full[scored] = values
     if scfg.extrapolation.enabled:
-        full, meta["extrapolation"] = _extrapolate(config, data, mesh, model, state, scored, values, trainable, out_dir)
+        full, meta["extrapolation"] = _extrapolate(config, data, mesh, predict, state, scored, values, trainable, out_dir)
     for name, array in extras.items():
         whole = np.zeros(n, array.dtype)
         whole[scored] = array
@@ -407,8 +411,8 @@ def score(config, workdir: str, data: Data, mesh) -> None:
     log.info("[score] %s of %d samples (%d computed) in %.1fs, median %.4g", scfg.score, int(np.isfinite(full).sum()), len(scored), meta["seconds"], np.median(finite))
 
 
-def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict):
-    """Trains the scoring model(s) on the `scored` rows and scores them -> (values (M,), extras, model, state).
+def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, predict: predictions.Predictor):
+    """Trains the scoring model(s) on the `scored` rows and scores them -> (values (M,), extras, final state).
 
     Adds the checkpoints and score-specific facts to `meta`.
     """
@@ -434,7 +438,7 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
             elif scfg.history_inputs != "clean":
                 raise ValueError(f"scoring.history_inputs must be 'clean' or 'pgd', got {scfg.history_inputs!r}")
             recorder = HistoryRecorder(
-                predictions.Predictor(_features_fn(build_model(config)), mesh=mesh, attack=attack), data.pool, scored,
+                predict if attack is None else predictions.Predictor(_features_fn(build_model(config)), mesh=mesh, attack=attack), data.pool, scored,
                 every=_steps_per_epoch(config, data, keep), out_dir=os.path.join(out_dir, "history"),
                 chunk_size=scfg.chunk_size, seed=config.seed + 1,
             )
@@ -445,7 +449,6 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
         )
         meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
         if scfg.score in ("el2n", "grand"):
-            predict = predictions.Predictor(_features_fn(model), mesh=mesh)
             outputs.append(predictions.pool_outputs(predict, state.variables(ema=scfg.use_ema), data.pool, scored, chunk_size=scfg.chunk_size,
                                                     keep=("probs", "features") if scfg.score == "grand" else ("probs",)))
     if scfg.score == "margin":
@@ -472,7 +475,7 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
             values = importance.dynamic_uncertainty(p_true, window=scfg.du_window)
         else:
             values = importance.frequency_score(p_true)
-    return values, extras, model, state
+    return values, extras, state
 
 
 def _steps_per_epoch(config, data: Data, keep: np.ndarray) -> int:
@@ -483,20 +486,20 @@ def _steps_per_epoch(config, data: Data, keep: np.ndarray) -> int:
     return plan.steps_per_epoch
 
 
-def _extrapolate(config, data: Data, mesh, model, state, scored: np.ndarray, values: np.ndarray, trainable: np.ndarray, out_dir: str):
+def _extrapolate(config, data: Data, mesh, predict: predictions.Predictor, state, scored: np.ndarray, values: np.ndarray,
+                 trainable: np.ndarray, out_dir: str):
     """Fills every trainable row's score from its k nearest scored rows -> (scores (N,), report).
 
     A `holdout_fraction` of the scored rows is left out of the references and
     extrapolated too: the Spearman correlation there measures the extrapolation.
     """
     ext = config.scoring.extrapolation
-    if model is None:
+    if state is None:
         raise ValueError("extrapolation embeds with the scoring model; scoring.score='random' has none")
     n = len(data.pool)
     rng = np.random.default_rng([ext.seed, 17])
     holdout = rng.random(len(scored)) < ext.holdout_fraction
     refs = scored[~holdout]
-    predict = predictions.Predictor(_features_fn(model), mesh=mesh)
     variables = state.variables(ema=config.scoring.use_ema)
     queries = np.flatnonzero(trainable)
     chunk = config.scoring.chunk_size
@@ -547,9 +550,7 @@ def select(config, workdir: str, data: Data) -> None:
     scopes = {"all": np.ones(len(labels), bool), "synthetic": data.pool.is_synthetic}
     if pcfg.scope not in scopes:
         raise ValueError(f"pruning.scope must be one of {sorted(scopes)}, got {pcfg.scope!r}")
-    held_out = validation_indices(data.pool.num_original, config.train.validation_size, config.seed)
-    trainable = np.ones(len(labels), bool)
-    trainable[held_out] = False  # the validation slice is never trained on: select among the rest
+    trainable = trainable_mask(config, data)  # select among the rows outside the validation slice
     keep_sub, eps_sub = strategies.select(
         pcfg.strategy, scores=None if scores is None else scores[trainable], labels=labels[trainable], prunable=scopes[pcfg.scope][trainable],
         keep_ratio=pcfg.keep_ratio, base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed,
@@ -568,7 +569,7 @@ def select(config, workdir: str, data: Data) -> None:
         "kept_original": int((keep & ~synthetic).sum()),
         "kept_synthetic": int((keep & synthetic).sum()),
         "pool_size": len(keep),
-        "held_out_for_validation": len(held_out),
+        "held_out_for_validation": int((~trainable).sum()),
         "kept_per_class": np.bincount(labels[keep], minlength=config.data.num_classes).tolist(),
         "lowered_eps": int((keep & (eps < config.attack.eps)).sum()),
         "mean_eps_kept": float(eps[keep].mean()) if keep.any() else 0.0,
@@ -587,7 +588,7 @@ def _load_selection(workdir: str, pool_size: int) -> tuple[np.ndarray, np.ndarra
 
 
 def train(config, workdir: str, data: Data, mesh):
-    """PGD-AT of a fresh model on the selection; checkpoints/ and metrics.jsonl; resumes."""
+    """Adversarial training (train.loss) of a fresh model on the selection; checkpoints/, metrics.jsonl; resumes."""
     guard_settings(workdir, "train", _section(config, "data", "model", "attack", "train", "pruning") | {"seed": config.seed})
     keep, eps = _load_selection(workdir, len(data.pool))
     return _train_model(
@@ -606,19 +607,15 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
         log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
         return
     ecfg = config.eval
+    common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
+    evaluators = [pgd_evaluator(_apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)]
+    if ecfg.apgd_steps > 0:
+        evaluators.append(autoattack_lite_evaluator(_apply_fn(model), steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets, **common))
     results = {}
-    for weights in ("raw", "ema"):
-        variables = state.variables(ema=weights == "ema")
-        common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh, seed=config.seed)
-        results[weights] = evaluate_split(
-            _apply_fn(model), variables, data.test_images, data.test_labels,
-            step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common,
-        )
-        if ecfg.apgd_steps > 0:
-            results[weights].update(autoattack_lite(
-                _apply_fn(model), variables, data.test_images, data.test_labels,
-                steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets, **common,
-            ))
+    for weights in ("raw", "ema"):  # the same compiled evaluators for both
+        results[weights] = {}
+        for evaluate_fn in evaluators:
+            results[weights].update(evaluate_fn(state.variables(ema=weights == "ema"), data.test_images, data.test_labels, config.seed))
         log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items() if k != "n"))
     with open(os.path.join(workdir, "selection", "meta.json")) as f:
         selection = json.load(f)

@@ -16,6 +16,7 @@ from flax import struct
 
 from jax_advprune import parallel
 from jax_advprune.attacks import pgd
+from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.checkpoint import Checkpointer
 from jax_advprune.losses import smoothed_cross_entropy, trades_loss
 from jax_advprune.metrics import Progress
@@ -135,7 +136,7 @@ def make_train_step(
     trades = cfg.loss == "trades"
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        x = batch["image"].astype(jnp.float32) / 255.0
+        x = to_unit_interval(batch["image"])
         labels = batch["label"]
         eps = batch["eps"]
         key = jax.random.fold_in(state.rng, state.step)
@@ -190,7 +191,7 @@ def make_train_step(
     def step(state: TrainState, host_batch: dict) -> tuple[TrainState, dict]:
         # A state straight from init or restore is not yet placed like the step's outputs;
         # placing it first keeps the second call from compiling the step again.
-        if any(getattr(leaf, "sharding", None) != replicated for leaf in jax.tree_util.tree_leaves(state)[:1] + [state.step]):
+        if getattr(state.step, "sharding", None) != replicated:  # device_put places every leaf alike
             state = jax.device_put(state, replicated)
         return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jax_advprune.data.generate import write_embedded_default
-from jax_advprune.data.loader import BatchReader, EmptySelectionError, augment_batch, batch_iterator, make_plan
-from jax_advprune.data.sources import NpzPart, PoolFormatError, open_npz_member
+from jax_advprune.data.loader import BatchReader, EmptySelectionError, apply_augmentation, batch_iterator, draw_augmentation, make_plan
+from jax_advprune.data.npz_format import open_npz_member
+from jax_advprune.data.sources import NpzPart, PoolFormatError
 
 from conftest import make_npz
 
@@ -140,7 +141,8 @@ def test_empty_selection_and_impossible_mix_are_refused():
 def test_augmentation_is_a_shifted_crop_of_the_padded_image():
     rng = np.random.default_rng(0)
     images = rng.integers(1, 256, size=(32, 6, 6, 1), dtype=np.uint8)  # no zeros, so padding is visible
-    out = augment_batch(images, np.random.default_rng(1), crop_padding=2, flip=True)
+    draws = draw_augmentation(np.random.default_rng(1), len(images), crop_padding=2, flip=True)
+    out = apply_augmentation(images, draws, crop_padding=2)
     assert out.shape == images.shape and out.dtype == np.uint8
     for img, aug in zip(images, out):
         padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
@@ -192,6 +194,7 @@ def test_two_processes_cover_the_kept_pool_over_an_epoch(small_pool):
     for step in range(plan.steps_per_epoch):  # disjoint within every global batch
         a, b = (r(step)["index"] for r in readers)
         assert not set(a) & set(b) or len(set(plan.indices(step))) < plan.batch_size
+        np.testing.assert_array_equal(np.concatenate([a, b]), plan.indices(step))  # positional halves, repeats included
 
 
 def test_two_worker_processes_yield_the_same_batches_as_none(small_pool):

@@ -15,8 +15,9 @@ def test_el2n_of_a_perfect_prediction_is_zero_and_of_a_confident_mistake_sqrt2()
 
 
 def test_grand_last_layer_equals_the_autodiff_gradient_norm_of_a_dense_head():
-    jax = pytest.importorskip("jax")
-    jnp = jax.numpy
+    import jax
+    import jax.numpy as jnp
+
     rng = np.random.default_rng(0)
     features, kernel, bias = rng.normal(size=(5, 7)), rng.normal(size=(7, 3)), rng.normal(size=3)
     labels = rng.integers(0, 3, 5)

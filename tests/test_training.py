@@ -42,7 +42,7 @@ class Interrupted(Exception):
     pass
 
 
-def _run(setup, pool, ckpt_dir, *, stop_after=None):
+def _run(setup, pool, ckpt_dir, *, stop_after=None, nan_from=None):
     model, tx, step_fn = setup
     n = len(pool)
     plan = make_plan(np.ones(n, bool), pool.num_original, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=0)
@@ -53,10 +53,14 @@ def _run(setup, pool, ckpt_dir, *, stop_after=None):
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_like(state), batches)
 
-    def train_step(state, batch):  # dies like a killed run after `stop_after` steps
+    def train_step(state, batch):  # dies like a killed run after `stop_after` steps; diverges from `nan_from`
         if stop_after is not None and int(state.step) == stop_after:
             raise Interrupted
-        return step_fn(state, batch)
+        done = int(state.step)
+        state, metrics = step_fn(state, batch)
+        if nan_from is not None and done >= nan_from:
+            metrics = dict(metrics, loss=jnp.asarray(jnp.nan))
+        return state, metrics
 
     try:
         state = training.fit(state, train_step, batches, num_steps=NUM_STEPS, checkpointer=checkpointer,
@@ -76,6 +80,13 @@ def test_resumed_training_matches_uninterrupted_bitwise(setup, small_pool, tmp_p
     assert int(resumed.step) == int(straight.step) == NUM_STEPS
     for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(setup, small_pool, tmp_path):
+    pool, _, _ = small_pool
+    with pytest.raises(training.NonFiniteLossError, match="loss is nan at step 4; the last good checkpoint is step 2"):
+        _run(setup, pool, tmp_path / "nan", nan_from=3)  # checkpoints every 2 steps; step 4's loss is NaN
+    assert os.listdir(tmp_path / "nan") == ["2"]  # nothing saved from the diverged steps
 
 
 def test_weight_decay_mask_spares_batchnorm_and_biases(setup):

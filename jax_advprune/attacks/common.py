@@ -13,6 +13,13 @@ NORMS = ("linf", "l2")
 _TINY = 1e-12
 
 
+def to_unit_interval(images: jax.Array) -> jax.Array:
+    """Images as float32 in [0, 1]: uint8 (any shape) is divided by 255, floats are taken as they are."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
 def check_norm(norm: str) -> None:
     """Raises ValueError unless `norm` is one of NORMS."""
     if norm not in NORMS:

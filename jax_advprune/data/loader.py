@@ -164,15 +164,6 @@ def apply_augmentation(images: np.ndarray, draws: dict[str, np.ndarray], *, crop
     return out
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator, *, crop_padding: int, flip: bool) -> np.ndarray:
-    """Random crop after zero padding, and random horizontal flip, for a whole batch.
-
-    images: (B, H, W, C) uint8 -> (B, H, W, C) uint8.
-    """
-    draws = draw_augmentation(rng, len(images), crop_padding=crop_padding, flip=flip)
-    return apply_augmentation(images, draws, crop_padding=crop_padding)
-
-
 @dataclasses.dataclass
 class BatchReader:
     """Step number -> batch dict for this process's share of the global batch.

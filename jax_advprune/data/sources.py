@@ -18,14 +18,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from jax_advprune.data.npz_format import (  # noqa: F401  (re-exported: the format's names)
-    IMAGE_KEY,
-    LABEL_KEY,
-    PoolFormatError,
-    locate_npz_member,
-    open_npz_member,
-    read_rows,
-)
+from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, PoolFormatError, locate_npz_member, read_rows
 
 _LABEL_CHECK_ROWS = 1 << 20  # labels are range-checked this many at a time (flat memory)
 

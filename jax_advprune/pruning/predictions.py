@@ -14,6 +14,7 @@ import numpy as np
 
 from jax_advprune import parallel
 from jax_advprune.attacks import pgd
+from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.batching import padded_batches
 from jax_advprune.data.sources import Pool
 
@@ -43,7 +44,7 @@ class Predictor:
 def _make_predict(features_fn: FeaturesFn, mesh, attack):
 
     def shard_predict(variables, key, x_uint8, y):
-        x = x_uint8.astype(jnp.float32) / 255.0
+        x = to_unit_interval(x_uint8)
         if attack is not None:
             logits_fn = lambda z: features_fn(variables, z)[0]  # noqa: E731
             x = pgd(logits_fn, x, y, parallel.shard_key(key), **attack)

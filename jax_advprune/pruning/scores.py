@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_advprune import parallel
+from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.attacks.deepfool import DeepFoolResult, num_candidates, queue_result, queue_start, queue_step
 from jax_advprune.batching import padded_batches
 from jax_advprune.data.sources import Pool
@@ -37,15 +38,12 @@ def deepfool_runner(
     parallel.check_divisible(slots, mesh, "DeepFool slots")
     slots_per_device = slots // mesh.size
 
-    def to_float(x):
-        return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-
     def start_shard(variables, x):
         k = num_candidates(lambda z: apply_fn(variables, z), x, slots_per_device, candidates)
-        return queue_start(to_float(x), slots=slots_per_device, num_candidates=k)
+        return queue_start(to_unit_interval(x), slots=slots_per_device, num_candidates=k)
 
     def advance_shard(variables, x, queue):
-        x = to_float(x)
+        x = to_unit_interval(x)
         for _ in range(steps_per_check):
             queue = queue_step(lambda z: apply_fn(variables, z), x, queue, norm=norm, max_iter=max_iter, overshoot=overshoot)
         return queue
