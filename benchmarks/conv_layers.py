@@ -1,0 +1,155 @@
+"""Convolution layers of the benchmarked models, XLA:CPU vs PyTorch: forward, input gradient, kernel gradient.
+
+    pip install -e ".[bench]"
+    python benchmarks/conv_layers.py [--batch 32] [--threads 2] [--repeats 10]
+
+Explains benchmarks/train_step.py: a TRADES-10 step is 13 forward passes, 12
+input-gradient passes and 2 kernel-gradient passes of every convolution, so
+these three per-layer times bound what the step can reach. Each 3x3 convolution
+(padding 1, as PyTorch's) of the small CNN, PreAct ResNet-18 and WRN-16-4 (32x32 inputs) is
+timed on both sides with the same data, in the same run, on one XLA:CPU device
+(its own intra-op threads) and on PyTorch with `--threads` threads:
+
+- forward: y = conv(x, w)
+- input gradient: dL/dx given dL/dy (jax.vjp in x; torch's
+  aten.convolution_backward with output_mask (True, False, False)), no forward
+- kernel gradient: dL/dw given dL/dy (jax.vjp in w; output_mask (False, True, False))
+
+Both results are checked against each other before timing. Prints a table with
+milliseconds and PyTorch-time / XLA-time ratios (> 1: XLA faster) and writes
+benchmarks/results/conv_layers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+if __name__ == "__main__":
+    _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _args.add_argument("--batch", type=int, default=32)
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
+    _args.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median of 3 rounds)")
+    ARGS = _args.parse_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+LAYERS = [  # (model, input size, in channels, out channels, stride), each once even where a model repeats it
+    ("small CNN", 32, 3, 32, 1), ("small CNN", 32, 32, 64, 2), ("small CNN", 16, 64, 128, 2),
+    ("ResNet-18", 32, 3, 64, 1), ("ResNet-18", 32, 64, 64, 1), ("ResNet-18", 32, 64, 128, 2),
+    ("ResNet-18", 16, 128, 128, 1), ("ResNet-18", 16, 128, 256, 2), ("ResNet-18", 8, 256, 256, 1),
+    ("ResNet-18", 8, 256, 512, 2), ("ResNet-18", 4, 512, 512, 1),
+    ("WRN-16-4", 32, 16, 64, 1), ("WRN-16-4", 16, 128, 128, 1),
+]
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median over 3 rounds of the mean wall time of `repeats` calls of fn(), in milliseconds (after one warm call)."""
+    jax.block_until_ready(fn())
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn()
+        jax.block_until_ready(out)
+        rounds.append((time.perf_counter() - start) / repeats * 1e3)
+    return float(np.median(rounds))
+
+
+def xla_functions(stride: int):
+    """Jitted (forward(x, w), input_grad(x, w, g), kernel_grad(x, w, g)) of a 3x3 convolution padded by 1, NHWC/HWIO."""
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS)
+
+    forward = jax.jit(conv)
+    input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
+    kernel_grad = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
+    return forward, input_grad, kernel_grad
+
+
+def torch_functions(stride: int):
+    """(forward(x, w), input_grad(x, w, g), kernel_grad(x, w, g)) with PyTorch NCHW/OIHW tensors."""
+    import torch
+
+    def backward(x, w, g, mask):
+        return torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+    return (
+        lambda x, w: torch.nn.functional.conv2d(x, w, stride=stride, padding=1),
+        lambda x, w, g: backward(x, w, g, [True, False, False])[0],
+        lambda x, w, g: backward(x, w, g, [False, True, False])[1],
+    )
+
+
+def measure_layer(size: int, cin: int, cout: int, stride: int, batch: int, repeats: int) -> dict:
+    """Times of the three operations on both sides for one layer, after checking that they agree."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    out_size = -(-size // stride)
+    x = rng.standard_normal((batch, size, size, cin), np.float32)
+    w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    g = rng.standard_normal((batch, out_size, out_size, cout), np.float32)
+    jx, jw, jg = (jax.device_put(a) for a in (x, w, g))
+    tx, tw, tg = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(w.transpose(3, 2, 0, 1)), torch.tensor(g.transpose(0, 3, 1, 2))
+    ours, theirs = xla_functions(stride), torch_functions(stride)
+    to_nhwc = (lambda a: a.numpy().transpose(0, 2, 3, 1), lambda a: a.numpy().transpose(0, 2, 3, 1), lambda a: a.numpy().transpose(2, 3, 1, 0))
+    for our_fn, their_fn, args, convert in zip(ours, theirs, ((jx, jw), (jx, jw, jg), (jx, jw, jg)), to_nhwc):
+        torch_args = (tx, tw, tg)[: len(args)]
+        expected = convert(their_fn(*torch_args))
+        np.testing.assert_allclose(np.asarray(our_fn(*args)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    row = {}
+    for op, our_fn, their_fn, args in zip(("forward", "input_grad", "kernel_grad"), ours, theirs, ((jx, jw), (jx, jw, jg), (jx, jw, jg))):
+        torch_args = (tx, tw, tg)[: len(args)]
+        row[f"{op}_xla_ms"] = median_ms(lambda: our_fn(*args), repeats)
+        with torch.no_grad():
+            row[f"{op}_torch_ms"] = median_ms(lambda: their_fn(*torch_args), repeats)
+        row[f"{op}_ratio"] = row[f"{op}_torch_ms"] / row[f"{op}_xla_ms"]
+    flops = 2 * batch * out_size * out_size * 9 * cin * cout
+    row["forward_xla_gflop_s"] = flops / row["forward_xla_ms"] / 1e6
+    row["forward_torch_gflop_s"] = flops / row["forward_torch_ms"] / 1e6
+    return row
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(ARGS.threads)
+    rows = []
+    header = "| model | layer | fwd XLA / torch ms | ratio | input grad XLA / torch ms | ratio | kernel grad XLA / torch ms | ratio |"
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model, size, cin, cout, stride in LAYERS:
+        row = dict(model=model, size=size, cin=cin, cout=cout, stride=stride, batch=ARGS.batch)
+        row.update(measure_layer(size, cin, cout, stride, ARGS.batch, ARGS.repeats))
+        rows.append(row)
+        cells = " | ".join(f"{row[f'{op}_xla_ms']:.1f} / {row[f'{op}_torch_ms']:.1f} | {row[f'{op}_ratio']:.2f}x" for op in ("forward", "input_grad", "kernel_grad"))
+        lines.append(f"| {model} | {size}x{size} {cin}->{cout} s{stride} | {cells} |")
+        print(lines[-1], flush=True)
+    totals = {op: (sum(r[f"{op}_torch_ms"] for r in rows), sum(r[f"{op}_xla_ms"] for r in rows)) for op in ("forward", "input_grad", "kernel_grad")}
+    print(f"\nbatch {ARGS.batch}, 1 XLA:CPU device vs {ARGS.threads} torch threads; ratio = PyTorch time / XLA time (> 1: XLA faster)\n")
+    print("\n".join(lines))
+    print("\nall layers: " + ", ".join(f"{op} {t / o:.2f}x" for op, (t, o) in totals.items()))
+    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    out = os.path.join(REPO, "benchmarks", "results", "conv_layers.json")
+    with open(out, "w") as f:
+        json.dump(dict(
+            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__, threads=ARGS.threads),
+            settings=dict(batch=ARGS.batch, repeats=ARGS.repeats),
+            rows=rows,
+            total_ratio={op: t / o for op, (t, o) in totals.items()},
+        ), f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
