@@ -282,7 +282,7 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
         validation = training.Validation(
             evaluate=lambda variables: evaluate(variables, val_images, val_labels, seed),
             every=max(1, int(round(tcfg.validation_every_epochs * plan.steps_per_epoch))),
-            checkpointer=Checkpointer(ckpt_dir + "_best", max_to_keep=1, best_metric="pgd_accuracy"),
+            checkpointer=Checkpointer(best_checkpoint_dir(ckpt_dir), max_to_keep=1, best_metric="pgd_accuracy"),
         )
     try:
         state = training.fit(
@@ -291,13 +291,18 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
             validation=validation, callbacks=callbacks,
         )
         if validation is not None:
-            log.info("[%s] best validation checkpoint: step %s in %s_best", phase, validation.checkpointer.best_step(), ckpt_dir)
+            log.info("[%s] best validation checkpoint: step %s in %s", phase, validation.checkpointer.best_step(), best_checkpoint_dir(ckpt_dir))
     finally:
         checkpointer.close()
         progress.close()
         if validation is not None:
             validation.checkpointer.close()
     return eval_model, state
+
+
+def best_checkpoint_dir(ckpt_dir: str) -> str:
+    """Where a training run's best-validation checkpoint lives, next to its checkpoint directory."""
+    return ckpt_dir + "_best"
 
 
 def _apply_fn(model):
@@ -598,7 +603,8 @@ def train(config, workdir: str, data: Data, mesh):
 
 
 def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
-    """Clean, PGD and APGD (autoattack_lite) accuracy of the raw and EMA weights on the test split.
+    """Clean, PGD and APGD (autoattack_lite) accuracy on the test split of the final raw and EMA weights,
+    and of the EMA weights of the best-validation checkpoint (`checkpoints_best/`, what the reference reports).
 
     Writes results.json and report.md.
     """
@@ -611,11 +617,15 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
     evaluators = [pgd_evaluator(_apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)]
     if ecfg.apgd_steps > 0:
         evaluators.append(autoattack_lite_evaluator(_apply_fn(model), steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets, **common))
+    candidates = {"raw": state.variables(), "ema": state.variables(ema=True)}
+    best_state, best_step = best_validation_state(workdir, state)
+    if best_state is not None:
+        candidates["best_ema"] = best_state.variables(ema=True)
     results = {}
-    for weights in ("raw", "ema"):  # the same compiled evaluators for both
+    for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
         results[weights] = {}
         for evaluate_fn in evaluators:
-            results[weights].update(evaluate_fn(state.variables(ema=weights == "ema"), data.test_images, data.test_labels, config.seed))
+            results[weights].update(evaluate_fn(variables, data.test_images, data.test_labels, config.seed))
         log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f}" for k, v in results[weights].items() if k != "n"))
     with open(os.path.join(workdir, "selection", "meta.json")) as f:
         selection = json.load(f)
@@ -626,10 +636,12 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
         "pool_size": selection["pool_size"],
         "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": ecfg.pgd_steps},
         "checkpoint_step": int(state.step),
+        "best_validation_step": best_step,
         "results": results,
     }
     headers = {"clean_accuracy": "clean", "pgd_accuracy": f"PGD-{ecfg.pgd_steps}", "apgd_ce_accuracy": "APGD-CE", "autoattack_lite_accuracy": "APGD-CE + APGD-T"}
     columns = [c for c in headers if c in results["raw"]]
+    labels = {"raw": f"raw (step {int(state.step)})", "ema": f"EMA (step {int(state.step)})", "best_ema": f"EMA, best validation (step {best_step})"}
     lines = [
         f"# {os.path.basename(os.path.abspath(workdir))}: {config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}",
         "",
@@ -639,12 +651,30 @@ def evaluate(config, workdir: str, data: Data, mesh, model, state) -> None:
         "",
         "| weights | " + " | ".join(f"{headers[c]} accuracy" for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
-    ] + [f"| {w} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |" for w, r in results.items()]
+    ] + [f"| {labels[w]} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |" for w, r in results.items()]
     if _is_writer():
         with open(os.path.join(workdir, "report.md.tmp"), "w") as f:
             f.write("\n".join(lines) + "\n")
         os.replace(os.path.join(workdir, "report.md.tmp"), os.path.join(workdir, "report.md"))
     write_json(os.path.join(workdir, "results.json"), summary)
+
+
+def best_validation_state(workdir: str, like):
+    """(train state, step) of the best-validation checkpoint in <workdir>/checkpoints_best, or (None, None) without one.
+
+    `like`: a train state whose structure and placement the restored one takes.
+    """
+    best_dir = best_checkpoint_dir(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(best_dir):
+        return None, None
+    checkpointer = Checkpointer(best_dir, max_to_keep=1, best_metric="pgd_accuracy")
+    try:
+        step = checkpointer.best_step()
+        if step is None:
+            return None, None
+        return checkpointer.restore(abstract_like(like), step=step), int(step)
+    finally:
+        checkpointer.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

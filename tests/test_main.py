@@ -46,8 +46,14 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
     assert validation and all(0 <= v["val_pgd_accuracy"] <= v["val_clean_accuracy"] <= 1 for v in validation)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard" / "train"))
     results = json.load(open(workdir / "results.json"))
-    for weights in ("raw", "ema"):
+    for weights in ("raw", "ema", "best_ema"):
         assert 0.0 <= results["results"][weights]["pgd_accuracy"] <= results["results"][weights]["clean_accuracy"] <= 1.0
+    # The evaluated best checkpoint is the one with the highest validation PGD accuracy of the final training run.
+    train_validation = {v["step"]: v["val_pgd_accuracy"] for v in validation if v["phase"] == "train"}
+    assert train_validation[results["best_validation_step"]] == max(train_validation.values())
+    if results["best_validation_step"] == results["checkpoint_step"]:  # same weights, same attack seed
+        assert results["results"]["best_ema"] == results["results"]["ema"]
+    assert "EMA, best validation" in open(workdir / "report.md").read()
     phases = {json.loads(line)["phase"] for line in open(workdir / "metrics.jsonl")}
     assert {"score/train", "score/deepfool", "train"} <= phases
     assert "img/s" in first.stdout and "ETA" in first.stdout
@@ -84,7 +90,7 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config):
     assert "[train] trades" in proc.stdout and "best validation checkpoint" in proc.stdout
     results = json.load(open(tmp_path / "results.json"))
     assert results["checkpoint_step"] == 16
-    for weights in ("raw", "ema"):
+    for weights in ("raw", "ema", "best_ema"):
         r = results["results"][weights]
         assert 0.0 <= r["autoattack_lite_accuracy"] <= r["apgd_ce_accuracy"] <= r["clean_accuracy"] <= 1.0
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
