@@ -7,16 +7,17 @@ Explains benchmarks/train_step.py: a TRADES-10 step is 13 forward passes, 12
 input-gradient passes and 2 kernel-gradient passes of every convolution, so
 these three per-layer times bound what the step can reach. Each 3x3 convolution
 (padding 1, as PyTorch's) of the small CNN, PreAct ResNet-18 and WRN-16-4 (32x32 inputs) is
-timed on both sides with the same data, in the same run, on one XLA:CPU device
-(its own intra-op threads) and on PyTorch with `--threads` threads:
+timed with the same data, in the same run, three ways: XLA's own convolution and
+our oneDNN custom call (jax_advprune.kernels.onednn), each on one XLA:CPU device,
+and PyTorch with `--threads` threads:
 
 - forward: y = conv(x, w)
 - input gradient: dL/dx given dL/dy (jax.vjp in x; torch's
   aten.convolution_backward with output_mask (True, False, False)), no forward
 - kernel gradient: dL/dw given dL/dy (jax.vjp in w; output_mask (False, True, False))
 
-Both results are checked against each other before timing. Prints a table with
-milliseconds and PyTorch-time / XLA-time ratios (> 1: XLA faster) and writes
+All results are checked against PyTorch's before timing. Prints a table with
+milliseconds and PyTorch-time / our-time ratios (> 1: ours faster) and writes
 benchmarks/results/conv_layers.json.
 """
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 if __name__ == "__main__":
@@ -41,6 +43,10 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from jax_advprune.kernels import onednn  # noqa: E402
+
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 LAYERS = [  # (model, input size, in channels, out channels, stride), each once even where a model repeats it
@@ -65,11 +71,11 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(rounds))
 
 
-def xla_functions(stride: int):
+def jax_functions(stride: int, conv_general_dilated):
     """Jitted (forward(x, w), input_grad(x, w, g), kernel_grad(x, w, g)) of a 3x3 convolution padded by 1, NHWC/HWIO."""
 
     def conv(x, w):
-        return lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS)
+        return conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS)
 
     forward = jax.jit(conv)
     input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
@@ -102,22 +108,27 @@ def measure_layer(size: int, cin: int, cout: int, stride: int, batch: int, repea
     g = rng.standard_normal((batch, out_size, out_size, cout), np.float32)
     jx, jw, jg = (jax.device_put(a) for a in (x, w, g))
     tx, tw, tg = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(w.transpose(3, 2, 0, 1)), torch.tensor(g.transpose(0, 3, 1, 2))
-    ours, theirs = xla_functions(stride), torch_functions(stride)
+    theirs = torch_functions(stride)
+    onednn.set_backend("onednn")  # read while the functions below are traced
+    sides = {"xla": jax_functions(stride, lax.conv_general_dilated), "onednn": jax_functions(stride, onednn.conv_general_dilated)}
     to_nhwc = (lambda a: a.numpy().transpose(0, 2, 3, 1), lambda a: a.numpy().transpose(0, 2, 3, 1), lambda a: a.numpy().transpose(2, 3, 1, 0))
-    for our_fn, their_fn, args, convert in zip(ours, theirs, ((jx, jw), (jx, jw, jg), (jx, jw, jg)), to_nhwc):
-        torch_args = (tx, tw, tg)[: len(args)]
-        expected = convert(their_fn(*torch_args))
-        np.testing.assert_allclose(np.asarray(our_fn(*args)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    arguments = ((jx, jw), (jx, jw, jg), (jx, jw, jg))
+    for ours in sides.values():
+        for our_fn, their_fn, args, convert in zip(ours, theirs, arguments, to_nhwc):
+            expected = convert(their_fn(*(tx, tw, tg)[: len(args)]))
+            np.testing.assert_allclose(np.asarray(our_fn(*args)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
     row = {}
-    for op, our_fn, their_fn, args in zip(("forward", "input_grad", "kernel_grad"), ours, theirs, ((jx, jw), (jx, jw, jg), (jx, jw, jg))):
-        torch_args = (tx, tw, tg)[: len(args)]
-        row[f"{op}_xla_ms"] = median_ms(lambda: our_fn(*args), repeats)
+    for i, op in enumerate(("forward", "input_grad", "kernel_grad")):
+        args, torch_args = arguments[i], (tx, tw, tg)[: len(arguments[i])]
+        for side, fns in sides.items():
+            row[f"{op}_{side}_ms"] = median_ms(lambda: fns[i](*args), repeats)
         with torch.no_grad():
-            row[f"{op}_torch_ms"] = median_ms(lambda: their_fn(*torch_args), repeats)
+            row[f"{op}_torch_ms"] = median_ms(lambda: theirs[i](*torch_args), repeats)
         row[f"{op}_ratio"] = row[f"{op}_torch_ms"] / row[f"{op}_xla_ms"]
+        row[f"{op}_onednn_ratio"] = row[f"{op}_torch_ms"] / row[f"{op}_onednn_ms"]
     flops = 2 * batch * out_size * out_size * 9 * cin * cout
-    row["forward_xla_gflop_s"] = flops / row["forward_xla_ms"] / 1e6
-    row["forward_torch_gflop_s"] = flops / row["forward_torch_ms"] / 1e6
+    for side in ("xla", "onednn", "torch"):
+        row[f"forward_{side}_gflop_s"] = flops / row[f"forward_{side}_ms"] / 1e6
     return row
 
 
@@ -126,19 +137,27 @@ def main() -> None:
 
     torch.set_num_threads(ARGS.threads)
     rows = []
-    header = "| model | layer | fwd XLA / torch ms | ratio | input grad XLA / torch ms | ratio | kernel grad XLA / torch ms | ratio |"
-    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ops = ("forward", "input_grad", "kernel_grad")
+    header = "| model | layer | " + " | ".join(f"{op}: XLA / oneDNN / torch ms | ratios" for op in ops) + " |"
+    lines = [header, "| --- | --- |" + " --- | --- |" * len(ops)]
     for model, size, cin, cout, stride in LAYERS:
         row = dict(model=model, size=size, cin=cin, cout=cout, stride=stride, batch=ARGS.batch)
         row.update(measure_layer(size, cin, cout, stride, ARGS.batch, ARGS.repeats))
         rows.append(row)
-        cells = " | ".join(f"{row[f'{op}_xla_ms']:.1f} / {row[f'{op}_torch_ms']:.1f} | {row[f'{op}_ratio']:.2f}x" for op in ("forward", "input_grad", "kernel_grad"))
+        cells = " | ".join(
+            f"{row[f'{op}_xla_ms']:.1f} / {row[f'{op}_onednn_ms']:.1f} / {row[f'{op}_torch_ms']:.1f} | {row[f'{op}_ratio']:.2f}x / {row[f'{op}_onednn_ratio']:.2f}x"
+            for op in ops
+        )
         lines.append(f"| {model} | {size}x{size} {cin}->{cout} s{stride} | {cells} |")
         print(lines[-1], flush=True)
-    totals = {op: (sum(r[f"{op}_torch_ms"] for r in rows), sum(r[f"{op}_xla_ms"] for r in rows)) for op in ("forward", "input_grad", "kernel_grad")}
-    print(f"\nbatch {ARGS.batch}, 1 XLA:CPU device vs {ARGS.threads} torch threads; ratio = PyTorch time / XLA time (> 1: XLA faster)\n")
+    totals = {
+        side: {op: sum(r[f"{op}_torch_ms"] for r in rows) / sum(r[f"{op}_{side}_ms"] for r in rows) for op in ops} for side in ("xla", "onednn")
+    }
+    print(f"\nbatch {ARGS.batch}, 1 XLA:CPU device vs {ARGS.threads} torch threads; ratio = PyTorch time / our time (> 1: ours faster), "
+          "XLA's convolution / our oneDNN custom call\n")
     print("\n".join(lines))
-    print("\nall layers: " + ", ".join(f"{op} {t / o:.2f}x" for op, (t, o) in totals.items()))
+    for side, ratios in totals.items():
+        print(f"\nall layers, {side}: " + ", ".join(f"{op} {ratio:.2f}x" for op, ratio in ratios.items()))
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", "conv_layers.json")
     with open(out, "w") as f:
@@ -146,7 +165,7 @@ def main() -> None:
             machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__, threads=ARGS.threads),
             settings=dict(batch=ARGS.batch, repeats=ARGS.repeats),
             rows=rows,
-            total_ratio={op: t / o for op, (t, o) in totals.items()},
+            total_ratio=totals,
         ), f, indent=2)
     print(f"\nwrote {out}")
 

@@ -1,7 +1,7 @@
 """TRADES-10 train-step throughput: jax_advprune vs the reference's PyTorch loop, same model and weights, one run.
 
     pip install -e ".[bench]"
-    python benchmarks/train_step.py [--devices 4] [--threads 2] [--steps 5] [--skip-wrn]
+    python benchmarks/train_step.py [--devices 4] [--threads 2] [--steps 2] [--rounds 5] [--skip-wrn] [--bf16]
 
 For each model (small CNN, PreAct ResNet-18, WRN-16-4; 32x32x3 inputs) the Flax
 model is initialised once and exported with jax_advprune.models.torch_export, so
@@ -11,26 +11,33 @@ DM-Improves-AT reference (gowal21uncovering/utils/trades.py): uniform random sta
 running averages frozen, then CE with label smoothing 0.1 on the clean logits +
 beta * KL(clean || adv) (beta 5), backward, SGD Nesterov with weight decay on
 kernels only. Same batch, same CPU: ours on virtual XLA:CPU devices (two per core),
-PyTorch with one thread per core. Reported: images/s over `--steps` steps after a
-warm-up step (compilation on our side). Prints a table and writes
-benchmarks/results/train_step.json.
+PyTorch with one thread per core, in a process of its own. Ours runs twice: with oneDNN convolutions
+(jax_advprune.kernels.onednn, the default on the CPU) and with XLA's own
+(JAX_ADVPRUNE_CONV=xla). After a warm-up step each (compilation on our side),
+`--rounds` rounds each time `--steps` steps of every side in turn, so that the
+machine's drift hits all sides alike; reported: the median images/s over rounds
+and the ratios of medians. Prints a table and writes benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
+from typing import Callable
 
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1), help="virtual XLA:CPU devices")
     _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
-    _args.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    _args.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
+    _args.add_argument("--rounds", type=int, default=5, help="rounds of timing, every side in turn")
     _args.add_argument("--skip-wrn", action="store_true")
+    _args.add_argument("--models", default="small_cnn,preact_resnet18,wide_resnet", help="registry names to time, comma-separated")
     _args.add_argument("--bf16", action="store_true", help="also time our step with bfloat16 compute")
     ARGS = _args.parse_args()
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
@@ -44,6 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jax_advprune import parallel, training  # noqa: E402
+from jax_advprune.kernels import onednn  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.models.torch_export import to_torch  # noqa: E402
 
@@ -65,8 +73,8 @@ def train_config():
     return cfg, attack
 
 
-def time_ours(model, variables, batch: dict, steps: int) -> tuple[float, float]:
-    """(seconds per step, first loss) of our jitted TRADES step on the mesh."""
+def our_stepper(model, variables, batch: dict, conv_backend: str) -> tuple[Callable[[], None], float]:
+    """(run one step, first loss) of our jitted TRADES step on the mesh, convolutions from `conv_backend`."""
     cfg, attack = train_config()
     tx = training.make_optimizer(cfg, 1000)
     state = training.TrainState(
@@ -74,19 +82,20 @@ def time_ours(model, variables, batch: dict, steps: int) -> tuple[float, float]:
         opt_state=tx.init(variables["params"]), ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]),
         rng=jax.random.PRNGKey(0),
     )
+    onednn.set_backend(conv_backend)  # read while the step is traced, i.e. on its first call
     step_fn = training.make_train_step(model, tx, cfg, attack, parallel.make_mesh(ARGS.devices))
-    state, metrics = step_fn(state, batch)  # compiles
-    first_loss = float(metrics["loss"])
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step_fn(state, batch)
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / steps, first_loss
+    holder = list(step_fn(state, batch))  # compiles
+    first_loss = float(holder[1]["loss"])
+
+    def step():
+        holder[0], holder[1] = step_fn(holder[0], batch)
+        jax.block_until_ready(holder[0])
+
+    return step, first_loss
 
 
-def time_reference(torch_model, batch: dict, steps: int) -> tuple[float, float]:
-    """(seconds per step, first loss) of the reference's PyTorch TRADES step."""
+def reference_stepper(torch_model, batch: dict) -> tuple[Callable[[], float], float]:
+    """(run one step, first loss) of the reference's PyTorch TRADES step."""
     import torch
     import torch.nn.functional as F
 
@@ -118,20 +127,90 @@ def time_reference(torch_model, batch: dict, steps: int) -> tuple[float, float]:
         optimizer.step()
         return float(loss)
 
-    first_loss = step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps, first_loss
+    return step, step()  # the first call warms up
+
+
+def reference_worker(conn, name: str, kwargs: dict, batch: dict, threads: int) -> None:
+    """The PyTorch side in its own process: builds the model from the same Flax initialisation, checks the
+    export, answers ('ready', first loss) and then the seconds taken by each requested number of steps.
+
+    A process of its own because PyTorch and oneDNN share one OpenMP runtime when loaded together (both
+    name it libgomp.so.1), and in one process the reference ran at about half its speed.
+    """
+    os.environ["JAX_ADVPRUNE_CONV"] = "xla"  # the Flax model here only initialises weights and checks the export
+    import torch
+
+    model = create_model(name, num_classes=10, **kwargs)
+    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    torch_model = to_torch(model, variables, (32, 32, 3))
+    x = batch["image"][:4].astype(np.float32) / 255.0
+    with torch.no_grad():
+        diff = np.abs(torch_model(torch.tensor(x.transpose(0, 3, 1, 2))).numpy() - np.asarray(model.apply(variables, x))).max()
+    if diff >= 1e-3:
+        conn.send(("error", f"{name}: exported model differs by {diff}"))
+        return
+    # Set after JAX has run here: running the Flax model left PyTorch's OpenMP at one thread.
+    torch.set_num_threads(threads)
+    step, first_loss = reference_stepper(torch_model, batch)
+    if torch.get_num_threads() != threads:
+        conn.send(("error", f"PyTorch runs {torch.get_num_threads()} threads, asked for {threads}"))
+        return
+    conn.send(("ready", first_loss))
+    while (steps := conn.recv()) is not None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        conn.send(time.perf_counter() - start)
+
+
+def start_reference(name: str, kwargs: dict, batch: dict) -> tuple[Callable[[int], float], float, Callable[[], None]]:
+    """(seconds for n reference steps, first loss, stop) with the reference in a spawned process."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=reference_worker, args=(child, name, kwargs, batch, ARGS.threads), daemon=True)
+    process.start()
+    status, value = parent.recv()
+    if status != "ready":
+        raise RuntimeError(value)
+
+    def run(steps: int) -> float:
+        parent.send(steps)
+        return parent.recv()
+
+    def stop() -> None:
+        parent.send(None)
+        process.join(timeout=30)
+
+    return run, value, stop
+
+
+def timed_rounds(runners: dict[str, Callable[[int], float]], batch_size: int) -> dict[str, list[float]]:
+    """Images/s of every side per round: --rounds rounds of --steps steps, the sides in turn (the others idle)."""
+    rates = {name: [] for name in runners}
+    for _ in range(ARGS.rounds):
+        for name, run in runners.items():
+            rates[name].append(batch_size * ARGS.steps / run(ARGS.steps))
+    return rates
+
+
+def local_runner(step: Callable[[], None]) -> Callable[[int], float]:
+    """(n) -> seconds taken by n calls of step() in this process."""
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return time.perf_counter() - start
+
+    return run
 
 
 def main() -> None:
-    import torch
-
-    torch.set_num_threads(ARGS.threads)
     rows = []
     for label, name, kwargs, batch_size in MODELS:
-        if ARGS.skip_wrn and name == "wide_resnet":
+        if (ARGS.skip_wrn and name == "wide_resnet") or name not in ARGS.models.split(","):
             continue
         rng = np.random.default_rng(0)
         batch = {
@@ -141,34 +220,43 @@ def main() -> None:
         }
         model = create_model(name, num_classes=10, **kwargs)
         variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-        torch_model = to_torch(model, variables, (32, 32, 3))
-        x = batch["image"][:4].astype(np.float32) / 255.0
-        with torch.no_grad():
-            diff = np.abs(torch_model(torch.tensor(x.transpose(0, 3, 1, 2))).numpy() - np.asarray(model.apply(variables, x))).max()
-        assert diff < 1e-3, f"{label}: exported model differs by {diff}"
-        t_ref, loss_ref = time_reference(torch_model, batch, ARGS.steps)
-        t_ours, loss_ours = time_ours(model, variables, batch, ARGS.steps)
-        row = dict(model=label, batch=batch_size, ours_img_s=batch_size / t_ours, ref_img_s=batch_size / t_ref,
-                   speedup=t_ref / t_ours, first_loss_ours=loss_ours, first_loss_ref=loss_ref)
+        reference, loss_ref, stop_reference = start_reference(name, kwargs, batch)
+        runners = {"ref": reference}
+        first_losses = {"ref": loss_ref}
+        for backend in ("onednn", "xla"):
+            step, first_losses[backend] = our_stepper(model, variables, batch, backend)
+            runners[backend] = local_runner(step)
         if ARGS.bf16:
             bf16_model = create_model(name, num_classes=10, dtype=jnp.bfloat16, **kwargs)
-            row["ours_bf16_img_s"] = batch_size / time_ours(bf16_model, variables, batch, ARGS.steps)[0]
+            step, first_losses["bf16"] = our_stepper(bf16_model, variables, batch, "auto")
+            runners["bf16"] = local_runner(step)
+        rates = timed_rounds(runners, batch_size)
+        stop_reference()
+        median = {k: float(np.median(v)) for k, v in rates.items()}
+        row = dict(model=label, batch=batch_size, ours_img_s=median["onednn"], ours_xla_conv_img_s=median["xla"], ref_img_s=median["ref"],
+                   speedup=median["onednn"] / median["ref"], speedup_xla_conv=median["xla"] / median["ref"],
+                   rounds=rates, first_losses=first_losses)
+        if ARGS.bf16:
+            row["ours_bf16_img_s"] = median["bf16"]
         rows.append(row)
-        print(f"{label:24s} batch {batch_size:4d}: ours {row['ours_img_s']:7.1f} img/s, PyTorch {row['ref_img_s']:7.1f} img/s, "
-              f"{row['speedup']:.2f}x (first losses {loss_ours:.4f} / {loss_ref:.4f})", flush=True)
+        print(f"{label:24s} batch {batch_size:4d}: ours {row['ours_img_s']:7.1f} img/s (XLA convolutions {row['ours_xla_conv_img_s']:.1f}), "
+              f"PyTorch {row['ref_img_s']:7.1f} img/s, {row['speedup']:.2f}x ({row['speedup_xla_conv']:.2f}x); first losses "
+              + ", ".join(f"{k} {v:.4f}" for k, v in first_losses.items()), flush=True)
 
-    print(f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices vs {ARGS.threads} torch threads, {ARGS.steps} timed steps\n")
-    print("| model | batch | ours img/s | PyTorch img/s | speedup |" + (" ours bf16 img/s |" if ARGS.bf16 else ""))
-    print("| --- | --- | --- | --- | --- |" + (" --- |" if ARGS.bf16 else ""))
+    print(f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices vs {ARGS.threads} torch threads, "
+          f"median of {ARGS.rounds} rounds of {ARGS.steps} steps\n")
+    print("| model | batch | ours img/s | PyTorch img/s | speedup | ours, XLA convolutions | speedup |" + (" ours bf16 img/s |" if ARGS.bf16 else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if ARGS.bf16 else ""))
     for r in rows:
         extra = f" {r['ours_bf16_img_s']:.1f} |" if ARGS.bf16 else ""
-        print(f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x |{extra}")
+        print(f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x "
+              f"| {r['ours_xla_conv_img_s']:.1f} | {r['speedup_xla_conv']:.2f}x |{extra}")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", "train_step.json")
     with open(out, "w") as f:
         json.dump(dict(
-            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__, devices=ARGS.devices, threads=ARGS.threads),
-            settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, timed_steps=ARGS.steps),
+            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=importlib.metadata.version("torch"), devices=ARGS.devices, threads=ARGS.threads),
+            settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, steps_per_round=ARGS.steps, rounds=ARGS.rounds),
             rows=rows,
         ), f, indent=2)
     print(f"\nwrote {out}")

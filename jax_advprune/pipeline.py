@@ -30,6 +30,7 @@ from jax_advprune.data.make_pool import write_generated_dataset
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
 from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
+from jax_advprune.kernels import onednn
 from jax_advprune.metrics import Progress
 from jax_advprune.models import create_model
 from jax_advprune.pruning import importance, predictions
@@ -682,6 +683,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.num_devices or None)
     log.info("devices: %d x %s (process %d of %d)", mesh.size, mesh.devices.flat[0].platform, jax.process_index(), jax.process_count())
+    log.info("convolutions: %s", onednn.describe())
     data = load_data(config, workdir)
     score(config, workdir, data, mesh)
     parallel.sync("score written")

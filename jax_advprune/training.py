@@ -193,7 +193,8 @@ def make_train_step(
         # placing it first keeps the second call from compiling the step again.
         if getattr(state.step, "sharding", None) != replicated:  # device_put places every leaf alike
             state = jax.device_put(state, replicated)
-        return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
+        with jax.set_mesh(mesh):  # custom-call convolutions (kernels.onednn) trace per device over its `data` axis
+            return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
 
     return step
 

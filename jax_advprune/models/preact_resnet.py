@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jax_advprune.models.layers import Conv
+
 ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
 
 
@@ -24,10 +26,10 @@ class PreActBlock(nn.Module):
         out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn1")(x))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            shortcut = nn.Conv(self.planes, (1, 1), strides=self.stride, use_bias=False, dtype=self.dtype, name="shortcut")(out)
-        out = nn.Conv(self.planes, (3, 3), strides=self.stride, use_bias=False, dtype=self.dtype, name="conv1")(out)
+            shortcut = Conv(self.planes, (1, 1), strides=self.stride, use_bias=False, dtype=self.dtype, name="shortcut")(out)
+        out = Conv(self.planes, (3, 3), strides=self.stride, use_bias=False, dtype=self.dtype, name="conv1")(out)
         out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn2")(out))
-        out = nn.Conv(self.planes, (3, 3), use_bias=False, dtype=self.dtype, name="conv2")(out)
+        out = Conv(self.planes, (3, 3), use_bias=False, dtype=self.dtype, name="conv2")(out)
         return out + shortcut
 
 
@@ -51,7 +53,7 @@ class PreActResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
-        x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype, name="stem")(x)
+        x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype, name="stem")(x)
         for stage, count in enumerate(self.blocks):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1

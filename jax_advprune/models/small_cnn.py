@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jax_advprune.models.layers import Conv
+
 
 class SmallCNN(nn.Module):
     """conv3x3 blocks (BatchNorm, ReLU), stride 2 after the first, global average pool, dense.
@@ -31,7 +33,7 @@ class SmallCNN(nn.Module):
         x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
         for i, width in enumerate(self.widths):
             stride = 1 if i == 0 else 2
-            x = nn.Conv(width, (3, 3), strides=(stride, stride), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+            x = Conv(width, (3, 3), strides=(stride, stride), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
         features = jnp.mean(x, axis=(1, 2))

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jax_advprune.models.layers import Conv
 from jax_advprune.models.preact_resnet import ACTIVATIONS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -34,7 +35,7 @@ class WideBlock(nn.Module):
     def __call__(self, x, train: bool):
         act = ACTIVATIONS[self.activation]
         bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name=name)  # noqa: E731
-        conv = lambda planes, k, stride, name: nn.Conv(  # noqa: E731
+        conv = lambda planes, k, stride, name: Conv(  # noqa: E731
             planes, (k, k), strides=stride, padding="SAME", use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name=name
         )
         has_shortcut = x.shape[-1] != self.planes
@@ -69,7 +70,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}")
         blocks = (self.depth - 4) // 6
         x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
-        x = nn.Conv(16, (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name="stem")(x)
+        x = Conv(16, (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name="stem")(x)
         for group, (planes, stride) in enumerate(zip((16 * self.width, 32 * self.width, 64 * self.width), (1, 2, 2))):
             for i in range(blocks):
                 x = WideBlock(planes, stride if i == 0 else 1, self.activation, self.dtype, name=f"group{group}_block{i}")(x, train)

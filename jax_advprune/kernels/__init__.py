@@ -1,0 +1,1 @@
+"""Custom kernels behind drop-in functions: oneDNN convolutions for XLA:CPU (`onednn`)."""

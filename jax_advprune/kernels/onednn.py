@@ -1,0 +1,313 @@
+"""oneDNN convolutions for XLA:CPU: a drop-in `conv_general_dilated` for Flax's nn.Conv.
+
+XLA:CPU's own convolutions run at 0.75x (forward), 0.77x (input gradient) and
+0.40x (kernel gradient) of the oneDNN kernels PyTorch uses
+(benchmarks/conv_layers.py), and an adversarial training step is mostly
+convolutions. `conv_general_dilated` sends plain 2-D float32 convolutions
+(NHWC/HWIO, no dilation, no groups) on the CPU backend to oneDNN through an
+XLA FFI custom call with its own VJP (input and kernel gradients are oneDNN
+primitives too); everything else, and every other backend, goes to
+`lax.conv_general_dilated`.
+
+The custom call is compiled on first use from `onednn_conv.cc` with the C++
+compiler (`CXX`, default g++) against the oneDNN of the `[cpu]` extra
+(`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`: headers in <prefix>/include, library
+in <prefix>/lib), into ~/.cache/jax_advprune (or $JAX_ADVPRUNE_CACHE). Choice by
+the environment variable JAX_ADVPRUNE_CONV or `set_backend`:
+  auto    oneDNN when it can be built here, XLA otherwise (the reason is logged once)
+  onednn  oneDNN or an error saying what is missing
+  xla     always lax.conv_general_dilated
+
+Sharding: inside shard_map (attacks, evaluation, scoring) the call sees
+per-device arrays. Under jit with sharded arrays and a mesh set with
+`jax.set_mesh` (the train step), the call is wrapped in a shard_map over the
+mesh's `data` axis, so each device convolves its own rows and the kernel
+gradient is summed over devices; without a mesh, XLA would gather the batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from jax_advprune.parallel import DATA_AXIS
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onednn", "xla")
+TARGET = "jax_advprune_onednn_conv"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
+_backend = [os.environ.get("JAX_ADVPRUNE_CONV", "auto")]
+
+
+class OnednnUnavailableError(RuntimeError):
+    """The oneDNN convolution cannot be built or loaded here; the message says why."""
+
+
+def set_backend(name: str) -> None:
+    """'auto' | 'onednn' | 'xla' for convolutions traced from now on (jitted functions already compiled keep theirs)."""
+    if name not in BACKENDS:
+        raise ValueError(f"convolution backend must be one of {BACKENDS}, got {name!r}")
+    _backend[0] = name
+
+
+def get_backend() -> str:
+    return _backend[0]
+
+
+def onednn_prefix() -> str:
+    """The installation prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so ($DNNL_ROOT or this Python's)."""
+    candidates = [os.environ["DNNL_ROOT"]] if os.environ.get("DNNL_ROOT") else [sys.prefix, sysconfig.get_config_var("prefix") or sys.prefix]
+    for prefix in candidates:
+        if os.path.exists(os.path.join(prefix, "include", "oneapi", "dnnl", "dnnl.hpp")) and any(
+            name.startswith("libdnnl.so") for name in os.listdir(os.path.join(prefix, "lib")) if os.path.isdir(os.path.join(prefix, "lib"))
+        ):
+            return prefix
+    raise OnednnUnavailableError(
+        f"oneDNN headers and library not found under {candidates} "
+        "(pip install 'jax_advprune[cpu]' installs onednn-cpu-gomp and onednn-devel-cpu-gomp; or set DNNL_ROOT)"
+    )
+
+
+def build_library() -> str:
+    """Path of the compiled custom-call library, compiling it first if this source/jax/oneDNN has no build yet."""
+    prefix = onednn_prefix()
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise OnednnUnavailableError(f"C++ compiler {compiler!r} not found (set CXX)")
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + jax.__version__.encode() + prefix.encode() + compiler.encode()).hexdigest()[:16]
+    cache = os.environ.get("JAX_ADVPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jax_advprune"))
+    path = os.path.join(cache, f"libjax_advprune_onednn_{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [
+        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+        f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", SOURCE,
+        f"-L{os.path.join(prefix, 'lib')}", "-ldnnl", f"-Wl,-rpath,{os.path.join(prefix, 'lib')}", "-o", tmp,
+    ]
+    log.info("building the oneDNN convolution: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise OnednnUnavailableError(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    os.replace(tmp, path)  # atomic: concurrent processes each build, the last one wins, none reads a partial file
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> str | None:
+    """Builds, loads and registers the custom call once per process; None when available, else why not."""
+    try:
+        library = ctypes.cdll.LoadLibrary(build_library())
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdvpruneOnednnConv), platform="cpu")
+    except (OnednnUnavailableError, OSError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """True when the oneDNN convolution is built and registered in this process."""
+    return _register() is None
+
+
+def describe() -> str:
+    """Which convolutions float32 models get here, for the run log: oneDNN, or XLA and why."""
+    if get_backend() == "xla":
+        return "XLA (JAX_ADVPRUNE_CONV=xla)"
+    if jax.default_backend() != "cpu":
+        return f"XLA (backend {jax.default_backend()})"
+    why_not = _register()
+    if why_not is not None:
+        if get_backend() == "onednn":
+            raise OnednnUnavailableError(why_not)
+        return f"XLA (oneDNN unavailable: {why_not})"
+    return f"oneDNN custom call, {_threads_per_call()} thread(s) per call"
+
+
+def _use_onednn(lhs: jax.Array, rhs: jax.Array, plain: bool) -> bool:
+    backend = get_backend()
+    if backend == "xla" or jax.default_backend() != "cpu":
+        return False
+    why_not = _register()
+    if why_not is not None:
+        if backend == "onednn":
+            raise OnednnUnavailableError(why_not)
+        _warn_once(why_not)
+        return False
+    return plain and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(why_not: str) -> None:
+    log.warning("convolutions use XLA: the oneDNN convolution is unavailable (%s)", why_not)
+
+
+def _threads_per_call() -> int:
+    """OpenMP threads per custom call: the cores shared among this process's CPU devices (each runs its own calls)."""
+    return max(1, (os.cpu_count() or 1) // max(1, jax.local_device_count()))
+
+
+def _ffi_conv(mode: int, a: jax.Array, b: jax.Array, out_shape: tuple, strides: tuple, pads: tuple) -> jax.Array:
+    """One custom call on this device's arrays (mode 0 forward, 1 input gradient, 2 kernel gradient; see the .cc)."""
+    (pt, pb), (pl, pr) = pads
+    attrs = dict(mode=mode, sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr, threads=_threads_per_call())
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32))(a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def _device_op(mode: int, strides: tuple, pads: tuple, shape: tuple):
+    """(a, b) -> the custom call of `mode` on one device's arrays, with a vmap rule.
+
+    `shape`: the image shape (H, W, C) for the input gradient, the kernel shape for the
+    kernel gradient, () for the forward pass. Under vmap (DeepFool's one VJP per
+    candidate class) a mapped image/gradient axis with an unmapped kernel is folded
+    into the batch: one call on (V * N, ...) rows; anything else runs one call per index.
+    """
+
+    def out_shape(a_shape, b_shape):
+        if mode == 0:
+            return _output_shape(a_shape, b_shape, strides, pads)
+        return (a_shape[0], *shape) if mode == 1 else shape
+
+    @jax.custom_batching.custom_vmap
+    def op(a, b):
+        return _ffi_conv(mode, a, b, out_shape(a.shape, b.shape), strides, pads)
+
+    @op.def_vmap
+    def _batched(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if mode in (0, 1) and a_batched and not b_batched:
+            folded = op(a.reshape(-1, *a.shape[2:]), b)
+            return folded.reshape(axis_size, -1, *folded.shape[1:]), True
+        a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+        b = b if b_batched else jnp.broadcast_to(b, (axis_size, *b.shape))
+        return lax.map(lambda ab: op(*ab), (a, b)), True
+
+    return op
+
+
+def _data_axis_size() -> int:
+    """Devices of the `data` axis when a mesh with that axis is set and automatic (jit over sharded arrays), else 1.
+
+    Inside shard_map the axis is manual and arrays are already per device: 1.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in mesh.manual_axes:
+        return 1
+    return mesh.shape[DATA_AXIS]
+
+
+def _per_device(op, a, b, b_sharded: bool, summed: bool):
+    """op(a, b) on each device's rows of the `data` axis when one is set (a, and b when `b_sharded`, split by rows);
+    the per-device results concatenated, or summed over devices when `summed`."""
+    if _data_axis_size() == 1:
+        return op(a, b)
+    data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
+    fn = (lambda a_, b_: lax.psum(op(a_, b_), DATA_AXIS)) if summed else op
+    return jax.shard_map(fn, in_specs=(data, data if b_sharded else whole), out_specs=whole if summed else data, check_vma=False)(a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def onednn_conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """Cross-correlation x (N, H, W, C) float32, kernel (KH, KW, C, O) -> (N, HO, WO, O); pads ((top, bottom), (left, right))."""
+    return _per_device(_device_op(0, strides, pads, ()), x, kernel, b_sharded=False, summed=False)
+
+
+def _onednn_conv_fwd(x, kernel, strides, pads):
+    y = onednn_conv(x.value, kernel.value, strides, pads)
+    return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
+
+
+def _onednn_conv_bwd(strides, pads, residuals, dy):
+    x, kernel, x_needed, kernel_needed = residuals  # only the gradients asked for are computed
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    dx = _per_device(_device_op(1, strides, pads, tuple(x.shape[1:])), dy, kernel, b_sharded=False, summed=False) if x_needed else None
+    dw = _per_device(_device_op(2, strides, pads, tuple(kernel.shape)), x, dy, b_sharded=True, summed=True) if kernel_needed else None
+    return dx, dw
+
+
+onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd, symbolic_zeros=True)
+
+
+def _output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: tuple, pads: tuple) -> tuple:
+    spatial = [
+        (size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(x_shape[1:3], kernel_shape[:2], strides, pads)
+    ]
+    return (x_shape[0], *spatial, kernel_shape[3])
+
+
+def explicit_padding(padding, in_size: Sequence[int], kernel: Sequence[int], strides: Sequence[int]) -> tuple:
+    """((top, bottom), (left, right)) for 'SAME' / 'VALID' / explicit pairs, as XLA pads (the odd pixel at the end)."""
+    if not isinstance(padding, str):
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
+    if padding.upper() == "VALID":
+        return ((0, 0),) * len(in_size)
+    if padding.upper() != "SAME":
+        raise ValueError(f"padding must be 'SAME', 'VALID' or (low, high) pairs, got {padding!r}")
+    pads = []
+    for size, k, s in zip(in_size, kernel, strides):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def _is_nhwc_hwio(dimension_numbers) -> bool:
+    if dimension_numbers is None:
+        return False
+    ones = (1, 1, 1, 1)
+    return lax.conv_dimension_numbers(ones, ones, dimension_numbers) == lax.conv_dimension_numbers(ones, ones, ("NHWC", "HWIO", "NHWC"))
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """`lax.conv_general_dilated` with plain 2-D float32 convolutions on the CPU sent to oneDNN (see module doc)."""
+    plain = (
+        lhs.ndim == 4
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and _is_nhwc_hwio(dimension_numbers)
+    )
+    if not _use_onednn(lhs, rhs, plain):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type,
+        )
+    strides = tuple(int(s) for s in window_strides)
+    pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+    if lhs.shape[0] % _data_axis_size():
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, precision=precision)
+    return onednn_conv(lhs, rhs, strides, pads)

@@ -1,0 +1,133 @@
+"""oneDNN convolutions (jax_advprune.kernels.onednn) against lax.conv_general_dilated."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jax_advprune import parallel
+from jax_advprune.kernels import onednn
+
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+pytestmark = pytest.mark.skipif(
+    not onednn.available(), reason=f"oneDNN convolution unavailable: {onednn._register()} (pip install -e '.[cpu]')"
+)
+
+
+def _loss(conv, x, w, strides, padding):
+    """A nonlinear scalar of the convolution, so that gradients depend on every output."""
+    return jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=DIMENSIONS)))
+
+
+@pytest.mark.parametrize(
+    "size, cin, cout, kernel, stride, padding",
+    [
+        (16, 3, 8, 3, 1, "SAME"),  # first layer of the models
+        (9, 4, 6, 3, 2, "SAME"),  # odd size, stride 2: XLA pads (1, 1)
+        (8, 4, 6, 3, 2, "SAME"),  # even size, stride 2: XLA pads (0, 1), PyTorch would pad (1, 1)
+        (8, 4, 6, 3, 2, "VALID"),
+        (8, 4, 6, 3, 1, ((2, 1), (0, 1))),  # explicit, asymmetric
+        (8, 5, 7, 1, 2, "SAME"),  # 1x1 strided shortcut
+        (7, 3, 5, 5, 1, "SAME"),
+    ],
+)
+def test_forward_and_gradients_equal_lax(size, cin, cout, kernel, stride, padding):
+    rng = np.random.default_rng(size * cin + stride)
+    x = jnp.asarray(rng.standard_normal((4, size, size, cin), np.float32))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout), np.float32) / np.sqrt(kernel * kernel * cin))
+    strides = (stride, stride)
+    expected = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMENSIONS)
+    got = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMENSIONS))(x, w)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda x, w: _loss(onednn.conv_general_dilated, x, w, strides, padding), (0, 1)))(x, w)
+    expected_grads = jax.grad(lambda x, w: _loss(lax.conv_general_dilated, x, w, strides, padding), (0, 1))(x, w)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def _sharded_step(conv_backend: str):
+    """jit over 4 devices with a mesh set, as the train step does: value and kernel gradient of a 2-layer net."""
+    onednn.set_backend(conv_backend)
+    mesh = parallel.make_mesh(4)
+
+    def loss(x, w1, w2):
+        h = jax.nn.relu(onednn.conv_general_dilated(x, w1, (2, 2), "SAME", dimension_numbers=DIMENSIONS))
+        return jnp.mean(onednn.conv_general_dilated(h, w2, (1, 1), "SAME", dimension_numbers=DIMENSIONS) ** 2)
+
+    fn = jax.jit(
+        jax.value_and_grad(loss, (0, 1, 2)),
+        in_shardings=(parallel.batch_sharding(mesh), parallel.replicated(mesh), parallel.replicated(mesh)),
+    )
+    return fn, mesh
+
+
+def test_sharded_jit_runs_per_device_and_equals_lax():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 12, 12, 3), np.float32)
+    w1 = rng.standard_normal((3, 3, 3, 8), np.float32) / 5
+    w2 = rng.standard_normal((3, 3, 8, 4), np.float32) / 8
+    try:
+        results, hlo = {}, None
+        for backend in ("onednn", "xla"):
+            fn, mesh = _sharded_step(backend)
+            with jax.set_mesh(mesh):
+                results[backend] = fn(x, w1, w2)
+                if backend == "onednn":
+                    hlo = fn.lower(x, w1, w2).compile().as_text()
+    finally:
+        onednn.set_backend("auto")
+    assert onednn.TARGET in hlo
+    assert "all-gather" not in hlo  # each device convolves its own rows; only the kernel gradients are summed
+    (value, grads), (expected_value, expected_grads) = results["onednn"], results["xla"]
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_what_onednn_does_not_cover_goes_to_lax():
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+
+    def hlo(fn, *args):
+        return jax.jit(fn).lower(*args).as_text()
+
+    plain = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DIMENSIONS)  # noqa: E731
+    assert onednn.TARGET in hlo(plain, x, w)
+    assert onednn.TARGET not in hlo(plain, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # float32 only
+    dilated = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMENSIONS)  # noqa: E731
+    assert onednn.TARGET not in hlo(dilated, x, w)
+    nchw = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))  # noqa: E731
+    assert onednn.TARGET not in hlo(nchw, jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3)))
+    try:
+        onednn.set_backend("xla")  # read when a function is traced: a new function, not `plain` (its trace is cached)
+        assert onednn.TARGET not in hlo(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DIMENSIONS), x, w)
+    finally:
+        onednn.set_backend("auto")
+    with pytest.raises(ValueError, match="must be one of"):
+        onednn.set_backend("mkl")
+
+
+def test_missing_onednn_is_reported_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("DNNL_ROOT", str(tmp_path))
+    with pytest.raises(onednn.OnednnUnavailableError, match=r"jax_advprune\[cpu\]"):
+        onednn.onednn_prefix()
+
+
+def test_vmapped_vjps_and_batched_kernels_equal_lax():
+    """DeepFool's pattern (one VJP per candidate class, vmapped over cotangents) and vmap over kernels."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 8, 8, 4), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 5), np.float32) / 6)
+    cotangents = jnp.asarray(rng.standard_normal((6, 3, 4, 4, 5), np.float32))
+    results = {}
+    for name, conv in (("lax", lax.conv_general_dilated), ("onednn", onednn.conv_general_dilated)):
+        strided = lambda x, k: conv(x, k, (2, 2), "SAME", dimension_numbers=DIMENSIONS)  # noqa: E731
+        _, vjp = jax.vjp(lambda x_: jnp.tanh(strided(x_, w)), x)
+        input_grads = jax.jit(jax.vmap(lambda c: vjp(c)[0]))(cotangents)  # images mapped, kernel not: folded into the batch
+        per_kernel = jax.jit(jax.vmap(lambda k: strided(x, k)))(jnp.stack([w, -2 * w]))  # kernel mapped: one call per kernel
+        kernel_grads = jax.jit(jax.vmap(lambda c: jax.grad(lambda k: jnp.sum(strided(x, k) * c))(w)))(cotangents)
+        results[name] = (input_grads, per_kernel, kernel_grads)
+    for got, expected in zip(results["onednn"], results["lax"]):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
