@@ -38,7 +38,6 @@ if __name__ == "__main__":
     ARGS = _args.parse_args()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 

@@ -22,6 +22,16 @@ static dnnl::engine& Engine() {
   return engine;
 }
 
+// The kernel in the layout a primitive wants: the caller's HWIO buffer itself, or a reordered copy.
+static memory KernelAs(const memory::desc& wanted, const memory::desc& user, float* data, dnnl::engine& engine,
+                       dnnl::stream& stream) {
+  memory user_mem(user, engine, data);
+  if (wanted == user) return user_mem;
+  memory reordered(wanted, engine);
+  dnnl::reorder(user_mem, reordered).execute(stream, user_mem, reordered);
+  return reordered;
+}
+
 static ffi::Error Conv(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
                        int64_t mode, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                        int64_t threads) {
@@ -52,23 +62,13 @@ static ffi::Error Conv(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
         engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, x_user, w_any, y_user, strides, pad_l, pad_r);
     if (mode == 0) {
       memory x_mem(x_user, engine, a.typed_data()), y_mem(y_user, engine, out->typed_data());
-      memory w_mem(w_user, engine, b.typed_data());
-      memory w_prim = w_mem;
-      if (fwd_pd.weights_desc() != w_user) {
-        w_prim = memory(fwd_pd.weights_desc(), engine);
-        dnnl::reorder(w_mem, w_prim).execute(stream, w_mem, w_prim);
-      }
+      memory w_prim = KernelAs(fwd_pd.weights_desc(), w_user, b.typed_data(), engine, stream);
       dnnl::convolution_forward(fwd_pd).execute(stream, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, w_prim}, {DNNL_ARG_DST, y_mem}});
     } else if (mode == 1) {
       auto pd = dnnl::convolution_backward_data::primitive_desc(
           engine, dnnl::algorithm::convolution_direct, x_user, w_any, y_user, strides, pad_l, pad_r, fwd_pd);
       memory dy_mem(y_user, engine, a.typed_data()), dx_mem(x_user, engine, out->typed_data());
-      memory w_mem(w_user, engine, b.typed_data());
-      memory w_prim = w_mem;
-      if (pd.weights_desc() != w_user) {
-        w_prim = memory(pd.weights_desc(), engine);
-        dnnl::reorder(w_mem, w_prim).execute(stream, w_mem, w_prim);
-      }
+      memory w_prim = KernelAs(pd.weights_desc(), w_user, b.typed_data(), engine, stream);
       dnnl::convolution_backward_data(pd).execute(stream, {{DNNL_ARG_DIFF_DST, dy_mem}, {DNNL_ARG_WEIGHTS, w_prim}, {DNNL_ARG_DIFF_SRC, dx_mem}});
     } else {
       auto pd = dnnl::convolution_backward_weights::primitive_desc(
