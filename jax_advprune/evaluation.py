@@ -58,19 +58,6 @@ def pgd_evaluator(
     return evaluate
 
 
-def evaluate_split(
-    apply_fn: ApplyFn,
-    variables: dict,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    seed: int = 0,
-    **settings,
-) -> dict[str, float]:
-    """Clean and PGD accuracy of a model on a split: `pgd_evaluator(apply_fn, **settings)` run once."""
-    return pgd_evaluator(apply_fn, **settings)(variables, images, labels, seed)
-
-
 def autoattack_lite_evaluator(
     apply_fn: ApplyFn,
     *,
@@ -136,15 +123,3 @@ def autoattack_lite_evaluator(
 
     return evaluate
 
-
-def autoattack_lite(
-    apply_fn: ApplyFn,
-    variables: dict,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    seed: int = 0,
-    **settings,
-) -> dict[str, float]:
-    """APGD-CE then APGD-T accuracy of a model on a split: `autoattack_lite_evaluator(apply_fn, **settings)` run once."""
-    return autoattack_lite_evaluator(apply_fn, **settings)(variables, images, labels, seed)

@@ -239,8 +239,9 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
     """
     tcfg = config.train
     model = build_model(config, tcfg.compute_dtype)
-    held_out = validation_indices(data.pool.num_original, tcfg.validation_size, config.seed)
-    keep = keep & trainable_mask(config, data)
+    trainable = trainable_mask(config, data)
+    held_out = np.flatnonzero(~trainable)  # the validation slice
+    keep = keep & trainable
     plan = make_plan(
         keep, data.pool.num_original, batch_size=tcfg.batch_size,
         original_fraction=tcfg.original_fraction if tcfg.original_fraction > 0 else None,
@@ -283,7 +284,7 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
         validation = training.Validation(
             evaluate=lambda variables: evaluate(variables, val_images, val_labels, seed),
             every=max(1, int(round(tcfg.validation_every_epochs * plan.steps_per_epoch))),
-            checkpointer=Checkpointer(best_checkpoint_dir(ckpt_dir), max_to_keep=1, best_metric="pgd_accuracy"),
+            checkpointer=best_checkpointer(ckpt_dir),
         )
     try:
         state = training.fit(
@@ -292,7 +293,7 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
             validation=validation, callbacks=callbacks,
         )
         if validation is not None:
-            log.info("[%s] best validation checkpoint: step %s in %s", phase, validation.checkpointer.best_step(), best_checkpoint_dir(ckpt_dir))
+            log.info("[%s] best validation checkpoint: step %s in %s", phase, validation.checkpointer.best_step(), validation.checkpointer.directory)
     finally:
         checkpointer.close()
         progress.close()
@@ -304,6 +305,16 @@ def _train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *,
 def best_checkpoint_dir(ckpt_dir: str) -> str:
     """Where a training run's best-validation checkpoint lives, next to its checkpoint directory."""
     return ckpt_dir + "_best"
+
+
+def best_checkpointer(ckpt_dir: str) -> Checkpointer:
+    """The best-validation checkpoint of a training run: the save with the highest validation PGD accuracy."""
+    return Checkpointer(best_checkpoint_dir(ckpt_dir), max_to_keep=1, best_metric="pgd_accuracy")
+
+
+def final_checkpoint_dir(workdir: str) -> str:
+    """Checkpoints of the train phase (the final model; scoring models have their own)."""
+    return os.path.join(workdir, "checkpoints")
 
 
 def _apply_fn(model):
@@ -598,7 +609,7 @@ def train(config, workdir: str, data: Data, mesh):
     guard_settings(workdir, "train", _section(config, "data", "model", "attack", "train", "pruning") | {"seed": config.seed})
     keep, eps = _load_selection(workdir, len(data.pool))
     return _train_model(
-        config, data, mesh, keep, eps, epochs=config.train.epochs, ckpt_dir=os.path.join(workdir, "checkpoints"),
+        config, data, mesh, keep, eps, epochs=config.train.epochs, ckpt_dir=final_checkpoint_dir(workdir),
         metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="train", seed=config.seed,
     )
 
@@ -665,10 +676,9 @@ def best_validation_state(workdir: str, like):
 
     `like`: a train state whose structure and placement the restored one takes.
     """
-    best_dir = best_checkpoint_dir(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(best_dir):
+    if not os.path.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
         return None, None
-    checkpointer = Checkpointer(best_dir, max_to_keep=1, best_metric="pgd_accuracy")
+    checkpointer = best_checkpointer(final_checkpoint_dir(workdir))
     try:
         step = checkpointer.best_step()
         if step is None:

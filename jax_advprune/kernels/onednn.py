@@ -14,7 +14,7 @@ compiler (`CXX`, default g++) against the oneDNN of the `[cpu]` extra
 (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`: headers in <prefix>/include, library
 in <prefix>/lib), into ~/.cache/jax_advprune (or $JAX_ADVPRUNE_CACHE). Choice by
 the environment variable JAX_ADVPRUNE_CONV or `set_backend`:
-  auto    oneDNN when it can be built here, XLA otherwise (the reason is logged once)
+  auto    oneDNN when it can be built here, XLA otherwise (the reason is logged)
   onednn  oneDNN or an error saying what is missing
   xla     always lax.conv_general_dilated
 
@@ -129,36 +129,35 @@ def available() -> bool:
     return _register() is None
 
 
+def _why_not_onednn() -> str | None:
+    """None when float32 convolutions go to oneDNN here, else why not; an error when JAX_ADVPRUNE_CONV=onednn can't be met."""
+    if get_backend() == "xla":
+        return "JAX_ADVPRUNE_CONV=xla"
+    if jax.default_backend() != "cpu":
+        return f"backend {jax.default_backend()}"
+    why_not = _register()
+    if why_not is not None and get_backend() == "onednn":
+        raise OnednnUnavailableError(why_not)
+    return None if why_not is None else f"oneDNN unavailable: {why_not}"
+
+
 def describe() -> str:
     """Which convolutions float32 models get here, for the run log: oneDNN, or XLA and why."""
-    if get_backend() == "xla":
-        return "XLA (JAX_ADVPRUNE_CONV=xla)"
-    if jax.default_backend() != "cpu":
-        return f"XLA (backend {jax.default_backend()})"
-    why_not = _register()
-    if why_not is not None:
-        if get_backend() == "onednn":
-            raise OnednnUnavailableError(why_not)
-        return f"XLA (oneDNN unavailable: {why_not})"
-    return f"oneDNN custom call, {_threads_per_call()} thread(s) per call"
+    why_not = _why_not_onednn()
+    return f"XLA ({why_not})" if why_not else f"oneDNN custom call, {_threads_per_call()} thread(s) per call"
 
 
 def _use_onednn(lhs: jax.Array, rhs: jax.Array, plain: bool) -> bool:
-    backend = get_backend()
-    if backend == "xla" or jax.default_backend() != "cpu":
-        return False
-    why_not = _register()
+    why_not = _why_not_onednn()
     if why_not is not None:
-        if backend == "onednn":
-            raise OnednnUnavailableError(why_not)
-        _warn_once(why_not)
+        _log_once(why_not)
         return False
     return plain and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(why_not: str) -> None:
-    log.warning("convolutions use XLA: the oneDNN convolution is unavailable (%s)", why_not)
+def _log_once(why_not: str) -> None:
+    log.info("convolutions use XLA: %s", why_not)
 
 
 def _threads_per_call() -> int:
@@ -257,18 +256,10 @@ def _output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: 
 
 
 def explicit_padding(padding, in_size: Sequence[int], kernel: Sequence[int], strides: Sequence[int]) -> tuple:
-    """((top, bottom), (left, right)) for 'SAME' / 'VALID' / explicit pairs, as XLA pads (the odd pixel at the end)."""
-    if not isinstance(padding, str):
-        return tuple((int(lo), int(hi)) for lo, hi in padding)
-    if padding.upper() == "VALID":
-        return ((0, 0),) * len(in_size)
-    if padding.upper() != "SAME":
-        raise ValueError(f"padding must be 'SAME', 'VALID' or (low, high) pairs, got {padding!r}")
-    pads = []
-    for size, k, s in zip(in_size, kernel, strides):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
-        pads.append((total // 2, total - total // 2))
-    return tuple(pads)
+    """((top, bottom), (left, right)) for 'SAME' / 'VALID' (as XLA pads: the odd pixel at the end) or explicit pairs."""
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(tuple(in_size), tuple(kernel), tuple(strides), padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def _is_nhwc_hwio(dimension_numbers) -> bool:
