@@ -50,7 +50,7 @@ from jax_advprune.attacks.common import flat_norm  # noqa: E402
 from jax_advprune.kernels import onednn  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.models.torch_export import to_torch  # noqa: E402
-from jax_advprune.pruning.scores import deepfool_runner  # noqa: E402
+from jax_advprune.pruning.margins import deepfool_runner  # noqa: E402
 
 EPS_LINF = 0.05
 PGD_STEPS = 10

@@ -91,7 +91,9 @@ def main() -> None:
 
     setup_logging()
     parallel.use_cpu_devices()
-    from jax_advprune import pipeline
+    from jax_advprune.data.splits import load_data
+    from jax_advprune.main import run
+    from jax_advprune.phases import score as score_phase
 
     rows = []
     start = time.perf_counter()
@@ -106,10 +108,10 @@ def main() -> None:
                 if not os.path.exists(os.path.join(source, "scores", "meta.json")):  # the score phase alone
                     config = study_config(strategy, score, scoring, ratio, seed, args.epochs)
                     os.makedirs(source, exist_ok=True)
-                    pipeline.score(config, source, pipeline.load_data(config, source), parallel.make_mesh(config.num_devices or None))
+                    score_phase.run(config, source, load_data(config, source), parallel.make_mesh(config.num_devices or None))
                 share_scores(source, workdir)
             if not os.path.exists(os.path.join(workdir, "results.json")):
-                pipeline.run(study_config(strategy, score, scoring, ratio, seed, args.epochs), workdir)
+                run(study_config(strategy, score, scoring, ratio, seed, args.epochs), workdir)
             results = json.load(open(os.path.join(workdir, "results.json")))
             ema = results["results"]["ema"]
             rows.append(dict(method=label, keep_ratio=ratio, seed=seed, kept=results["kept"], clean=ema["clean_accuracy"], pgd=ema["pgd_accuracy"]))

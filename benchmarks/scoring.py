@@ -60,7 +60,7 @@ from jax_advprune.metrics import Progress  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.pruning import knn as knn_lib  # noqa: E402
 from jax_advprune.pruning import predictions  # noqa: E402
-from jax_advprune.pruning.scores import deepfool_runner, margin_scores  # noqa: E402
+from jax_advprune.pruning.margins import deepfool_runner, margin_scores  # noqa: E402
 
 EPS = 8 / 255
 
@@ -98,10 +98,10 @@ def main() -> None:
     subset = np.sort(rng.choice(len(pool), ARGS.deepfool_images, replace=False))
     run = deepfool_runner(apply_fn, slots=512, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
     chunk = min(1024, len(subset))
-    margin_scores(run, variables, pool, chunk_size=chunk, indices=subset[:chunk])  # compile
+    margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset[:chunk])  # compile
     start = time.perf_counter()
     progress = Progress("deepfool", -(-len(subset) // chunk), chunk, every_s=10.0)
-    result = margin_scores(run, variables, pool, chunk_size=chunk, indices=subset, progress=progress)
+    result = margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset, progress=progress)
     seconds = time.perf_counter() - start
     rows.append(dict(stage=f"DeepFool L-inf margins (10 classes, <= {ARGS.deepfool_iterations} it.)", items=len(subset), seconds=seconds, per_s=len(subset) / seconds,
                      mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean()),

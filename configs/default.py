@@ -113,9 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.deepfool.norm = "linf"  # must match attack.norm for puma
     c.scoring.deepfool.max_iter = 50
     c.scoring.deepfool.overshoot = 0.02
-    # Top-3 classes by logit instead of all 10: about 4x faster on the CPU, distances
-    # within about 1% (../shared/STACK.md); set None for all classes.
-    c.scoring.deepfool.candidates = ml_collections.FieldReference(3, field_type=int)
+    # Top-3 classes by logit instead of all 10: about 4x faster on the CPU, distances within
+    # about 1% (README "Performance"); 0 = all classes (--config.scoring.deepfool.candidates=0).
+    c.scoring.deepfool.candidates = 3
 
     c.pruning = ml_collections.ConfigDict()
     c.pruning.strategy = "puma"  # random | prune_easy | prune_hard | puma (margins) | keep_top | keep_bottom (any score)

@@ -12,7 +12,6 @@ from jax_advprune import parallel
 from jax_advprune.attacks import pgd
 from jax_advprune.attacks.apgd import apgd
 from jax_advprune.attacks.common import to_unit_interval
-from jax_advprune.batching import padded_batches
 
 ApplyFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images in [0, 1]) -> logits, inference mode
 
@@ -45,15 +44,13 @@ def pgd_evaluator(
 
     def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
         variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
-        clean = robust = 0
         base_key = jax.random.PRNGKey(seed)
-        for i, (idx, valid) in enumerate(padded_batches(len(labels), batch_size)):
-            x, y = parallel.shared_batch((images[idx], labels[idx].astype(np.int32)), mesh)
-            correct = parallel.to_host(batch_correct(variables, jax.random.fold_in(base_key, i), x, y))
-            clean += int(np.sum(correct[:, 0] & valid))
-            robust += int(np.sum(correct[:, 1] & valid))
+        correct = parallel.map_rows(
+            lambda i, x, y: {"correct": batch_correct(variables, jax.random.fold_in(base_key, i), x, y)},
+            lambda rows: (images[rows], labels[rows].astype(np.int32)), len(labels), batch_size, mesh,
+        )["correct"]
         n = len(labels)
-        return {"clean_accuracy": clean / n, "pgd_accuracy": robust / n, "n": n}
+        return {"clean_accuracy": int(correct[:, 0].sum()) / n, "pgd_accuracy": int(correct[:, 1].sum()) / n, "n": n}
 
     return evaluate
 
@@ -104,17 +101,18 @@ def autoattack_lite_evaluator(
         accuracies = {}
         for attack in range(num_targets + 1):
             todo = np.flatnonzero(robust)
-            for i, (rows, valid) in enumerate(padded_batches(len(todo), batch_size)):
-                idx = todo[rows]
+
+            def fooled_by(i, x, y, attack=attack):
                 key = jax.random.fold_in(jax.random.fold_in(base_key, attack), i)
-                x, y = parallel.shared_batch((images[idx], labels[idx]), mesh)
                 if attack == 0:
-                    fooled = parallel.to_host(untargeted(variables, key, x, y))
-                else:
-                    fooled = parallel.to_host(targeted(variables, key, jnp.asarray(attack - 1), x, y))
-                robust[idx[valid & (fooled[:, 0] | fooled[:, 1])]] = False
+                    return {"fooled": untargeted(variables, key, x, y)}
+                return {"fooled": targeted(variables, key, jnp.asarray(attack - 1), x, y)}
+
+            if len(todo):
+                fooled = parallel.map_rows(fooled_by, lambda rows: (images[todo[rows]], labels[todo[rows]]), len(todo), batch_size, mesh)["fooled"]
+                robust[todo[fooled[:, 0] | fooled[:, 1]]] = False
                 if attack == 0:
-                    clean_correct[idx[valid]] = ~fooled[valid, 0]
+                    clean_correct[todo] = ~fooled[:, 0]
             if attack == 0:
                 accuracies["clean_accuracy"] = float(clean_correct.mean())
                 accuracies["apgd_ce_accuracy"] = float(robust.mean())

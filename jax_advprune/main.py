@@ -1,8 +1,15 @@
-"""Command line: python -m jax_advprune.main --config configs/<x>.py[:variant] --workdir <dir> [--config.a.b=v ...]"""
+"""Command line: python -m jax_advprune.main --config configs/<x>.py[:variant] --workdir <dir> [--config.a.b=v ...]
+
+Order: flags -> devices and multi-host start -> every setting and input checked
+(nothing written) -> the work directory locked (process 0) -> the phases. A
+user's mistake prints one message and exits with status 2; `--verbose` adds the
+traceback. The log goes to stdout and to <workdir>/run.log.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -18,7 +25,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Multi-host: 'auto' calls jax.distributed.initialize when JAX_COORDINATOR_ADDRESS or JAX_NUM_PROCESSES "
     "is set (with JAX_PROCESS_ID), 'on' always (SLURM, Open MPI, Cloud TPU and Kubernetes are detected), 'off' never.",
 )
+_VERBOSE = flags.DEFINE_boolean("verbose", False, "Show the traceback of a user error (a bad setting or input) too.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("jax_advprune")
+EXIT_USER_ERROR = 2
 
 
 def setup_logging() -> None:
@@ -35,17 +46,84 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+def log_to_file(path: str) -> logging.Handler:
+    """Appends this package's log to `path` as well (process 0's run log)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    return handler
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a config override that names no setting reported as one line (not a traceback)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _exit(f"{error}\nPass --helpshort to see the flags.")
+    except (AttributeError, KeyError, ValueError, TypeError) as error:
+        if "--verbose" in argv:
+            raise
+        overrides = [a for a in argv if a.startswith("--config.")]
+        _exit(f"cannot apply the config or its overrides {overrides}: {type(error).__name__}: {str(error).strip(chr(34))}\n"
+              "Check each key against the config file (every key must already exist there) and the value's type.")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run(config, workdir: str) -> None:
+    """Checks everything, locks the work directory and runs the pipeline."""
+    import jax
+
+    from jax_advprune import parallel, pipeline, provenance, validate
+    from jax_advprune import workdir as workdir_lib
+    from jax_advprune.models import layers
+
+    validate.check_run(config, workdir, available_devices=len(jax.devices()), process_count=jax.process_count())
+    mesh = parallel.make_mesh(config.num_devices or None)
+    lock = workdir_lib.RunLock(workdir)
+    locked = None
+    if workdir_lib.is_writer():
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirLockedError as error:
+            locked = error
+    parallel.agree_or_raise(locked, workdir_lib.WorkdirLockedError(f"process 0 could not lock {workdir}"))
+    handler = log_to_file(os.path.join(workdir, "run.log")) if workdir_lib.is_writer() else None
+    try:
+        log.info("jax_advprune %s; devices: %d x %s %s (process %d of %d)", provenance.code_version(), mesh.size,
+                 mesh.devices.flat[0].platform, mesh.devices.flat[0].device_kind, jax.process_index(), jax.process_count())
+        log.info("convolutions: %s", layers.describe_convolutions())
+        pipeline.run(config, workdir, mesh)
+    except Exception as error:
+        log.error("stopped: %s: %s", type(error).__name__, error)
+        raise
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        lock.release()
+
+
 def main(argv) -> None:
+    from jax_advprune.errors import UserError
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
-    from jax_advprune import parallel, pipeline
+    from jax_advprune import parallel
 
-    parallel.use_cpu_devices(_CPU_DEVICES.value)  # before jax starts its backends
-    parallel.initialize_distributed(_DISTRIBUTED.value)
-
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        parallel.use_cpu_devices(_CPU_DEVICES.value)  # before jax starts its backends
+        parallel.initialize_distributed(_DISTRIBUTED.value)
+        run(_CONFIG.value, _WORKDIR.value)
+    except UserError as error:
+        if _VERBOSE.value:
+            raise
+        _exit(str(error))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

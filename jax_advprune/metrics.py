@@ -7,6 +7,8 @@ import logging
 import os
 import time
 
+from jax_advprune.workdir import atomic_output
+
 log = logging.getLogger("jax_advprune")
 
 
@@ -22,6 +24,26 @@ def progress_bar(fraction: float, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def drop_records_after(jsonl_path: str, phase: str, step: int) -> None:
+    """Rewrites the JSON-lines file (atomically) without the records of `phase` whose step is > `step`."""
+    if not os.path.exists(jsonl_path):
+        return
+    with open(jsonl_path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if not _is_later(line, phase, step)]
+    if len(kept) != len(lines):
+        with atomic_output(jsonl_path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+
+
+def _is_later(line: str, phase: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return True  # a line cut off by a kill
+    return record.get("phase") == phase and record.get("step", 0) > step
+
+
 class Progress:
     """Reports rate and ETA of a loop of `total` steps of `items_per_step` items each.
 
@@ -31,6 +53,10 @@ class Progress:
     `tensorboard_dir`, if any, and logs a progress line at most every `every_s`
     seconds and always on the last step. Only process 0 of a multi-host run
     should write (the caller passes no paths elsewhere).
+
+    A loop resumed at `first_step` first drops the file's records of its phase
+    with a later step (written after the checkpoint it resumed from), so every
+    step is recorded once however often a run is resumed.
     """
 
     def __init__(
@@ -42,7 +68,7 @@ class Progress:
         self.start_time = self.last_time = self.last_log_time = time.perf_counter()
         self.first_step = self.last_step = first_step
         if jsonl_path:
-            os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+            drop_records_after(jsonl_path, phase, first_step)
         self._tensorboard = None
         if tensorboard_dir:
             from tensorboardX import SummaryWriter

@@ -1,26 +1,28 @@
 """One `data` mesh axis over all devices: shardings, process-local -> global arrays, shard_map.
 
 On the CPU the batch is split across virtual devices too (`use_cpu_devices`),
-since one XLA:CPU device does not keep all cores busy (see ../shared/STACK.md).
+since one XLA:CPU device does not keep all cores busy. `map_rows` is the one
+loop over many rows (a pool, a test split, kNN queries): fixed-shape padded
+chunks, sharded over the mesh, results brought back to the host.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jax_advprune import workdir
+
 DATA_AXIS = "data"
 
 
 def use_cpu_devices(count: int | None = None) -> int:
-    """Asks XLA:CPU for `count` virtual devices (default: two per core); call before jax starts.
-
-    Two per core measured fastest for PGD-10 on 2 cores (1,895 img/s on 4 devices,
-    1,530 on 2, 1,092 on 1; small CNN, batch 128).
+    """Asks XLA:CPU for `count` virtual devices (default: two per core, measured fastest for
+    PGD on 2 cores; the README's Performance section); call before jax starts.
 
     Leaves an explicit `--xla_force_host_platform_device_count` in XLA_FLAGS alone.
     Returns the count asked for (0 when XLA_FLAGS already decides).
@@ -73,6 +75,8 @@ def shared_batch(tree: Any, mesh: Mesh) -> Any:
     sharding = batch_sharding(mesh)
 
     def place(a):
+        if isinstance(a, jax.Array) and a.sharding == sharding:
+            return a  # already placed
         a = np.asarray(a)
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
@@ -141,3 +145,78 @@ def shard_over_batch(fn: Callable, mesh: Mesh, num_replicated: int) -> Callable:
 def shard_key(key: jax.Array) -> jax.Array:
     """Inside shard_over_batch: a key distinct for each shard."""
     return jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+
+
+def padded_chunks(n: int, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (rows (chunk_size,), valid (chunk_size,) bool) covering range(n) in order.
+
+    The last chunk is padded with row 0 and valid=False, so every chunk has one shape
+    (one compiled program serves any n).
+    """
+    for start in range(0, n, chunk_size):
+        rows = np.arange(start, start + chunk_size)
+        valid = rows < n
+        yield np.where(valid, rows, 0), valid
+
+
+def map_rows(
+    compute: Callable[..., dict],
+    read: Callable[[np.ndarray], tuple],
+    n: int,
+    chunk_size: int,
+    mesh: Mesh,
+    *,
+    out: dict[str, np.ndarray] | None = None,
+    resume_dir: str | None = None,
+    on_chunk: Callable[[int, dict], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Maps `compute` over rows [0, n) in fixed-shape chunks split over the mesh -> {name: (n, ...) host array}.
+
+    read(rows (chunk_size,) int) -> tuple of host arrays (leading axis chunk_size), the
+    same on every process; padding rows repeat row 0 and are discarded.
+    compute(chunk_index, *arrays placed over DATA_AXIS) -> {name: array (chunk_size, ...)}.
+    `out` may hold preallocated (e.g. memory-mapped) arrays to fill; others are allocated.
+    With `resume_dir` every finished chunk is saved there (chunk_<i>.npz, process 0,
+    atomically) and a chunk found there is loaded instead of computed, so a killed run
+    resumes where it stopped. on_chunk(chunk_index, {name: valid rows}) follows every chunk.
+    chunk_size must divide over the mesh's devices.
+    """
+    check_divisible(chunk_size, mesh, "chunk size")
+    out = dict(out or {})
+    finished: set[str] = set()
+    if resume_dir:
+        os.makedirs(resume_dir, exist_ok=True)
+        sync(f"listing {resume_dir}")
+        # Decided once, so every process of a multi-host run skips the same chunks.
+        finished = {name for name in os.listdir(resume_dir) if name.startswith("chunk_") and ".tmp" not in name}
+    for index, (rows, valid) in enumerate(padded_chunks(n, chunk_size)):
+        path = os.path.join(resume_dir, f"chunk_{index:06d}.npz") if resume_dir else None
+        if path and os.path.basename(path) in finished:
+            with np.load(path) as saved:
+                done = {name: saved[name] for name in saved.files}
+        else:
+            result = compute(index, *shared_batch(read(rows), mesh))
+            done = {name: np.asarray(to_host(value) if isinstance(value, jax.Array) else value)[valid] for name, value in result.items()}
+            if path:
+                workdir.save_npz(path, **done)
+        for name, value in done.items():
+            if name not in out:
+                out[name] = np.zeros((n,) + value.shape[1:], value.dtype)
+            out[name][rows[valid]] = value
+        if on_chunk is not None:
+            on_chunk(index, done)
+    return out
+
+
+def agree_or_raise(error: Exception | None, elsewhere: Exception) -> None:
+    """After a step only process 0 does (taking the run lock): raises `error` there, and `elsewhere` on every
+    other process when process 0 failed, so no process goes on alone (and none waits forever at a barrier)."""
+    failed = error is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    if error is not None:
+        raise error
+    if failed:
+        raise elsewhere

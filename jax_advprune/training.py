@@ -18,6 +18,7 @@ from jax_advprune import parallel
 from jax_advprune.attacks import pgd
 from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.checkpoint import Checkpointer
+from jax_advprune.errors import UserError
 from jax_advprune.losses import smoothed_cross_entropy, trades_loss
 from jax_advprune.metrics import Progress
 
@@ -93,11 +94,6 @@ def batch_stat_logits_fn(model: nn.Module, variables: dict) -> Callable[[jax.Arr
         return logits
 
     return logits_fn
-
-
-def inference_logits_fn(model: nn.Module, variables: dict) -> Callable[[jax.Array], jax.Array]:
-    """logits_fn with BatchNorm running averages: samples independent of each other."""
-    return lambda x: model.apply(variables, x, train=False)
 
 
 TRAINING_LOSSES = ("pgd_at", "trades")
@@ -193,14 +189,43 @@ def make_train_step(
         # placing it first keeps the second call from compiling the step again.
         if getattr(state.step, "sharding", None) != replicated:  # device_put places every leaf alike
             state = jax.device_put(state, replicated)
-        with jax.set_mesh(mesh):  # custom-call convolutions (kernels.onednn) trace per device over its `data` axis
+        with jax.set_mesh(mesh):  # the step runs under its mesh: layers that split work per device (models/layers.py) read it
             return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
 
     return step
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf."""
+class NonFiniteTrainingError(UserError):
+    """The training loss or the train state became NaN or Inf (a learning rate too high, most often)."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def non_finite_parts(state: TrainState) -> list[str]:
+    """Which of params, EMA params, BatchNorm statistics and optimizer state hold a NaN or Inf ([] when none)."""
+    parts = {"params": state.params, "ema_params": state.ema_params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    return [name for name, tree in parts.items() if not bool(_all_finite(tree))]
+
+
+def _last_finite_checkpoint(checkpointer: Checkpointer) -> str:
+    step = checkpointer.latest_step()
+    if step is None:
+        return "there is no checkpoint of this run with a finite state"
+    return f"the last checkpoint whose state is finite is step {step} in {checkpointer.directory} (every save is checked first)"
+
+
+def check_finite(state: TrainState, what: str, checkpointer: Checkpointer) -> None:
+    """Raises NonFiniteTrainingError naming the non-finite parts of `state` and the last finite checkpoint."""
+    bad = non_finite_parts(state)
+    if bad:
+        raise NonFiniteTrainingError(
+            f"{what}: {', '.join(bad)} hold NaN or Inf, so it is not saved; {_last_finite_checkpoint(checkpointer)}. "
+            "Fix: lower train.lr (or raise train.warmup_steps) and rerun in a new --workdir."
+        )
 
 
 @dataclasses.dataclass
@@ -222,7 +247,7 @@ class Validation:
     def __call__(self, state: TrainState, step: int, progress: Progress) -> None:
         metrics = self.evaluate(state.variables(ema=self.use_ema))
         progress.log(step, **{f"val_{k}": v for k, v in metrics.items()})
-        self.checkpointer.save(step, state, metrics={k: float(v) for k, v in metrics.items()})
+        self.checkpointer.save(step, state, metrics={k: float(v) for k, v in metrics.items()})  # the caller checked it finite
 
 
 def fit(
@@ -241,9 +266,11 @@ def fit(
     """Runs train_step from state.step to num_steps, checkpointing state and iterator.
 
     Metrics are averaged over the steps since the last report. The final step is
-    always checkpointed (and validated, with `validation`); a non-finite loss
-    stops the run without saving over the last good checkpoint. Each callback is
-    called as callback(state, step) after every step (the training-history recorder).
+    always checkpointed (and validated, with `validation`). Before every save the
+    state is checked finite; a non-finite loss or state stops the run
+    (NonFiniteTrainingError) without saving, naming the last finite checkpoint.
+    Each callback is called as callback(state, step) after every step (the
+    training-history recorder).
     """
     step = int(state.step)
     pending: list[dict] = []
@@ -256,13 +283,18 @@ def fit(
             averaged = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
             pending = []
             if not math.isfinite(averaged["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {averaged['loss']} at step {step}; the last good checkpoint is step {checkpointer.latest_step()}"
+                raise NonFiniteTrainingError(
+                    f"the training loss is {averaged['loss']} at step {step}; {_last_finite_checkpoint(checkpointer)}. "
+                    "Fix: lower train.lr (or raise train.warmup_steps) and rerun in a new --workdir."
                 )
             progress.update(step, force=step == num_steps, **averaged)
-        if step % checkpoint_every == 0 or step == num_steps:
+        save = step % checkpoint_every == 0 or step == num_steps
+        validate = validation is not None and (step % validation.every == 0 or step == num_steps)
+        if save or validate:
+            check_finite(state, f"the train state at step {step}", checkpointer)
+        if save:
             checkpointer.save(step, state, batches)
-        if validation is not None and (step % validation.every == 0 or step == num_steps):
+        if validate:
             validation(state, step, progress)
         for callback in callbacks:
             callback(state, step)

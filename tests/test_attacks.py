@@ -111,7 +111,7 @@ def test_pgd_increases_loss_on_affine_classifier():
     x = rng.uniform(0.3, 0.7, size=(32,) + IMAGE_SHAPE).astype(np.float32)
     y = np.asarray(logits_fn(x)).argmax(1)
     x_adv = pgd(logits_fn, x, y, jax.random.key(1), eps=0.1, step_size=0.025, steps=10, random_start=False)
-    from jax_advprune.attacks.losses import cross_entropy
+    from jax_advprune.attacks.objectives import cross_entropy
 
     assert np.all(np.asarray(cross_entropy(logits_fn(x_adv), y)) >= np.asarray(cross_entropy(logits_fn(x), y)) - 1e-6)
 
@@ -172,7 +172,7 @@ def test_pgd_finds_the_closed_form_optimum_of_a_linear_binary_model(norm, random
 
 
 def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
-    from jax_advprune.attacks.losses import margin
+    from jax_advprune.attacks.objectives import cw_margin
 
     affine_fn, _, _ = affine_classifier(seed=12)
     rng = np.random.default_rng(13)
@@ -186,10 +186,10 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
     y = np.asarray(logits_fn(x)).argmax(1)
 
     key = jax.random.key(3)
-    kwargs = dict(eps=0.05, step_size=0.0125, steps=5, loss="margin")
+    kwargs = dict(eps=0.05, step_size=0.0125, steps=5, loss="cw_margin")
     single = pgd(logits_fn, x, y, jax.random.fold_in(key, 0), **kwargs)  # the first restart's own run
     best = pgd(logits_fn, x, y, key, restarts=4, **kwargs)
-    gain = np.asarray(margin(logits_fn(best), y)) - np.asarray(margin(logits_fn(single), y))
+    gain = np.asarray(cw_margin(logits_fn(best), y)) - np.asarray(cw_margin(logits_fn(single), y))
     assert np.all(gain >= -1e-6) and np.any(gain > 0)
     np.testing.assert_array_equal(best, pgd(logits_fn, x, y, key, restarts=4, **kwargs))  # deterministic per key
 
@@ -197,7 +197,7 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
 def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
     """The sharded work-queue scorer returns the same margins whatever the device count."""
     from jax_advprune.parallel import make_mesh
-    from jax_advprune.pruning.scores import deepfool_runner, margin_scores
+    from jax_advprune.pruning.margins import deepfool_runner, margin_scores
 
     pool, _, _ = small_pool  # 200 samples of 8x8x1
     rng = np.random.default_rng(14)
@@ -211,7 +211,7 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
     results = [
         margin_scores(
             deepfool_runner(apply_fn, slots=16, norm="l2", max_iter=30, overshoot=0.02, candidates=None, mesh=make_mesh(devices)),
-            variables, pool, chunk_size=64,
+            variables, pool, chunk_size=64, mesh=make_mesh(devices),
         )
         for devices in (1, 4)
     ]
@@ -223,14 +223,15 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
 
 def test_killed_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path):
     from jax_advprune.parallel import make_mesh
-    from jax_advprune.pruning.scores import deepfool_runner, margin_scores
+    from jax_advprune.pruning.margins import deepfool_runner, margin_scores
 
     pool, _, _ = small_pool
     rng = np.random.default_rng(15)
     variables = {"w": rng.normal(size=(64, NUM_CLASSES)).astype(np.float32)}
+    mesh = make_mesh(2)
     run = deepfool_runner(lambda v, x: x.reshape(x.shape[0], -1) @ v["w"], slots=16, norm="l2", max_iter=30,
-                          overshoot=0.02, candidates=None, mesh=make_mesh(2))
-    straight = margin_scores(run, variables, pool, chunk_size=48)
+                          overshoot=0.02, candidates=None, mesh=mesh)
+    straight = margin_scores(run, variables, pool, chunk_size=48, mesh=mesh)
     calls = []
 
     def dying_run(v, x, y):  # killed while computing the third chunk
@@ -240,11 +241,11 @@ def test_killed_margin_scoring_resumes_without_recomputing_finished_chunks(small
         return run(v, x, y)
 
     with pytest.raises(KeyboardInterrupt):
-        margin_scores(dying_run, variables, pool, chunk_size=48, resume_dir=str(tmp_path / "chunks"))
-    assert sorted(os.listdir(tmp_path / "chunks")) == ["chunk_000001.npz", "chunk_000002.npz"]
+        margin_scores(dying_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
+    assert sorted(os.listdir(tmp_path / "chunks")) == ["chunk_000000.npz", "chunk_000001.npz"]
     calls.clear()
     counting_run = lambda v, x, y: calls.append(len(x)) or run(v, x, y)  # noqa: E731
-    resumed = margin_scores(counting_run, variables, pool, chunk_size=48, resume_dir=str(tmp_path / "chunks"))
+    resumed = margin_scores(counting_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
     assert len(calls) == 3  # chunks 3, 4 and 5 of ceil(200 / 48) = 5
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])

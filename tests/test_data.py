@@ -221,8 +221,9 @@ def test_keep_and_eps_arrays_must_match_the_pool(small_pool):
 
 
 def test_a_run_on_a_bad_pool_fails_before_touching_anything(tmp_path):
-    from jax_advprune import pipeline
     from configs import default
+    from jax_advprune.main import run
+    from jax_advprune.validate import ConfigError
 
     make_npz(tmp_path / "orig.npz", 20, shape=(8, 8, 1))
     make_npz(tmp_path / "test.npz", 10, shape=(8, 8, 1))
@@ -231,10 +232,10 @@ def test_a_run_on_a_bad_pool_fails_before_touching_anything(tmp_path):
     config = default.get_config("smoke")
     config.data.name, config.num_devices = "npz", 1
     config.data.original, config.data.test, config.data.synthetic = str(tmp_path / "orig.npz"), str(tmp_path / "test.npz"), [str(tmp_path / "syn.npz")]
-    with pytest.raises(PoolFormatError, match=r"syn.npz: 'label' values span \[0, 12\]"):
-        pipeline.run(config, str(tmp_path / "work"))
+    with pytest.raises(ConfigError, match=r"syn.npz: 'label' values span \[0, 12\]"):
+        run(config, str(tmp_path / "work"))
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
-    assert not os.path.exists(tmp_path / "work") or os.listdir(tmp_path / "work") == []
+    assert not os.path.exists(tmp_path / "work")
 
 
 def test_augmented_batches_do_not_depend_on_the_process_count(small_pool):

@@ -36,7 +36,7 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
     eps = np.load(workdir / "selection/eps.npy")
     assert margin.shape == keep.shape == eps.shape == (pool_size,)
     held_out = json.load(open(workdir / "selection/meta.json"))["held_out_for_validation"]
-    from jax_advprune.pipeline import validation_indices
+    from jax_advprune.data.splits import validation_indices
 
     assert held_out == 32 and not keep[validation_indices(1528, 32, seed=0)].any()
     assert keep.sum() == round(0.5 * (pool_size - held_out))  # the held-out slice is neither kept nor counted

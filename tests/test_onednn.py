@@ -59,9 +59,11 @@ def _sharded_step(conv_backend: str):
     onednn.set_backend(conv_backend)
     mesh = parallel.make_mesh(4)
 
+    conv = onednn.conv_over(parallel.DATA_AXIS)
+
     def loss(x, w1, w2):
-        h = jax.nn.relu(onednn.conv_general_dilated(x, w1, (2, 2), "SAME", dimension_numbers=DIMENSIONS))
-        return jnp.mean(onednn.conv_general_dilated(h, w2, (1, 1), "SAME", dimension_numbers=DIMENSIONS) ** 2)
+        h = jax.nn.relu(conv(x, w1, (2, 2), "SAME", dimension_numbers=DIMENSIONS))
+        return jnp.mean(conv(h, w2, (1, 1), "SAME", dimension_numbers=DIMENSIONS) ** 2)
 
     fn = jax.jit(
         jax.value_and_grad(loss, (0, 1, 2)),

@@ -3,10 +3,15 @@
 import numpy as np
 import pytest
 
-from jax_advprune.pruning.strategies import keep_by_score, puma_eps, select
+import functools
+
+from jax_advprune.pruning import strategies
+from jax_advprune.pruning.strategies import keep_by_score, puma_eps
 
 N = 1000
 BASE_EPS = 0.1
+# Every row eligible, scores named as DeepFool L-inf margins under an L-inf attack: the pipeline's PUMA setting.
+select = functools.partial(strategies.select, eligible=np.ones(N, bool), score="margin", score_norm="linf", attack_norm="linf")
 
 
 @pytest.fixture
@@ -86,11 +91,11 @@ def test_ties_are_broken_at_random_not_by_file_order():
 
 def test_bad_arguments_are_refused(scored):
     labels, margins, prunable = scored
-    with pytest.raises(ValueError, match="unknown pruning strategy"):
+    with pytest.raises(ValueError, match="is not a strategy"):
         select("prune_medium", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
     with pytest.raises(ValueError, match="keep_ratio"):
         select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=1.5, base_eps=BASE_EPS)
-    with pytest.raises(ValueError, match="one score per pool sample"):
+    with pytest.raises(ValueError, match="one entry per pool sample"):
         select("puma", scores=margins[:10], labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
 
 
@@ -111,3 +116,36 @@ def test_keep_top_and_bottom_keep_exact_counts_of_any_score(scored, strategy, tw
     same, _ = select(twin, scores=scores, labels=labels, prunable=prunable, keep_ratio=0.3, base_eps=BASE_EPS, class_balanced=True)
     np.testing.assert_array_equal(keep, same)
     assert len(kept) + len(dropped) == 800
+
+
+def test_rows_outside_the_eligibility_mask_are_never_kept_and_keep_the_base_eps(scored):
+    labels, margins, prunable = scored
+    eligible = np.ones(N, bool)
+    eligible[::7] = False  # e.g. a validation slice
+    margins = np.where(eligible, margins, np.nan)  # unscored there
+    keep, eps = select("puma", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS, eligible=eligible)
+    assert not keep[~eligible].any() and np.all(eps[~eligible] == BASE_EPS)
+    assert (keep & eligible & ~prunable).sum() == (eligible & ~prunable).sum()  # unprunable eligible rows all kept
+    assert (keep & prunable).sum() == round(0.5 * (eligible & prunable).sum())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(score="el2n"), "ranks DeepFool margins"),
+    (dict(score_norm="l2"), "must equal attack.norm"),
+    (dict(keep_ratio=0.0), "keep_ratio"),
+    (dict(base_eps=-1.0), "attack.eps"),
+    (dict(puma={"eps_min": 0.5}), "eps_min"),
+])
+def test_puma_preconditions_hold_for_direct_calls(scored, kwargs, message):
+    labels, margins, prunable = scored
+    arguments = dict(scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS) | kwargs
+    with pytest.raises(ValueError, match=message):
+        select("puma", **arguments)
+
+
+def test_a_non_finite_score_on_an_eligible_row_is_refused(scored):
+    labels, margins, prunable = scored
+    margins = margins.copy()
+    margins[500] = np.nan
+    with pytest.raises(ValueError, match="non-finite margin"):
+        select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)

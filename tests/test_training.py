@@ -42,7 +42,7 @@ class Interrupted(Exception):
     pass
 
 
-def _run(setup, pool, ckpt_dir, *, stop_after=None, nan_from=None):
+def _run(setup, pool, ckpt_dir, *, stop_after=None, nan_from=None, nan_state_from=None):
     model, tx, step_fn = setup
     n = len(pool)
     plan = make_plan(np.ones(n, bool), pool.num_original, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=0)
@@ -60,6 +60,8 @@ def _run(setup, pool, ckpt_dir, *, stop_after=None, nan_from=None):
         state, metrics = step_fn(state, batch)
         if nan_from is not None and done >= nan_from:
             metrics = dict(metrics, loss=jnp.asarray(jnp.nan))
+        if nan_state_from is not None and done >= nan_state_from:  # parameters diverge while the logged loss stays finite
+            state = state.replace(params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params))
         return state, metrics
 
     try:
@@ -84,9 +86,21 @@ def test_resumed_training_matches_uninterrupted_bitwise(setup, small_pool, tmp_p
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(setup, small_pool, tmp_path):
     pool, _, _ = small_pool
-    with pytest.raises(training.NonFiniteLossError, match="loss is nan at step 4; the last good checkpoint is step 2"):
+    with pytest.raises(training.NonFiniteTrainingError, match="loss is nan at step 4; the last checkpoint whose state is finite is step 2"):
         _run(setup, pool, tmp_path / "nan", nan_from=3)  # checkpoints every 2 steps; step 4's loss is NaN
     assert os.listdir(tmp_path / "nan") == ["2"]  # nothing saved from the diverged steps
+
+
+def test_a_non_finite_state_is_never_saved_and_the_error_names_the_last_finite_checkpoint(setup, small_pool, tmp_path):
+    pool, _, _ = small_pool
+    with pytest.raises(training.NonFiniteTrainingError, match=r"state at step 4: params, ema_params hold NaN.*finite is step 2"):
+        _run(setup, pool, tmp_path / "nan", nan_state_from=3)  # the loss stays finite; the parameters do not
+    assert os.listdir(tmp_path / "nan") == ["2"]
+    model, tx, _ = setup
+    restored = Checkpointer(str(tmp_path / "nan")).restore(abstract_like(training.init_train_state(model, tx, pool.image_shape, seed=0)))
+    assert training.non_finite_parts(restored) == []
+    with pytest.raises(training.NonFiniteTrainingError, match="there is no checkpoint of this run with a finite state"):
+        _run(setup, pool, tmp_path / "nan_at_once", nan_state_from=0)
 
 
 def test_weight_decay_mask_spares_batchnorm_and_biases(setup):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_advprune.attacks.common import check_norm, flat_norm, per_sample, project, steepest_ascent
-from jax_advprune.attacks.losses import cross_entropy
+from jax_advprune.attacks.objectives import cross_entropy
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MOMENTUM = 0.75

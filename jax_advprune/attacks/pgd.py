@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_advprune.attacks.common import check_norm, per_sample, project, random_in_ball, steepest_ascent
-from jax_advprune.attacks.losses import AttackLoss, get_attack_loss
+from jax_advprune.attacks.objectives import AttackLoss, get_attack_loss
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -34,7 +34,7 @@ def pgd(
     Args:
       logits_fn: maps images (B, H, W, C) float32 in [0, 1] to logits (B, K).
       x: clean images (B, H, W, C), float32 in [0, 1].
-      y: the loss target: int labels (B,) for 'ce' / 'margin', clean probabilities
+      y: the loss target: int labels (B,) for 'ce' / 'cw_margin', clean probabilities
         (B, K) for 'kl'.
       key: PRNG key for the random start.
       eps: attack radius, scalar or per-sample (B,), in the units of `norm`
@@ -43,7 +43,7 @@ def pgd(
       steps: number of gradient steps (static).
       norm: 'linf' (signed-gradient steps) or 'l2' (normalised-gradient steps).
       random_start: start from a uniform point in the ball instead of x.
-      loss: 'ce', 'margin', 'kl' or a callable (logits, y) -> (B,) to maximise.
+      loss: 'ce', 'cw_margin', 'kl' or a callable (logits, y) -> (B,) to maximise.
       targeted: `y` holds target classes and the loss is minimised instead.
       restarts: independent random starts (static); each sample keeps its worst
         case: a successful point first (misclassified, or classified as the

@@ -23,10 +23,12 @@ import grain
 from absl import flags
 import numpy as np
 
+from jax_advprune.errors import UserError
+
 from jax_advprune.data.sources import Pool
 
 
-class EmptySelectionError(ValueError):
+class EmptySelectionError(UserError, ValueError):
     """The keep mask leaves nothing to draw a batch from."""
 
 

@@ -15,11 +15,13 @@ import zipfile
 
 import numpy as np
 
+from jax_advprune.errors import UserError
+
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
 
 
-class PoolFormatError(ValueError):
+class PoolFormatError(UserError, ValueError):
     """A pool file does not hold what the DM-Improves-AT format promises."""
 
 

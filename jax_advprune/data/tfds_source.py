@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from jax_advprune.errors import UserError
+
 from jax_advprune.data.sources import PoolFormatError, check_labels
 
 SUPPORTED = ("cifar10", "cifar100", "svhn_cropped")
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(UserError, RuntimeError):
     """The TFDS data set is not available locally in a random-access format."""
 
 

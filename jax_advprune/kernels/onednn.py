@@ -20,9 +20,11 @@ the environment variable JAX_ADVPRUNE_CONV or `set_backend`:
 
 Sharding: inside shard_map (attacks, evaluation, scoring) the call sees
 per-device arrays. Under jit with sharded arrays and a mesh set with
-`jax.set_mesh` (the train step), the call is wrapped in a shard_map over the
-mesh's `data` axis, so each device convolves its own rows and the kernel
-gradient is summed over devices; without a mesh, XLA would gather the batch.
+`jax.set_mesh` (the train step), a call made with `axis_name` (the batch axis
+of that mesh, passed in by the caller: `conv_over(axis_name)`) is wrapped in a
+shard_map over that axis, so each device convolves its own rows and the kernel
+gradient is summed over devices; without it, XLA would gather the batch.
+This module imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jax_advprune.parallel import DATA_AXIS
 
 log = logging.getLogger(__name__)
 
@@ -204,44 +205,47 @@ def _device_op(mode: int, strides: tuple, pads: tuple, shape: tuple):
     return op
 
 
-def _data_axis_size() -> int:
-    """Devices of the `data` axis when a mesh with that axis is set and automatic (jit over sharded arrays), else 1.
+def _axis_size(axis_name: str | None) -> int:
+    """Devices of mesh axis `axis_name` when a mesh with that axis is set and automatic (jit over sharded arrays), else 1.
 
     Inside shard_map the axis is manual and arrays are already per device: 1.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in mesh.manual_axes:
+    if axis_name is None or mesh.empty or axis_name not in mesh.axis_names or axis_name in mesh.manual_axes:
         return 1
-    return mesh.shape[DATA_AXIS]
+    return mesh.shape[axis_name]
 
 
-def _per_device(op, a, b, b_sharded: bool, summed: bool):
-    """op(a, b) on each device's rows of the `data` axis when one is set (a, and b when `b_sharded`, split by rows);
-    the per-device results concatenated, or summed over devices when `summed`."""
-    if _data_axis_size() == 1:
+def _per_device(op, a, b, b_sharded: bool, summed: bool, axis_name: str | None):
+    """op(a, b) on each device's rows of axis `axis_name` when a mesh with it is set (a, and b when `b_sharded`, split
+    by rows); the per-device results concatenated, or summed over devices when `summed`."""
+    if _axis_size(axis_name) == 1:
         return op(a, b)
-    data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
-    fn = (lambda a_, b_: lax.psum(op(a_, b_), DATA_AXIS)) if summed else op
+    data, whole = PartitionSpec(axis_name), PartitionSpec()
+    fn = (lambda a_, b_: lax.psum(op(a_, b_), axis_name)) if summed else op
     return jax.shard_map(fn, in_specs=(data, data if b_sharded else whole), out_specs=whole if summed else data, check_vma=False)(a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def onednn_conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
-    """Cross-correlation x (N, H, W, C) float32, kernel (KH, KW, C, O) -> (N, HO, WO, O); pads ((top, bottom), (left, right))."""
-    return _per_device(_device_op(0, strides, pads, ()), x, kernel, b_sharded=False, summed=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def onednn_conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple, axis_name: str | None = None) -> jax.Array:
+    """Cross-correlation x (N, H, W, C) float32, kernel (KH, KW, C, O) -> (N, HO, WO, O); pads ((top, bottom), (left, right)).
+
+    axis_name: the mesh axis the batch is split over under jit (see the module doc), or None.
+    """
+    return _per_device(_device_op(0, strides, pads, ()), x, kernel, b_sharded=False, summed=False, axis_name=axis_name)
 
 
-def _onednn_conv_fwd(x, kernel, strides, pads):
-    y = onednn_conv(x.value, kernel.value, strides, pads)
+def _onednn_conv_fwd(x, kernel, strides, pads, axis_name):
+    y = onednn_conv(x.value, kernel.value, strides, pads, axis_name)
     return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
-def _onednn_conv_bwd(strides, pads, residuals, dy):
+def _onednn_conv_bwd(strides, pads, axis_name, residuals, dy):
     x, kernel, x_needed, kernel_needed = residuals  # only the gradients asked for are computed
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         return None, None
-    dx = _per_device(_device_op(1, strides, pads, tuple(x.shape[1:])), dy, kernel, b_sharded=False, summed=False) if x_needed else None
-    dw = _per_device(_device_op(2, strides, pads, tuple(kernel.shape)), x, dy, b_sharded=True, summed=True) if kernel_needed else None
+    dx = _per_device(_device_op(1, strides, pads, tuple(x.shape[1:])), dy, kernel, False, False, axis_name) if x_needed else None
+    dw = _per_device(_device_op(2, strides, pads, tuple(kernel.shape)), x, dy, True, True, axis_name) if kernel_needed else None
     return dx, dw
 
 
@@ -281,8 +285,13 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    *,
+    axis_name: str | None = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with plain 2-D float32 convolutions on the CPU sent to oneDNN (see module doc)."""
+    """`lax.conv_general_dilated` with plain 2-D float32 convolutions on the CPU sent to oneDNN (see module doc).
+
+    axis_name: the mesh axis a jitted caller splits the batch over (per-device calls under `jax.set_mesh`).
+    """
     plain = (
         lhs.ndim == 4
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -299,6 +308,11 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-    if lhs.shape[0] % _data_axis_size():
+    if lhs.shape[0] % _axis_size(axis_name):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, precision=precision)
-    return onednn_conv(lhs, rhs, strides, pads)
+    return onednn_conv(lhs, rhs, strides, pads, axis_name)
+
+
+def conv_over(axis_name: str):
+    """`conv_general_dilated` for models whose jitted callers split the batch over mesh axis `axis_name`."""
+    return functools.partial(conv_general_dilated, axis_name=axis_name)

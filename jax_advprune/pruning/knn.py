@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_advprune import parallel
-from jax_advprune.batching import padded_batches
 
 METRICS = ("euclidean", "cosine")
 
@@ -71,11 +70,13 @@ def knn_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chu
     search_fn = jax.jit(parallel.shard_over_batch(shard_search, mesh, num_replicated=4))
     placed = jax.device_put((ref_blocks, ref_sq, valid, offsets), parallel.replicated(mesh))
 
-    def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = parallel.shared_batch(_prepare(queries, metric), mesh)
-        dist, idx = search_fn(*placed, x)
-        return parallel.to_host(dist), parallel.to_host(idx)
+    def search(queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """queries (M, D): host rows (prepared here), or rows already prepared and placed over the mesh."""
+        if not isinstance(queries, jax.Array):
+            queries = parallel.shared_batch(_prepare(queries, metric), mesh)
+        return search_fn(*placed, queries)
 
+    search.prepare = lambda queries: _prepare(queries, metric)
     return search
 
 
@@ -85,17 +86,21 @@ def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclide
 
     Queries are read in fixed-shape chunks of `query_chunk` rows (the last padded),
     so one compiled program serves any Q. `queries` may be a memory-mapped array.
+    `progress`: a metrics.Progress over the chunks.
     """
-    parallel.check_divisible(query_chunk, mesh, "kNN query chunk")
     search = knn_searcher(refs, k=k, metric=metric, ref_chunk=ref_chunk, mesh=mesh)
-    q = len(queries)
-    dist, idx = np.zeros((q, k), np.float32), np.zeros((q, k), np.int32)
-    for chunk, (rows, valid) in enumerate(padded_batches(q, query_chunk), start=1):
-        d, i = search(np.asarray(queries[rows]))
-        dist[rows[valid]], idx[rows[valid]] = d[valid], i[valid]
-        if progress is not None:
-            progress.update(chunk)
-    return dist, idx
+
+    def compute(_, x):
+        dist, idx = search(x)
+        return {"dist": dist, "idx": idx}
+
+    result = parallel.map_rows(
+        compute, lambda rows: (search.prepare(queries[rows]),), len(queries), query_chunk, mesh,
+        on_chunk=None if progress is None else lambda i, _: progress.update(i + 1),
+    )
+    if not len(queries):
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    return result["dist"], result["idx"]
 
 
 def extrapolate(ref_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray, weighting: str = "uniform") -> np.ndarray:

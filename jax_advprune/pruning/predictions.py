@@ -15,14 +15,14 @@ import numpy as np
 from jax_advprune import parallel
 from jax_advprune.attacks import pgd
 from jax_advprune.attacks.common import to_unit_interval
-from jax_advprune.batching import padded_batches
 from jax_advprune.data.sources import Pool
 
 FeaturesFn = Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]  # (variables, x in [0, 1]) -> (logits, features)
 
 
 class Predictor:
-    """predict(variables, images (B, H, W, C) uint8, labels (B,), key) -> {'probs' (B, K), 'features' (B, D)}.
+    """predict(variables, key, images (B, H, W, C) uint8, labels (B,) int32) -> {'probs' (B, K), 'features' (B, D)},
+    on arrays placed over the mesh (`parallel.shared_batch`); compiled once.
 
     With `attack` (keywords of `pgd`: eps, step_size, steps, norm), the outputs are
     those of PGD adversarial inputs (CE loss, random start) instead of clean ones.
@@ -36,9 +36,8 @@ class Predictor:
     def place(self, variables: dict) -> dict:
         return jax.device_put(variables, parallel.replicated(self.mesh))
 
-    def __call__(self, variables, images, labels, key) -> dict[str, np.ndarray]:
-        x, y = parallel.shared_batch((images, np.asarray(labels, np.int32)), self.mesh)
-        return {k: parallel.to_host(v) for k, v in self._predict(variables, key, x, y).items()}
+    def __call__(self, variables, key, images, labels) -> dict[str, jax.Array]:
+        return self._predict(variables, key, images, labels)
 
 
 def _make_predict(features_fn: FeaturesFn, mesh, attack):
@@ -55,28 +54,23 @@ def _make_predict(features_fn: FeaturesFn, mesh, attack):
 
 
 def pool_outputs(predict: Predictor, variables: dict, pool: Pool, indices: np.ndarray, *, chunk_size: int, seed: int = 0,
-                 keep: tuple[str, ...] = ("probs", "features"), out: dict[str, np.ndarray] | None = None,
-                 progress=None) -> dict[str, np.ndarray]:
-    """`predict` over pool rows `indices` (M,) in chunks of `chunk_size` -> {'labels' (M,), and each of `keep`}.
+                 keep: tuple[str, ...] = ("probs", "features"), out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """`predict` over pool rows `indices` (M,) in chunks of `chunk_size` -> {'labels' (M,) int32, and each of `keep`}.
 
     `out` may hold preallocated (e.g. memory-mapped, for pool-sized embeddings) arrays to fill.
     """
     variables = predict.place(variables)  # once, not per chunk
-    out = dict(out or {})
-    labels_out = np.zeros(len(indices), np.int64)
     base_key = jax.random.PRNGKey(seed)
-    for chunk, (rows, valid) in enumerate(padded_batches(len(indices), chunk_size), start=1):
+
+    def compute(chunk, images, labels):
+        result = predict(variables, jax.random.fold_in(base_key, chunk), images, labels)
+        return {"labels": labels, **{name: result[name] for name in keep}}
+
+    def read(rows):
         images, labels = pool.read(indices[rows])
-        result = predict(variables, images, labels, jax.random.fold_in(base_key, chunk))
-        for name in keep:
-            if name not in out:
-                out[name] = np.zeros((len(indices),) + result[name].shape[1:], np.float32)
-            out[name][rows[valid]] = result[name][valid]
-        labels_out[rows[valid]] = labels[valid]
-        if progress is not None:
-            progress.update(chunk)
-    out["labels"] = labels_out
-    return out
+        return images, labels.astype(np.int32)
+
+    return parallel.map_rows(compute, read, len(indices), chunk_size, predict.mesh, out=out)
 
 
 def true_class_probability(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

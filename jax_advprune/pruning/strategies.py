@@ -59,7 +59,7 @@ def puma_eps(
     eps_min: float = 0.0,
     low_fraction: float = 0.1,
 ) -> np.ndarray:
-    """PUMA's per-sample training eps (our reading of the paper; see ALGORITHMS.md).
+    """PUMA's per-sample training eps (our reading of the paper; docs/algorithms.md).
 
     For the kept samples chosen by `rule` -- 'below_eps': margin < base_eps;
     'low_fraction': the `low_fraction` of kept samples with the lowest margin --
@@ -83,19 +83,69 @@ def puma_eps(
     return eps
 
 
+MARGIN_STRATEGIES = ("prune_easy", "prune_hard", "puma")  # they rank DeepFool margins
+
+
+def problems(strategy: str, *, keep_ratio: float, base_eps: float, score: str | None, score_norm: str | None = None,
+             attack_norm: str | None = None, puma: dict | None = None) -> list[str]:
+    """What makes a selection impossible or meaningless, one line each naming the config key ([] when none).
+
+    score: the name of the score the strategy ranks (None when there is none);
+    score_norm: the norm DeepFool margins were measured in; attack_norm: the
+    training attack's norm. PUMA compares margins with the training eps, so both
+    norms must agree.
+    """
+    out = []
+    if strategy not in STRATEGIES:
+        return [f"pruning.strategy={strategy!r} is not a strategy; allowed: {', '.join(STRATEGIES)}"]
+    if not 0.0 < keep_ratio <= 1.0:
+        out.append(f"pruning.keep_ratio={keep_ratio!r} must be in (0, 1]: the fraction of prunable samples kept")
+    if not base_eps > 0:
+        out.append(f"attack.eps={base_eps!r} must be > 0")
+    if strategy != "random" and score is None:
+        out.append(f"pruning.strategy={strategy!r} ranks a score, but none is computed")
+    if strategy in MARGIN_STRATEGIES and score is not None and score != "margin":
+        out.append(f"pruning.strategy={strategy!r} ranks DeepFool margins, but scoring.score={score!r}; "
+                   "set scoring.score=margin, or use keep_top / keep_bottom for other scores")
+    if strategy == "puma" and score == "margin" and score_norm != attack_norm:
+        out.append(f"pruning.strategy='puma' compares margins with the training eps, so scoring.deepfool.norm ({score_norm!r}) "
+                   f"must equal attack.norm ({attack_norm!r})")
+    if strategy == "puma":
+        options = dict(puma or {})
+        if options.get("rule", "below_eps") not in PUMA_RULES:
+            out.append(f"pruning.puma.rule={options.get('rule')!r}; allowed: {', '.join(PUMA_RULES)}")
+        eps_min = options.get("eps_min", 0.0)
+        if base_eps > 0 and not 0.0 <= eps_min <= base_eps:
+            out.append(f"pruning.puma.eps_min={eps_min!r} must be in [0, attack.eps={base_eps}]")
+        if not options.get("scale", 1.0) > 0:
+            out.append(f"pruning.puma.scale={options.get('scale')!r} must be > 0")
+        if not 0.0 <= options.get("low_fraction", 0.1) <= 1.0:
+            out.append(f"pruning.puma.low_fraction={options.get('low_fraction')!r} must be in [0, 1]")
+    return out
+
+
 def select(
     strategy: str,
     *,
     scores: np.ndarray | None,
     labels: np.ndarray,
+    eligible: np.ndarray,
     prunable: np.ndarray,
     keep_ratio: float,
     base_eps: float,
     class_balanced: bool = False,
     seed: int = 0,
+    score: str | None = None,
+    score_norm: str | None = None,
+    attack_norm: str | None = None,
     puma: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Applies a named strategy -> (keep (N,) bool, eps (N,) float32).
+    """Applies a named strategy to full-length pool arrays -> (keep (N,) bool, eps (N,) float32).
+
+    scores (N,) (NaN allowed outside `eligible`), labels (N,). Only `eligible` rows
+    (N,) bool can be kept (the others, e.g. a validation slice, never are); among
+    them the rows outside `prunable` are always kept. `score`, `score_norm` and
+    `attack_norm` name what the scores are, checked by `problems` (ValueError).
 
     random: a uniform random subset. prune_easy: drop the highest scores (margins).
     prune_hard: drop the lowest. puma: prune_easy plus `puma_eps` on the kept samples,
@@ -103,16 +153,34 @@ def select(
     highest / lowest scores of any score (keep_top of DU is the extrapolation
     paper's rule; keep_bottom of a margin is prune_easy).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown pruning strategy {strategy!r}; choose one of {STRATEGIES}")
+    found = problems(strategy, keep_ratio=keep_ratio, base_eps=base_eps, score=None if strategy == "random" else score,
+                     score_norm=score_norm, attack_norm=attack_norm, puma=puma)
+    n = len(labels)
+    for name, array in (("eligible", eligible), ("prunable", prunable)) + ((("scores", scores),) if strategy != "random" else ()):
+        if array is None or len(array) != n:
+            found.append(f"{name} must hold one entry per pool sample ({n}), got {None if array is None else len(array)}")
+    if found:
+        raise ValueError("cannot select: " + "; ".join(found))
+    eligible = np.asarray(eligible, bool)
+    sub_scores = None if strategy == "random" else np.asarray(scores)[eligible]
+    if sub_scores is not None and not np.all(np.isfinite(sub_scores)):
+        raise ValueError(f"{int((~np.isfinite(sub_scores)).sum())} eligible samples have a non-finite {score} score")
+    keep_sub, eps_sub = _select_among(strategy, sub_scores, np.asarray(labels)[eligible], np.asarray(prunable, bool)[eligible],
+                                      keep_ratio, base_eps, class_balanced, seed, puma)
+    keep = np.zeros(n, bool)
+    eps = np.full(n, base_eps, np.float32)
+    keep[eligible], eps[eligible] = keep_sub, eps_sub
+    return keep, eps
+
+
+def _select_among(strategy, scores, labels, prunable, keep_ratio, base_eps, class_balanced, seed, puma):
+    """`select` over the eligible rows only (every array of their length)."""
     n = len(labels)
     group_labels = labels if class_balanced else None
     if strategy == "random":
         random_scores = np.random.default_rng([seed, 1]).random(n)
         keep = keep_by_score(random_scores, prunable, keep_ratio, keep="lowest", labels=group_labels, seed=seed)
         return keep, np.full(n, base_eps, np.float32)
-    if scores is None or len(scores) != n:
-        raise ValueError(f"strategy {strategy!r} needs one score per pool sample ({n}), got {None if scores is None else len(scores)}")
     keep_side = "highest" if strategy in ("prune_hard", "keep_top") else "lowest"
     keep = keep_by_score(scores, prunable, keep_ratio, keep=keep_side, labels=group_labels, seed=seed)
     if strategy == "puma":

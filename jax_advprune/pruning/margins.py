@@ -1,8 +1,10 @@
-"""Per-sample scores over a pool, indexed by global pool position."""
+"""DeepFool margins over a pool (PUMA's score): the host-driven work queue and the chunked map over pool rows.
+
+A margin here is a sample's distance to the decision boundary (not the
+Carlini-Wagner logit margin of `attacks.objectives.cw_margin`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -12,7 +14,6 @@ import numpy as np
 from jax_advprune import parallel
 from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.attacks.deepfool import DeepFoolResult, num_candidates, queue_result, queue_start, queue_step
-from jax_advprune.batching import padded_batches
 from jax_advprune.data.sources import Pool
 from jax_advprune.metrics import Progress
 
@@ -54,7 +55,7 @@ def deepfool_runner(
 
     def run(variables, x, y):
         parallel.check_divisible(x.shape[0], mesh, "DeepFool batch")
-        # Placed once: the host loop below must not re-send the batch or the weights every step.
+        # Placed once (a no-op when already placed): the host loop below must not re-send the batch or the weights every step.
         variables = jax.device_put(variables, parallel.replicated(mesh))
         x, y = parallel.shared_batch((x, y), mesh)
         queue = start(variables, x)
@@ -71,6 +72,7 @@ def margin_scores(
     pool: Pool,
     *,
     chunk_size: int,
+    mesh: jax.sharding.Mesh,
     indices: np.ndarray | None = None,
     resume_dir: str | None = None,
     progress: Progress | None = None,
@@ -80,34 +82,22 @@ def margin_scores(
     Reads the pool in fixed-shape chunks of `chunk_size` samples (the last one
     padded, its padding discarded); within a chunk the runner's work queue makes
     the cost follow the samples' total iterations, not the slowest sample's.
-    With `resume_dir`, each finished chunk is saved there (chunk_<i>.npz, written
-    atomically) and chunks already there are loaded instead of recomputed, so a
-    killed run resumes where it stopped.
+    With `resume_dir`, each finished chunk is saved there and chunks already there
+    are loaded instead of recomputed, so a killed run resumes where it stopped.
     Returns `margin` (M,) float32 (signed, in units of the runner's norm on [0, 1]
     pixels), `converged` (M,) bool and `n_iter` (M,) int32, in the order of `indices`.
     """
     indices = np.arange(len(pool)) if indices is None else np.asarray(indices)
-    m = len(indices)
-    out = {"margin": np.zeros(m, np.float32), "converged": np.zeros(m, bool), "n_iter": np.zeros(m, np.int32)}
-    finished: set[str] = set()
-    if resume_dir:
-        os.makedirs(resume_dir, exist_ok=True)
-        # Decided once, so every process of a multi-host run skips the same chunks.
-        finished = {name for name in os.listdir(resume_dir) if name.startswith("chunk_") and ".tmp" not in name}
-    for chunk, (rows, valid) in enumerate(padded_batches(m, chunk_size), start=1):
-        path = os.path.join(resume_dir, f"chunk_{chunk:06d}.npz") if resume_dir else None
-        if path and os.path.basename(path) in finished:
-            with np.load(path) as saved:
-                done = {name: saved[name] for name in out}
-        else:
-            images, labels = pool.read(indices[rows])
-            result = run(variables, images, labels.astype(np.int32))
-            done = {name: parallel.to_host(getattr(result, name))[valid] for name in out}
-            if path and jax.process_index() == 0:
-                np.savez(path + ".tmp.npz", **done)
-                os.replace(path + ".tmp.npz", path)
-        for name in out:
-            out[name][rows[valid]] = done[name]
-        if progress is not None:
-            progress.update(chunk, mean_iterations=float(done["n_iter"].mean()))
-    return out
+    variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per chunk
+
+    def compute(_, images, labels):
+        result = run(variables, images, labels)
+        return {"margin": result.margin, "converged": result.converged, "n_iter": result.n_iter}
+
+    def read(rows):
+        images, labels = pool.read(indices[rows])
+        return images, labels.astype(np.int32)
+
+    report = None if progress is None else lambda i, done: progress.update(i + 1, mean_iterations=float(done["n_iter"].mean()))
+    out = parallel.map_rows(compute, read, len(indices), chunk_size, mesh, resume_dir=resume_dir, on_chunk=report)
+    return {name: out.get(name, np.zeros(0, dtype)) for name, dtype in (("margin", np.float32), ("converged", bool), ("n_iter", np.int32))}

@@ -16,7 +16,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
 
 
-def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Carlini-Wagner margin max_{k != y} z_k - z_y (B,); positive once misclassified."""
     true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
     others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
@@ -33,7 +33,7 @@ def kl_to_clean(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(clean_probs > 0, clean_probs * (jnp.log(safe) - log_probs), 0.0), axis=-1)
 
 
-ATTACK_LOSSES: dict[str, AttackLoss] = {"ce": cross_entropy, "margin": margin, "kl": kl_to_clean}
+ATTACK_LOSSES: dict[str, AttackLoss] = {"ce": cross_entropy, "cw_margin": cw_margin, "kl": kl_to_clean}
 
 
 def get_attack_loss(loss: str | AttackLoss) -> AttackLoss:

@@ -1,0 +1,142 @@
+"""Evaluate phase: clean, PGD and APGD accuracy on the test split -> results.json, report.md.
+
+Evaluated: the final raw and EMA weights, and the EMA weights of the
+best-validation checkpoint (`checkpoints_best/`, what the reference reports).
+Every accuracy comes with its binomial standard error over the test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+from jax_advprune import provenance
+from jax_advprune import workdir as workdir_lib
+from jax_advprune.checkpoint import abstract_like
+from jax_advprune.data.splits import Data
+from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
+from jax_advprune.phases.common import apply_fn, section
+from jax_advprune.phases.train import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
+
+log = logging.getLogger("jax_advprune")
+
+NAME = "evaluate"
+HEADERS = {"clean_accuracy": "clean", "pgd_accuracy": "PGD", "apgd_ce_accuracy": "APGD-CE", "autoattack_lite_accuracy": "APGD-CE + APGD-T"}
+
+
+def settings(config) -> dict:
+    return section(config, "eval") | {"eps": config.attack.eps, "norm": config.attack.norm}
+
+
+def has_outputs(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def best_validation_state(workdir: str, like):
+    """(train state, step) of the best-validation checkpoint in <workdir>/checkpoints_best, or (None, None) without one.
+
+    `like`: a train state whose structure and placement the restored one takes.
+    """
+    if not os.path.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
+        return None, None
+    checkpointer = best_checkpointer(final_checkpoint_dir(workdir))
+    try:
+        step = checkpointer.best_step()
+        if step is None:
+            return None, None
+        return checkpointer.restore(abstract_like(like), step=step), int(step)
+    finally:
+        checkpointer.close()
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error sqrt(p (1 - p) / n) of an accuracy measured on n samples."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / n) if n else float("nan")
+
+
+def evaluate_weights(config, data: Data, mesh, model, candidates: dict) -> dict:
+    """{weights: {accuracy name: fraction, '<name>_se': its standard error}} for each set of variables in `candidates`."""
+    ecfg = config.eval
+    common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
+    evaluators = [pgd_evaluator(apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)]
+    if ecfg.apgd_steps > 0:
+        evaluators.append(autoattack_lite_evaluator(apply_fn(model), steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets, **common))
+    n = len(data.test_labels)
+    results = {}
+    for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
+        accuracies = {}
+        for evaluate_fn in evaluators:
+            accuracies.update({k: v for k, v in evaluate_fn(variables, data.test_images, data.test_labels, config.seed).items() if k != "n"})
+        results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
+        log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()))
+    return results
+
+
+def report(config, workdir: str, summary: dict, selection: dict) -> str:
+    """report.md: what was kept, the threat model and the accuracy table (± one standard error)."""
+    ecfg, results = config.eval, summary["results"]
+    columns = [c for c in HEADERS if c in results["raw"]]
+    step, best = summary["checkpoint_step"], summary["best_validation_step"]
+    labels = {"raw": f"raw (step {step})", "ema": f"EMA (step {step})", "best_ema": f"EMA, best validation (step {best})"}
+    header = {**HEADERS, "pgd_accuracy": f"PGD-{ecfg.pgd_steps}"}
+    lines = [
+        f"# {os.path.basename(os.path.abspath(workdir))}: {config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}",
+        "",
+        f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps.",
+        f"Test split: {summary['test_size']} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start); "
+        f"APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, worst case per sample. "
+        "Each accuracy ± one binomial standard error.",
+        "",
+        "| weights | " + " | ".join(f"{header[c]} accuracy" for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ] + [f"| {labels[w]} | " + " | ".join(f"{r[c]:.4f} ± {r[c + '_se']:.4f}" for c in columns) + " |" for w, r in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(config, workdir: str, data: Data, mesh, model, state) -> None:
+    """Evaluates the final and best-validation weights; writes results.json and report.md, and the metrics to TensorBoard."""
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
+        return
+    workdir_lib.record_settings(workdir, NAME, settings(config))
+    start = time.perf_counter()
+    candidates = {"raw": state.variables(), "ema": state.variables(ema=True)}
+    best_state, best_step = best_validation_state(workdir, state)
+    if best_state is not None:
+        candidates["best_ema"] = best_state.variables(ema=True)
+    results = evaluate_weights(config, data, mesh, model, candidates)
+    selection = workdir_lib.read_json(os.path.join(workdir, "selection", "meta.json"))
+    timings = workdir_lib.read_json(workdir_lib.timings_path(workdir)) if os.path.exists(workdir_lib.timings_path(workdir)) else {}
+    summary = {
+        "strategy": config.pruning.strategy,
+        "keep_ratio": config.pruning.keep_ratio,
+        "kept": selection["kept"],
+        "pool_size": selection["pool_size"],
+        "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": config.eval.pgd_steps},
+        "checkpoint_step": int(state.step),
+        "best_validation_step": best_step,
+        "test_size": len(data.test_labels),
+        "seed": config.seed,
+        "code": provenance.code_version(),
+        "devices": provenance.device_summary(mesh),
+        "wall_seconds": timings | {NAME: round(time.perf_counter() - start, 3)},
+        "results": results,
+    }
+    workdir_lib.write_text(os.path.join(workdir, "report.md"), report(config, workdir, summary, selection))
+    workdir_lib.write_json(os.path.join(workdir, "results.json"), summary)
+    _to_tensorboard(config, workdir, results)
+
+
+def _to_tensorboard(config, workdir: str, results: dict) -> None:
+    """The run's hyperparameters and test accuracies as a TensorBoard hparams entry (tensorboard/evaluate)."""
+    if not workdir_lib.is_writer():
+        return
+    from tensorboardX import SummaryWriter
+
+    flat = workdir_lib.flatten(config.to_dict())
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+    metrics = {f"test/{weights}/{k}": v for weights, r in results.items() for k, v in r.items() if not k.endswith("_se")}
+    with SummaryWriter(os.path.join(workdir, "tensorboard", NAME)) as writer:
+        writer.add_hparams(hparams, metrics, name="hparams")

@@ -1,0 +1,228 @@
+"""Every setting and input of a run, checked before anything is written or computed.
+
+`check_run` collects every problem at once -- the config's enumerations, ranges
+and pairings, the model's keyword arguments, batch sizes against the device
+mesh, the data files, and the work directory's recorded settings and input
+fingerprints -- and raises one ConfigError listing them, each with the key, the
+value and what is allowed. It reads file headers and small splits only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from jax_advprune import workdir as workdir_lib
+from jax_advprune.attacks.common import NORMS
+from jax_advprune.data import splits
+from jax_advprune.errors import UserError
+from jax_advprune.models import MODELS, create_model
+from jax_advprune.models.preact_resnet import ACTIVATIONS
+from jax_advprune.phases import evaluate, score, select, train
+from jax_advprune.phases.common import COMPUTE_DTYPES
+from jax_advprune.pruning import importance, strategies
+from jax_advprune.pruning.knn import METRICS
+from jax_advprune.training import TRAINING_LOSSES
+
+
+class ConfigError(UserError):
+    """One or more settings or inputs of a run are wrong; `problems` lists them."""
+
+    def __init__(self, problems: list[str], source: str = "the config"):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) with {source}; nothing was computed or written:\n  - " + "\n  - ".join(problems))
+
+
+class _Problems(list):
+    def need(self, ok: bool, key: str, value, allowed: str) -> bool:
+        """Records 'key=value: allowed' unless `ok`; returns ok."""
+        if not ok:
+            self.append(f"{key}={value!r}: {allowed}")
+        return ok
+
+    def one_of(self, key: str, value, allowed) -> bool:
+        return self.need(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
+
+    def within(self, key: str, value, low=None, high=None, *, low_open=False, high_open=False) -> bool:
+        """low <= value <= high (strict where open), value a finite number."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or (value < high if high_open else value <= high))
+        left, right = ("(" if low_open else "[") + ("-inf" if low is None else f"{low}"), ("inf" if high is None else f"{high}") + (")" if high_open else "]")
+        return self.need(ok, key, value, f"a number in {left}, {right}")
+
+
+def mesh_size(config, available_devices: int) -> int:
+    """Devices the run's mesh spans: config.num_devices, or all when it is 0 (or more than exist, which is refused)."""
+    return config.num_devices if isinstance(config.num_devices, int) and 0 < config.num_devices <= available_devices else available_devices
+
+
+def config_problems(config, *, available_devices: int, process_count: int) -> list[str]:
+    """Every problem of the config alone (no files read), with `available_devices` devices over `process_count` processes."""
+    p = _Problems()
+    p.within("num_devices", config.num_devices, 0, available_devices)
+    num_devices = mesh_size(config, available_devices)
+    p.one_of("data.name", config.data.name, splits.DATA_SOURCES)
+    p.within("data.num_classes", config.data.num_classes, 2)
+    _model_problems(p, config)
+    _attack_and_train_problems(p, config, num_devices, process_count)
+    if score.needed(config):
+        _scoring_problems(p, config, num_devices)
+    p.extend(strategies.problems(config.pruning.strategy, keep_ratio=config.pruning.keep_ratio, base_eps=config.attack.eps,
+                                 score=config.scoring.score if config.pruning.strategy != "random" else None,
+                                 score_norm=config.scoring.deepfool.norm, attack_norm=config.attack.norm, puma=config.pruning.puma.to_dict()))
+    p.one_of("pruning.scope", config.pruning.scope, select.SCOPES)
+    ecfg = config.eval
+    p.within("eval.pgd_steps", ecfg.pgd_steps, 1)
+    p.within("eval.step_fraction", ecfg.step_fraction, 0, low_open=True)
+    p.within("eval.apgd_steps", ecfg.apgd_steps, 0)
+    p.within("eval.apgd_targets", ecfg.apgd_targets, 0, config.data.num_classes - 1)
+    if p.within("eval.batch_size", ecfg.batch_size, 1):
+        p.need(ecfg.batch_size % num_devices == 0, "eval.batch_size", ecfg.batch_size, f"a multiple of the {num_devices} devices of the mesh")
+    return p
+
+
+def _model_problems(p: _Problems, config) -> None:
+    name, kwargs = config.model.name, config.model.kwargs.to_dict()
+    if not p.one_of("model.name", name, sorted(MODELS)):
+        return
+    try:
+        model = create_model(name, num_classes=config.data.num_classes, **kwargs)
+    except TypeError as error:
+        fields = sorted(f.name for f in dataclasses.fields(create_model(name)) if f.name not in ("parent", "name", "num_classes", "dtype"))
+        unknown = sorted(set(kwargs) - set(fields))
+        p.append(f"model.kwargs={kwargs!r}: {', '.join(unknown) or error} not accepted by model {name!r}, whose settings are {', '.join(fields)}; "
+                 "model.kwargs belong to the config's model: use a config written for this model (configs/cifar10_trades.py uses wide_resnet) "
+                 "or set model.kwargs in a config file")
+        return
+    if "activation" in kwargs:
+        p.one_of("model.kwargs.activation", kwargs["activation"], sorted(ACTIVATIONS))
+    if hasattr(model, "depth"):
+        p.need(model.depth >= 10 and (model.depth - 4) % 6 == 0, "model.kwargs.depth", model.depth, "6n + 4 with n >= 1 (10, 16, 28, 34, 70, ...)")
+
+
+def _attack_and_train_problems(p: _Problems, config, num_devices: int, process_count: int) -> None:
+    a, t = config.attack, config.train
+    p.one_of("attack.norm", a.norm, NORMS)
+    if p.within("attack.eps", a.eps, 0, low_open=True) and a.norm == "linf":
+        p.within("attack.eps", a.eps, 0, 1, low_open=True)
+    p.within("attack.step_size", a.step_size, 0, low_open=True)
+    p.within("attack.steps", a.steps, 1)
+    p.one_of("train.loss", t.loss, TRAINING_LOSSES)
+    p.one_of("train.compute_dtype", t.compute_dtype, sorted(COMPUTE_DTYPES))
+    p.within("train.trades_beta", t.trades_beta, 0)
+    p.within("train.epochs", t.epochs, 0, low_open=True)
+    if p.within("train.batch_size", t.batch_size, 1):
+        p.need(t.batch_size % num_devices == 0, "train.batch_size", t.batch_size, f"a multiple of the {num_devices} devices of the mesh")
+        p.need(t.batch_size % process_count == 0, "train.batch_size", t.batch_size, f"a multiple of the {process_count} processes")
+        if p.within("train.original_fraction", t.original_fraction, 0, 1, high_open=True) and t.original_fraction > 0:
+            per_batch = int(round(t.original_fraction * t.batch_size))
+            p.need(0 < per_batch < t.batch_size, "train.original_fraction", t.original_fraction,
+                   f"a share that leaves originals and synthetic samples in each batch of {t.batch_size} (it gives {per_batch} originals)")
+    p.within("train.lr", t.lr, 0, low_open=True)
+    p.within("train.momentum", t.momentum, 0, 1, high_open=True)
+    p.within("train.weight_decay", t.weight_decay, 0)
+    p.within("train.warmup_steps", t.warmup_steps, 0)
+    p.within("train.label_smoothing", t.label_smoothing, 0, 1, high_open=True)
+    p.within("train.ema_decay", t.ema_decay, 0, 1)
+    p.within("train.ema_warmup_steps", t.ema_warmup_steps, 0)
+    p.within("train.crop_padding", t.crop_padding, 0)
+    p.within("train.num_workers", t.num_workers, 0)
+    p.within("train.validation_size", t.validation_size, 0)
+    p.within("train.validation_every_epochs", t.validation_every_epochs, 0, low_open=True)
+    p.within("train.validation_pgd_steps", t.validation_pgd_steps, 1)
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every_steps"):
+        p.within(f"train.{key}", t[key], 1)
+    p.within("train.log_every_s", t.log_every_s, 0)
+
+
+def _scoring_problems(p: _Problems, config, num_devices: int) -> None:
+    s, ext = config.scoring, config.scoring.extrapolation
+    p.one_of("scoring.score", s.score, importance.SCORES)
+    p.within("scoring.train_epochs", s.train_epochs, 0, low_open=True)
+    p.within("scoring.num_models", s.num_models, 1)
+    p.one_of("scoring.history_inputs", s.history_inputs, ("clean", "pgd"))
+    if s.score == "du" and p.within("scoring.du_window", s.du_window, 2):
+        p.need(s.du_window <= math.floor(s.train_epochs), "scoring.du_window", s.du_window,
+               f"at most the {math.floor(s.train_epochs)} epochs the scoring run records (scoring.train_epochs={s.train_epochs})")
+    for key in ("slots", "chunk_size"):
+        if p.within(f"scoring.{key}", s[key], 1):
+            p.need(s[key] % num_devices == 0, f"scoring.{key}", s[key], f"a multiple of the {num_devices} devices of the mesh")
+    p.one_of("scoring.deepfool.norm", s.deepfool.norm, NORMS)
+    p.within("scoring.deepfool.max_iter", s.deepfool.max_iter, 1)
+    p.within("scoring.deepfool.overshoot", s.deepfool.overshoot, 0)
+    candidates = s.deepfool.candidates
+    p.need(candidates is None or 0 <= candidates <= config.data.num_classes - 1, "scoring.deepfool.candidates", candidates,
+           f"0 (all classes) or a number of candidate classes in [1, {config.data.num_classes - 1}]")
+    if ext.enabled:
+        p.need(s.score != "random", "scoring.extrapolation.enabled", True, "False with scoring.score='random' (extrapolation embeds with the scoring model)")
+        p.within("scoring.extrapolation.k", ext.k, 1)
+        p.one_of("scoring.extrapolation.metric", ext.metric, METRICS)
+        p.one_of("scoring.extrapolation.weighting", ext.weighting, ("uniform", "distance"))
+        p.within("scoring.extrapolation.holdout_fraction", ext.holdout_fraction, 0, 1, high_open=True)
+
+
+def input_problems(config) -> tuple[list[str], splits.DataShape | None]:
+    """Problems of the data files (exist, regular, readable, in the format) -> (problems, the data's shape or None)."""
+    p = _Problems()
+    for path in splits.input_files(config):
+        if p.need(os.path.exists(path), "data file", path, "an existing file (check the path)"):
+            p.need(os.path.isfile(path), "data file", path, "a regular file, not a directory")
+    needed = {"npz": ("original", "test"), "cifar_tarball": ("tarball",)}.get(config.data.name, ())
+    for key in needed:
+        p.need(bool(config.data[key]), f"data.{key}", config.data[key], f"a file path (data.name={config.data.name!r} reads it)")
+    if p or config.data.name not in splits.DATA_SOURCES:
+        return p, None
+    try:
+        return p, splits.data_shape(config)
+    except (UserError, ValueError, OSError, ImportError) as error:
+        p.append(f"data: {error}")
+        return p, None
+
+
+def data_problems(config, shape: splits.DataShape) -> list[str]:
+    """Problems of settings that depend on the data's sizes."""
+    p = _Problems()
+    p.within("train.validation_size", config.train.validation_size, 0, shape.num_original, high_open=True)
+    channels = shape.image_shape[-1]
+    for key in ("mean", "std"):
+        value = config.model.kwargs.to_dict().get(key)
+        if value is not None:
+            p.need(len(value) in (1, channels), f"model.kwargs.{key}", value, f"1 or {channels} values (the images have {channels} channels)")
+    ext = config.scoring.extrapolation
+    if score.needed(config) and ext.enabled:
+        synthetic = sum(shape.num_synthetic)
+        if p.within("scoring.extrapolation.subset_size", ext.subset_size, 1, synthetic):
+            references = (shape.num_original - config.train.validation_size + ext.subset_size) * (1 - ext.holdout_fraction)
+            p.need(references >= ext.k, "scoring.extrapolation.k", ext.k, f"at most the about {int(references)} scored reference rows")
+    return p
+
+
+def workdir_problems(config, workdir: str) -> list[str]:
+    """Recorded settings that differ for phases that left outputs, and changed input files."""
+    found = []
+    for phase in (score, select, train, evaluate):
+        if phase is score and not score.needed(config):
+            continue
+        try:
+            workdir_lib.check_settings(workdir, phase.NAME, phase.settings(config), phase.has_outputs(workdir))
+        except UserError as error:
+            found.append(str(error))
+    try:
+        workdir_lib.check_inputs(workdir, [f for f in splits.input_files(config) if os.path.isfile(f)])
+    except UserError as error:
+        found.append(str(error))
+    return found
+
+
+def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1) -> None:
+    """Raises ConfigError listing every problem of the config, its inputs and the work directory; writes nothing."""
+    problems = config_problems(config, available_devices=available_devices, process_count=process_count)
+    found, shape = input_problems(config)
+    problems += found
+    if shape is not None:
+        problems += data_problems(config, shape)
+    if os.path.isdir(workdir):
+        problems += workdir_problems(config, workdir)
+    if problems:
+        raise ConfigError(problems)
