@@ -6,7 +6,7 @@ Command (paths are flags; one GPU or a pod, see configs/cifar10_trades.py):
       --config.data.tarball=/data/cifar-10-python.tar.gz \\
       --config.data.synthetic='("/data/1m.npz",)' --config.pruning.keep_ratio=0.5
 
-Setup (section 2 of ../shared/papers/ALGORITHMS.md): a TRADES scoring run on
+Setup (docs/algorithms.md, sections 3 and 4): a TRADES scoring run on
 CIFAR-10 plus a 100k-image subset of the generated pool records every epoch the
 true-class probability on PGD-10 inputs (L-inf 8/255, step 2/255, random start);
 dynamic uncertainty (window 10) of that history scores the subset; every other
@@ -23,7 +23,11 @@ What the paper reports: extrapolated DU pruning matches or beats random pruning
 (second-hand: about +0.5 points at 50% pruning), at the cost of scoring a small
 subset instead of the pool.
 
-Smoke variant (runs here, offline, in about two minutes):
+Expected wall time: not measured by this project (accelerators; a 100-epoch
+scoring run on 150k images, then the 400-epoch recipe).
+
+Smoke variant (runs offline on a 2-core CPU in about two minutes; accuracies
+near chance, Spearman of the extrapolation reported in scores/meta.json):
 
     python -m jax_advprune.main --config configs/cifar10_extrapolation.py:smoke --workdir runs/extra_smoke
 """

@@ -15,13 +15,17 @@ computed on clean inputs for every pool sample. PUMA keeps the `keep_ratio`
 lowest-margin samples of the synthetic pool (the original training set is kept
 whole; set pruning.scope='all' to prune it too) and lowers the training eps of
 kept samples whose margin is below 8/255 to their margin (eps_min 0). Which parts
-of this rule are our reading: README, "PUMA: which parts are our reading".
+of this rule are our reading: docs/algorithms.md, sections 1 and 2.
 
 What the paper reports (abstract): PUMA improves the accuracy/robustness
 trade-off over prune-easy, prune-hard and random pruning at the same data budget,
 where those rules do not; no number of the body is available to us.
 
-Smoke variant (runs here, offline, in about two minutes):
+Expected wall time: not measured by this project (accelerators; a 100-epoch
+margin model, DeepFool over the pool, then the 400-epoch recipe).
+
+Smoke variant (runs offline on a 2-core CPU in about two minutes; accuracies
+near chance):
 
     python -m jax_advprune.main --config configs/cifar10_puma.py:smoke --workdir runs/puma_smoke
 """
@@ -47,7 +51,7 @@ def get_config(arg: str | None = None):
     s.deepfool.norm = "linf"
     s.deepfool.max_iter = 50 if arg is None else 10
     s.deepfool.overshoot = 0.02
-    s.deepfool.candidates = None  # all classes, as the paper's DeepFool
+    s.deepfool.candidates = 0  # all classes, as the paper's DeepFool
     p = c.pruning
     p.strategy = "puma"
     p.keep_ratio = 0.5

@@ -8,7 +8,7 @@ with --distributed=on):
       --config.data.tarball=/data/cifar-10-python.tar.gz \\
       --config.data.synthetic='("/data/20m_part1.npz", "/data/20m_part2.npz", ...)'
 
-Settings (section 3 of ../shared/papers/ALGORITHMS.md): WRN-28-10 with Swish,
+Settings (docs/algorithms.md, section 5): WRN-28-10 with Swish,
 TRADES beta 5 with the attack on KL, L-inf eps 8/255, 10 steps of 2/255, batch 512
 with 30% original / 70% generated images (generated drawn with replacement), an
 epoch = ceil(50,000 / 512) = 98 steps, 400 epochs, SGD Nesterov 0.9, lr 0.2 with
@@ -24,8 +24,12 @@ APGD-CE + APGD-T (9 targets), the two strongest parts of AutoAttack.
 Differences from the reference we know of: the warm-up is linear (theirs is
 OneCycleLR's cosine warm-up), and FAB-T and Square are not run.
 
-Smoke variant (runs here, offline, in about a minute: a WRN-10-1 on a generated
-32x32x3 data set):
+Expected wall time: not measured by this project (it needs accelerators; the
+reference trains 400 epochs of WRN-28-10 on several GPUs for days).
+
+Smoke variant (runs offline on a 2-core CPU in about a minute: a WRN-10-1 on a
+generated 32x32x3 data set; it checks that the recipe runs, its accuracies are
+near chance):
 
     python -m jax_advprune.main --config configs/cifar10_trades.py:smoke --workdir runs/c10_smoke
 """

@@ -1,12 +1,22 @@
 """The embedded default: PUMA on real digits plus a generated pool, offline, on a CPU.
 
-Command (2 CPU cores, about 5.5 minutes, no download):
+Command (2 CPU cores, measured 2 min 42 s; no download):
 
     python -m jax_advprune.main --config configs/default.py --workdir runs/default
 
-Smoke variant (about a minute; what the tests run):
+Expected result (seed 0, 2-core CPU machine class, EMA weights on the 269 test
+images, standard error about 2.5 points each): clean 97.0%, PGD-20 77.3%,
+APGD-CE 77.3%, APGD-CE + APGD-T 73.6%; 10,700 of 21,400 pool samples kept,
+5,864 of them with a lowered eps. `report.md` in the work directory holds the
+table with each accuracy's standard error; the README's "The embedded default"
+compares it with random pruning and the full pool.
+
+Smoke variant (what the tests run; 2 CPU cores, about 40 s):
 
     python -m jax_advprune.main --config configs/default.py:smoke --workdir runs/smoke
+
+Expected smoke result: it finishes; the tiny schedule (2 epochs) gives about 48%
+clean and 10% PGD-5 accuracy, far from converged.
 
 Data: scikit-learn's 1,797 handwritten digits, bilinearly resized to 16x16x1
 uint8 and split per class into 1,528 train / 269 test images, plus a pool of
@@ -18,13 +28,11 @@ Phases: a small CNN is PGD-AT trained on the whole pool (L-inf eps 0.05, 10 step
 and DeepFool L-inf margins are computed for every pool sample; PUMA keeps the
 50% lowest-margin samples and lowers the training eps of kept samples whose
 margin is below eps; a fresh model is PGD-AT trained on the selection and
-evaluated (clean and PGD-20) on the test split.
-
-Expected result (seed 0, this machine class): see the README's "Embedded default"
-section for the measured numbers of this exact config.
+evaluated (clean, PGD-20, APGD-CE and APGD-T) on the test split.
 
 Any field can be overridden: --config.pruning.keep_ratio=0.75
---config.pruning.strategy=random --config.train.epochs=10 ...
+--config.pruning.strategy=random --config.train.epochs=10 ...; every setting is
+checked before anything runs.
 """
 
 import ml_collections

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Iterator
 
@@ -99,6 +100,37 @@ def batch_stat_logits_fn(model: nn.Module, variables: dict) -> Callable[[jax.Arr
 TRAINING_LOSSES = ("pgd_at", "trades")
 
 
+def _adversarial_examples(attack_logits_fn, x, labels, eps, key, attack: ml_collections.ConfigDict, trades: bool) -> jax.Array:
+    """The training attack's inputs: PGD on KL(clean || adv) for TRADES, on cross-entropy for PGD-AT.
+
+    eps (B,) per sample; the step scales with it: alpha_i = eps_i * attack.step_size / attack.eps.
+    """
+    step_size = eps * (attack.step_size / attack.eps)
+    if trades:
+        clean_probs = jax.lax.stop_gradient(jax.nn.softmax(attack_logits_fn(x), axis=-1))
+        return pgd(attack_logits_fn, x, clean_probs, key, eps=eps, step_size=step_size, steps=attack.steps, norm=attack.norm, loss="kl")
+    return pgd(attack_logits_fn, x, labels, key, eps=eps, step_size=step_size, steps=attack.steps, norm=attack.norm)
+
+
+def _training_loss(model, cfg, trades: bool, batch_stats, x, x_adv, labels, attack_logits_fn, params):
+    """Mean training loss of the batch -> (loss, (adversarial logits, clean logits, updated BatchNorm statistics)).
+
+    TRADES: CE_s(clean) + beta * KL, the clean pass first (it updates the BatchNorm
+    averages before the adversarial pass, as PyTorch does). PGD-AT: CE_s(adversarial).
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+    if trades:
+        clean_logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        variables = {"params": params, "batch_stats": updates["batch_stats"]}
+    logits, updates = model.apply(variables, x_adv, train=True, mutable=["batch_stats"])
+    if trades:
+        loss = jnp.mean(trades_loss(clean_logits, logits, labels, cfg.trades_beta, cfg.label_smoothing))
+    else:
+        clean_logits = jax.lax.stop_gradient(attack_logits_fn(x))  # for the clean-accuracy metric only
+        loss = jnp.mean(smoothed_cross_entropy(logits, labels, cfg.label_smoothing))
+    return loss, (logits, clean_logits, updates["batch_stats"])
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -128,34 +160,13 @@ def make_train_step(
     """
     if cfg.loss not in TRAINING_LOSSES:
         raise ValueError(f"train.loss must be one of {TRAINING_LOSSES}, got {cfg.loss!r}")
-    step_ratio = attack.step_size / attack.eps
     trades = cfg.loss == "trades"
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        x = to_unit_interval(batch["image"])
-        labels = batch["label"]
-        eps = batch["eps"]
-        key = jax.random.fold_in(state.rng, state.step)
+        x, labels, eps = to_unit_interval(batch["image"]), batch["label"], batch["eps"]
         attack_logits_fn = batch_stat_logits_fn(model, state.variables())
-        if trades:
-            clean_probs = jax.lax.stop_gradient(jax.nn.softmax(attack_logits_fn(x), axis=-1))
-            x_adv = pgd(attack_logits_fn, x, clean_probs, key, eps=eps, step_size=eps * step_ratio, steps=attack.steps, norm=attack.norm, loss="kl")
-        else:
-            x_adv = pgd(attack_logits_fn, x, labels, key, eps=eps, step_size=eps * step_ratio, steps=attack.steps, norm=attack.norm)
-
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            if trades:
-                clean_logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-                variables = {"params": params, "batch_stats": updates["batch_stats"]}
-            logits, updates = model.apply(variables, x_adv, train=True, mutable=["batch_stats"])
-            if trades:
-                loss = jnp.mean(trades_loss(clean_logits, logits, labels, cfg.trades_beta, cfg.label_smoothing))
-            else:
-                clean_logits = jax.lax.stop_gradient(attack_logits_fn(x))  # for the clean-accuracy metric only
-                loss = jnp.mean(smoothed_cross_entropy(logits, labels, cfg.label_smoothing))
-            return loss, (logits, clean_logits, updates["batch_stats"])
-
+        x_adv = _adversarial_examples(attack_logits_fn, x, labels, eps, jax.random.fold_in(state.rng, state.step), attack, trades)
+        loss_fn = functools.partial(_training_loss, model, cfg, trades, state.batch_stats, x, x_adv, labels, attack_logits_fn)
         (loss, (logits, clean_logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -188,7 +188,8 @@ def data_problems(config, shape: splits.DataShape) -> list[str]:
     for key in ("mean", "std"):
         value = config.model.kwargs.to_dict().get(key)
         if value is not None:
-            p.need(len(value) in (1, channels), f"model.kwargs.{key}", value, f"1 or {channels} values (the images have {channels} channels)")
+            allowed = "1 value" if channels == 1 else f"1 or {channels} values"
+            p.need(len(value) in (1, channels), f"model.kwargs.{key}", value, f"{allowed}, one per image channel ({channels})")
     ext = config.scoring.extrapolation
     if score.needed(config) and ext.enabled:
         synthetic = sum(shape.num_synthetic)

@@ -1,4 +1,7 @@
-"""A training run killed with SIGKILL and rerun ends bitwise equal to an uninterrupted run."""
+"""A training run killed with SIGKILL and rerun ends bitwise equal to an uninterrupted run; the run lock
+refuses a second run on the same work directory and is taken over after the kill; metrics hold each step once."""
+
+import json
 
 import os
 import signal
@@ -37,6 +40,17 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_p
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
+    while not (killed_dir / "lock").exists() or not (killed_dir / "lock").read_text():  # the first run holds the lock
+        assert proc.poll() is None and time.time() < deadline, "the first run ended before taking the lock"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGSTOP)  # paused while a second run tries the same work directory
+    try:
+        second = subprocess.run(_command(killed_dir), cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"in use by another run: process {proc.pid} on host" in second.stderr and "Traceback" not in second.stderr
+
     while time.time() < deadline:  # wait until a mid-run checkpoint is complete, then kill
         names = os.listdir(killed_dir / "checkpoints") if (killed_dir / "checkpoints").exists() else []
         if any(name.isdigit() and 16 <= int(name) < 48 for name in names):
@@ -50,6 +64,11 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_p
     resumed = subprocess.run(_command(killed_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    assert f"taking over {killed_dir / 'lock'} left by process {proc.pid}" in resumed.stdout
+    records = [json.loads(line) for line in open(killed_dir / "metrics.jsonl")]
+    train_steps = [r["step"] for r in records if r["phase"] == "train" and "loss" in r]
+    assert train_steps == list(range(1, 49))  # logged every step, each once, although steps after the checkpoint ran twice
+    assert len({(r["phase"], r["step"], "loss" in r) for r in records}) == len(records)
     step_a, state_a = _final_state(tmp_path / "straight")
     step_b, state_b = _final_state(killed_dir)
     assert step_a == step_b == 48

@@ -9,7 +9,7 @@ is the model's prediction on x0, and a sample is done once its prediction change
 Only the (candidate - origin) input gradients are computed: one forward pass and
 one VJP per candidate, batched with vmap over cotangents, on a fixed number of
 slots that are refilled as samples finish (`queue_step`). `deepfool` drives the
-queue with a `lax.while_loop`; jax_advprune.pruning.scores.deepfool_runner drives
+queue with a `lax.while_loop`; jax_advprune.pruning.margins.deepfool_runner drives
 it from the host, which XLA:CPU runs faster.
 """
 

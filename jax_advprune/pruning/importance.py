@@ -1,8 +1,8 @@
 """Per-sample importance scores from predictions and training histories (baselines of both papers).
 
 Every function maps arrays indexed by sample to a score vector (N,) float32,
-higher = more important, except where stated. Formulas: ../shared/papers/ALGORITHMS.md
-sections 2 and 4.
+higher = more important, except where stated. Formulas, sources and our readings:
+docs/algorithms.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,142 @@
+"""Every bad setting or input is refused before anything is written or computed, all problems at once."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_npz
+from configs import default
+from jax_advprune.main import run
+from jax_advprune.validate import ConfigError, check_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+    """configs/default.py:smoke with dotted-key overrides ('train.batch_size': 7)."""
+    config = default.get_config("smoke")
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+# (overrides, what the message must name): each refused with its key, its value and what is allowed.
+BAD_SETTINGS = [
+    ({"eval.apgd_targets": 10}, "eval.apgd_targets=10: a number in [0, 9]"),
+    ({"eval.apgd_targets": -1}, "eval.apgd_targets=-1"),
+    ({"attack.eps": -1.0}, "attack.eps=-1.0"),
+    ({"attack.eps": 2.0}, "attack.eps=2.0: a number in (0, 1]"),
+    ({"attack.norm": "l3"}, "attack.norm='l3': one of linf, l2"),
+    ({"attack.steps": 0}, "attack.steps=0"),
+    ({"pruning.strategy": "pumaa"}, "pruning.strategy='pumaa' is not a strategy; allowed: random, prune_easy"),
+    ({"pruning.keep_ratio": 1.5}, "pruning.keep_ratio=1.5 must be in (0, 1]"),
+    ({"pruning.keep_ratio": 0.0}, "pruning.keep_ratio=0.0 must be in (0, 1]"),
+    ({"pruning.scope": "original"}, "pruning.scope='original': one of all, synthetic"),
+    ({"pruning.puma.eps_min": 0.5}, "pruning.puma.eps_min=0.5 must be in [0, attack.eps=0.05]"),
+    ({"pruning.puma.rule": "below"}, "pruning.puma.rule='below'"),
+    ({"scoring.deepfool.norm": "l2"}, "scoring.deepfool.norm ('l2') must equal attack.norm ('linf')"),
+    ({"scoring.score": "el2n"}, "pruning.strategy='puma' ranks DeepFool margins, but scoring.score='el2n'"),
+    ({"scoring.score": "el2"}, "scoring.score='el2': one of margin, el2n"),
+    ({"scoring.deepfool.candidates": 10}, "scoring.deepfool.candidates=10: 0 (all classes) or a number of candidate classes in [1, 9]"),
+    ({"scoring.slots": 6}, "scoring.slots=6: a multiple of the 4 devices"),
+    ({"train.batch_size": 7}, "train.batch_size=7: a multiple of the 4 devices of the mesh"),
+    ({"train.epochs": 0.0}, "train.epochs=0.0"),
+    ({"train.lr": float("nan")}, "train.lr=nan"),
+    ({"train.loss": "mart"}, "train.loss='mart': one of pgd_at, trades"),
+    ({"train.compute_dtype": "float16"}, "train.compute_dtype='float16': one of bfloat16, float32"),
+    ({"train.original_fraction": 1.0}, "train.original_fraction=1.0"),
+    ({"train.validation_size": 5000}, "train.validation_size=5000: a number in [0, 1528)"),
+    ({"eval.batch_size": 6}, "eval.batch_size=6: a multiple of the 4 devices"),
+    ({"num_devices": 64}, "num_devices=64: a number in [0, 4]"),
+    ({"model.name": "resnet50"}, "model.name='resnet50': one of preact_resnet18, small_cnn"),
+    ({"model.name": "preact_resnet18"}, "widths not accepted by model 'preact_resnet18', whose settings are"),
+    ({"model.kwargs.mean": (0.5, 0.5, 0.5)}, "model.kwargs.mean=(0.5, 0.5, 0.5): 1 value, one per image channel (1)"),
+    ({"data.name": "cifar"}, "data.name='cifar': one of digits, npz"),
+    ({"scoring.score": "du", "pruning.strategy": "keep_top", "scoring.du_window": 20}, "scoring.du_window=20: at most the 2 epochs"),
+    ({"scoring.extrapolation.enabled": True, "scoring.extrapolation.subset_size": 10**6},
+     "scoring.extrapolation.subset_size=1000000: a number in [1, 2000]"),
+    ({"scoring.extrapolation.enabled": True, "scoring.score": "random", "pruning.strategy": "keep_top"},
+     "scoring.extrapolation.enabled=True: False with scoring.score='random'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_SETTINGS, ids=[",".join(o) for o, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_refused_with_key_value_and_what_is_allowed(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError) as error:
+        run(smoke_config(**overrides), str(workdir))
+    assert message in str(error.value) and "nothing was computed or written" in str(error.value)
+    assert not workdir.exists()
+
+
+def test_every_problem_is_reported_at_once_and_quickly():
+    config = smoke_config(**{"attack.eps": -1.0, "pruning.strategy": "pumaa", "train.batch_size": 7, "eval.apgd_targets": 20})
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as error:
+        check_run(config, "/nonexistent/workdir", available_devices=4)
+    assert time.perf_counter() - start < 10
+    assert len(error.value.problems) == 4, error.value.problems
+
+
+def test_the_configs_of_the_repository_pass(tmp_path):
+    from configs import cifar10_extrapolation, cifar10_puma, cifar10_trades
+
+    for module in (default, cifar10_trades, cifar10_puma, cifar10_extrapolation):
+        check_run(module.get_config("smoke"), str(tmp_path / "none"), available_devices=4)
+    check_run(default.get_config(), str(tmp_path / "none"), available_devices=4)
+    check_run(smoke_config(**{"scoring.deepfool.candidates": 0}), str(tmp_path / "none"), available_devices=4)  # all classes
+
+
+def test_data_files_that_are_missing_or_directories_are_named(tmp_path):
+    make_npz(tmp_path / "orig.npz", 40)
+    os.mkdir(tmp_path / "test_dir.npz")
+    config = smoke_config(**{"data.name": "npz", "data.original": str(tmp_path / "orig.npz"), "data.test": str(tmp_path / "test_dir.npz")})
+    config.data.synthetic = (str(tmp_path / "missing.npz"),)
+    with pytest.raises(ConfigError) as error:
+        run(config, str(tmp_path / "run"))
+    assert f"data file='{tmp_path / 'test_dir.npz'}': a regular file, not a directory" in str(error.value)
+    assert f"data file='{tmp_path / 'missing.npz'}': an existing file" in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_replaced_pool_file_is_refused_naming_it(tmp_path):
+    """Settings record a fingerprint of every input; a file replaced at the same path stops the rerun."""
+    from jax_advprune import workdir as workdir_lib
+
+    paths = [str(tmp_path / name) for name in ("orig.npz", "test.npz", "syn.npz")]
+    for i, path in enumerate(paths):
+        make_npz(path, 64, seed=i)
+    config = smoke_config(**{"data.name": "npz", "data.original": paths[0], "data.test": paths[1]})
+    config.data.synthetic = (paths[2],)
+    workdir = tmp_path / "run"
+    check_run(config, str(workdir), available_devices=4)
+    workdir_lib.record_inputs(str(workdir), workdir_lib.check_inputs(str(workdir), paths))
+    check_run(config, str(workdir), available_devices=4)  # unchanged inputs pass
+    make_npz(paths[2], 64, seed=9)  # same size, other images and labels
+    with pytest.raises(ConfigError, match=f"input file.*changed.*\n  {paths[2]}\n"):
+        check_run(config, str(workdir), available_devices=4)
+
+
+def _command(workdir, *overrides):
+    return [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir), *overrides]
+
+
+def test_the_command_line_prints_one_message_without_traceback_and_exits_2(tmp_path):
+    bad = subprocess.run(_command(tmp_path / "run", "--config.attack.eps=-1", "--config.pruning.strategy=pumaa"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "error: 2 problem(s)" in bad.stderr and "attack.eps=-1.0" in bad.stderr and "pruning.strategy='pumaa'" in bad.stderr
+    assert not (tmp_path / "run").exists()
+    verbose = subprocess.run(_command(tmp_path / "run", "--config.attack.eps=-1", "--verbose"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
+    typo = subprocess.run(_command(tmp_path / "run", "--config.train.bacth_size=8"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr and "bacth_size" in typo.stderr
+    assert not (tmp_path / "run").exists()
