@@ -199,6 +199,18 @@ def data_problems(config, shape: splits.DataShape) -> list[str]:
     return p
 
 
+def _writable_place(workdir: str) -> list[str]:
+    """The work directory is a directory, or can be made as one, and can be written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        return [f"--workdir={workdir!r}: a directory (this is a file)"]
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--workdir={workdir!r}: a directory this user can create and write ({existing} is not writable)"]
+    return []
+
+
 def workdir_problems(config, workdir: str) -> list[str]:
     """Recorded settings that differ for phases that left outputs, and changed input files."""
     found = []
@@ -223,6 +235,7 @@ def check_run(config, workdir: str, *, available_devices: int, process_count: in
     problems += found
     if shape is not None:
         problems += data_problems(config, shape)
+    problems += _writable_place(workdir)
     if os.path.isdir(workdir):
         problems += workdir_problems(config, workdir)
     if problems:

@@ -54,6 +54,18 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
     if results["best_validation_step"] == results["checkpoint_step"]:  # same weights, same attack seed
         assert results["results"]["best_ema"] == results["results"]["ema"]
     assert "EMA, best validation" in open(workdir / "report.md").read()
+    # What produced the numbers, and how far they can be trusted.
+    n = results["test_size"]
+    assert n == 269 and results["seed"] == 0 and results["devices"]["count"] == 4 and results["code"]["version"]
+    assert set(results["wall_seconds"]) == {"score", "select", "train", "evaluate"}
+    for weights, r in results["results"].items():
+        for name, value in r.items():
+            if not name.endswith("_se"):
+                assert abs(r[name + "_se"] - np.sqrt(value * (1 - value) / n)) < 1e-12
+    assert "±" in open(workdir / "report.md").read()
+    assert "[evaluate] ema weights" in open(workdir / "run.log").read()
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(workdir / "tensorboard" / "evaluate") for name in files)
+    assert sorted(os.listdir(workdir / "settings")) == ["evaluate.json", "inputs.json", "score.json", "select.json", "train.json"]
     phases = {json.loads(line)["phase"] for line in open(workdir / "metrics.jsonl")}
     assert {"score/train", "score/deepfool", "train"} <= phases
     assert "img/s" in first.stdout and "ETA" in first.stdout

@@ -107,6 +107,13 @@ def test_data_files_that_are_missing_or_directories_are_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_work_directory_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--workdir=.*: a directory \\(this is a file\\)"):
+        run(smoke_config(), str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_a_replaced_pool_file_is_refused_naming_it(tmp_path):
     """Settings record a fingerprint of every input; a file replaced at the same path stops the rerun."""
     from jax_advprune import workdir as workdir_lib

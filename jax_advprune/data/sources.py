@@ -124,7 +124,7 @@ class Pool:
     """Parts read as one array in order: global index i -> (part, row).
 
     `num_original` leading rows are the original training split; the rest are
-    synthetic. Also a grain random-access source (`len`, `pool[i]` -> record).
+    synthetic.
     """
 
     def __init__(self, parts: Sequence[PoolPart], num_original: int):
@@ -171,9 +171,6 @@ class Pool:
             labels[where] = part_labels[inverse]
         return images, labels
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        images, labels = self.read(np.array([index]))
-        return {IMAGE_KEY: images[0], LABEL_KEY: labels[0]}
 
 
 def open_pool(original: str | PoolPart, synthetic: Sequence[str], num_classes: int) -> Pool:

@@ -1,9 +1,8 @@
 """oneDNN convolutions for XLA:CPU: a drop-in `conv_general_dilated` for Flax's nn.Conv.
 
 XLA:CPU's own convolutions are slower than the oneDNN kernels PyTorch uses
-(benchmarks/conv_layers.py, 13 CIFAR layers: 0.77x forward, 0.74x input gradient,
-0.37x kernel gradient; this custom call 1.17x, 1.15x, 1.18x), and an adversarial
-training step is mostly convolutions. `conv_general_dilated` sends plain 2-D float32 convolutions
+(benchmarks/conv_layers.py measures both; figures in the README), and an
+adversarial training step is mostly convolutions. `conv_general_dilated` sends plain 2-D float32 convolutions
 (NHWC/HWIO, no dilation, no groups) on the CPU backend to oneDNN through an
 XLA FFI custom call with its own VJP (input and kernel gradients are oneDNN
 primitives too); everything else, and every other backend, goes to

@@ -116,7 +116,7 @@ def run(config, workdir: str, data: Data, mesh) -> None:
     full = np.full(n, np.nan, np.float32)  # rows without a score (the validation slice) stay NaN
     full[scored] = values
     if scfg.extrapolation.enabled:
-        full, meta["extrapolation"] = _extrapolate(config, data, mesh, predict, state, scored, values, out_dir)
+        full, meta["extrapolation"] = _extrapolate(config, workdir, data, mesh, predict, state, scored, values)
     for name, array in extras.items():
         whole = np.zeros(n, array.dtype)
         whole[scored] = array
@@ -180,14 +180,19 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
     return values, extras, state
 
 
+def _progress(config, workdir: str, phase: str, rows: int, chunk: int) -> Progress:
+    """Progress over `rows` in chunks of `chunk` (rate, ETA), recorded in metrics.jsonl by process 0."""
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir_lib.is_writer() else None
+    return Progress(phase, -(-rows // chunk), chunk, metrics_path, every_s=config.train.log_every_s)
+
+
 def _margins(config, workdir: str, data: Data, mesh, model, state, scored: np.ndarray, meta: dict):
     """DeepFool margins of the scored rows under the scoring model -> (margins (M,), {'converged', 'n_iter'})."""
     scfg = config.scoring
     df = scfg.deepfool
     run_deepfool = margins.deepfool_runner(apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
                                            candidates=df.candidates or None, mesh=mesh)
-    progress = Progress("score/deepfool", -(-len(scored) // scfg.chunk_size), scfg.chunk_size,
-                        os.path.join(workdir, "metrics.jsonl") if workdir_lib.is_writer() else None, every_s=config.train.log_every_s)
+    progress = _progress(config, workdir, "score/deepfool", len(scored), scfg.chunk_size)
     result = margins.margin_scores(run_deepfool, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, mesh=mesh,
                                    indices=scored, resume_dir=os.path.join(workdir, "scores", "deepfool_chunks"), progress=progress)
     progress.close()
@@ -195,13 +200,14 @@ def _margins(config, workdir: str, data: Data, mesh, model, state, scored: np.nd
     return result["margin"], {"converged": result["converged"], "n_iter": result["n_iter"]}
 
 
-def _extrapolate(config, data: Data, mesh, predict: predictions.Predictor, state, scored: np.ndarray, values: np.ndarray, out_dir: str):
+def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Predictor, state, scored: np.ndarray, values: np.ndarray):
     """Fills every trainable row's score from its k nearest scored rows -> (scores (N,), report).
 
     A `holdout_fraction` of the scored rows is left out of the references and
     extrapolated too: the Spearman correlation there measures the extrapolation.
     """
     ext = config.scoring.extrapolation
+    out_dir = os.path.join(workdir, "scores")
     holdout = np.random.default_rng([ext.seed, 17]).random(len(scored)) < ext.holdout_fraction
     refs = scored[~holdout]
     variables = state.variables(ema=config.scoring.use_ema)
@@ -212,9 +218,12 @@ def _extrapolate(config, data: Data, mesh, predict: predictions.Predictor, state
     os.makedirs(out_dir, exist_ok=True)
     tmp_path = embedding_path + f".tmp{jax.process_index()}.npy"  # every process fills its own copy
     embedding = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
-    predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding})
+    predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding},
+                             progress=_progress(config, workdir, "score/embedding", len(queries), chunk))
     embedding.flush()
-    dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=max(chunk // mesh.size, 1) * mesh.size, mesh=mesh)
+    query_chunk = max(chunk // mesh.size, 1) * mesh.size
+    dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=query_chunk, mesh=mesh,
+                            progress=_progress(config, workdir, "score/knn", len(queries), query_chunk))
     del embedding
     if workdir_lib.is_writer():
         os.replace(tmp_path, embedding_path)  # (trainable rows, D): the queries' embedding, kept for inspection

@@ -54,10 +54,12 @@ def _make_predict(features_fn: FeaturesFn, mesh, attack):
 
 
 def pool_outputs(predict: Predictor, variables: dict, pool: Pool, indices: np.ndarray, *, chunk_size: int, seed: int = 0,
-                 keep: tuple[str, ...] = ("probs", "features"), out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 keep: tuple[str, ...] = ("probs", "features"), out: dict[str, np.ndarray] | None = None,
+                 progress=None) -> dict[str, np.ndarray]:
     """`predict` over pool rows `indices` (M,) in chunks of `chunk_size` -> {'labels' (M,) int32, and each of `keep`}.
 
     `out` may hold preallocated (e.g. memory-mapped, for pool-sized embeddings) arrays to fill.
+    `progress`: a metrics.Progress over the chunks.
     """
     variables = predict.place(variables)  # once, not per chunk
     base_key = jax.random.PRNGKey(seed)
@@ -70,7 +72,8 @@ def pool_outputs(predict: Predictor, variables: dict, pool: Pool, indices: np.nd
         images, labels = pool.read(indices[rows])
         return images, labels.astype(np.int32)
 
-    return parallel.map_rows(compute, read, len(indices), chunk_size, predict.mesh, out=out)
+    report = None if progress is None else lambda i, _: progress.update(i + 1)
+    return parallel.map_rows(compute, read, len(indices), chunk_size, predict.mesh, out=out, on_chunk=report)
 
 
 def true_class_probability(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
