@@ -1,6 +1,6 @@
 """The embedded default: PUMA on real digits plus a generated pool, offline, on a CPU.
 
-Command (2 CPU cores, measured 2 min 42 s; no download):
+Command (2 CPU cores, measured 87 s on an idle machine; no download):
 
     python -m jax_advprune.main --config configs/default.py --workdir runs/default
 
@@ -11,7 +11,7 @@ APGD-CE 77.3%, APGD-CE + APGD-T 73.6%; 10,700 of 21,400 pool samples kept,
 table with each accuracy's standard error; the README's "The embedded default"
 compares it with random pruning and the full pool.
 
-Smoke variant (what the tests run; 2 CPU cores, about 40 s):
+Smoke variant (what the tests run; 2 CPU cores, measured 24 s):
 
     python -m jax_advprune.main --config configs/default.py:smoke --workdir runs/smoke
 
