@@ -84,13 +84,22 @@ def test_second_invocation_skips_finished_phases_and_keeps_outputs(smoke_run):
     assert len(open(workdir / "metrics.jsonl").readlines()) == metrics_lines
 
 
-def test_changed_settings_on_an_existing_workdir_are_refused(smoke_run):
+def _tree_bytes(root) -> dict:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(root) for f in files}
+
+
+def test_changed_or_bad_settings_on_an_existing_workdir_are_refused_and_a_corrected_rerun_succeeds(smoke_run):
     workdir, _ = smoke_run
-    keep_before = np.load(workdir / "selection/keep.npy")
+    before = _tree_bytes(workdir)
     third = run_main(workdir, "--config.pruning.keep_ratio=0.75")
-    assert third.returncode != 0
-    assert "pruning.keep_ratio: 0.5 -> 0.75" in third.stdout + third.stderr
-    np.testing.assert_array_equal(np.load(workdir / "selection/keep.npy"), keep_before)
+    assert third.returncode == 2 and "Traceback" not in third.stderr
+    assert "pruning.keep_ratio: 0.5 -> 0.75" in third.stderr
+    typo = run_main(workdir, "--config.pruning.strategy=pumaa", "--config.eval.apgd_targets=10")
+    assert typo.returncode == 2 and "pruning.strategy='pumaa'" in typo.stderr and "eval.apgd_targets=10" in typo.stderr
+    assert _tree_bytes(workdir) == before  # byte-identical: nothing written, not even a lock or a log line
+    corrected = run_main(workdir)
+    assert corrected.returncode == 0, corrected.stdout[-3000:] + corrected.stderr[-3000:]
+    assert "[evaluate] complete, skipped" in corrected.stdout
 
 
 @pytest.mark.parametrize("config", ["cifar10_trades", "cifar10_puma", "cifar10_extrapolation"])
