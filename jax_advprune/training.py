@@ -200,8 +200,7 @@ def make_train_step(
         # placing it first keeps the second call from compiling the step again.
         if getattr(state.step, "sharding", None) != replicated:  # device_put places every leaf alike
             state = jax.device_put(state, replicated)
-        with jax.set_mesh(mesh):  # the step runs under its mesh: layers that split work per device (models/layers.py) read it
-            return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
+        return jitted(state, parallel.global_batch({k: host_batch[k] for k in ("image", "label", "eps")}, mesh))
 
     return step
 

@@ -18,11 +18,11 @@ the environment variable JAX_ADVPRUNE_CONV or `set_backend`:
   xla     always lax.conv_general_dilated
 
 Sharding: inside shard_map (attacks, evaluation, scoring) the call sees
-per-device arrays. Under jit with sharded arrays and a mesh set with
-`jax.set_mesh` (the train step), a call made with `axis_name` (the batch axis
-of that mesh, passed in by the caller: `conv_over(axis_name)`) is wrapped in a
-shard_map over that axis, so each device convolves its own rows and the kernel
-gradient is summed over devices; without it, XLA would gather the batch.
+per-device arrays. Under jit with arrays sharded along the batch (the train
+step), XLA's partitioner asks the call how to split (`custom_partitioning`):
+each device convolves its own rows, and the kernel gradient's per-device sums
+are all-reduced over the batch axis. No mesh context is needed; a batch that does
+not divide over the devices is gathered and convolved whole on each.
 This module imports nothing from the rest of the package.
 """
 
@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,11 @@ def _device_op(mode: int, strides: tuple, pads: tuple, shape: tuple):
             return _output_shape(a_shape, b_shape, strides, pads)
         return (a_shape[0], *shape) if mode == 1 else shape
 
+    partitioned = _partitioned_call(mode, strides, pads, out_shape)
+
     @jax.custom_batching.custom_vmap
     def op(a, b):
-        return _ffi_conv(mode, a, b, out_shape(a.shape, b.shape), strides, pads)
+        return partitioned(a, b)
 
     @op.def_vmap
     def _batched(axis_size, in_batched, a, b):
@@ -204,47 +207,66 @@ def _device_op(mode: int, strides: tuple, pads: tuple, shape: tuple):
     return op
 
 
-def _axis_size(axis_name: str | None) -> int:
-    """Devices of mesh axis `axis_name` when a mesh with that axis is set and automatic (jit over sharded arrays), else 1.
+# The dimensions of each call, for XLA's sharding propagation: only the batch `b` may be split.
+_SHARDING_RULES = {0: "b h w c, i j c o -> b p q o", 1: "b p q o, i j c o -> b h w c", 2: "b h w c, b p q o -> i j c o"}
 
-    Inside shard_map the axis is manual and arrays are already per device: 1.
+
+def _partitioned_call(mode: int, strides: tuple, pads: tuple, out_shape):
+    """The custom call of `mode` with a partitioning rule: split along the batch of its first operand.
+
+    Modes 0 and 1 (forward, input gradient): the result is split like the batch, the
+    kernel replicated. Mode 2 (kernel gradient): both operands split along the batch,
+    each device's sum all-reduced, the result replicated.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if axis_name is None or mesh.empty or axis_name not in mesh.axis_names or axis_name in mesh.manual_axes:
-        return 1
-    return mesh.shape[axis_name]
+
+    @custom_partitioning
+    def call(a, b):
+        return _ffi_conv(mode, a, b, out_shape(a.shape, b.shape), strides, pads)
+
+    def batch_axes(mesh, arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        axes = spec[0] if len(spec) else None
+        size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ()))]))
+        return axes if axes is not None and arg_shapes[0].shape[0] % size == 0 else None
+
+    def infer(mesh, arg_shapes, result_shape):
+        axes = batch_axes(mesh, arg_shapes)
+        return NamedSharding(mesh, PartitionSpec() if mode == 2 else PartitionSpec(axes))
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = batch_axes(mesh, arg_shapes)
+        split, whole = NamedSharding(mesh, PartitionSpec(axes)), NamedSharding(mesh, PartitionSpec())
+
+        def lower(a, b):
+            y = _ffi_conv(mode, a, b, out_shape(a.shape, b.shape), strides, pads)
+            return lax.psum(y, axes) if mode == 2 and axes is not None else y
+
+        return mesh, lower, whole if mode == 2 else split, (split, split if mode == 2 else whole)
+
+    rule = _SHARDING_RULES[mode]
+    factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       reduction_factors=("b",) if mode == 2 else (), need_replication_factors=tuple(f for f in factors if f != "b"))
+    return call
 
 
-def _per_device(op, a, b, b_sharded: bool, summed: bool, axis_name: str | None):
-    """op(a, b) on each device's rows of axis `axis_name` when a mesh with it is set (a, and b when `b_sharded`, split
-    by rows); the per-device results concatenated, or summed over devices when `summed`."""
-    if _axis_size(axis_name) == 1:
-        return op(a, b)
-    data, whole = PartitionSpec(axis_name), PartitionSpec()
-    fn = (lambda a_, b_: lax.psum(op(a_, b_), axis_name)) if summed else op
-    return jax.shard_map(fn, in_specs=(data, data if b_sharded else whole), out_specs=whole if summed else data, check_vma=False)(a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def onednn_conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """Cross-correlation x (N, H, W, C) float32, kernel (KH, KW, C, O) -> (N, HO, WO, O); pads ((top, bottom), (left, right))."""
+    return _device_op(0, strides, pads, ())(x, kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def onednn_conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple, axis_name: str | None = None) -> jax.Array:
-    """Cross-correlation x (N, H, W, C) float32, kernel (KH, KW, C, O) -> (N, HO, WO, O); pads ((top, bottom), (left, right)).
-
-    axis_name: the mesh axis the batch is split over under jit (see the module doc), or None.
-    """
-    return _per_device(_device_op(0, strides, pads, ()), x, kernel, b_sharded=False, summed=False, axis_name=axis_name)
-
-
-def _onednn_conv_fwd(x, kernel, strides, pads, axis_name):
-    y = onednn_conv(x.value, kernel.value, strides, pads, axis_name)
+def _onednn_conv_fwd(x, kernel, strides, pads):
+    y = onednn_conv(x.value, kernel.value, strides, pads)
     return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
-def _onednn_conv_bwd(strides, pads, axis_name, residuals, dy):
+def _onednn_conv_bwd(strides, pads, residuals, dy):
     x, kernel, x_needed, kernel_needed = residuals  # only the gradients asked for are computed
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         return None, None
-    dx = _per_device(_device_op(1, strides, pads, tuple(x.shape[1:])), dy, kernel, False, False, axis_name) if x_needed else None
-    dw = _per_device(_device_op(2, strides, pads, tuple(kernel.shape)), x, dy, True, True, axis_name) if kernel_needed else None
+    dx = _device_op(1, strides, pads, tuple(x.shape[1:]))(dy, kernel) if x_needed else None
+    dw = _device_op(2, strides, pads, tuple(kernel.shape))(x, dy) if kernel_needed else None
     return dx, dw
 
 
@@ -284,13 +306,8 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
-    *,
-    axis_name: str | None = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with plain 2-D float32 convolutions on the CPU sent to oneDNN (see module doc).
-
-    axis_name: the mesh axis a jitted caller splits the batch over (per-device calls under `jax.set_mesh`).
-    """
+    """`lax.conv_general_dilated` with plain 2-D float32 convolutions on the CPU sent to oneDNN (see module doc)."""
     plain = (
         lhs.ndim == 4
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -307,11 +324,4 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-    if lhs.shape[0] % _axis_size(axis_name):
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, precision=precision)
-    return onednn_conv(lhs, rhs, strides, pads, axis_name)
-
-
-def conv_over(axis_name: str):
-    """`conv_general_dilated` for models whose jitted callers split the batch over mesh axis `axis_name`."""
-    return functools.partial(conv_general_dilated, axis_name=axis_name)
+    return onednn_conv(lhs, rhs, strides, pads)

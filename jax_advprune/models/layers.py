@@ -14,9 +14,8 @@ import flax.linen as nn
 from jax import lax
 
 from jax_advprune.kernels import onednn
-from jax_advprune.parallel import DATA_AXIS
 
 conv_general_dilated, describe_convolutions = lax.conv_general_dilated, lambda: "XLA"
-conv_general_dilated, describe_convolutions = onednn.conv_over(DATA_AXIS), onednn.describe  # oneDNN on XLA:CPU; delete for XLA only
+conv_general_dilated, describe_convolutions = onednn.conv_general_dilated, onednn.describe  # oneDNN on XLA:CPU; delete for XLA only
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
