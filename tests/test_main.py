@@ -119,6 +119,7 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config):
     selection = json.load(open(tmp_path / "selection/meta.json"))
     if config == "cifar10_trades":
         assert selection["kept"] == 1536 - 64 and not os.path.exists(tmp_path / "scores")
+        _check_export_loads_into_the_reference_wide_resnet(tmp_path)
     else:  # half of the 1,024 synthetic images kept, originals whole
         assert selection["kept_original"] == 512 - 64 and abs(selection["kept_synthetic"] - 512) <= 10
         scores = json.load(open(tmp_path / "scores/meta.json"))
@@ -128,6 +129,29 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config):
         else:
             assert "spearman_held_out" in scores["extrapolation"]
             assert np.isfinite(scores["extrapolation"]["spearman_held_out"]) and scores["extrapolation"]["held_out"] > 2
+
+
+def _check_export_loads_into_the_reference_wide_resnet(workdir):
+    """`python -m jax_advprune.export` writes reference keys: strict load_state_dict into DM-Improves-AT's WideResNet."""
+    import torch
+    from test_torch_interop import RefWideResNet
+
+    from jax_advprune.export import trained_variables
+
+    out = workdir / "model.pt"
+    proc = subprocess.run([sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir), "--weights", "best_ema", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reference = RefWideResNet(depth=10, width=1, act=torch.nn.SiLU).eval()
+    reference.load_state_dict(torch.load(out))  # strict: the same keys, no more, no fewer
+    model, variables, _ = trained_variables(str(workdir), "best_ema")
+    x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(np.asarray(model.apply(variables, x)), expected, atol=1e-4, rtol=1e-4)
+    refused = subprocess.run([sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir / "nothing"), "--out", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "holds no trained model" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):

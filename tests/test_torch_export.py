@@ -1,4 +1,4 @@
-"""The PyTorch export computes the same logits as the Flax model (torch comes with the [test] extra)."""
+"""The PyTorch export computes the same logits as the Flax model, at even and odd image sizes (torch comes with the [test] extra)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +7,18 @@ import pytest
 import torch
 
 from jax_advprune.models import create_model
-from jax_advprune.models.torch_export import _same_padding, to_torch
+from jax_advprune.models.torch_export import to_torch
+from jax_advprune.models.torch_reference import SameConv2d
 
 
 def test_same_padding_puts_the_odd_pixel_last():
-    assert _same_padding(16, 3, 2) == (0, 1)
-    assert _same_padding(15, 3, 2) == (1, 1)
-    assert _same_padding(16, 3, 1) == (1, 1)
+    conv = SameConv2d(1, 1, 3, stride=2)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        even = conv(torch.ones(1, 1, 16, 16))  # XLA pads (0, 1): the first output window covers rows 0..2, all real
+        odd = conv(torch.ones(1, 1, 15, 15))  # (1, 1)
+    assert even.shape[-1] == 8 and float(even[0, 0, 0, 0]) == 9.0 and float(even[0, 0, -1, -1]) == 4.0
+    assert odd.shape[-1] == 8 and float(odd[0, 0, 0, 0]) == 4.0 and float(odd[0, 0, -1, -1]) == 4.0
 
 
 @pytest.mark.parametrize(
@@ -22,6 +27,7 @@ def test_same_padding_puts_the_odd_pixel_last():
         ("small_cnn", dict(widths=(8, 16, 32), mean=(0.4,), std=(0.3,)), (16, 16, 1)),
         ("small_cnn", dict(widths=(8, 16, 32), mean=(0.4,), std=(0.3,)), (15, 15, 1)),
         ("preact_resnet18", dict(width=8, activation="swish"), (16, 16, 3)),
+        ("preact_resnet18", dict(width=4), (15, 15, 3)),
         ("wide_resnet", dict(depth=10, width=2, activation="swish"), (16, 16, 3)),
         ("wide_resnet", dict(depth=16, width=1, activation="relu"), (15, 15, 3)),
     ],

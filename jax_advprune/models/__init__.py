@@ -1,4 +1,4 @@
-"""Flax models and the name -> constructor registry used by configs."""
+"""Flax models, the name -> constructor registry used by configs, and `import_torch` (PyTorch checkpoints in)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+from jax_advprune.models.torch_import import import_torch  # noqa: E402  (needs create_model above)
+
+__all__ = ["MODELS", "create_model", "import_torch"]

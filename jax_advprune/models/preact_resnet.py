@@ -12,8 +12,13 @@ from jax_advprune.models.layers import Conv
 ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
 
 
+# The reference pads every 3x3 convolution by 1 on each side (PyTorch's padding=1): at stride 2 that
+# is not XLA's 'SAME', which puts the odd pixel at the end.
+PAD_1 = ((1, 1), (1, 1))
+
+
 class PreActBlock(nn.Module):
-    """BN-act-conv3x3(stride)-BN-act-conv3x3 plus a shortcut (1x1 conv when the shape changes)."""
+    """BN-act-conv3x3(stride)-BN-act-conv3x3 plus a shortcut (1x1 conv when the shape changes), padded as the reference."""
 
     planes: int
     stride: int
@@ -26,10 +31,10 @@ class PreActBlock(nn.Module):
         out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn1")(x))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            shortcut = Conv(self.planes, (1, 1), strides=self.stride, use_bias=False, dtype=self.dtype, name="shortcut")(out)
-        out = Conv(self.planes, (3, 3), strides=self.stride, use_bias=False, dtype=self.dtype, name="conv1")(out)
+            shortcut = Conv(self.planes, (1, 1), strides=self.stride, padding="VALID", use_bias=False, dtype=self.dtype, name="shortcut")(out)
+        out = Conv(self.planes, (3, 3), strides=self.stride, padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv1")(out)
         out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn2")(out))
-        out = Conv(self.planes, (3, 3), use_bias=False, dtype=self.dtype, name="conv2")(out)
+        out = Conv(self.planes, (3, 3), padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv2")(out)
         return out + shortcut
 
 
@@ -53,7 +58,7 @@ class PreActResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = ((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
-        x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype, name="stem")(x)
+        x = Conv(self.width, (3, 3), padding=PAD_1, use_bias=False, dtype=self.dtype, name="stem")(x)
         for stage, count in enumerate(self.blocks):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
