@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.loss = "pgd_at"  # 'pgd_at' (Madry) or 'trades' (KL attack, CE + beta * KL)
+    c.train.init_from = ""  # start from these weights (same kinds of path as scoring.init_from); '' = fresh
     c.train.trades_beta = 6.0  # trades only
     c.train.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
     c.train.epochs = 40.0  # an epoch is ceil(len(original split) / batch_size) steps: 12 here
@@ -102,6 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.scoring = ml_collections.ConfigDict()
     c.scoring.score = "margin"  # margin | el2n | grand | forgetting | du | fp | random
+    # Score with given weights instead of training a scoring model (margin, el2n, grand): a PyTorch or
+    # .safetensors checkpoint with the reference keys (model.kwargs must describe it), a jax_advprune work
+    # directory (its best EMA weights) or one of its checkpoints (README "Use with PyTorch").
+    c.scoring.init_from = ""
     c.scoring.train_epochs = 25.0  # the scoring model: adversarial training on the scored rows
     c.scoring.num_models = 2  # el2n / grand: scores averaged over this many seeds
     c.scoring.history_inputs = "clean"  # forgetting / du / fp: true-class probability on 'clean' or 'pgd' inputs, every epoch
@@ -137,6 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pruning.puma.low_fraction = 0.1
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.init_from = ""  # evaluate these weights (with --phases=evaluate) instead of the train phase's
     c.eval.pgd_steps = 20
     c.eval.step_fraction = 0.25  # PGD step = eps * step_fraction
     c.eval.batch_size = 256

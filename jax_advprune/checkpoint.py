@@ -63,3 +63,18 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStruct tree of `tree`, for restoring without allocating twice."""
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def final_checkpoint_dir(workdir: str) -> str:
+    """Checkpoints of the train phase (the final model; scoring models have their own)."""
+    return os.path.join(workdir, "checkpoints")
+
+
+def best_checkpoint_dir(ckpt_dir: str) -> str:
+    """Where a training run's best-validation checkpoint lives, next to its checkpoint directory."""
+    return ckpt_dir + "_best"
+
+
+def best_checkpointer(ckpt_dir: str) -> Checkpointer:
+    """The best-validation checkpoint of a training run: the save with the highest validation PGD accuracy."""
+    return Checkpointer(best_checkpoint_dir(ckpt_dir), max_to_keep=1, best_metric="pgd_accuracy")

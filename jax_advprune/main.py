@@ -26,6 +26,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "is set (with JAX_PROCESS_ID), 'on' always (SLURM, Open MPI, Cloud TPU and Kubernetes are detected), 'off' never.",
 )
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "Show the traceback of a user error (a bad setting or input) too.")
+_PHASES = flags.DEFINE_list(
+    "phases", "score,select,train,evaluate",
+    "The phases to run, an ordered subset of score,select,train,evaluate (e.g. score,select; or evaluate with "
+    "--config.eval.init_from=PATH to evaluate any checkpoint). A phase whose outputs are complete is skipped anyway.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("jax_advprune")
@@ -73,15 +78,15 @@ def _exit(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
-def run(config, workdir: str) -> None:
-    """Checks everything, locks the work directory and runs the pipeline."""
+def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "train", "evaluate")) -> None:
+    """Checks everything, locks the work directory and runs the pipeline's `phases`."""
     import jax
 
     from jax_advprune import parallel, pipeline, provenance, validate
     from jax_advprune import workdir as workdir_lib
     from jax_advprune.models import layers
 
-    validate.check_run(config, workdir, available_devices=len(jax.devices()), process_count=jax.process_count())
+    validate.check_run(config, workdir, available_devices=len(jax.devices()), process_count=jax.process_count(), phases=tuple(phases))
     mesh = parallel.make_mesh(config.num_devices or None)
     lock = workdir_lib.RunLock(workdir)
     locked = None
@@ -96,7 +101,7 @@ def run(config, workdir: str) -> None:
         log.info("jax_advprune %s; devices: %d x %s %s (process %d of %d)", provenance.code_version(), mesh.size,
                  mesh.devices.flat[0].platform, mesh.devices.flat[0].device_kind, jax.process_index(), jax.process_count())
         log.info("convolutions: %s", layers.describe_convolutions())
-        pipeline.run(config, workdir, mesh)
+        pipeline.run(config, workdir, mesh, tuple(phases))
     except Exception as error:
         log.error("stopped: %s: %s", type(error).__name__, error)
         raise
@@ -118,7 +123,7 @@ def main(argv) -> None:
     try:
         parallel.use_cpu_devices(_CPU_DEVICES.value)  # before jax starts its backends
         parallel.initialize_distributed(_DISTRIBUTED.value)
-        run(_CONFIG.value, _WORKDIR.value)
+        run(_CONFIG.value, _WORKDIR.value, tuple(_PHASES.value))
     except UserError as error:
         if _VERBOSE.value:
             raise

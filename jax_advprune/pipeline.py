@@ -1,8 +1,9 @@
-"""A run: its checks, then the four phases in order, score -> select -> train -> evaluate.
+"""A run: the four phases in order, score -> select -> train -> evaluate, or an ordered subset of them.
 
 Each phase reads its inputs from and writes its outputs to the work directory,
 is skipped when its outputs are complete and resumes when they are not (see
-jax_advprune/phases). Outputs are written atomically, by process 0.
+jax_advprune/phases). Outputs are written atomically, by process 0. Weights
+named by scoring.init_from, train.init_from and eval.init_from are loaded first.
 """
 
 from __future__ import annotations
@@ -10,20 +11,23 @@ from __future__ import annotations
 import logging
 import time
 
-from jax_advprune import parallel, validate
+from jax_advprune import parallel
 from jax_advprune import workdir as workdir_lib
-from jax_advprune.data.splits import load_data
-from jax_advprune.phases import evaluate, score, select, train
+from jax_advprune.data.splits import input_files, load_data
+from jax_advprune.phases import evaluate, score, select, train, weights
 
 log = logging.getLogger("jax_advprune")
 
-PHASES = (score, select, train, evaluate)
+PHASES = ("score", "select", "train", "evaluate")
 
 
-def run(config, workdir: str, mesh) -> None:
-    """Runs every phase whose outputs are missing; `validate.check_run` must have passed."""
+def run(config, workdir: str, mesh, phases: tuple[str, ...] = PHASES) -> None:
+    """Runs the `phases` (an ordered subset of PHASES) whose outputs are missing; `validate.check_run` must have passed."""
     data = load_data(config, workdir)
-    workdir_lib.record_inputs(workdir, workdir_lib.check_inputs(workdir, data.files))
+    files = list(dict.fromkeys(data.files + input_files(config)))  # data and checkpoint files
+    workdir_lib.record_inputs(workdir, workdir_lib.check_inputs(workdir, files))
+    given = {key: weights.load_variables(config[key].init_from, config, data.pool.image_shape)
+             for key in ("scoring", "train", "eval") if config[key].init_from}
 
     def timed(phase, *args):
         start = time.perf_counter()
@@ -32,8 +36,11 @@ def run(config, workdir: str, mesh) -> None:
         workdir_lib.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)
         return result
 
-    timed(score, data, mesh)
-    timed(select, data)
-    model, state = timed(train, data, mesh)
-    timed(evaluate, data, mesh, model, state)
-    log.info("done: %s", workdir + "/report.md")
+    if "score" in phases:
+        timed(score, data, mesh, given.get("scoring"))
+    if "select" in phases:
+        timed(select, data)
+    trained = timed(train, data, mesh, given.get("train"))[1] if "train" in phases else None
+    if "evaluate" in phases:
+        timed(evaluate, data, mesh, *evaluate.weights_to_evaluate(workdir, trained, given.get("eval")))
+    log.info("done (%s): %s", ", ".join(phases), workdir)

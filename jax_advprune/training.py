@@ -72,10 +72,18 @@ def ema_decay(step: jax.Array, tau: float, warmup_steps: int = 0) -> jax.Array:
     return jnp.where(step > warmup_steps, jnp.minimum(tau, (1.0 + delta) / (10.0 + delta)), 0.0)
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple, seed: int) -> TrainState:
-    """Initialises params and BatchNorm statistics from `seed` on a dummy batch of `image_shape`."""
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple, seed: int, initial: dict | None = None) -> TrainState:
+    """Initialises params and BatchNorm statistics from `seed` on a dummy batch of `image_shape`, or takes them
+    from `initial` ({'params', 'batch_stats'}, checked to have the model's structure and shapes); the optimizer
+    state is fresh and the EMA starts at the parameters."""
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+    if initial is not None:
+        expected = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), {k: variables.get(k, {}) for k in ("params", "batch_stats")})
+        given = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype), {k: initial.get(k, {}) for k in ("params", "batch_stats")})
+        if given != expected:
+            raise ValueError("initial variables do not have the model's structure and shapes")
+        variables = jax.tree_util.tree_map(jnp.asarray, {k: initial[k] for k in ("params", "batch_stats")})
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -228,9 +228,48 @@ def workdir_problems(config, workdir: str) -> list[str]:
     return found
 
 
-def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1) -> None:
+def phase_problems(config, workdir: str, phases: tuple[str, ...]) -> list[str]:
+    """The phases asked for are an ordered subset, and what each needs from the phases left out is in the work dir."""
+    from jax_advprune.pipeline import PHASES
+
+    if not phases or any(p not in PHASES for p in phases) or list(phases) != sorted(phases, key=PHASES.index) or len(set(phases)) != len(phases):
+        return [f"--phases={','.join(phases)}: an ordered subset of {','.join(PHASES)}"]
+    found = []
+    missing = lambda phase, path: found.append(f"--phases={','.join(phases)}: {phase} needs {path} (run the phase before it first)")  # noqa: E731
+    if "select" in phases and "score" not in phases and score.needed(config):
+        if not os.path.exists(os.path.join(workdir, "scores", "meta.json")) and not os.path.exists(os.path.join(workdir, "scores", f"{config.scoring.score}.npy")):
+            missing("select", os.path.join(workdir, "scores"))
+    if "train" in phases and "select" not in phases and not os.path.exists(os.path.join(workdir, "selection", "meta.json")):
+        missing("train", os.path.join(workdir, "selection"))
+    if "evaluate" in phases and "train" not in phases and not config.eval.init_from and not train.has_outputs(workdir):
+        missing("evaluate", os.path.join(workdir, "checkpoints") + " or eval.init_from")
+    return found
+
+
+def init_from_problems(config) -> list[str]:
+    """scoring/train/eval.init_from name weights that exist and fit what uses them."""
+    from jax_advprune.phases.weights import path_problem
+
+    p = _Problems()
+    for key in ("scoring", "train", "eval"):
+        path = config[key].init_from
+        if path:
+            problem = path_problem(path)
+            p.need(problem is None, f"{key}.init_from", path, problem or "")
+    if config.scoring.init_from and score.needed(config):
+        p.need(config.scoring.score not in score.HISTORY_SCORES, "scoring.init_from", config.scoring.init_from,
+               f"'' with scoring.score={config.scoring.score!r}: a history score needs a training run to record")
+        p.need(config.scoring.num_models == 1 or config.scoring.score not in ("el2n", "grand"), "scoring.num_models", config.scoring.num_models,
+               "1 with scoring.init_from (one given model)")
+    return p
+
+
+def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1, phases: tuple[str, ...] | None = None) -> None:
     """Raises ConfigError listing every problem of the config, its inputs and the work directory; writes nothing."""
     problems = config_problems(config, available_devices=available_devices, process_count=process_count)
+    problems += init_from_problems(config)
+    if phases is not None:
+        problems += phase_problems(config, workdir, phases)
     found, shape = input_problems(config)
     problems += found
     if shape is not None:

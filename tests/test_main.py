@@ -136,7 +136,7 @@ def _check_export_loads_into_the_reference_wide_resnet(workdir):
     import torch
     from test_torch_interop import RefWideResNet
 
-    from jax_advprune.export import trained_variables
+    from jax_advprune.phases.weights import build_saved_model, saved_variables
 
     out = workdir / "model.pt"
     proc = subprocess.run([sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir), "--weights", "best_ema", "--out", str(out)],
@@ -144,7 +144,8 @@ def _check_export_loads_into_the_reference_wide_resnet(workdir):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reference = RefWideResNet(depth=10, width=1, act=torch.nn.SiLU).eval()
     reference.load_state_dict(torch.load(out))  # strict: the same keys, no more, no fewer
-    model, variables, _ = trained_variables(str(workdir), "best_ema")
+    settings, variables, _ = saved_variables(str(workdir), "best_ema")
+    model = build_saved_model(settings)
     x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()

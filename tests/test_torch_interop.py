@@ -201,3 +201,27 @@ def test_export_then_import_is_bitwise_and_to_torch_pickles(tmp_path, name, kwar
         reference.load_state_dict(torch.load(tmp_path / "model.pt"))
         with torch.no_grad():
             np.testing.assert_allclose(reference(torch.tensor(X)).numpy(), flax_logits(model, variables, X), atol=1e-4, rtol=1e-4)
+
+
+def test_puma_scores_with_an_imported_dm_improves_at_checkpoint_without_training_a_scoring_model(tmp_path):
+    """The README's PyTorch path on configs/cifar10_puma.py:smoke: margins from a reference WRN-10-1 checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reference = randomised(RefWideResNet(depth=10, width=1, act=nn.SiLU), seed=11)
+    saved_like_dm_improves_at(reference, tmp_path / "robust.pt")
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(repo, "configs/cifar10_puma.py:smoke"),
+                           "--workdir", str(workdir), "--phases=score,select", f"--config.scoring.init_from={tmp_path / 'robust.pt'}"],
+                          cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.load(open(workdir / "scores" / "meta.json"))
+    assert meta["init_from"] == str(tmp_path / "robust.pt") and "model_checkpoints" not in meta
+    assert not (workdir / "scoring_model").exists() and not (workdir / "checkpoints").exists()
+    margin = np.load(workdir / "scores" / "margin.npy")
+    assert np.isfinite(margin).sum() == len(margin) - 64  # every trainable row scored (64 held out for validation)
+    assert (workdir / "selection" / "keep.npy").exists() and not (workdir / "results.json").exists()
+    assert str(tmp_path / "robust.pt") in json.load(open(workdir / "settings" / "inputs.json"))  # fingerprinted like the data

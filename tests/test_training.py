@@ -103,6 +103,18 @@ def test_a_non_finite_state_is_never_saved_and_the_error_names_the_last_finite_c
         _run(setup, pool, tmp_path / "nan_at_once", nan_state_from=0)
 
 
+def test_training_can_start_from_given_variables(setup):
+    model, tx, _ = setup
+    given = training.init_train_state(model, tx, (8, 8, 1), seed=5)
+    state = training.init_train_state(model, tx, (8, 8, 1), seed=0, initial=given.variables())
+    for a, b in zip(jax.tree_util.tree_leaves((state.params, state.batch_stats, state.ema_params)),
+                    jax.tree_util.tree_leaves((given.params, given.batch_stats, given.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wider = create_model("small_cnn", num_classes=10, widths=(8, 32))
+    with pytest.raises(ValueError, match="structure and shapes"):
+        training.init_train_state(wider, training.make_optimizer(_config()[0], 10), (8, 8, 1), seed=0, initial=given.variables())
+
+
 def test_weight_decay_mask_spares_batchnorm_and_biases(setup):
     model, tx, _ = setup
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]

@@ -107,6 +107,35 @@ def test_data_files_that_are_missing_or_directories_are_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("phases,message", [
+    (("select", "score"), "an ordered subset of score,select,train,evaluate"),
+    (("score", "trian"), "an ordered subset"),
+    (("train",), "train needs"),
+    (("evaluate",), "evaluate needs"),
+    (("select",), "select needs"),
+])
+def test_phase_subsets_are_ordered_and_have_their_inputs(tmp_path, phases, message):
+    with pytest.raises(ConfigError, match=message):
+        check_run(smoke_config(), str(tmp_path / "run"), available_devices=4, phases=phases)
+    check_run(smoke_config(), str(tmp_path / "run"), available_devices=4, phases=("score", "select"))
+
+
+def test_init_from_paths_and_pairings_are_checked(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    config = smoke_config(**{"scoring.init_from": str(tmp_path / "missing.pt"), "train.init_from": str(tmp_path / "notes.txt"),
+                             "eval.init_from": str(tmp_path)})
+    with pytest.raises(ConfigError) as error:
+        check_run(config, str(tmp_path / "run"), available_devices=4)
+    text = str(error.value)
+    assert "scoring.init_from" in text and "no such file" in text
+    assert "train.init_from" in text and "a checkpoint file ending in .pt" in text
+    assert "eval.init_from" in text and "a jax_advprune work directory" in text
+    (tmp_path / "model.pt").write_bytes(b"")
+    history = smoke_config(**{"scoring.init_from": str(tmp_path / "model.pt"), "scoring.score": "du", "pruning.strategy": "keep_top"})
+    with pytest.raises(ConfigError, match="a history score needs a training run"):
+        check_run(history, str(tmp_path / "run"), available_devices=4)
+
+
 def test_a_work_directory_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="--workdir=.*: a directory \\(this is a file\\)"):

@@ -69,10 +69,12 @@ def trainable_mask(pool_size: int, num_original: int, validation_size: int, seed
 
 
 def input_files(config) -> list[str]:
-    """The files the user supplies for config.data (original, test, synthetic parts, tarball), in order."""
+    """The files the user supplies: config.data's (original, test, synthetic parts, tarball), in order, then the
+    checkpoint files of scoring/train/eval.init_from."""
     cfg = config.data
     files = {"npz": [cfg.original, cfg.test], "cifar_tarball": [cfg.tarball]}.get(cfg.name, [])
-    return [f for f in files if f] + list(cfg.synthetic)
+    weights = [config[key].init_from for key in ("scoring", "train", "eval") if config[key].get("init_from")]
+    return [f for f in files if f] + list(cfg.synthetic) + [w for w in weights if os.path.isfile(w)]
 
 
 def data_shape(config) -> DataShape:

@@ -31,8 +31,9 @@ NORMALIZATION = {
 }
 # What the reference architectures do when no dataset is named: its WideResNets normalise
 # with the CIFAR-10 constants, its PreAct ResNet does not normalise (train.py's --normalize is off).
+# (This project's SmallCNN, exported by it, keeps its own defaults.)
 DEFAULT_DATASET = {"wide_resnet": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10", "wrn70_16": "cifar10", "preact_resnet18": "none"}
-IMPORTABLE = tuple(DEFAULT_DATASET)
+IMPORTABLE = tuple(DEFAULT_DATASET) + ("small_cnn",)
 
 
 def load_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
@@ -72,17 +73,19 @@ def import_torch(path_or_state_dict, *, name: str, num_classes: int = 10, datase
     """(Flax module, variables) holding a PyTorch checkpoint's weights and BatchNorm statistics.
 
     name: 'wide_resnet' (with depth, width, activation 'relu' | 'swish'), 'wrn28_10',
-    'wrn34_10', 'wrn70_16' or 'preact_resnet18'. dataset: where mean/std come from
-    (cifar10, cifar100, svhn, none; default: what the reference architecture does);
-    `mean` / `std` in model_kwargs override it. image_shape: (H, W, C) of the inputs.
+    'wrn34_10', 'wrn70_16', 'preact_resnet18' (or 'small_cnn', exported by this
+    project). dataset: where mean/std come from (cifar10, cifar100, svhn, none;
+    default: what the reference architecture does); `mean` / `std` in model_kwargs
+    override it. image_shape: (H, W, C) of the inputs.
     """
     if name not in IMPORTABLE:
         raise ValueError(f"cannot import PyTorch checkpoints into {name!r}; importable: {', '.join(IMPORTABLE)}")
-    dataset = dataset or DEFAULT_DATASET[name]
-    if dataset not in NORMALIZATION:
+    dataset = dataset or DEFAULT_DATASET.get(name)
+    if dataset is not None and dataset not in NORMALIZATION:
         raise ValueError(f"dataset {dataset!r} has no normalisation constants; known: {', '.join(NORMALIZATION)}, or pass mean= and std=")
-    mean, std = NORMALIZATION[dataset]
-    model_kwargs = {"mean": mean, "std": std} | model_kwargs
+    if dataset is not None:
+        mean, std = NORMALIZATION[dataset]
+        model_kwargs = {"mean": mean, "std": std} | model_kwargs
     model = create_model(name, num_classes=num_classes, **model_kwargs)
     like = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)), train=False))
     variables = variables_from_state_dict(model, load_state_dict(path_or_state_dict), like)

@@ -17,8 +17,9 @@ from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import abstract_like
 from jax_advprune.data.splits import Data
 from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
-from jax_advprune.phases.common import apply_fn, section
-from jax_advprune.phases.train import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
+from jax_advprune.phases.common import apply_fn, build_model, section
+from jax_advprune.phases.weights import saved_variables
+from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
 
 log = logging.getLogger("jax_advprune")
 
@@ -74,17 +75,21 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict) -> dict:
     return results
 
 
-def report(config, workdir: str, summary: dict, selection: dict) -> str:
+def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
     """report.md: what was kept, the threat model and the accuracy table (± one standard error)."""
     ecfg, results = config.eval, summary["results"]
-    columns = [c for c in HEADERS if c in results["raw"]]
+    columns = [c for c in HEADERS if c in next(iter(results.values()))]
     step, best = summary["checkpoint_step"], summary["best_validation_step"]
-    labels = {"raw": f"raw (step {step})", "ema": f"EMA (step {step})", "best_ema": f"EMA, best validation (step {best})"}
+    labels = {"raw": f"raw (step {step})", "ema": f"EMA (step {step})", "best_ema": f"EMA, best validation (step {best})",
+              "given": f"given weights ({config.eval.init_from})"}
     header = {**HEADERS, "pgd_accuracy": f"PGD-{ecfg.pgd_steps}"}
+    kept = (f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps."
+            if selection else "Evaluation of given weights only (no selection or training in this work directory).")
+    title = f"{config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}" if selection else f"evaluation of {config.eval.init_from}"
     lines = [
-        f"# {os.path.basename(os.path.abspath(workdir))}: {config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}",
+        f"# {os.path.basename(os.path.abspath(workdir))}: {title}",
         "",
-        f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps.",
+        kept,
         f"Test split: {summary['test_size']} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start); "
         f"APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, worst case per sample. "
         "Each accuracy ± one binomial standard error.",
@@ -95,28 +100,46 @@ def report(config, workdir: str, summary: dict, selection: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(config, workdir: str, data: Data, mesh, model, state) -> None:
-    """Evaluates the final and best-validation weights; writes results.json and report.md, and the metrics to TensorBoard."""
+def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = None) -> tuple[dict, dict]:
+    """({name: variables}, {'checkpoint_step', 'best_validation_step'}) of what the phase evaluates: the `given`
+    variables (eval.init_from), or the final raw and EMA weights (of `trained_state`, or of the work directory's
+    last checkpoint) and the EMA weights of the best-validation checkpoint."""
+    if given is not None:
+        return {"given": given}, {"checkpoint_step": None, "best_validation_step": None}
+    if trained_state is None:
+        _, raw, step = saved_variables(workdir, "raw")
+        _, ema, _ = saved_variables(workdir, "ema")
+        candidates = {"raw": raw, "ema": ema}
+    else:
+        candidates, step = {"raw": trained_state.variables(), "ema": trained_state.variables(ema=True)}, int(trained_state.step)
+    best_state, best_step = best_validation_state(workdir, trained_state) if trained_state is not None else (None, None)
+    if best_state is not None:
+        candidates["best_ema"] = best_state.variables(ema=True)
+    elif trained_state is None and os.path.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
+        _, candidates["best_ema"], best_step = saved_variables(workdir, "best_ema")
+    return candidates, {"checkpoint_step": step, "best_validation_step": best_step}
+
+
+def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -> None:
+    """Evaluates each set of `candidates` variables ({name: variables}, from `weights_to_evaluate`); writes results.json
+    and report.md, and the metrics to TensorBoard."""
     if os.path.exists(os.path.join(workdir, "results.json")):
         log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
         return
     workdir_lib.record_settings(workdir, NAME, settings(config))
     start = time.perf_counter()
-    candidates = {"raw": state.variables(), "ema": state.variables(ema=True)}
-    best_state, best_step = best_validation_state(workdir, state)
-    if best_state is not None:
-        candidates["best_ema"] = best_state.variables(ema=True)
-    results = evaluate_weights(config, data, mesh, model, candidates)
-    selection = workdir_lib.read_json(os.path.join(workdir, "selection", "meta.json"))
+    results = evaluate_weights(config, data, mesh, build_model(config), candidates)
+    selection_path = os.path.join(workdir, "selection", "meta.json")
+    selection = workdir_lib.read_json(selection_path) if os.path.exists(selection_path) and "given" not in candidates else None
     timings = workdir_lib.read_json(workdir_lib.timings_path(workdir)) if os.path.exists(workdir_lib.timings_path(workdir)) else {}
     summary = {
-        "strategy": config.pruning.strategy,
-        "keep_ratio": config.pruning.keep_ratio,
-        "kept": selection["kept"],
-        "pool_size": selection["pool_size"],
+        "strategy": config.pruning.strategy if selection else None,
+        "keep_ratio": config.pruning.keep_ratio if selection else None,
+        "kept": selection["kept"] if selection else None,
+        "pool_size": selection["pool_size"] if selection else None,
+        "init_from": config.eval.init_from or None,
         "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": config.eval.pgd_steps},
-        "checkpoint_step": int(state.step),
-        "best_validation_step": best_step,
+        **steps,
         "test_size": len(data.test_labels),
         "seed": config.seed,
         "code": provenance.code_version(),

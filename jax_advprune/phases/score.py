@@ -90,8 +90,12 @@ def scored_indices(config, data: Data) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(data.trainable & ~data.pool.is_synthetic), subset]))
 
 
-def run(config, workdir: str, data: Data, mesh) -> None:
-    """Computes config.scoring.score for the pool -> scores/<score>.npy (+ extras) and scores/meta.json."""
+def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> None:
+    """Computes config.scoring.score for the pool -> scores/<score>.npy (+ extras) and scores/meta.json.
+
+    initial: the scoring model's variables (scoring.init_from); without them one
+    (or scoring.num_models) is trained on the scored rows.
+    """
     out_dir = os.path.join(workdir, "scores")
     scfg = config.scoring
     if not needed(config):
@@ -110,13 +114,13 @@ def run(config, workdir: str, data: Data, mesh) -> None:
     # One compiled clean forward pass (probabilities, features) serves every scoring model and the embedding.
     predict = predictions.Predictor(features_fn(build_model(config)), mesh=mesh)
     if scfg.score == "random":
-        values, state = importance.random_scores(len(scored), config.seed), None
+        values, variables = importance.random_scores(len(scored), config.seed), None
     else:
-        values, extras, state = _computed_scores(config, workdir, data, mesh, scored, meta, predict)
+        values, extras, variables = _computed_scores(config, workdir, data, mesh, scored, meta, predict, initial)
     full = np.full(n, np.nan, np.float32)  # rows without a score (the validation slice) stay NaN
     full[scored] = values
     if scfg.extrapolation.enabled:
-        full, meta["extrapolation"] = _extrapolate(config, workdir, data, mesh, predict, state, scored, values)
+        full, meta["extrapolation"] = _extrapolate(config, workdir, data, mesh, predict, variables, scored, values)
     for name, array in extras.items():
         whole = np.zeros(n, array.dtype)
         whole[scored] = array
@@ -143,41 +147,51 @@ def _history_recorder(config, data: Data, mesh, scored: np.ndarray, predict, out
                            out_dir=os.path.join(out_dir, "history"), chunk_size=scfg.chunk_size, seed=config.seed + 1)
 
 
-def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, predict: predictions.Predictor):
-    """Trains the scoring model(s) on the `scored` rows and scores them -> (values (M,), extras, final state).
-
-    Adds the checkpoints and score-specific facts to `meta`.
-    """
+def _scoring_variables(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, recorder, initial) -> list[dict]:
+    """The scoring models' variables (EMA weights with scoring.use_ema): `initial`, or models trained on the `scored` rows."""
     scfg = config.scoring
-    out_dir = os.path.join(workdir, "scores")
+    if initial is not None:
+        meta["init_from"] = scfg.init_from
+        return [initial]
     n = len(data.pool)
     keep = np.zeros(n, bool)
     keep[scored] = True
     base_eps = np.full(n, config.attack.eps, np.float32)
-    recorder = _history_recorder(config, data, mesh, scored, predict, out_dir) if scfg.score in HISTORY_SCORES else None
-    outputs = []
+    variables = []
     for m in range(scfg.num_models if scfg.score in ("el2n", "grand") else 1):
         ckpt_dir = os.path.join(workdir, "scoring_model" if m == 0 else f"scoring_model_{m}", "checkpoints")
-        model, state = train_model(config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
-                                   metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train" if m == 0 else f"score/train_{m}",
-                                   seed=config.seed + 1 + m, callbacks=() if recorder is None else (recorder,))
+        _, state = train_model(config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
+                               metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train" if m == 0 else f"score/train_{m}",
+                               seed=config.seed + 1 + m, callbacks=() if recorder is None else (recorder,))
         meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
-        if scfg.score in ("el2n", "grand"):
-            outputs.append(predictions.pool_outputs(predict, state.variables(ema=scfg.use_ema), data.pool, scored, chunk_size=scfg.chunk_size,
-                                                    keep=("probs", "features") if scfg.score == "grand" else ("probs",)))
+        variables.append(state.variables(ema=scfg.use_ema))
+    return variables
+
+
+def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, predict: predictions.Predictor, initial):
+    """Scores of the `scored` rows under the scoring model(s) -> (values (M,), extras, the last model's variables).
+
+    Adds the checkpoints and score-specific facts to `meta`.
+    """
+    scfg = config.scoring
+    recorder = _history_recorder(config, data, mesh, scored, predict, os.path.join(workdir, "scores")) if scfg.score in HISTORY_SCORES else None
+    models = _scoring_variables(config, workdir, data, mesh, scored, meta, recorder, initial)
     extras = {}
     if scfg.score == "margin":
-        values, extras = _margins(config, workdir, data, mesh, model, state, scored, meta)
-    elif scfg.score == "el2n":
-        values = np.mean([importance.el2n(o["probs"], o["labels"]) for o in outputs], axis=0)
-    elif scfg.score == "grand":
-        values = np.mean([importance.grand_last_layer(o["probs"], o["labels"], o["features"]) for o in outputs], axis=0)
+        values, extras = _margins(config, workdir, data, mesh, models[0], scored, meta)
+    elif scfg.score in ("el2n", "grand"):
+        keep = ("probs", "features") if scfg.score == "grand" else ("probs",)
+        outputs = [predictions.pool_outputs(predict, v, data.pool, scored, chunk_size=scfg.chunk_size, keep=keep) for v in models]
+        if scfg.score == "el2n":
+            values = np.mean([importance.el2n(o["probs"], o["labels"]) for o in outputs], axis=0)
+        else:
+            values = np.mean([importance.grand_last_layer(o["probs"], o["labels"], o["features"]) for o in outputs], axis=0)
     else:
         p_true, correct = recorder.load()
         meta["history_epochs"] = int(p_true.shape[0])
         values = {"forgetting": lambda: importance.forgetting_events(correct), "fp": lambda: importance.frequency_score(p_true),
                   "du": lambda: importance.dynamic_uncertainty(p_true, window=scfg.du_window)}[scfg.score]()
-    return values, extras, state
+    return values, extras, models[-1]
 
 
 def _progress(config, workdir: str, phase: str, rows: int, chunk: int) -> Progress:
@@ -186,21 +200,21 @@ def _progress(config, workdir: str, phase: str, rows: int, chunk: int) -> Progre
     return Progress(phase, -(-rows // chunk), chunk, metrics_path, every_s=config.train.log_every_s)
 
 
-def _margins(config, workdir: str, data: Data, mesh, model, state, scored: np.ndarray, meta: dict):
+def _margins(config, workdir: str, data: Data, mesh, variables: dict, scored: np.ndarray, meta: dict):
     """DeepFool margins of the scored rows under the scoring model -> (margins (M,), {'converged', 'n_iter'})."""
     scfg = config.scoring
     df = scfg.deepfool
-    run_deepfool = margins.deepfool_runner(apply_fn(model), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
+    run_deepfool = margins.deepfool_runner(apply_fn(build_model(config)), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
                                            candidates=df.candidates or None, mesh=mesh)
     progress = _progress(config, workdir, "score/deepfool", len(scored), scfg.chunk_size)
-    result = margins.margin_scores(run_deepfool, state.variables(ema=scfg.use_ema), data.pool, chunk_size=scfg.chunk_size, mesh=mesh,
+    result = margins.margin_scores(run_deepfool, variables, data.pool, chunk_size=scfg.chunk_size, mesh=mesh,
                                    indices=scored, resume_dir=os.path.join(workdir, "scores", "deepfool_chunks"), progress=progress)
     progress.close()
     meta.update(deepfool=df.to_dict(), fraction_converged=float(result["converged"].mean()), mean_iterations=float(result["n_iter"].mean()))
     return result["margin"], {"converged": result["converged"], "n_iter": result["n_iter"]}
 
 
-def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Predictor, state, scored: np.ndarray, values: np.ndarray):
+def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Predictor, variables: dict, scored: np.ndarray, values: np.ndarray):
     """Fills every trainable row's score from its k nearest scored rows -> (scores (N,), report).
 
     A `holdout_fraction` of the scored rows is left out of the references and
@@ -210,7 +224,6 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     out_dir = os.path.join(workdir, "scores")
     holdout = np.random.default_rng([ext.seed, 17]).random(len(scored)) < ext.holdout_fraction
     refs = scored[~holdout]
-    variables = state.variables(ema=config.scoring.use_ema)
     queries = np.flatnonzero(data.trainable)
     chunk = config.scoring.chunk_size
     ref_features = predictions.pool_outputs(predict, variables, data.pool, refs, chunk_size=chunk, keep=("features",))["features"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from jax_advprune import training
 from jax_advprune import workdir as workdir_lib
-from jax_advprune.checkpoint import Checkpointer, abstract_like
+from jax_advprune.checkpoint import Checkpointer, abstract_like, best_checkpointer, final_checkpoint_dir
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.splits import Data
 from jax_advprune.evaluation import pgd_evaluator
@@ -27,21 +27,6 @@ NAME = "train"
 
 def settings(config) -> dict:
     return section(config, "data", "model", "attack", "train", "pruning") | {"seed": config.seed}
-
-
-def final_checkpoint_dir(workdir: str) -> str:
-    """Checkpoints of the train phase (the final model; scoring models have their own)."""
-    return os.path.join(workdir, "checkpoints")
-
-
-def best_checkpoint_dir(ckpt_dir: str) -> str:
-    """Where a training run's best-validation checkpoint lives, next to its checkpoint directory."""
-    return ckpt_dir + "_best"
-
-
-def best_checkpointer(ckpt_dir: str) -> Checkpointer:
-    """The best-validation checkpoint of a training run: the save with the highest validation PGD accuracy."""
-    return Checkpointer(best_checkpoint_dir(ckpt_dir), max_to_keep=1, best_metric="pgd_accuracy")
 
 
 def has_outputs(workdir: str) -> bool:
@@ -76,11 +61,12 @@ def _validation(config, data: Data, eval_model, mesh, ckpt_dir: str, steps_per_e
 
 
 def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str,
-                phase: str, seed: int, callbacks: tuple = ()):
-    """Adversarial training (config.train.loss) of a fresh model on the kept trainable rows with per-sample eps.
+                phase: str, seed: int, callbacks: tuple = (), initial: dict | None = None):
+    """Adversarial training (config.train.loss) of a model on the kept trainable rows with per-sample eps.
 
-    keep, eps: (N,) over the pool. Resumes from ckpt_dir. The validation slice is never
-    trained on; robust accuracy there picks the best checkpoint, kept in `<ckpt_dir>_best`.
+    keep, eps: (N,) over the pool. The model starts from `initial` variables, or fresh
+    from `seed`. Resumes from ckpt_dir. The validation slice is never trained on;
+    robust accuracy there picks the best checkpoint, kept in `<ckpt_dir>_best`.
     Returns (model with float32 compute, final TrainState).
     """
     tcfg = config.train
@@ -88,7 +74,7 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
     plan = batch_plan(config, data, keep, seed)
     num_steps = max(1, int(np.ceil(epochs * plan.steps_per_epoch)))
     tx = training.make_optimizer(tcfg, num_steps)
-    state = training.init_train_state(model, tx, data.pool.image_shape, seed)
+    state = training.init_train_state(model, tx, data.pool.image_shape, seed, initial)
     reader = BatchReader(data.pool, plan, eps, crop_padding=tcfg.crop_padding, flip=tcfg.flip,
                          process_index=jax.process_index(), process_count=jax.process_count())
     batches = batch_iterator(reader, num_steps, num_workers=tcfg.num_workers)
@@ -131,9 +117,10 @@ def load_selection(workdir: str, pool_size: int) -> tuple[np.ndarray, np.ndarray
     return keep.astype(bool), eps.astype(np.float32)
 
 
-def run(config, workdir: str, data: Data, mesh):
-    """Adversarial training (train.loss) of a fresh model on the selection; resumes. Returns (model, final state)."""
+def run(config, workdir: str, data: Data, mesh, initial: dict | None = None):
+    """Adversarial training (train.loss) on the selection, from `initial` variables (train.init_from) or fresh;
+    resumes. Returns (model, final state)."""
     workdir_lib.record_settings(workdir, NAME, settings(config))
     keep, eps = load_selection(workdir, len(data.pool))
     return train_model(config, data, mesh, keep, eps, epochs=config.train.epochs, ckpt_dir=final_checkpoint_dir(workdir),
-                       metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=NAME, seed=config.seed)
+                       metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=NAME, seed=config.seed, initial=initial)

@@ -1,0 +1,87 @@
+"""Weights from a path, for `scoring.init_from`, `train.init_from` and `eval.init_from`.
+
+A path is one of:
+  - a PyTorch (`.pt`, `.pth`, `.bin`) or `.safetensors` checkpoint with the reference
+    keys (DM-Improves-AT, RobustBench, Gowal et al., or `python -m jax_advprune.export`),
+    imported into config.model (jax_advprune.models.import_torch); the config's
+    model.kwargs (depth, width, activation, mean, std) must describe it;
+  - a jax_advprune work directory: the EMA weights of its best-validation checkpoint
+    (the final one without validation), whose model must equal config.model;
+  - one checkpoint of a jax_advprune run (`<workdir>/checkpoints/<step>`): its EMA weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+
+from jax_advprune.errors import UserError
+from jax_advprune.models import create_model, import_torch
+from jax_advprune.checkpoint import best_checkpointer, final_checkpoint_dir
+from jax_advprune.workdir import read_json, settings_path
+
+WEIGHTS = ("best_ema", "ema", "raw")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _restore(step_dir: str) -> dict:
+    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(step_dir), "state"))
+
+
+def saved_variables(workdir: str, weights: str):
+    """(model settings {'name', 'kwargs', 'num_classes'}, variables, step) of the train phase's `weights` in `workdir`.
+
+    weights: 'best_ema' (the best-validation checkpoint's EMA weights; the final checkpoint's
+    when the run had no validation), 'ema' or 'raw' (the final checkpoint).
+    """
+    if weights not in WEIGHTS:
+        raise UserError(f"weights={weights!r}: one of {', '.join(WEIGHTS)}")
+    if not os.path.exists(settings_path(workdir, "train")):
+        raise UserError(f"{workdir} holds no trained model ({settings_path(workdir, 'train')} is missing): run the train phase first")
+    settings = read_json(settings_path(workdir, "train"))
+    ckpt_dir, step = final_checkpoint_dir(workdir), None
+    if weights == "best_ema" and os.path.isdir(ckpt_dir + "_best"):
+        checkpointer = best_checkpointer(ckpt_dir)
+        step, ckpt_dir = checkpointer.best_step(), checkpointer.directory
+        checkpointer.close()
+    if step is None:
+        steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+        step = max(steps) if steps else None
+    if step is None:
+        raise UserError(f"{workdir} has no checkpoint in {ckpt_dir}")
+    state = _restore(os.path.join(ckpt_dir, str(step)))
+    model = {"name": settings["model"]["name"], "kwargs": settings["model"]["kwargs"], "num_classes": settings["data"]["num_classes"]}
+    return model, {"params": state["ema_params" if weights != "raw" else "params"], "batch_stats": state["batch_stats"]}, int(step)
+
+
+def build_saved_model(model_settings: dict):
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_settings["kwargs"].items()}
+    return create_model(model_settings["name"], num_classes=model_settings["num_classes"], **kwargs)
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is no weights source (None when it looks like one), without reading it."""
+    if not os.path.exists(path):
+        return "no such file or directory"
+    if os.path.isfile(path):
+        return None if path.endswith(TORCH_SUFFIXES) else f"a checkpoint file ending in {', '.join(TORCH_SUFFIXES)}"
+    if os.path.exists(settings_path(path, "train")) or os.path.isdir(os.path.join(path, "state")):
+        return None
+    return "a jax_advprune work directory (with settings/train.json) or a checkpoint directory (with state/)"
+
+
+def load_variables(path: str, config, image_shape: tuple) -> dict:
+    """Variables {'params', 'batch_stats'} for config.model from `path` (see the module docstring)."""
+    model = build_saved_model({"name": config.model.name, "kwargs": config.model.kwargs.to_dict(), "num_classes": config.data.num_classes})
+    if os.path.isfile(path):
+        kwargs = config.model.kwargs.to_dict() | {"mean": tuple(model.mean), "std": tuple(model.std)}
+        return import_torch(path, name=config.model.name, num_classes=config.data.num_classes, image_shape=image_shape, **kwargs)[1]
+    if os.path.isdir(os.path.join(path, "state")):
+        state = _restore(path)
+        return {"params": state["ema_params"], "batch_stats": state["batch_stats"]}
+    settings, variables, _ = saved_variables(path, "best_ema")
+    if build_saved_model(settings) != model:
+        raise UserError(f"{path} holds a {settings['name']} {settings['kwargs']} with {settings['num_classes']} classes, "
+                        f"but this run's model is {config.model.name} {config.model.kwargs.to_dict()} with {config.data.num_classes}")
+    return variables
