@@ -17,7 +17,6 @@ import os
 import socket
 import time
 
-import jax
 import numpy as np
 
 from jax_advprune.errors import UserError
@@ -27,6 +26,8 @@ log = logging.getLogger("jax_advprune")
 
 def is_writer() -> bool:
     """Process 0 writes logs, metrics and files; every process computes."""
+    import jax  # here, so that data readers (grain workers) import this module without jax
+
     return jax.process_index() == 0
 
 

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from jax_advprune.data.npz_format import write_npz
+from jax_advprune.workdir import atomic_output
 
 DIGITS_CLASSES = 10
 
@@ -135,7 +136,6 @@ def write_embedded_default(
     write_npz(paths["test"], to_uint8_images(x_test, image_size), y_test)
     pixels, labels = sample_synthetic(x_train, y_train, synthetic_size, seed)
     write_npz(paths["synthetic"], to_uint8_images(pixels, image_size), labels)
-    with open(meta_path + ".tmp", "w") as f:
+    with atomic_output(meta_path) as tmp, open(tmp, "w") as f:
         json.dump({"settings": settings, "num_train": len(y_train), "num_test": len(y_test), "num_synthetic": len(labels)}, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
     return paths

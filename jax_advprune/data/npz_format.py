@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 
 from jax_advprune.errors import UserError
+from jax_advprune.workdir import atomic_output
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
@@ -132,7 +133,8 @@ class NpzStreamWriter:
 
     def __init__(self, path: str, num_rows: int, image_shape: tuple[int, ...]):
         self.path, self.num_rows, self.image_shape = path, int(num_rows), tuple(image_shape)
-        self._tmp = path + ".tmp.npz"
+        self._atomic = atomic_output(path, ".npz")  # renamed into place on success, removed on failure
+        self._tmp = self._atomic.__enter__()
         self._archive = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
         self._labels: list[np.ndarray] = []
         self._written = 0
@@ -154,27 +156,23 @@ class NpzStreamWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self._abort()
+        short = exc_type is None and self._written != self.num_rows
+        self._images.close()
+        if exc_type is None and not short:
+            with self._archive.open(f"{LABEL_KEY}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64))
+        self._archive.close()
+        if exc_type is None and not short:
+            self._atomic.__exit__(None, None, None)  # renamed into place
             return False
-        if self._written != self.num_rows:
-            self._abort()
-            raise ValueError(f"{self.path}: {self._written} rows written, {self.num_rows} announced")
-        self._images.close()
-        with self._archive.open(f"{LABEL_KEY}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64))
-        self._archive.close()
-        os.replace(self._tmp, self.path)
+        error = exc if exc is not None else ValueError(f"{self.path}: {self._written} rows written, {self.num_rows} announced")
+        self._atomic.__exit__(type(error), error, None)  # the partial file removed
+        if short:
+            raise error
         return False
-
-    def _abort(self) -> None:
-        self._images.close()
-        self._archive.close()
-        os.remove(self._tmp)
 
 
 def write_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes an uncompressed DM-Improves-AT npz atomically (temp file, then rename)."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{IMAGE_KEY: np.ascontiguousarray(images), LABEL_KEY: np.ascontiguousarray(labels, np.int64)})
-    os.replace(tmp, path)
+    with atomic_output(path, ".npz") as tmp:
+        np.savez(tmp, **{IMAGE_KEY: np.ascontiguousarray(images), LABEL_KEY: np.ascontiguousarray(labels, np.int64)})
