@@ -88,6 +88,31 @@ def _tree_bytes(root) -> dict:
     return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(root) for f in files}
 
 
+def test_the_selection_exports_for_pytorch_trainers_row_by_row(smoke_run, tmp_path):
+    """python -m jax_advprune.export_selection: kept synthetic rows as DM-Improves-AT npz parts, eps and pool indices aligned."""
+    from jax_advprune.data.sources import NpzPart
+
+    workdir, _ = smoke_run
+    keep, eps = np.load(workdir / "selection/keep.npy"), np.load(workdir / "selection/eps.npy")
+    kept_synthetic = np.flatnonzero(keep & (np.arange(len(keep)) >= 1528))
+    proc = subprocess.run([sys.executable, "-m", "jax_advprune.export_selection", "--workdir", str(workdir), "--out", str(tmp_path / "sel"),
+                           "--part-size", "400"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.load(open(tmp_path / "sel" / "selection.json"))
+    assert summary["rows"] == len(kept_synthetic) and [p["rows"] for p in summary["parts"]][:-1] == [400] * (len(summary["parts"]) - 1)
+    assert summary["kept_original_not_exported"] == int(keep[:1528].sum())
+    synthetic = NpzPart(str(workdir / "data/synthetic.npz"), 10)
+    index = np.concatenate([np.load(tmp_path / "sel" / p["pool_index"]) for p in summary["parts"]])
+    np.testing.assert_array_equal(index, kept_synthetic)
+    images = np.concatenate([NpzPart(str(tmp_path / "sel" / p["images"]), 10).read(np.arange(p["rows"]))[0] for p in summary["parts"]])
+    labels = np.concatenate([np.load(tmp_path / "sel" / p["images"])["label"] for p in summary["parts"]])
+    expected_images, expected_labels = synthetic.read(kept_synthetic - 1528)
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_array_equal(np.concatenate([np.load(tmp_path / "sel" / p["eps"]) for p in summary["parts"]]), eps[kept_synthetic])
+    assert summary["eps"]["lowered"] == int((eps[kept_synthetic] < 0.05).sum()) > 0
+
+
 def test_changed_or_bad_settings_on_an_existing_workdir_are_refused_and_a_corrected_rerun_succeeds(smoke_run):
     workdir, _ = smoke_run
     before = _tree_bytes(workdir)

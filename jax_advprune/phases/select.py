@@ -19,8 +19,9 @@ SCOPES = ("all", "synthetic")
 
 
 def settings(config) -> dict:
-    return section(config, "pruning") | {"eps": config.attack.eps, "seed": config.seed, "validation_size": config.train.validation_size,
-                                         "score": config.scoring.score}
+    """The pruning settings, and the data section: a selection is indexed by that pool (export_selection reopens it)."""
+    return section(config, "pruning", "data") | {"eps": config.attack.eps, "seed": config.seed, "validation_size": config.train.validation_size,
+                                                 "score": config.scoring.score}
 
 
 def has_outputs(workdir: str) -> bool:
