@@ -13,6 +13,12 @@ images, streamed from disk in chunks like the score phase:
     queries/s and GFLOP/s of the distance matmuls; the same search with
     faiss-cpu `IndexFlatL2` (exact, the usual tool) in the same run, with the
     fraction of identical neighbour lists;
+  - DeepFool L-inf margins with an imported WRN-28-10 (Swish): a checkpoint saved the
+    way DM-Improves-AT saves it (random weights and BatchNorm statistics: no trained
+    WRN-28-10 can be downloaded here) is imported with `import_torch`; ours (work
+    queue, all classes) against foolbox's LinfDeepFoolAttack on the same PyTorch
+    weights, on --wrn-images 32x32x3 pool images labelled with the model's own
+    predictions, with the agreement of the distances (--wrn-images 0 skips it);
   - peak memory over the whole run: PSS sampled every 0.5 s and the peak RSS.
 The kNN uses random embeddings of the model's feature width (its cost does not
 depend on the values). Prints a table and writes benchmarks/results/scoring.json.
@@ -39,6 +45,10 @@ if __name__ == "__main__":
     _args.add_argument("--train-steps", type=int, default=100)
     _args.add_argument("--deepfool-iterations", type=int, default=50)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1))
+    _args.add_argument("--wrn-images", type=int, default=8)
+    _args.add_argument("--wrn-repeats", type=int, default=3)
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads for foolbox")
+    _args.add_argument("--stages", default="deepfool,embedding,knn,wrn")
     ARGS = _args.parse_args()
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
@@ -81,73 +91,145 @@ def trained_model(pool: Pool, mesh, steps: int):
     return model, jax.device_get(state.variables())
 
 
+def imported_wrn_deepfool(pool: Pool, mesh) -> dict:
+    """The WRN-28-10 stage of the module docstring: a row with both sides' images/s and the distance agreement."""
+    import foolbox as fb
+    import torch
+
+    from jax_advprune.attacks.common import flat_norm
+    from jax_advprune.models import import_torch
+    from jax_advprune.models.torch_reference import WideResNet
+
+    torch.manual_seed(0)
+    reference = WideResNet(num_classes=10, depth=28, width=10, activation="swish", mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
+    with torch.no_grad():
+        for name, tensor in reference.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                tensor.normal_(0, 0.1)
+    reference.eval()
+    path = os.path.join(ARGS.dir, "wrn28_10_dm_improves_at.pt")
+    torch.save({"model_state_dict": torch.nn.DataParallel(torch.nn.Sequential(reference)).state_dict()}, path)
+    start = time.perf_counter()
+    model, variables = import_torch(path, name="wrn28_10", activation="swish")
+    import_seconds = time.perf_counter() - start
+    n = ARGS.wrn_images
+    images, _ = pool.read(np.arange(n))
+    x = images.astype(np.float32) / 255.0
+    x_t = torch.tensor(x.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        logits_t = reference(x_t)
+    y = logits_t.argmax(1).numpy().astype(np.int32)  # every sample starts classified "correctly"
+    apply_fn = lambda v, z: model.apply(v, z, train=False)  # noqa: E731
+    logit_diff = float(np.abs(np.asarray(apply_fn(variables, x)) - logits_t.numpy()).max())
+    slots = max(n // ARGS.devices, 1) * ARGS.devices
+    run = deepfool_runner(apply_fn, slots=slots, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
+    jax.block_until_ready(run(variables, x, y).margin)  # compile
+    ours_times, fb_times = [], []
+    attack = fb.attacks.LinfDeepFoolAttack(steps=ARGS.deepfool_iterations, candidates=10, overshoot=0.02, loss="logits")
+    fmodel = fb.PyTorchModel(reference, bounds=(0, 1))
+    for _ in range(ARGS.wrn_repeats):  # the two sides take turns
+        start = time.perf_counter()
+        result = run(variables, x, y)
+        jax.block_until_ready(result.margin)
+        ours_times.append(time.perf_counter() - start)
+        torch.set_num_threads(ARGS.threads)
+        assert torch.get_num_threads() == ARGS.threads, (torch.get_num_threads(), ARGS.threads)
+        start = time.perf_counter()
+        _, fb_adv, fb_success = attack(fmodel, x_t, torch.tensor(y, dtype=torch.long), epsilons=None)
+        fb_times.append(time.perf_counter() - start)
+    # The same quantity on both sides: the final point's distance, overshoot included (our margin is
+    # ||r_total||, without the overshoot factor 1.02).
+    ours_dist = np.asarray(flat_norm(jnp.asarray(np.asarray(result.x_adv) - x), "linf"))
+    fb_dist = np.asarray(flat_norm(jnp.asarray(fb_adv.numpy().transpose(0, 2, 3, 1) - x), "linf"))
+    both = np.asarray(result.converged) & fb_success.numpy() & (fb_dist > 0)
+    rel = np.abs(ours_dist[both] - fb_dist[both]) / fb_dist[both]
+    ours_s, fb_s = float(np.median(ours_times)), float(np.median(fb_times))
+    return dict(stage=f"DeepFool L-inf, imported WRN-28-10 (10 classes, <= {ARGS.deepfool_iterations} it.)", items=n, seconds=ours_s, per_s=n / ours_s,
+                hours_per_million=1e6 / (n / ours_s) / 3600, ours_seconds_all=ours_times, foolbox_seconds_all=fb_times,
+                foolbox_per_s=n / fb_s, speed_vs_foolbox=fb_s / ours_s, torch_threads=ARGS.threads, import_seconds=import_seconds,
+                max_logit_difference_after_import=logit_diff, mean_iterations=float(np.asarray(result.n_iter).mean()),
+                converged=float(np.asarray(result.converged).mean()), distances_compared=int(both.sum()),
+                median_rel_diff_vs_foolbox=float(np.median(rel)) if both.any() else None,
+                p95_rel_diff_vs_foolbox=float(np.quantile(rel, 0.95)) if both.any() else None)
+
+
 def main() -> None:
     from jax_advprune.main import setup_logging
 
     setup_logging()
+    stages = set(ARGS.stages.split(","))
     memory = PeakMemory(every_s=0.5)
     paths = pool_paths(ARGS.dir, ARGS.pool_size)
     pool = Pool([NpzPart(p, 10) for p in paths], num_original=len(NpzPart(paths[0], 10)))
     mesh = parallel.make_mesh(ARGS.devices)
-    model, variables = trained_model(pool, mesh, ARGS.train_steps)
-    apply_fn = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
     rows = []
+    if "wrn" in stages and ARGS.wrn_images:
+        rows.append(imported_wrn_deepfool(pool, mesh))
+    if stages & {"deepfool", "embedding"}:
+        model, variables = trained_model(pool, mesh, ARGS.train_steps)
+    apply_fn = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
     rng = np.random.default_rng(0)
 
-    # DeepFool margins over a random subset of the pool, chunks of 4,096 read from disk.
-    subset = np.sort(rng.choice(len(pool), ARGS.deepfool_images, replace=False))
-    run = deepfool_runner(apply_fn, slots=512, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
-    chunk = min(1024, len(subset))
-    margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset[:chunk])  # compile
-    start = time.perf_counter()
-    progress = Progress("deepfool", -(-len(subset) // chunk), chunk, every_s=10.0)
-    result = margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset, progress=progress)
-    seconds = time.perf_counter() - start
-    rows.append(dict(stage=f"DeepFool L-inf margins (10 classes, <= {ARGS.deepfool_iterations} it.)", items=len(subset), seconds=seconds, per_s=len(subset) / seconds,
-                     mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean()),
-                     hours_per_million=1e6 / (len(subset) / seconds) / 3600))
-
-    # Penultimate-feature embedding.
-    features_fn = lambda v, x: model.apply(v, x, train=False, return_features=True)  # noqa: E731
-    predict = predictions.Predictor(features_fn, mesh=mesh)
-    embed_rows = np.arange(min(ARGS.embed_images, len(pool)))
-    predictions.pool_outputs(predict, variables, pool, embed_rows[:4096], chunk_size=4096, keep=("features",))  # compile
-    start = time.perf_counter()
-    embedded = predictions.pool_outputs(predict, variables, pool, embed_rows, chunk_size=4096, keep=("features",))["features"]
-    seconds = time.perf_counter() - start
-    rows.append(dict(stage="embedding (penultimate features)", items=len(embed_rows), seconds=seconds, per_s=len(embed_rows) / seconds,
-                     hours_per_million=1e6 / (len(embed_rows) / seconds) / 3600))
-
-    # kNN extrapolation: random embeddings of the feature width.
-    dim = embedded.shape[1]
-    refs = rng.normal(size=(ARGS.refs, dim)).astype(np.float32)
-    queries = rng.normal(size=(ARGS.queries, dim)).astype(np.float32)
-    knn_lib.knn(queries[:8192], refs, k=12, query_chunk=8192, mesh=mesh)  # compile
-    start = time.perf_counter()
-    dist, idx = knn_lib.knn(queries, refs, k=12, query_chunk=8192, mesh=mesh)
-    seconds = time.perf_counter() - start
-    flops = 2.0 * ARGS.queries * ARGS.refs * dim
-    knn_row = dict(stage=f"kNN k=12, {ARGS.refs:,} refs x {dim} dims", items=ARGS.queries, seconds=seconds, per_s=ARGS.queries / seconds,
-                   gflop_s=flops / seconds / 1e9)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
-        index = faiss.IndexFlatL2(dim)
-        index.add(refs)
+    if "deepfool" in stages:
+        # DeepFool margins over a random subset of the pool, chunks of 4,096 read from disk.
+        subset = np.sort(rng.choice(len(pool), ARGS.deepfool_images, replace=False))
+        run = deepfool_runner(apply_fn, slots=512, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
+        chunk = min(1024, len(subset))
+        margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset[:chunk])  # compile
         start = time.perf_counter()
-        _, faiss_idx = index.search(queries, 12)
-        faiss_seconds = time.perf_counter() - start
-        knn_row.update(faiss_seconds=faiss_seconds, faiss_per_s=ARGS.queries / faiss_seconds, speed_vs_faiss=faiss_seconds / seconds,
-                       same_neighbours_as_faiss=float(np.mean(np.all(np.sort(faiss_idx, 1) == np.sort(idx, 1), axis=1))))
-    except ImportError:
-        print("faiss-cpu not installed: no yardstick for the kNN", flush=True)
-    rows.append(knn_row)
+        progress = Progress("deepfool", -(-len(subset) // chunk), chunk, every_s=10.0)
+        result = margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset, progress=progress)
+        seconds = time.perf_counter() - start
+        rows.append(dict(stage=f"DeepFool L-inf margins (10 classes, <= {ARGS.deepfool_iterations} it.)", items=len(subset), seconds=seconds, per_s=len(subset) / seconds,
+                         mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean()),
+                         hours_per_million=1e6 / (len(subset) / seconds) / 3600))
+
+    if "embedding" in stages:
+        # Penultimate-feature embedding.
+        features_fn = lambda v, x: model.apply(v, x, train=False, return_features=True)  # noqa: E731
+        predict = predictions.Predictor(features_fn, mesh=mesh)
+        embed_rows = np.arange(min(ARGS.embed_images, len(pool)))
+        predictions.pool_outputs(predict, variables, pool, embed_rows[:4096], chunk_size=4096, keep=("features",))  # compile
+        start = time.perf_counter()
+        embedded = predictions.pool_outputs(predict, variables, pool, embed_rows, chunk_size=4096, keep=("features",))["features"]
+        seconds = time.perf_counter() - start
+        rows.append(dict(stage="embedding (penultimate features)", items=len(embed_rows), seconds=seconds, per_s=len(embed_rows) / seconds,
+                         hours_per_million=1e6 / (len(embed_rows) / seconds) / 3600))
+
+    if "knn" in stages:
+        # kNN extrapolation: random embeddings of the feature width.
+        dim = 128  # the small CNN's feature width
+        refs = rng.normal(size=(ARGS.refs, dim)).astype(np.float32)
+        queries = rng.normal(size=(ARGS.queries, dim)).astype(np.float32)
+        knn_lib.knn(queries[:8192], refs, k=12, query_chunk=8192, mesh=mesh)  # compile
+        start = time.perf_counter()
+        dist, idx = knn_lib.knn(queries, refs, k=12, query_chunk=8192, mesh=mesh)
+        seconds = time.perf_counter() - start
+        flops = 2.0 * ARGS.queries * ARGS.refs * dim
+        knn_row = dict(stage=f"kNN k=12, {ARGS.refs:,} refs x {dim} dims", items=ARGS.queries, seconds=seconds, per_s=ARGS.queries / seconds,
+                       gflop_s=flops / seconds / 1e9)
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(os.cpu_count() or 1)
+            index = faiss.IndexFlatL2(dim)
+            index.add(refs)
+            start = time.perf_counter()
+            _, faiss_idx = index.search(queries, 12)
+            faiss_seconds = time.perf_counter() - start
+            knn_row.update(faiss_seconds=faiss_seconds, faiss_per_s=ARGS.queries / faiss_seconds, speed_vs_faiss=faiss_seconds / seconds,
+                           same_neighbours_as_faiss=float(np.mean(np.all(np.sort(faiss_idx, 1) == np.sort(idx, 1), axis=1))))
+        except ImportError:
+            print("faiss-cpu not installed: no yardstick for the kNN", flush=True)
+        rows.append(knn_row)
     peak = memory.stop()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    queries_note = f" (the kNN's {ARGS.queries:,} x 128 float32 queries alone take {ARGS.queries * 128 * 4 / 2**30:.2f} GiB)" if "knn" in stages else ""
     print(f"\n{ARGS.devices} XLA:CPU devices; pool {len(pool):,} images of 32x32x3 on disk; peak memory: PSS {peak / 2**30:.2f} GiB, "
-          f"RSS {peak_rss / 2**30:.2f} GiB (the kNN's {ARGS.queries:,} x {dim} float32 queries alone take {ARGS.queries * dim * 4 / 2**30:.2f} GiB)\n")
+          f"RSS {peak_rss / 2**30:.2f} GiB{queries_note}\n")
     print("| stage | items | seconds | items/s | hours per 1M | notes |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -156,10 +238,15 @@ def main() -> None:
             notes.append(f"{r['mean_iterations']:.1f} iterations, {100 * r['converged']:.1f}% converged")
         if "gflop_s" in r:
             notes.append(f"{r['gflop_s']:.0f} GFLOP/s")
+        if "foolbox_per_s" in r:
+            notes.append(f"foolbox LinfDeepFoolAttack on the same weights {r['foolbox_per_s']:.2f}/s ({r['speed_vs_foolbox']:.2f}x, median of "
+                         f"{len(r['ours_seconds_all'])}), distance median rel. diff {100 * (r['median_rel_diff_vs_foolbox'] or 0):.2f}% over "
+                         f"{r['distances_compared']} samples; import {r['import_seconds']:.1f} s, logits within {r['max_logit_difference_after_import']:.1e}")
         if "faiss_per_s" in r:
             notes.append(f"faiss IndexFlatL2 {r['faiss_per_s']:,.0f}/s ({r['speed_vs_faiss']:.2f}x), same neighbours {100 * r['same_neighbours_as_faiss']:.1f}%")
         hours = f"{r['hours_per_million']:.2f}" if "hours_per_million" in r else f"{1e6 / r['per_s'] / 3600:.3f}"
-        print(f"| {r['stage']} | {r['items']:,} | {r['seconds']:.1f} | {r['per_s']:,.0f} | {hours} | {'; '.join(notes)} |")
+        rate = f"{r['per_s']:,.0f}" if r['per_s'] >= 100 else f"{r['per_s']:.3g}"
+        print(f"| {r['stage']} | {r['items']:,} | {r['seconds']:.1f} | {rate} | {hours} | {'; '.join(notes)} |")
     out = os.path.join(REPO, "benchmarks", "results", "scoring.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -17,6 +17,10 @@ whole; set pruning.scope='all' to prune it too) and lowers the training eps of
 kept samples whose margin is below 8/255 to their margin (eps_min 0). Which parts
 of this rule are our reading: docs/algorithms.md, sections 1 and 2.
 
+With a pretrained robust model (the paper's setting; e.g. a RobustBench or
+DM-Improves-AT WRN-28-10 checkpoint), add --config.scoring.init_from=PATH: margins
+come from it and no margin model is trained (README "Use with PyTorch").
+
 What the paper reports (abstract): PUMA improves the accuracy/robustness
 trade-off over prune-easy, prune-hard and random pruning at the same data budget,
 where those rules do not; no number of the body is available to us.

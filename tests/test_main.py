@@ -113,6 +113,25 @@ def test_the_selection_exports_for_pytorch_trainers_row_by_row(smoke_run, tmp_pa
     assert summary["eps"]["lowered"] == int((eps[kept_synthetic] < 0.05).sum()) > 0
 
 
+def test_any_weights_can_be_evaluated_alone_and_training_can_start_from_them(smoke_run, tmp_path):
+    """--phases=evaluate with eval.init_from (a work dir: its best EMA weights); train.init_from (one of its checkpoints)."""
+    workdir, _ = smoke_run
+    source = json.load(open(workdir / "results.json"))
+    evaluated = run_main(tmp_path / "eval", "--phases=evaluate", f"--config.eval.init_from={workdir}")
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert list(results["results"]) == ["given"] and results["init_from"] == str(workdir) and results["kept"] is None
+    assert results["results"]["given"] == source["results"]["best_ema"]  # the same weights, the same attack seed
+    assert "given weights" in open(tmp_path / "eval" / "report.md").read()
+    assert not (tmp_path / "eval" / "checkpoints").exists() and not (tmp_path / "eval" / "selection").exists()
+    step = source["checkpoint_step"]
+    started = run_main(tmp_path / "warm", "--config.pruning.strategy=random", f"--config.train.init_from={workdir / 'checkpoints' / str(step)}",
+                       "--config.train.epochs=0.1", "--config.train.lr=1e-4", "--config.eval.apgd_steps=0")
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    warm = json.load(open(tmp_path / "warm" / "results.json"))["results"]["raw"]
+    assert warm["clean_accuracy"] > 0.3  # the source's weights, barely moved (a fresh model after 2 steps is near chance, 0.1)
+
+
 def test_changed_or_bad_settings_on_an_existing_workdir_are_refused_and_a_corrected_rerun_succeeds(smoke_run):
     workdir, _ = smoke_run
     before = _tree_bytes(workdir)

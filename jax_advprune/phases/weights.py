@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from jax_advprune.errors import UserError
 from jax_advprune.models import create_model, import_torch
-from jax_advprune.checkpoint import best_checkpointer, final_checkpoint_dir
+from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
 from jax_advprune.workdir import read_json, settings_path
 
 WEIGHTS = ("best_ema", "ema", "raw")
@@ -41,10 +41,12 @@ def saved_variables(workdir: str, weights: str):
         raise UserError(f"{workdir} holds no trained model ({settings_path(workdir, 'train')} is missing): run the train phase first")
     settings = read_json(settings_path(workdir, "train"))
     ckpt_dir, step = final_checkpoint_dir(workdir), None
-    if weights == "best_ema" and os.path.isdir(ckpt_dir + "_best"):
+    if weights == "best_ema" and os.path.isdir(best_checkpoint_dir(ckpt_dir)):
         checkpointer = best_checkpointer(ckpt_dir)
-        step, ckpt_dir = checkpointer.best_step(), checkpointer.directory
+        step = checkpointer.best_step()
         checkpointer.close()
+        if step is not None:
+            ckpt_dir = best_checkpoint_dir(ckpt_dir)
     if step is None:
         steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
         step = max(steps) if steps else None
