@@ -264,6 +264,20 @@ def init_from_problems(config) -> list[str]:
     return p
 
 
+def _weights_fit(config, image_shape: tuple) -> list[str]:
+    """Each init_from checkpoint loads into config.model (keys and shapes), read now rather than after the lock."""
+    from jax_advprune.phases.weights import load_variables
+
+    found = []
+    for key in ("scoring", "train", "eval"):
+        if config[key].init_from:
+            try:
+                load_variables(config[key].init_from, config, image_shape)
+            except (UserError, ValueError, OSError) as error:
+                found.append(f"{key}.init_from={config[key].init_from!r}: {error}")
+    return found
+
+
 def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1, phases: tuple[str, ...] | None = None) -> None:
     """Raises ConfigError listing every problem of the config, its inputs and the work directory; writes nothing."""
     problems = config_problems(config, available_devices=available_devices, process_count=process_count)
@@ -274,6 +288,8 @@ def check_run(config, workdir: str, *, available_devices: int, process_count: in
     problems += found
     if shape is not None:
         problems += data_problems(config, shape)
+        if not problems:
+            problems += _weights_fit(config, shape.image_shape)
     problems += _writable_place(workdir)
     if os.path.isdir(workdir):
         problems += workdir_problems(config, workdir)

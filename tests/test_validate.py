@@ -130,6 +130,18 @@ def test_init_from_paths_and_pairings_are_checked(tmp_path):
     assert "scoring.init_from" in text and "no such file" in text
     assert "train.init_from" in text and "a checkpoint file ending in .pt" in text
     assert "eval.init_from" in text and "a jax_advprune work directory" in text
+    import jax
+
+    from jax_advprune.models import create_model
+    from jax_advprune.models.torch_export import save_state_dict
+    from jax_advprune.models.torch_keys import state_dict_from_variables
+
+    wrn = create_model("wide_resnet", depth=10, width=1)
+    save_state_dict(state_dict_from_variables(wrn, wrn.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1), np.float32))),
+                    str(tmp_path / "wrn.safetensors"))
+    with pytest.raises(ConfigError, match=r"does not fit SmallCNN: missing conv0.weight.*Its top-level keys are batchnorm, init_conv, layer, logits"):
+        run(smoke_config(**{"scoring.init_from": str(tmp_path / "wrn.safetensors")}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before the work directory exists
     (tmp_path / "model.pt").write_bytes(b"")
     history = smoke_config(**{"scoring.init_from": str(tmp_path / "model.pt"), "scoring.score": "du", "pruning.strategy": "keep_top"})
     with pytest.raises(ConfigError, match="a history score needs a training run"):

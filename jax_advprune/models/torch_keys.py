@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jax_advprune.errors import UserError
+
 
 def layer_map(model) -> list[tuple[str, tuple[str, ...], str]]:
     """[(reference key prefix, Flax module path, kind 'conv' | 'bn' | 'dense')] for a SmallCNN, PreActResNet or WideResNet."""
@@ -83,7 +85,7 @@ def state_dict_from_variables(model, variables: dict) -> dict[str, np.ndarray]:
     return out
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(UserError, ValueError):
     """A state dict does not hold the keys or shapes the model needs."""
 
 
@@ -123,5 +125,9 @@ def variables_from_state_dict(model, state: dict[str, np.ndarray], like: dict) -
     problems += [f"unexpected {key}" for key in sorted(set(state) - used)]
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-        raise StateDictMismatchError(f"the state dict does not fit {type(model).__name__}: " + "; ".join(shown))
+        prefixes = sorted({key.split(".")[0] for key in state})
+        raise StateDictMismatchError(
+            f"the state dict does not fit {type(model).__name__}: " + "; ".join(shown)
+            + f". Its top-level keys are {', '.join(prefixes[:12])}: set model.name and model.kwargs (depth, width, activation) to "
+            "describe the checkpoint's architecture (jax_advprune/models/torch_keys.py lists the keys of each)")
     return {"params": params, "batch_stats": stats}
