@@ -9,10 +9,10 @@ the pool, so margins are not trivial. Measured, each over the stated number of
 images, streamed from disk in chunks like the score phase:
   - DeepFool L-inf margins (all 10 classes, 50 iterations, work queue), images/s;
   - penultimate-feature embedding (the extrapolation's default), images/s;
-  - kNN (k = 12, Euclidean) of --queries embeddings against --refs references,
-    queries/s and GFLOP/s of the distance matmuls; the same search with
-    faiss-cpu `IndexFlatL2` (exact, the usual tool) in the same run, with the
-    fraction of identical neighbour lists;
+  - kNN (k = 12, Euclidean) of --queries embeddings against --refs references:
+    `knn` as the score phase calls it (engine 'auto': faiss on a CPU where it is
+    installed), its JAX engine, and faiss-cpu `IndexFlatL2` called directly,
+    taking turns, median of 3, with the fraction of identical neighbour sets;
   - DeepFool L-inf margins with an imported WRN-28-10 (Swish): a checkpoint saved the
     way DM-Improves-AT saves it (random weights and BatchNorm statistics: no trained
     WRN-28-10 can be downloaded here) is imported with `import_torch`; ours (work
@@ -155,6 +155,41 @@ def imported_wrn_deepfool(pool: Pool, mesh) -> dict:
                 p95_rel_diff_vs_foolbox=float(np.quantile(rel, 0.95)) if both.any() else None)
 
 
+def knn_stage(mesh, rng) -> dict:
+    """kNN of --queries random embeddings against --refs references (k = 12, Euclidean): `knn` as the score phase
+    calls it (engine 'auto'), its JAX engine, and faiss's IndexFlatL2 called directly, taking turns, median of 3."""
+    import faiss
+
+    dim = 128  # the small CNN's feature width
+    refs = rng.normal(size=(ARGS.refs, dim)).astype(np.float32)
+    queries = rng.normal(size=(ARGS.queries, dim)).astype(np.float32)
+    engine = knn_lib.knn_engine(mesh, "auto")
+    knn_lib.knn(queries[:8192], refs, k=12, query_chunk=8192, mesh=mesh, engine="jax")  # compile
+    times = {"ours": [], "jax_engine": [], "faiss": []}
+    results = {}
+    for _ in range(3):
+        for side in times:
+            start = time.perf_counter()
+            if side == "faiss":
+                faiss.omp_set_num_threads(ARGS.threads)
+                assert faiss.omp_get_max_threads() == ARGS.threads, (faiss.omp_get_max_threads(), ARGS.threads)
+                index = faiss.IndexFlatL2(dim)
+                index.add(refs)
+                results[side] = index.search(queries, 12)[1]
+            else:
+                results[side] = knn_lib.knn(queries, refs, k=12, query_chunk=8192, mesh=mesh, engine="auto" if side == "ours" else "jax")[1]
+            times[side].append(time.perf_counter() - start)
+    same = lambda a, b: float(np.mean(np.all(np.sort(a, 1) == np.sort(b, 1), axis=1)))  # noqa: E731
+    median = {side: float(np.median(t)) for side, t in times.items()}
+    flops = 2.0 * ARGS.queries * ARGS.refs * dim
+    return dict(stage=f"kNN k=12, {ARGS.refs:,} refs x {dim} dims (engine {engine})", items=ARGS.queries, seconds=median["ours"],
+                per_s=ARGS.queries / median["ours"], gflop_s=flops / median["ours"] / 1e9, engine=engine, seconds_all=times,
+                faiss_per_s=ARGS.queries / median["faiss"], speed_vs_faiss=median["faiss"] / median["ours"],
+                jax_engine_per_s=ARGS.queries / median["jax_engine"], jax_engine_vs_faiss=median["faiss"] / median["jax_engine"],
+                faiss_threads=ARGS.threads, same_neighbours_as_faiss=same(results["ours"], results["faiss"]),
+                jax_engine_same_neighbours_as_faiss=same(results["jax_engine"], results["faiss"]))
+
+
 def main() -> None:
     from jax_advprune.main import setup_logging
 
@@ -199,31 +234,7 @@ def main() -> None:
                          hours_per_million=1e6 / (len(embed_rows) / seconds) / 3600))
 
     if "knn" in stages:
-        # kNN extrapolation: random embeddings of the feature width.
-        dim = 128  # the small CNN's feature width
-        refs = rng.normal(size=(ARGS.refs, dim)).astype(np.float32)
-        queries = rng.normal(size=(ARGS.queries, dim)).astype(np.float32)
-        knn_lib.knn(queries[:8192], refs, k=12, query_chunk=8192, mesh=mesh)  # compile
-        start = time.perf_counter()
-        dist, idx = knn_lib.knn(queries, refs, k=12, query_chunk=8192, mesh=mesh)
-        seconds = time.perf_counter() - start
-        flops = 2.0 * ARGS.queries * ARGS.refs * dim
-        knn_row = dict(stage=f"kNN k=12, {ARGS.refs:,} refs x {dim} dims", items=ARGS.queries, seconds=seconds, per_s=ARGS.queries / seconds,
-                       gflop_s=flops / seconds / 1e9)
-        try:
-            import faiss
-
-            faiss.omp_set_num_threads(os.cpu_count() or 1)
-            index = faiss.IndexFlatL2(dim)
-            index.add(refs)
-            start = time.perf_counter()
-            _, faiss_idx = index.search(queries, 12)
-            faiss_seconds = time.perf_counter() - start
-            knn_row.update(faiss_seconds=faiss_seconds, faiss_per_s=ARGS.queries / faiss_seconds, speed_vs_faiss=faiss_seconds / seconds,
-                           same_neighbours_as_faiss=float(np.mean(np.all(np.sort(faiss_idx, 1) == np.sort(idx, 1), axis=1))))
-        except ImportError:
-            print("faiss-cpu not installed: no yardstick for the kNN", flush=True)
-        rows.append(knn_row)
+        rows.append(knn_stage(mesh, rng))
     peak = memory.stop()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -243,7 +254,9 @@ def main() -> None:
                          f"{len(r['ours_seconds_all'])}), distance median rel. diff {100 * (r['median_rel_diff_vs_foolbox'] or 0):.2f}% over "
                          f"{r['distances_compared']} samples; import {r['import_seconds']:.1f} s, logits within {r['max_logit_difference_after_import']:.1e}")
         if "faiss_per_s" in r:
-            notes.append(f"faiss IndexFlatL2 {r['faiss_per_s']:,.0f}/s ({r['speed_vs_faiss']:.2f}x), same neighbours {100 * r['same_neighbours_as_faiss']:.1f}%")
+            notes.append(f"faiss IndexFlatL2 called directly {r['faiss_per_s']:,.0f}/s ({r['speed_vs_faiss']:.2f}x), same neighbours "
+                         f"{100 * r['same_neighbours_as_faiss']:.1f}%; the JAX engine {r['jax_engine_per_s']:,.0f}/s ({r['jax_engine_vs_faiss']:.2f}x, "
+                         f"same neighbours {100 * r['jax_engine_same_neighbours_as_faiss']:.1f}%); median of 3, sides taking turns")
         hours = f"{r['hours_per_million']:.2f}" if "hours_per_million" in r else f"{1e6 / r['per_s'] / 3600:.3f}"
         rate = f"{r['per_s']:,.0f}" if r['per_s'] >= 100 else f"{r['per_s']:.3g}"
         print(f"| {r['stage']} | {r['items']:,} | {r['seconds']:.1f} | {rate} | {hours} | {'; '.join(notes)} |")

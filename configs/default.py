@@ -119,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.extrapolation.metric = "euclidean"  # or 'cosine'
     c.scoring.extrapolation.weighting = "uniform"  # or 'distance'
     c.scoring.extrapolation.holdout_fraction = 0.1  # scored rows kept out of the references, to measure Spearman
+    c.scoring.extrapolation.engine = "auto"  # exact kNN: 'auto' (faiss when installed, on a CPU), 'faiss' or 'jax'
     c.scoring.use_ema = True
     c.scoring.slots = 256  # samples per DeepFool iteration (the work queue's width)
     c.scoring.chunk_size = 4096  # samples per device call; the queue refills slots within a chunk

@@ -22,7 +22,9 @@ from jax_advprune.models.preact_resnet import ACTIVATIONS
 from jax_advprune.phases import evaluate, score, select, train
 from jax_advprune.phases.common import COMPUTE_DTYPES
 from jax_advprune.pruning import importance, strategies
+from jax_advprune.pruning.knn import ENGINES as KNN_ENGINES
 from jax_advprune.pruning.knn import METRICS
+from jax_advprune.pruning.knn import faiss_available as knn_engine_available
 from jax_advprune.training import TRAINING_LOSSES
 
 
@@ -159,6 +161,8 @@ def _scoring_problems(p: _Problems, config, num_devices: int) -> None:
         p.within("scoring.extrapolation.k", ext.k, 1)
         p.one_of("scoring.extrapolation.metric", ext.metric, METRICS)
         p.one_of("scoring.extrapolation.weighting", ext.weighting, ("uniform", "distance"))
+        if p.one_of("scoring.extrapolation.engine", ext.engine, KNN_ENGINES) and ext.engine == "faiss":
+            p.need(knn_engine_available(), "scoring.extrapolation.engine", ext.engine, "'auto' or 'jax': faiss is not installed (pip install faiss-cpu)")
         p.within("scoring.extrapolation.holdout_fraction", ext.holdout_fraction, 0, 1, high_open=True)
 
 

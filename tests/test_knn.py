@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from jax_advprune.parallel import make_mesh
-from jax_advprune.pruning.knn import extrapolate, knn
+from jax_advprune.pruning.knn import extrapolate, faiss_available, knn, knn_engine
 
 
 def _brute_force(queries, refs, k, metric):
@@ -19,12 +19,15 @@ def _brute_force(queries, refs, k, metric):
     return np.take_along_axis(dist, idx, axis=1), idx
 
 
+@pytest.mark.parametrize("engine", ["jax", "faiss"])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_chunked_sharded_knn_equals_brute_force(metric):
+def test_both_engines_equal_brute_force(metric, engine):
+    if engine == "faiss" and not faiss_available():
+        pytest.skip("faiss is not installed")  # the [test] extra installs it
     rng = np.random.default_rng(0)
     refs = rng.normal(size=(301, 16)).astype(np.float32)  # not a multiple of the block size
     queries = rng.normal(size=(203, 16)).astype(np.float32)  # not a multiple of the chunk
-    dist, idx = knn(queries, refs, k=12, metric=metric, query_chunk=64, ref_chunk=50, mesh=make_mesh(4))
+    dist, idx = knn(queries, refs, k=12, metric=metric, query_chunk=64, ref_chunk=50, mesh=make_mesh(4), engine=engine)
     want_dist, want_idx = _brute_force(queries.astype(np.float64), refs.astype(np.float64), 12, metric)
     np.testing.assert_allclose(dist, want_dist, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(idx, want_idx)  # continuous data: no ties
@@ -41,3 +44,11 @@ def test_extrapolation_recovers_a_smooth_score_and_weights_by_distance():
     np.testing.assert_allclose(extrapolate(np.array([1.0, 3.0]), np.array([[0.0, 1.0]]), np.array([[0, 1]]), "uniform"), [2.0])
     weighted = extrapolate(np.array([1.0, 3.0]), np.array([[1.0, 3.0]]), np.array([[0, 1]]), "distance")
     assert weighted[0] == pytest.approx((1.0 + 3.0 / 3.0) / (1.0 + 1.0 / 3.0), rel=1e-5)
+
+
+def test_auto_picks_faiss_on_a_cpu_when_installed_and_explicit_engines_are_honoured():
+    mesh = make_mesh(2)
+    assert knn_engine(mesh, "auto") == ("faiss" if faiss_available() else "jax")
+    assert knn_engine(mesh, "jax") == "jax"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        knn_engine(mesh, "annoy")

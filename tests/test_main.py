@@ -211,6 +211,7 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
     meta = json.load(open(tmp_path / "scores/meta.json"))
     assert meta["score"] == "du" and meta["history_epochs"] == 6 and meta["scored"] == 1528 - 32 + 500
     assert -1.0 <= meta["extrapolation"]["spearman_held_out"] <= 1.0 and meta["extrapolation"]["k"] == 12
+    assert meta["extrapolation"]["knn_engine_used"] == "faiss" and "[score] kNN engine: faiss" in proc.stdout  # faiss: [test] extra
     assert meta["extrapolation"]["spearman_held_out"] > 0.5  # neighbours predict held-out scores (0.93 measured)
     assert len(os.listdir(tmp_path / "scores/history")) == 6
     du = np.load(tmp_path / "scores/du.npy")

@@ -235,7 +235,9 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
                              progress=_progress(config, workdir, "score/embedding", len(queries), chunk))
     embedding.flush()
     query_chunk = max(chunk // mesh.size, 1) * mesh.size
-    dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=query_chunk, mesh=mesh,
+    engine = knn_lib.knn_engine(mesh, ext.engine)
+    log.info("[score] kNN engine: %s (scoring.extrapolation.engine=%r)", engine, ext.engine)
+    dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=query_chunk, mesh=mesh, engine=engine,
                             progress=_progress(config, workdir, "score/knn", len(queries), query_chunk))
     del embedding
     if workdir_lib.is_writer():
@@ -250,4 +252,4 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     rho = float(spearmanr(extrapolated[position], values[holdout]).statistic) if holdout.sum() > 2 else float("nan")
     log.info("[score] extrapolated to %d rows from %d references (k=%d, %s); Spearman on %d held-out scored rows: %.3f",
              len(queries), len(refs), ext.k, ext.metric, int(holdout.sum()), rho)
-    return full, {"references": int(len(refs)), "held_out": int(holdout.sum()), "spearman_held_out": rho, **ext.to_dict()}
+    return full, {"references": int(len(refs)), "held_out": int(holdout.sum()), "spearman_held_out": rho, "knn_engine_used": engine, **ext.to_dict()}

@@ -1,13 +1,23 @@
-"""Exact k-nearest neighbours by chunked matmul + top-k, sharded over the data mesh; score extrapolation.
+"""Exact k-nearest neighbours and score extrapolation, with two engines behind one function.
 
-Neither the distance matrix nor a copy of the queries is held: queries stream
-through in chunks of `query_chunk` rows (split over the mesh's devices), and
-within a chunk the references are scanned in blocks of `ref_chunk` rows, each
-block's k best merged into a running top-k. Memory per device: the references
-plus a (query_chunk / devices) x ref_chunk block.
+`knn(queries, refs, ...)` streams the queries (a memory-mapped array is fine) in
+chunks of `query_chunk` rows through one of two exact engines:
+  - 'faiss': faiss's exact flat index (IndexFlatL2, or inner product on normalised
+    vectors for cosine), where the faiss package is installed and the mesh is on a
+    CPU of one process: faster than the JAX engine there (benchmarks/scoring.py);
+  - 'jax': a chunked matmul + top-k sharded over the data mesh: within a chunk
+    the references are scanned in blocks of `ref_chunk` rows, each block's k best
+    merged into a running top-k. The engine for accelerators, multi-host meshes
+    and machines without faiss.
+Neither engine holds the (Q, R) distance matrix or a copy of the queries: memory
+is the references plus one chunk of queries and their results. `knn_engine`
+says which engine a call gets (the score phase logs it and records it in
+scores/meta.json).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +26,54 @@ import numpy as np
 from jax_advprune import parallel
 
 METRICS = ("euclidean", "cosine")
+ENGINES = ("auto", "faiss", "jax")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_available() -> bool:
+    """Whether the faiss package can be imported here."""
+    return _faiss() is not None
+
+
+def knn_engine(mesh: jax.sharding.Mesh, engine: str = "auto") -> str:
+    """'faiss' or 'jax': the engine `knn` uses for `engine` ('auto': faiss when installed, on a CPU mesh of one process)."""
+    if engine not in ENGINES:
+        raise ValueError(f"kNN engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "faiss" and _faiss() is None:
+        raise ImportError("kNN engine 'faiss' needs the faiss package: pip install faiss-cpu (or a GPU build)")
+    if engine != "auto":
+        return engine
+    cpu_mesh = mesh.devices.flat[0].platform == "cpu"
+    return "faiss" if _faiss() is not None and cpu_mesh and jax.process_count() == 1 else "jax"
+
+
+def faiss_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", threads: int | None = None):
+    """search(queries (M, D)) -> (distances (M, k) float32 ascending, indices (M, k) int32) with faiss's exact flat index.
+
+    Same distances as `knn_searcher`: L2 distance, or 1 - cosine similarity.
+    threads: OpenMP threads for faiss (default: every core).
+    """
+    faiss = _faiss()
+    refs = _prepare(refs, metric)
+    if len(refs) < k:
+        raise ValueError(f"kNN needs at least k={k} references, got {len(refs)}")
+    faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
+    index = faiss.IndexFlatIP(refs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(refs.shape[1])
+    index.add(np.ascontiguousarray(refs))
+
+    def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, idx = index.search(np.ascontiguousarray(_prepare(queries, metric)), k)
+        dist = 1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0.0))
+        return dist.astype(np.float32), idx.astype(np.int32)
+
+    return search
 
 
 def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
@@ -81,13 +139,15 @@ def knn_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chu
 
 
 def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclidean", query_chunk: int = 4096,
-        ref_chunk: int = 16384, mesh: jax.sharding.Mesh, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest references of every query: (distances (Q, k), indices (Q, k)), nearest first.
+        ref_chunk: int = 16384, mesh: jax.sharding.Mesh, progress=None, engine: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest references of every query: (distances (Q, k), indices (Q, k)), nearest first, exact.
 
-    Queries are read in fixed-shape chunks of `query_chunk` rows (the last padded),
-    so one compiled program serves any Q. `queries` may be a memory-mapped array.
-    `progress`: a metrics.Progress over the chunks.
+    Queries are read in chunks of `query_chunk` rows (the JAX engine pads the last,
+    so one compiled program serves any Q). `queries` may be a memory-mapped array.
+    engine: 'auto' (see `knn_engine`), 'faiss' or 'jax'. `progress`: a metrics.Progress over the chunks.
     """
+    if knn_engine(mesh, engine) == "faiss":
+        return _knn_faiss(queries, refs, k=k, metric=metric, query_chunk=query_chunk, progress=progress)
     search = knn_searcher(refs, k=k, metric=metric, ref_chunk=ref_chunk, mesh=mesh)
 
     def compute(_, x):
@@ -101,6 +161,17 @@ def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclide
     if not len(queries):
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     return result["dist"], result["idx"]
+
+
+def _knn_faiss(queries, refs, *, k: int, metric: str, query_chunk: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    search = faiss_searcher(refs, k=k, metric=metric)
+    dist, idx = np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int32)
+    for i, start in enumerate(range(0, len(queries), query_chunk)):
+        stop = min(start + query_chunk, len(queries))
+        dist[start:stop], idx[start:stop] = search(np.asarray(queries[start:stop]))
+        if progress is not None:
+            progress.update(i + 1)
+    return dist, idx
 
 
 def extrapolate(ref_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray, weighting: str = "uniform") -> np.ndarray:
