@@ -20,6 +20,12 @@ import numpy as np
 from jax_advprune.errors import UserError
 
 
+def _residual_block(ref: str, flax: str, ref_names: tuple[str, ...], flax_names: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], str]]:
+    """The entries of one pre-activation block, layers (bn_a, conv_a, bn_b, conv_b, optional 1x1 shortcut) named
+    `ref_names` under reference prefix `ref` and `flax_names` under Flax module `flax`."""
+    return [(f"{ref}.{r}", (flax, f), k) for r, f, k in zip(ref_names, flax_names, ("bn", "conv", "bn", "conv", "conv?"))]
+
+
 def layer_map(model) -> list[tuple[str, tuple[str, ...], str]]:
     """[(reference key prefix, Flax module path, kind 'conv' | 'bn' | 'dense')] for a SmallCNN, PreActResNet or WideResNet."""
     kind = type(model).__name__
@@ -28,19 +34,15 @@ def layer_map(model) -> list[tuple[str, tuple[str, ...], str]]:
         out = [("init_conv", ("stem",), "conv")]
         for g in range(3):
             for b in range(per_group):
-                flax, ref = f"group{g}_block{b}", f"layer.{g}.block.{b}"
-                out += [(f"{ref}.batchnorm_0", (flax, "bn0"), "bn"), (f"{ref}.conv_0", (flax, "conv0"), "conv"),
-                        (f"{ref}.batchnorm_1", (flax, "bn1"), "bn"), (f"{ref}.conv_1", (flax, "conv1"), "conv"),
-                        (f"{ref}.shortcut", (flax, "shortcut"), "conv?")]
+                out += _residual_block(f"layer.{g}.block.{b}", f"group{g}_block{b}",
+                                       ("batchnorm_0", "conv_0", "batchnorm_1", "conv_1", "shortcut"), ("bn0", "conv0", "bn1", "conv1", "shortcut"))
         return out + [("batchnorm", ("bn_final",), "bn"), ("logits", ("head",), "dense")]
     if kind == "PreActResNet":
         out = [("conv1", ("stem",), "conv")]
         for s, count in enumerate(model.blocks):
             for b in range(count):
-                flax, ref = f"stage{s}_block{b}", f"layer{s + 1}.{b}"
-                out += [(f"{ref}.bn1", (flax, "bn1"), "bn"), (f"{ref}.conv1", (flax, "conv1"), "conv"),
-                        (f"{ref}.bn2", (flax, "bn2"), "bn"), (f"{ref}.conv2", (flax, "conv2"), "conv"),
-                        (f"{ref}.shortcut.0", (flax, "shortcut"), "conv?")]
+                out += _residual_block(f"layer{s + 1}.{b}", f"stage{s}_block{b}",
+                                       ("bn1", "conv1", "bn2", "conv2", "shortcut.0"), ("bn1", "conv1", "bn2", "conv2", "shortcut"))
         return out + [("bn", ("bn_final",), "bn"), ("linear", ("head",), "dense")]
     if kind == "SmallCNN":
         out = []

@@ -18,7 +18,7 @@ from jax_advprune.checkpoint import abstract_like
 from jax_advprune.data.splits import Data
 from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
 from jax_advprune.phases.common import apply_fn, build_model, section
-from jax_advprune.phases.weights import saved_variables
+from jax_advprune.phases.weights import saved_state, saved_variables
 from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
 
 log = logging.getLogger("jax_advprune")
@@ -107,9 +107,8 @@ def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = N
     if given is not None:
         return {"given": given}, {"checkpoint_step": None, "best_validation_step": None}
     if trained_state is None:
-        _, raw, step = saved_variables(workdir, "raw")
-        _, ema, _ = saved_variables(workdir, "ema")
-        candidates = {"raw": raw, "ema": ema}
+        _, state, step = saved_state(workdir)  # restored once for both sets of weights
+        candidates = {name: {"params": state[key], "batch_stats": state["batch_stats"]} for name, key in (("raw", "params"), ("ema", "ema_params"))}
     else:
         candidates, step = {"raw": trained_state.variables(), "ema": trained_state.variables(ema=True)}, int(trained_state.step)
     best_state, best_step = best_validation_state(workdir, trained_state) if trained_state is not None else (None, None)

@@ -37,11 +37,18 @@ def saved_variables(workdir: str, weights: str):
     """
     if weights not in WEIGHTS:
         raise UserError(f"weights={weights!r}: one of {', '.join(WEIGHTS)}")
+    model, state, step = saved_state(workdir, best=weights == "best_ema")
+    return model, {"params": state["ema_params" if weights != "raw" else "params"], "batch_stats": state["batch_stats"]}, step
+
+
+def saved_state(workdir: str, best: bool = False):
+    """(model settings, the restored train state as a dict, step) of `workdir`'s final checkpoint, or with `best`
+    of its best-validation checkpoint (the final one when the run had no validation)."""
     if not os.path.exists(settings_path(workdir, "train")):
         raise UserError(f"{workdir} holds no trained model ({settings_path(workdir, 'train')} is missing): run the train phase first")
     settings = read_json(settings_path(workdir, "train"))
     ckpt_dir, step = final_checkpoint_dir(workdir), None
-    if weights == "best_ema" and os.path.isdir(best_checkpoint_dir(ckpt_dir)):
+    if best and os.path.isdir(best_checkpoint_dir(ckpt_dir)):
         checkpointer = best_checkpointer(ckpt_dir)
         step = checkpointer.best_step()
         checkpointer.close()
@@ -52,9 +59,8 @@ def saved_variables(workdir: str, weights: str):
         step = max(steps) if steps else None
     if step is None:
         raise UserError(f"{workdir} has no checkpoint in {ckpt_dir}")
-    state = _restore(os.path.join(ckpt_dir, str(step)))
     model = {"name": settings["model"]["name"], "kwargs": settings["model"]["kwargs"], "num_classes": settings["data"]["num_classes"]}
-    return model, {"params": state["ema_params" if weights != "raw" else "params"], "batch_stats": state["batch_stats"]}, int(step)
+    return model, _restore(os.path.join(ckpt_dir, str(step))), int(step)
 
 
 def build_saved_model(model_settings: dict):
