@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from jax_advprune.parallel import make_mesh
-from jax_advprune.pruning.knn import extrapolate, faiss_available, knn, knn_engine
+from jax_advprune.pruning.knn import extrapolate, extrapolate_knn, faiss_available, knn, knn_engine
 
 
 def _brute_force(queries, refs, k, metric):
@@ -52,3 +52,34 @@ def test_auto_picks_faiss_on_a_cpu_when_installed_and_explicit_engines_are_honou
     assert knn_engine(mesh, "jax") == "jax"
     with pytest.raises(ValueError, match="engine must be one of"):
         knn_engine(mesh, "annoy")
+
+
+@pytest.mark.parametrize("engine", ["jax", "faiss"])
+def test_streamed_extrapolation_equals_knn_then_extrapolate_and_holds_one_chunk(engine, tmp_path):
+    """extrapolate_knn on memory-mapped queries into a memory-mapped output: the scores of knn + extrapolate,
+    while the host memory NumPy allocates (tracemalloc) stays at a chunk's, far below the (Q, k) neighbours."""
+    import tracemalloc
+
+    if engine == "faiss" and not faiss_available():
+        pytest.skip("faiss is not installed")
+    rng = np.random.default_rng(2)
+    num_queries, k, chunk = 64_000, 12, 1_000
+    refs = rng.normal(size=(500, 8)).astype(np.float32)
+    ref_scores = rng.random(500).astype(np.float32)
+    queries = np.lib.format.open_memmap(tmp_path / "queries.npy", mode="w+", dtype=np.float32, shape=(num_queries, 8))
+    queries[:] = rng.normal(size=(num_queries, 8))
+    mesh = make_mesh(4)
+    dist, idx = knn(queries, refs, k=k, query_chunk=chunk, mesh=mesh, engine=engine)
+    want = extrapolate(ref_scores, dist, idx, "distance")
+    out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float32, shape=(num_queries,))
+    extrapolate_knn(queries, refs, ref_scores, k=k, weighting="distance", query_chunk=chunk, mesh=mesh, engine=engine, out=out)  # compiled
+    tracemalloc.start()
+    got = extrapolate_knn(queries, refs, ref_scores, k=k, weighting="distance", query_chunk=chunk, mesh=mesh, engine=engine, out=out)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got is out
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), want)
+    neighbours_bytes = num_queries * k * 8
+    assert peak < 1024 * chunk < neighbours_bytes / 5, f"{peak} bytes held at once; the neighbours of all queries take {neighbours_bytes}"
+    with pytest.raises(ValueError, match="reference scores for 500 references"):
+        extrapolate_knn(queries, refs, ref_scores[:-1], k=k, mesh=mesh, engine=engine)

@@ -237,14 +237,14 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     query_chunk = max(chunk // mesh.size, 1) * mesh.size
     engine = knn_lib.knn_engine(mesh, ext.engine)
     log.info("[score] kNN engine: %s (scoring.extrapolation.engine=%r)", engine, ext.engine)
-    dist, idx = knn_lib.knn(embedding, ref_features, k=ext.k, metric=ext.metric, query_chunk=query_chunk, mesh=mesh, engine=engine,
-                            progress=_progress(config, workdir, "score/knn", len(queries), query_chunk))
+    extrapolated = knn_lib.extrapolate_knn(embedding, ref_features, values[~holdout], k=ext.k, metric=ext.metric, weighting=ext.weighting,
+                                           query_chunk=query_chunk, mesh=mesh, engine=engine,
+                                           progress=_progress(config, workdir, "score/knn", len(queries), query_chunk))
     del embedding
     if workdir_lib.is_writer():
         os.replace(tmp_path, embedding_path)  # (trainable rows, D): the queries' embedding, kept for inspection
     else:
         os.remove(tmp_path)
-    extrapolated = knn_lib.extrapolate(values[~holdout], dist, idx, ext.weighting)
     full = np.full(len(data.pool), np.nan, np.float32)
     full[queries] = extrapolated
     full[refs] = values[~holdout]  # reference rows keep their computed score

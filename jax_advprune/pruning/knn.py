@@ -10,9 +10,11 @@ chunks of `query_chunk` rows through one of two exact engines:
     merged into a running top-k. The engine for accelerators, multi-host meshes
     and machines without faiss.
 Neither engine holds the (Q, R) distance matrix or a copy of the queries: memory
-is the references plus one chunk of queries and their results. `knn_engine`
-says which engine a call gets (the score phase logs it and records it in
-scores/meta.json).
+is the references, one chunk of queries and their neighbours, and what is kept of
+the results: `knn` fills (Q, k) distances and indices (8k bytes per query; pass
+`out=` memory-mapped files to keep them on disk), `extrapolate_knn` reduces every
+chunk to its queries' scores at once (4 bytes per query). `knn_engine` says which
+engine a call gets (the score phase logs it and records it in scores/meta.json).
 """
 
 from __future__ import annotations
@@ -139,43 +141,65 @@ def knn_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chu
 
 
 def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclidean", query_chunk: int = 4096,
-        ref_chunk: int = 16384, mesh: jax.sharding.Mesh, progress=None, engine: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest references of every query: (distances (Q, k), indices (Q, k)), nearest first, exact.
+        ref_chunk: int = 16384, mesh: jax.sharding.Mesh, progress=None, engine: str = "auto",
+        out: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest references of every query: (distances (Q, k) float32, indices (Q, k) int32), nearest first, exact.
 
     Queries are read in chunks of `query_chunk` rows (the JAX engine pads the last,
     so one compiled program serves any Q). `queries` may be a memory-mapped array.
-    engine: 'auto' (see `knn_engine`), 'faiss' or 'jax'. `progress`: a metrics.Progress over the chunks.
+    engine: 'auto' (see `knn_engine`), 'faiss' or 'jax'. `progress`: a metrics.Progress
+    over the chunks. out: {'dist', 'idx'} (Q, k) arrays to fill, e.g. memory-mapped
+    files, so that not even the results are held in memory.
     """
-    if knn_engine(mesh, engine) == "faiss":
-        return _knn_faiss(queries, refs, k=k, metric=metric, query_chunk=query_chunk, progress=progress)
-    search = knn_searcher(refs, k=k, metric=metric, ref_chunk=ref_chunk, mesh=mesh)
-
-    def compute(_, x):
-        dist, idx = search(x)
-        return {"dist": dist, "idx": idx}
-
-    result = parallel.map_rows(
-        compute, lambda rows: (search.prepare(queries[rows]),), len(queries), query_chunk, mesh,
-        on_chunk=None if progress is None else lambda i, _: progress.update(i + 1),
-    )
+    result = _search_chunks(queries, refs, lambda dist, idx: {"dist": dist, "idx": idx}, k=k, metric=metric, query_chunk=query_chunk,
+                            ref_chunk=ref_chunk, mesh=mesh, progress=progress, engine=engine, out=out)
     if not len(queries):
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     return result["dist"], result["idx"]
 
 
-def _knn_faiss(queries, refs, *, k: int, metric: str, query_chunk: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    search = faiss_searcher(refs, k=k, metric=metric)
-    dist, idx = np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int32)
-    for i, start in enumerate(range(0, len(queries), query_chunk)):
-        stop = min(start + query_chunk, len(queries))
-        dist[start:stop], idx[start:stop] = search(np.asarray(queries[start:stop]))
-        if progress is not None:
-            progress.update(i + 1)
-    return dist, idx
+def extrapolate_knn(queries: np.ndarray, refs: np.ndarray, ref_scores: np.ndarray, *, k: int, metric: str = "euclidean",
+                    weighting: str = "uniform", query_chunk: int = 4096, ref_chunk: int = 16384, mesh: jax.sharding.Mesh,
+                    progress=None, engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+    """Every query's score from its k nearest references' scores, chunk by chunk: (Q,) float32.
+
+    `knn` then `extrapolate`, without holding the (Q, k) neighbours: memory is the
+    references, one chunk of queries and their neighbours, and the (Q,) scores
+    (`out`, e.g. a memory-mapped file, to hold not even those). queries (Q, D),
+    refs (R, D), ref_scores (R,).
+    """
+    if len(ref_scores) != len(refs):
+        raise ValueError(f"{len(ref_scores)} reference scores for {len(refs)} references")
+    result = _search_chunks(queries, refs, lambda dist, idx: {"score": extrapolate(ref_scores, dist, idx, weighting)}, k=k, metric=metric,
+                            query_chunk=query_chunk, ref_chunk=ref_chunk, mesh=mesh, progress=progress, engine=engine,
+                            out=None if out is None else {"score": out})
+    return result["score"] if len(queries) else np.zeros(0, np.float32)
+
+
+def _search_chunks(queries, refs, reduce, *, k: int, metric: str, query_chunk: int, ref_chunk: int, mesh, progress, engine: str,
+                   out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Searches the queries chunk by chunk; reduce(dist (M, k), idx (M, k)) -> {name: (M, ...) host array} of
+    every chunk is stored into {name: (Q, ...)} (`out`'s arrays where given)."""
+    on_chunk = None if progress is None else (lambda i, _: progress.update(i + 1))
+    if knn_engine(mesh, engine) == "faiss":
+        search = faiss_searcher(refs, k=k, metric=metric)
+        out = dict(out or {})
+        for i, start in enumerate(range(0, len(queries), query_chunk)):
+            stop = min(start + query_chunk, len(queries))
+            for name, value in reduce(*search(np.asarray(queries[start:stop]))).items():
+                if name not in out:
+                    out[name] = np.zeros((len(queries),) + value.shape[1:], value.dtype)
+                out[name][start:stop] = value
+            if on_chunk is not None:
+                on_chunk(i, None)
+        return out
+    search = knn_searcher(refs, k=k, metric=metric, ref_chunk=ref_chunk, mesh=mesh)
+    return parallel.map_rows(lambda _, x: reduce(*(parallel.to_host(a) for a in search(x))),
+                             lambda rows: (search.prepare(queries[rows]),), len(queries), query_chunk, mesh, out=out, on_chunk=on_chunk)
 
 
 def extrapolate(ref_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray, weighting: str = "uniform") -> np.ndarray:
-    """Scores of queries from their neighbours' scores: (Q,) float32.
+    """Scores of queries from their neighbours' scores: (Q,) float32 (`extrapolate_knn` calls it chunk by chunk).
 
     'uniform': the mean (Nieth et al.'s default); 'distance': weights 1 / (distance + 1e-8).
     """
