@@ -1,27 +1,33 @@
-"""Scoring at pool scale: DeepFool margins, feature embedding and kNN extrapolation throughput, with peak memory.
+"""Scoring at pool scale: DeepFool margins, feature embedding and kNN extrapolation throughput, with memory.
 
     pip install -e ".[bench]"
-    python benchmarks/scoring.py [--pool-size 1000000] [--deepfool-images 20000] [--queries 1000000] [--refs 20000]
+    python benchmarks/scoring.py [--pool-size 1000000] [--queries 1000000] [--refs 20000] [--stages ...] [--allow-busy]
 
 Pool: a generated 32x32x3 pool (`jax_advprune.data.make_pool`, kept in --dir).
 Model: the small CNN (32/64/128 channels) PGD-AT trained for --train-steps steps on
-the pool, so margins are not trivial. Measured, each over the stated number of
-images, streamed from disk in chunks like the score phase:
-  - DeepFool L-inf margins (all 10 classes, 50 iterations, work queue), images/s;
-  - penultimate-feature embedding (the extrapolation's default), images/s;
-  - kNN (k = 12, Euclidean) of --queries embeddings against --refs references:
+the pool, so margins are not trivial. Stages (--stages, comma-separated), each
+over the stated number of images, streamed from disk in chunks like the score phase:
+  - deepfool: DeepFool L-inf margins (all 10 classes, 50 iterations, work queue), images/s;
+  - embedding: penultimate-feature embedding (the extrapolation's default), images/s;
+  - knn: kNN (k = 12, Euclidean) of --queries embeddings against --refs references:
     `knn` as the score phase calls it (engine 'auto': faiss on a CPU where it is
-    installed), its JAX engine, and faiss-cpu `IndexFlatL2` called directly,
-    taking turns, median of 3, with the fraction of identical neighbour sets;
-  - DeepFool L-inf margins with an imported WRN-28-10 (Swish): a checkpoint saved the
+    installed), `extrapolate_knn` (the kNN and the extrapolated scores, what the
+    score phase runs), the JAX engine, and faiss-cpu `IndexFlatL2` called directly,
+    taking turns, with the fraction of identical neighbour sets;
+  - memory: peak memory of `extrapolate_knn` streaming --memory-queries queries (default
+    1M and 5M) from a memory-mapped embedding file, each in a fresh process, engine
+    'auto' (and the JAX engine at the smallest size); 20M extrapolated from the two sizes;
+  - wrn: DeepFool L-inf margins with an imported WRN-28-10 (Swish): a checkpoint saved the
     way DM-Improves-AT saves it (random weights and BatchNorm statistics: no trained
     WRN-28-10 can be downloaded here) is imported with `import_torch`; ours (work
     queue, all classes) against foolbox's LinfDeepFoolAttack on the same PyTorch
     weights, on --wrn-images 32x32x3 pool images labelled with the model's own
-    predictions, with the agreement of the distances (--wrn-images 0 skips it);
-  - peak memory over the whole run: PSS sampled every 0.5 s and the peak RSS.
+    predictions, taking turns, with the agreement of the distances.
 The kNN uses random embeddings of the model's feature width (its cost does not
-depend on the values). Prints a table and writes benchmarks/results/scoring.json.
+depend on the values). Every figure is the median of --repeats runs (at least 3)
+with its spread, threads set and checked before each (benchmarks/hygiene.py); the
+run refuses to write results if other work ran on the machine (--allow-busy).
+Prints a table and writes benchmarks/results/scoring.json.
 """
 
 from __future__ import annotations
@@ -31,8 +37,13 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hygiene  # noqa: E402
 
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,15 +52,18 @@ if __name__ == "__main__":
     _args.add_argument("--deepfool-images", type=int, default=4096)
     _args.add_argument("--embed-images", type=int, default=100_000)
     _args.add_argument("--queries", type=int, default=1_000_000)
+    _args.add_argument("--memory-queries", type=int, nargs="+", default=[1_000_000, 5_000_000])
     _args.add_argument("--refs", type=int, default=20_000)
     _args.add_argument("--train-steps", type=int, default=100)
     _args.add_argument("--deepfool-iterations", type=int, default=50)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1))
     _args.add_argument("--wrn-images", type=int, default=8)
-    _args.add_argument("--wrn-repeats", type=int, default=3)
-    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads for foolbox")
-    _args.add_argument("--stages", default="deepfool,embedding,knn,wrn")
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for every side: XLA's pool, PyTorch, faiss")
+    _args.add_argument("--stages", default="deepfool,embedding,knn,memory,wrn")
+    _args.add_argument("--memory-child", type=int, nargs=2, metavar=("QUERIES", "JAX_ENGINE"), help=argparse.SUPPRESS)
+    hygiene.add_arguments(_args)
     ARGS = _args.parse_args()
+    CORES = hygiene.use_cores(ARGS.threads)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
 import jax  # noqa: E402
@@ -59,20 +73,24 @@ import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loader import PeakMemory, pool_paths  # noqa: E402
 
 from jax_advprune import parallel, training  # noqa: E402
 from jax_advprune.data.loader import BatchReader, make_plan  # noqa: E402
 from jax_advprune.data.sources import NpzPart, Pool  # noqa: E402
-from jax_advprune.metrics import Progress  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.pruning import knn as knn_lib  # noqa: E402
 from jax_advprune.pruning import predictions  # noqa: E402
 from jax_advprune.pruning.margins import deepfool_runner, margin_scores  # noqa: E402
 
 EPS = 8 / 255
+DIM = 128  # the small CNN's feature width
+K = 12
+
+
+def xla_threads() -> dict:
+    return hygiene.xla_threads(ARGS.threads)
 
 
 def trained_model(pool: Pool, mesh, steps: int):
@@ -92,7 +110,7 @@ def trained_model(pool: Pool, mesh, steps: int):
 
 
 def imported_wrn_deepfool(pool: Pool, mesh) -> dict:
-    """The WRN-28-10 stage of the module docstring: a row with both sides' images/s and the distance agreement."""
+    """The wrn stage of the module docstring: a row with both sides' images/s and the distance agreement."""
     import foolbox as fb
     import torch
 
@@ -126,74 +144,187 @@ def imported_wrn_deepfool(pool: Pool, mesh) -> dict:
     slots = max(n // ARGS.devices, 1) * ARGS.devices
     run = deepfool_runner(apply_fn, slots=slots, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
     jax.block_until_ready(run(variables, x, y).margin)  # compile
-    ours_times, fb_times = [], []
     attack = fb.attacks.LinfDeepFoolAttack(steps=ARGS.deepfool_iterations, candidates=10, overshoot=0.02, loss="logits")
     fmodel = fb.PyTorchModel(reference, bounds=(0, 1))
-    for _ in range(ARGS.wrn_repeats):  # the two sides take turns
-        start = time.perf_counter()
-        result = run(variables, x, y)
-        jax.block_until_ready(result.margin)
-        ours_times.append(time.perf_counter() - start)
-        torch.set_num_threads(ARGS.threads)
-        assert torch.get_num_threads() == ARGS.threads, (torch.get_num_threads(), ARGS.threads)
-        start = time.perf_counter()
-        _, fb_adv, fb_success = attack(fmodel, x_t, torch.tensor(y, dtype=torch.long), epsilons=None)
-        fb_times.append(time.perf_counter() - start)
+    stats, outputs = hygiene.take_turns(
+        {"ours": lambda: run(variables, x, y), "foolbox": lambda: attack(fmodel, x_t, torch.tensor(y, dtype=torch.long), epsilons=None)},
+        repeats=ARGS.repeats, threads={"ours": xla_threads, "foolbox": lambda: hygiene.torch_threads(ARGS.threads)}, block=jax.block_until_ready)
+    result, (_, fb_adv, fb_success) = outputs["ours"], outputs["foolbox"]
     # The same quantity on both sides: the final point's distance, overshoot included (our margin is
     # ||r_total||, without the overshoot factor 1.02).
     ours_dist = np.asarray(flat_norm(jnp.asarray(np.asarray(result.x_adv) - x), "linf"))
     fb_dist = np.asarray(flat_norm(jnp.asarray(fb_adv.numpy().transpose(0, 2, 3, 1) - x), "linf"))
     both = np.asarray(result.converged) & fb_success.numpy() & (fb_dist > 0)
     rel = np.abs(ours_dist[both] - fb_dist[both]) / fb_dist[both]
-    ours_s, fb_s = float(np.median(ours_times)), float(np.median(fb_times))
-    return dict(stage=f"DeepFool L-inf, imported WRN-28-10 (10 classes, <= {ARGS.deepfool_iterations} it.)", items=n, seconds=ours_s, per_s=n / ours_s,
-                hours_per_million=1e6 / (n / ours_s) / 3600, ours_seconds_all=ours_times, foolbox_seconds_all=fb_times,
-                foolbox_per_s=n / fb_s, speed_vs_foolbox=fb_s / ours_s, torch_threads=ARGS.threads, import_seconds=import_seconds,
+    ours_s, fb_s = stats["ours"]["median_s"], stats["foolbox"]["median_s"]
+    return dict(stage=f"DeepFool L-inf, imported WRN-28-10 (10 classes, <= {ARGS.deepfool_iterations} it.)", items=n, timing=stats["ours"],
+                per_s=n / ours_s, hours_per_million=1e6 / (n / ours_s) / 3600, baseline="foolbox LinfDeepFoolAttack, same weights",
+                baseline_timing=stats["foolbox"], baseline_per_s=n / fb_s, speed_vs_baseline=fb_s / ours_s, import_seconds=import_seconds,
                 max_logit_difference_after_import=logit_diff, mean_iterations=float(np.asarray(result.n_iter).mean()),
                 converged=float(np.asarray(result.converged).mean()), distances_compared=int(both.sum()),
                 median_rel_diff_vs_foolbox=float(np.median(rel)) if both.any() else None,
                 p95_rel_diff_vs_foolbox=float(np.quantile(rel, 0.95)) if both.any() else None)
 
 
-def knn_stage(mesh, rng) -> dict:
-    """kNN of --queries random embeddings against --refs references (k = 12, Euclidean): `knn` as the score phase
-    calls it (engine 'auto'), its JAX engine, and faiss's IndexFlatL2 called directly, taking turns, median of 3."""
+def knn_stage(mesh, rng) -> list[dict]:
+    """The knn stage of the module docstring: a row for `knn`, one for `extrapolate_knn`, each against faiss."""
     import faiss
 
-    dim = 128  # the small CNN's feature width
-    refs = rng.normal(size=(ARGS.refs, dim)).astype(np.float32)
-    queries = rng.normal(size=(ARGS.queries, dim)).astype(np.float32)
+    refs = rng.normal(size=(ARGS.refs, DIM)).astype(np.float32)
+    ref_scores = rng.random(ARGS.refs).astype(np.float32)
+    queries = rng.normal(size=(ARGS.queries, DIM)).astype(np.float32)
     engine = knn_lib.knn_engine(mesh, "auto")
-    knn_lib.knn(queries[:8192], refs, k=12, query_chunk=8192, mesh=mesh, engine="jax")  # compile
-    times = {"ours": [], "jax_engine": [], "faiss": []}
-    results = {}
-    for _ in range(3):
-        for side in times:
-            start = time.perf_counter()
-            if side == "faiss":
-                faiss.omp_set_num_threads(ARGS.threads)
-                assert faiss.omp_get_max_threads() == ARGS.threads, (faiss.omp_get_max_threads(), ARGS.threads)
-                index = faiss.IndexFlatL2(dim)
-                index.add(refs)
-                results[side] = index.search(queries, 12)[1]
-            else:
-                results[side] = knn_lib.knn(queries, refs, k=12, query_chunk=8192, mesh=mesh, engine="auto" if side == "ours" else "jax")[1]
-            times[side].append(time.perf_counter() - start)
+    call = dict(k=K, query_chunk=8192, mesh=mesh)
+    knn_lib.knn(queries[:8192], refs, engine="jax", **call)  # compile
+
+    def faiss_direct():
+        index = faiss.IndexFlatL2(DIM)
+        index.add(refs)
+        return index.search(queries, K)[1]
+
+    ours_threads = xla_threads if engine == "jax" else lambda: hygiene.faiss_threads(ARGS.threads)
+    stats, outputs = hygiene.take_turns(
+        {"knn": lambda: knn_lib.knn(queries, refs, engine="auto", **call)[1],
+         "extrapolate_knn": lambda: knn_lib.extrapolate_knn(queries, refs, ref_scores, engine="auto", **call),
+         "jax_engine": lambda: knn_lib.knn(queries, refs, engine="jax", **call)[1],
+         "faiss": faiss_direct},
+        repeats=ARGS.repeats, block=jax.block_until_ready,
+        threads={"knn": ours_threads, "extrapolate_knn": ours_threads, "jax_engine": xla_threads, "faiss": lambda: hygiene.faiss_threads(ARGS.threads)})
     same = lambda a, b: float(np.mean(np.all(np.sort(a, 1) == np.sort(b, 1), axis=1)))  # noqa: E731
-    median = {side: float(np.median(t)) for side, t in times.items()}
-    flops = 2.0 * ARGS.queries * ARGS.refs * dim
-    return dict(stage=f"kNN k=12, {ARGS.refs:,} refs x {dim} dims (engine {engine})", items=ARGS.queries, seconds=median["ours"],
-                per_s=ARGS.queries / median["ours"], gflop_s=flops / median["ours"] / 1e9, engine=engine, seconds_all=times,
-                faiss_per_s=ARGS.queries / median["faiss"], speed_vs_faiss=median["faiss"] / median["ours"],
-                jax_engine_per_s=ARGS.queries / median["jax_engine"], jax_engine_vs_faiss=median["faiss"] / median["jax_engine"],
-                faiss_threads=ARGS.threads, same_neighbours_as_faiss=same(results["ours"], results["faiss"]),
-                jax_engine_same_neighbours_as_faiss=same(results["jax_engine"], results["faiss"]))
+    expected_scores = knn_lib.extrapolate(ref_scores, None, outputs["faiss"], "uniform")
+    flops = 2.0 * ARGS.queries * ARGS.refs * DIM
+    faiss_s = stats["faiss"]["median_s"]
+    rows = []
+    for side, label, identical in (
+        ("knn", f"knn, k={K}, {ARGS.refs:,} refs x {DIM} dims (engine {engine})", same(outputs["knn"], outputs["faiss"])),
+        ("extrapolate_knn", f"extrapolate_knn, k={K}, {ARGS.refs:,} refs x {DIM} dims (engine {engine})",
+         float(np.mean(np.isclose(outputs["extrapolate_knn"], expected_scores, rtol=1e-6, atol=0)))),
+        ("jax_engine", f"knn, JAX engine, k={K}, {ARGS.refs:,} refs x {DIM} dims", same(outputs["jax_engine"], outputs["faiss"])),
+    ):
+        seconds = stats[side]["median_s"]
+        rows.append(dict(stage=label, items=ARGS.queries, timing=stats[side], per_s=ARGS.queries / seconds, gflop_s=flops / seconds / 1e9,
+                         engine=engine if side != "jax_engine" else "jax", baseline="faiss IndexFlatL2 called directly",
+                         baseline_timing=stats["faiss"], baseline_per_s=ARGS.queries / faiss_s, speed_vs_baseline=faiss_s / seconds,
+                         identical_to_faiss=identical))
+    return rows
+
+
+def embedding_file(queries: int) -> str:
+    """A (queries, DIM) float32 .npy of random embeddings in --dir, written once in chunks -> its path."""
+    path = os.path.join(ARGS.dir, f"embedding_{queries}x{DIM}.npy")
+    if not os.path.exists(path):
+        rng = np.random.default_rng(queries)
+        out = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(queries, DIM))
+        for start in range(0, queries, 1 << 20):
+            stop = min(start + (1 << 20), queries)
+            out[start:stop] = rng.standard_normal((stop - start, DIM), np.float32)
+        out.flush()
+        del out
+        os.replace(path + ".tmp.npy", path)
+    return path
+
+
+def _memory_status() -> dict[str, int]:
+    """RssAnon (heap and device buffers of XLA:CPU) and RssFile (mapped file pages, reclaimable) in bytes."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {name: int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssFile")}
+
+
+def memory_child(queries: int, jax_engine: bool) -> dict:
+    """In a fresh process: extrapolate_knn over the memory-mapped embedding file, as the score phase runs it
+    (scores of every query in memory), with RssAnon and RssFile sampled every 20 ms."""
+    mesh = parallel.make_mesh(ARGS.devices)
+    embedding = np.load(embedding_file(queries), mmap_mode="r")
+    rng = np.random.default_rng(1)
+    refs = rng.normal(size=(ARGS.refs, DIM)).astype(np.float32)
+    ref_scores = rng.random(ARGS.refs).astype(np.float32)
+    engine = "jax" if jax_engine else "auto"
+    knn_lib.extrapolate_knn(embedding[:8192], refs, ref_scores, k=K, query_chunk=8192, mesh=mesh, engine=engine)  # compile, warm
+    baseline = _memory_status()
+    peak = dict(baseline)
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            for name, value in _memory_status().items():
+                peak[name] = max(peak[name], value)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    scores = knn_lib.extrapolate_knn(embedding, refs, ref_scores, k=K, query_chunk=8192, mesh=mesh, engine=engine)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    assert scores.shape == (queries,) and np.isfinite(scores).all()
+    return dict(queries=queries, engine=knn_lib.knn_engine(mesh, engine), seconds=seconds, per_s=queries / seconds,
+                rss_anon_before=baseline["RssAnon"], rss_anon_peak=peak["RssAnon"], rss_anon_growth=peak["RssAnon"] - baseline["RssAnon"],
+                rss_file_peak=peak["RssFile"], peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                embedding_file_bytes=os.path.getsize(embedding_file(queries)))
+
+
+def memory_stage() -> dict:
+    """The memory stage of the module docstring -> {'runs': [...], 'extrapolated_20m': {...}}."""
+    sizes = sorted(ARGS.memory_queries)
+    runs = []
+    for queries, jax_engine in [(q, 0) for q in sizes] + [(sizes[0], 1)]:
+        embedding_file(queries)
+        command = [sys.executable, os.path.abspath(__file__), "--memory-child", str(queries), str(jax_engine), "--threads", str(ARGS.threads),
+                   "--devices", str(ARGS.devices), "--refs", str(ARGS.refs), "--dir", ARGS.dir, "--allow-busy"]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"memory stage at {queries} queries failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
+        print(f"  memory: {r['queries']:,} queries, engine {r['engine']}: RssAnon {r['rss_anon_before'] / 2**20:.0f} -> "
+              f"{r['rss_anon_peak'] / 2**20:.0f} MiB, file pages mapped up to {r['rss_file_peak'] / 2**20:.0f} MiB, {r['per_s']:,.0f} queries/s", flush=True)
+    small, large = runs[0], runs[len(sizes) - 1]  # engine 'auto'; the last run is the JAX engine's
+    slope = (large["rss_anon_peak"] - small["rss_anon_peak"]) / max(large["queries"] - small["queries"], 1)
+    at_20m = large["rss_anon_peak"] + slope * (20_000_000 - large["queries"])
+    return dict(runs=runs, extrapolated_20m=dict(
+        rss_anon_peak=at_20m, bytes_per_query=slope, from_queries=[small["queries"], large["queries"]],
+        how="measured RssAnon peaks at the two sizes, linear in the queries"))
+
+
+def timed_stage(label: str, items: int, call, **extra) -> dict:
+    """A row for a stage of ours alone (no baseline exists for it in this benchmark): median of --repeats runs."""
+    stats, output = hygiene.timed(call, repeats=ARGS.repeats, threads=xla_threads, block=jax.block_until_ready)
+    per_s = items / stats["median_s"]
+    return dict(stage=label, items=items, timing=stats, per_s=per_s, hours_per_million=1e6 / per_s / 3600, **extra), output
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| stage | items | median s (best, spread) | items/s | hours per 1M | baseline, same run | notes |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        t = r["timing"]
+        timing = f"{t['median_s']:.1f} ({t['best_s']:.1f}, {100 * t['spread']:.0f}%)"
+        rate = f"{r['per_s']:,.0f}" if r["per_s"] >= 100 else f"{r['per_s']:.3g}"
+        baseline = ""
+        if "baseline" in r:
+            b = r["baseline_timing"]
+            baseline = (f"{r['baseline']}: {r['baseline_per_s']:,.4g}/s, {b['median_s']:.1f} s ({b['best_s']:.1f}, {100 * b['spread']:.0f}%): "
+                        f"**{r['speed_vs_baseline']:.2f}x**")
+        notes = []
+        if "mean_iterations" in r:
+            notes.append(f"{r['mean_iterations']:.1f} iterations, {100 * r['converged']:.1f}% converged")
+        if "identical_to_faiss" in r:
+            notes.append(f"{100 * r['identical_to_faiss']:.1f}% identical to faiss; {r['gflop_s']:.0f} GFLOP/s")
+        if "median_rel_diff_vs_foolbox" in r:
+            notes.append(f"distances vs foolbox: median rel. diff {100 * (r['median_rel_diff_vs_foolbox'] or 0):.2f}% over {r['distances_compared']} "
+                         f"samples; import {r['import_seconds']:.1f} s, logits within {r['max_logit_difference_after_import']:.1e}")
+        print(f"| {r['stage']} | {r['items']:,} | {timing} | {rate} | {r['hours_per_million']:.3g} | {baseline} | {'; '.join(notes)} |")
 
 
 def main() -> None:
     from jax_advprune.main import setup_logging
 
+    if ARGS.memory_child:
+        print(json.dumps(memory_child(*ARGS.memory_child)))
+        return
     setup_logging()
+    guard = hygiene.IdleGuard(ARGS.allow_busy)
     stages = set(ARGS.stages.split(","))
     memory = PeakMemory(every_s=0.5)
     paths = pool_paths(ARGS.dir, ARGS.pool_size)
@@ -208,63 +339,50 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     if "deepfool" in stages:
-        # DeepFool margins over a random subset of the pool, chunks of 4,096 read from disk.
+        # DeepFool margins over a random subset of the pool, chunks of 1,024 read from disk.
         subset = np.sort(rng.choice(len(pool), ARGS.deepfool_images, replace=False))
-        run = deepfool_runner(apply_fn, slots=512, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
+        run = deepfool_runner(apply_fn, slots=min(512, len(subset)), norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
         chunk = min(1024, len(subset))
         margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset[:chunk])  # compile
-        start = time.perf_counter()
-        progress = Progress("deepfool", -(-len(subset) // chunk), chunk, every_s=10.0)
-        result = margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset, progress=progress)
-        seconds = time.perf_counter() - start
-        rows.append(dict(stage=f"DeepFool L-inf margins (10 classes, <= {ARGS.deepfool_iterations} it.)", items=len(subset), seconds=seconds, per_s=len(subset) / seconds,
-                         mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean()),
-                         hours_per_million=1e6 / (len(subset) / seconds) / 3600))
+        row, result = timed_stage(f"DeepFool L-inf margins, small CNN (10 classes, <= {ARGS.deepfool_iterations} it.)", len(subset),
+                                  lambda: margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset))
+        rows.append(row | dict(mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean())))
 
     if "embedding" in stages:
-        # Penultimate-feature embedding.
         features_fn = lambda v, x: model.apply(v, x, train=False, return_features=True)  # noqa: E731
         predict = predictions.Predictor(features_fn, mesh=mesh)
         embed_rows = np.arange(min(ARGS.embed_images, len(pool)))
         predictions.pool_outputs(predict, variables, pool, embed_rows[:4096], chunk_size=4096, keep=("features",))  # compile
-        start = time.perf_counter()
-        embedded = predictions.pool_outputs(predict, variables, pool, embed_rows, chunk_size=4096, keep=("features",))["features"]
-        seconds = time.perf_counter() - start
-        rows.append(dict(stage="embedding (penultimate features)", items=len(embed_rows), seconds=seconds, per_s=len(embed_rows) / seconds,
-                         hours_per_million=1e6 / (len(embed_rows) / seconds) / 3600))
+        rows.append(timed_stage("embedding (penultimate features)", len(embed_rows),
+                                lambda: predictions.pool_outputs(predict, variables, pool, embed_rows, chunk_size=4096, keep=("features",)))[0])
 
     if "knn" in stages:
-        rows.append(knn_stage(mesh, rng))
+        for row in knn_stage(mesh, rng):
+            rows.append(row | dict(hours_per_million=1e6 / row["per_s"] / 3600))
+    memory_report = memory_stage() if "memory" in stages else None
     peak = memory.stop()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    machine_state = guard.finish()
 
-    queries_note = f" (the kNN's {ARGS.queries:,} x 128 float32 queries alone take {ARGS.queries * 128 * 4 / 2**30:.2f} GiB)" if "knn" in stages else ""
-    print(f"\n{ARGS.devices} XLA:CPU devices; pool {len(pool):,} images of 32x32x3 on disk; peak memory: PSS {peak / 2**30:.2f} GiB, "
-          f"RSS {peak_rss / 2**30:.2f} GiB{queries_note}\n")
-    print("| stage | items | seconds | items/s | hours per 1M | notes |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        notes = []
-        if "mean_iterations" in r:
-            notes.append(f"{r['mean_iterations']:.1f} iterations, {100 * r['converged']:.1f}% converged")
-        if "gflop_s" in r:
-            notes.append(f"{r['gflop_s']:.0f} GFLOP/s")
-        if "foolbox_per_s" in r:
-            notes.append(f"foolbox LinfDeepFoolAttack on the same weights {r['foolbox_per_s']:.2f}/s ({r['speed_vs_foolbox']:.2f}x, median of "
-                         f"{len(r['ours_seconds_all'])}), distance median rel. diff {100 * (r['median_rel_diff_vs_foolbox'] or 0):.2f}% over "
-                         f"{r['distances_compared']} samples; import {r['import_seconds']:.1f} s, logits within {r['max_logit_difference_after_import']:.1e}")
-        if "faiss_per_s" in r:
-            notes.append(f"faiss IndexFlatL2 called directly {r['faiss_per_s']:,.0f}/s ({r['speed_vs_faiss']:.2f}x), same neighbours "
-                         f"{100 * r['same_neighbours_as_faiss']:.1f}%; the JAX engine {r['jax_engine_per_s']:,.0f}/s ({r['jax_engine_vs_faiss']:.2f}x, "
-                         f"same neighbours {100 * r['jax_engine_same_neighbours_as_faiss']:.1f}%); median of 3, sides taking turns")
-        hours = f"{r['hours_per_million']:.2f}" if "hours_per_million" in r else f"{1e6 / r['per_s'] / 3600:.3f}"
-        rate = f"{r['per_s']:,.0f}" if r['per_s'] >= 100 else f"{r['per_s']:.3g}"
-        print(f"| {r['stage']} | {r['items']:,} | {r['seconds']:.1f} | {rate} | {hours} | {'; '.join(notes)} |")
+    print(f"\n{ARGS.devices} XLA:CPU devices on {ARGS.threads} cores, PyTorch and faiss with {ARGS.threads} threads; pool {len(pool):,} images of "
+          f"32x32x3 on disk; median of {ARGS.repeats}, sides taking turns; other processes used {machine_state['others_cores_mean']:.2f} cores "
+          f"on average; this process's peak PSS {peak / 2**30:.2f} GiB, RSS {peak_rss / 2**30:.2f} GiB\n")
+    print_table(rows)
+    if memory_report:
+        print("\n| kNN + extrapolation, streamed from a memory-mapped embedding | engine | queries/s | RssAnon before -> peak (MiB) | mapped file pages, peak (MiB) |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in memory_report["runs"]:
+            print(f"| {r['queries']:,} queries ({r['embedding_file_bytes'] / 2**30:.2f} GiB file) | {r['engine']} | {r['per_s']:,.0f} | "
+                  f"{r['rss_anon_before'] / 2**20:.0f} -> {r['rss_anon_peak'] / 2**20:.0f} | {r['rss_file_peak'] / 2**20:.0f} |")
+        e = memory_report["extrapolated_20m"]
+        print(f"| 20,000,000 queries (extrapolated from {e['from_queries'][0]:,} and {e['from_queries'][1]:,}) | | | "
+              f"peak {e['rss_anon_peak'] / 2**20:.0f} ({e['bytes_per_query']:.1f} B per query) | |")
     out = os.path.join(REPO, "benchmarks", "results", "scoring.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, devices=ARGS.devices),
-                       settings=vars(ARGS), pool_size=len(pool), peak_pss_bytes=peak, peak_rss_bytes=peak_rss, rows=rows), f, indent=2)
+        json.dump(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, devices=ARGS.devices),
+                       machine_state=machine_state, settings=vars(ARGS), pool_size=len(pool), peak_pss_bytes=peak, peak_rss_bytes=peak_rss,
+                       rows=rows, knn_memory=memory_report), f, indent=2)
     print(f"\nwrote {out}")
 
 

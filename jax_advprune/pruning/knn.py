@@ -60,13 +60,13 @@ def faiss_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", threa
     """search(queries (M, D)) -> (distances (M, k) float32 ascending, indices (M, k) int32) with faiss's exact flat index.
 
     Same distances as `knn_searcher`: L2 distance, or 1 - cosine similarity.
-    threads: OpenMP threads for faiss (default: every core).
+    threads: OpenMP threads for faiss (default: every core this process may run on).
     """
     faiss = _faiss()
     refs = _prepare(refs, metric)
     if len(refs) < k:
         raise ValueError(f"kNN needs at least k={k} references, got {len(refs)}")
-    faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
+    faiss.omp_set_num_threads(threads or _usable_cores())
     index = faiss.IndexFlatIP(refs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(refs.shape[1])
     index.add(np.ascontiguousarray(refs))
 
@@ -76,6 +76,11 @@ def faiss_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", threa
         return dist.astype(np.float32), idx.astype(np.int32)
 
     return search
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
