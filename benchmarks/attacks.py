@@ -1,19 +1,22 @@
 """Attack throughput: jax_advprune vs torchattacks and foolbox, same model and weights, one run.
 
-    pip install torch==2.13.0 && pip install -e ".[bench]"
-    python benchmarks/attacks.py [--batch 128] [--resnet-batch 16] [--devices 2] [--quick]
+    pip install -e ".[bench]"
+    python benchmarks/attacks.py [--batch 128] [--resnet-batch 16] [--devices 4] [--threads 2] [--repeats 3] [--allow-busy]
 
 Two models: the small CNN of configs/default.py (16x16x1 inputs), PGD-AT trained
 for 60 steps on the embedded data so that its margins are not trivial, and a
 PreAct ResNet-18 at initialisation on 32x32x3 inputs. Each is exported to PyTorch
 with jax_advprune.models.torch_export (outputs checked equal), and both sides
-attack the same batch with the same CPU threads. Prints a table and writes
-benchmarks/results/attacks.json.
+attack the same batch on the same --threads cores. Every figure is the median of
+--repeats calls (at least 3) after a warm-up call, the sides taking turns, each
+side's threads set and checked right before each call, with the spread recorded;
+the run refuses to write results if other work ran on the machine (--allow-busy;
+see benchmarks/hygiene.py). Prints a table and writes benchmarks/results/attacks.json.
 
 FLOP/s: XLA's cost analysis of one forward and one input-gradient pass per
 sample, multiplied by the passes each attack makes (DeepFool: per sample
 n_iter + 1 forwards and as many (candidates - 1)-cotangent VJPs), divided by the
-wall time; the yardstick is a jitted 2048 x 2048 float32 matmul.
+median wall time; the yardstick is a jitted 2048 x 2048 float32 matmul.
 """
 
 from __future__ import annotations
@@ -23,17 +26,20 @@ import json
 import os
 import platform
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hygiene  # noqa: E402
 
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--batch", type=int, default=128)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1), help="virtual XLA:CPU devices")
-    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for both sides: XLA's pool and PyTorch's threads")
     _args.add_argument("--resnet-batch", type=int, default=16)
     _args.add_argument("--skip-resnet", action="store_true")
-    _args.add_argument("--quick", action="store_true", help="fewer repeats (a check, not a measurement)")
+    hygiene.add_arguments(_args)
     ARGS = _args.parse_args()
+    CORES = hygiene.use_cores(ARGS.threads)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
 import jax
@@ -58,34 +64,31 @@ APGD_STEPS = 10
 DEEPFOOL_ITERS = 50
 
 
-def timed(fn, repeats: int, warmup: bool = True):
-    """(best wall time in s of `repeats` calls, the last call's output), after one warm-up call
-    (compilation) unless `warmup` is False."""
-    if warmup:
-        jax.block_until_ready(fn())
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def ours_threads() -> dict:
+    return hygiene.xla_threads(ARGS.threads)
 
 
-def timed_torch(fn, repeats: int, warmup: bool = True):
-    """`timed` for a PyTorch baseline, with PyTorch's threads set first: JAX work in this process
-    (the Flax model, the custom-call convolutions) can leave PyTorch's OpenMP at one thread."""
-    import torch
+def torch_threads() -> dict:
+    """PyTorch's threads, set right before each of its timings: JAX work in this process (the Flax
+    model, the custom-call convolutions) can leave PyTorch's OpenMP at one thread."""
+    return hygiene.torch_threads(ARGS.threads)
 
-    torch.set_num_threads(ARGS.threads)
-    if torch.get_num_threads() != ARGS.threads:
-        raise RuntimeError(f"PyTorch runs {torch.get_num_threads()} threads, asked for {ARGS.threads}")
-    return timed(fn, repeats, warmup)
+
+def compare(sides: dict, repeats: int) -> tuple[dict, dict]:
+    """Warms every side up once (compilation), then `hygiene.take_turns`: names starting with 'ours'
+    run on XLA's threads, the others on PyTorch's -> (stats per side, last output per side)."""
+    for call in sides.values():
+        jax.block_until_ready(call())
+    threads = {name: ours_threads if name.startswith("ours") else torch_threads for name in sides}
+    return hygiene.take_turns(sides, repeats=repeats, threads=threads, block=jax.block_until_ready)
 
 
 def matmul_flops_per_s() -> float:
     a = jnp.ones((2048, 2048), jnp.float32)
     f = jax.jit(lambda m: m @ m)
-    return 2 * 2048**3 / timed(lambda: f(a), 5)[0]
+    jax.block_until_ready(f(a))
+    stats, _ = hygiene.timed(lambda: f(a), repeats=5, threads=ours_threads, block=jax.block_until_ready)
+    return 2 * 2048**3 / stats["best_s"]
 
 
 def trained_model(batch: int):
@@ -157,9 +160,9 @@ def random_resnet(batch: int):
 def bench_model(label: str, model, variables, x, y, repeats: int, peak: float):
     """Rows of the table and DeepFool agreement for one model; see the module docstring.
 
-    Our attacks: best of `repeats` calls after a compiling call. PyTorch PGD/APGD:
-    best of `repeats` calls after a warm-up call. foolbox / torchattacks DeepFool:
-    one call (they are slow and have nothing to compile).
+    Each comparison warms both sides up once, then times them in turns (`compare`).
+    The DeepFool reference attacks draw nothing at random and compile nothing, but
+    get the same warm-up call so that both sides are timed alike.
     """
     import foolbox as fb
     import torch
@@ -183,25 +186,28 @@ def bench_model(label: str, model, variables, x, y, repeats: int, peak: float):
     def sharded(fn, num_replicated):
         return jax.jit(parallel.shard_over_batch(fn, mesh, num_replicated))
 
-    def row(attack, t_ours, ref, t_ref, flops, **extra):
+    def row(attack, ours, ref, theirs, flops, **extra):
+        t_ours, t_ref = ours["median_s"], theirs["median_s"]
         rows.append(dict(model=label, batch=n, attack=attack, ours_img_s=n / t_ours, ref=ref, ref_img_s=n / t_ref,
-                         speedup=t_ref / t_ours, ours_gflop_s=flops / t_ours / 1e9, fraction_of_matmul_peak=flops / t_ours / peak, **extra))
+                         speedup=t_ref / t_ours, ours_gflop_s=flops / t_ours / 1e9, fraction_of_matmul_peak=flops / t_ours / peak,
+                         ours=ours, reference=theirs, **extra))
 
     # PGD-10, L-inf, CE, random start.
     ours_pgd = sharded(lambda v, k, z, t: pgd(lambda q: apply_fn(v, q), z, t, parallel.shard_key(k), eps=EPS_LINF, step_size=EPS_LINF / 4, steps=PGD_STEPS), 2)
-    t_ours, _ = timed(lambda: ours_pgd(variables, key, xs, ys), repeats)
     atk = torchattacks.PGD(torch_model, eps=EPS_LINF, alpha=EPS_LINF / 4, steps=PGD_STEPS, random_start=True)
-    row(f"PGD-{PGD_STEPS} linf", t_ours, "torchattacks.PGD", timed_torch(lambda: atk(x_t, y_t), repeats)[0], n * PGD_STEPS * (fwd_flops + grad_flops))
+    stats, _ = compare({"ours": lambda: ours_pgd(variables, key, xs, ys), "torchattacks": lambda: atk(x_t, y_t)}, repeats)
+    row(f"PGD-{PGD_STEPS} linf", stats["ours"], "torchattacks.PGD", stats["torchattacks"], n * PGD_STEPS * (fwd_flops + grad_flops))
 
     # APGD-CE, L-inf.
     ours_apgd = sharded(lambda v, k, z, t: apgd(lambda q: apply_fn(v, q), z, t, parallel.shard_key(k), eps=EPS_LINF, steps=APGD_STEPS, loss="ce", unroll=True), 2)
-    t_ours, _ = timed(lambda: ours_apgd(variables, key, xs, ys), repeats)
     atk = torchattacks.APGD(torch_model, norm="Linf", eps=EPS_LINF, steps=APGD_STEPS, n_restarts=1, loss="ce", seed=0)
-    row(f"APGD-CE-{APGD_STEPS} linf", t_ours, "torchattacks.APGD", timed_torch(lambda: atk(x_t, y_t), repeats)[0], n * (APGD_STEPS + 1) * (fwd_flops + grad_flops))
+    stats, _ = compare({"ours": lambda: ours_apgd(variables, key, xs, ys), "torchattacks": lambda: atk(x_t, y_t)}, repeats)
+    row(f"APGD-CE-{APGD_STEPS} linf", stats["ours"], "torchattacks.APGD", stats["torchattacks"], n * (APGD_STEPS + 1) * (fwd_flops + grad_flops))
 
     # DeepFool, all candidates, L2 and L-inf, then ours with the top-3 candidates against
     # foolbox with all of them; distances compared with foolbox's.
     fmodel = fb.PyTorchModel(torch_model, bounds=(0, 1))
+    num_classes = int(np.asarray(apply_fn(variables, x[:1])).shape[-1])
     agreement = {}
     for norm, candidates, fb_attack in (
         ("l2", None, fb.attacks.L2DeepFoolAttack),
@@ -211,52 +217,58 @@ def bench_model(label: str, model, variables, x, y, repeats: int, peak: float):
         slots = max(n // 2 // ARGS.devices, 1) * ARGS.devices
         run = deepfool_runner(apply_fn, slots=slots, norm=norm, max_iter=DEEPFOOL_ITERS, overshoot=0.02, candidates=candidates, mesh=mesh)
         which = "all classes" if candidates is None else f"top-{candidates} vs all"
-        t_ours, result = timed(lambda: run(variables, xs, ys), repeats)
-        ours_adv, converged, n_iter = (np.asarray(a) for a in (result.x_adv, result.converged, result.n_iter))
         attack = fb_attack(steps=DEEPFOOL_ITERS, candidates=10, overshoot=0.02, loss="logits")
-        t_ref, (_, fb_adv, fb_success) = timed_torch(lambda: attack(fmodel, x_t, y_t, epsilons=None), 1, warmup=False)
+        sides = {"ours": lambda: run(variables, xs, ys), "foolbox": lambda: attack(fmodel, x_t, y_t, epsilons=None)}
+        if norm == "l2" and candidates is None:
+            ta_deepfool = torchattacks.DeepFool(torch_model, steps=DEEPFOOL_ITERS, overshoot=0.02)
+            sides["torchattacks"] = lambda: ta_deepfool(x_t, y_t)
+        stats, outputs = compare(sides, repeats)
+        result, (_, fb_adv, fb_success) = outputs["ours"], outputs["foolbox"]
+        ours_adv, converged, n_iter = (np.asarray(a) for a in (result.x_adv, result.converged, result.n_iter))
         fb_adv = fb_adv.numpy().transpose(0, 2, 3, 1)
         ours_dist = np.asarray(flat_norm(jnp.asarray(ours_adv - x), norm))
         fb_dist = np.asarray(flat_norm(jnp.asarray(fb_adv - x), norm))
         both = converged & fb_success.numpy() & (fb_dist > 0)
         rel = np.abs(ours_dist[both] - fb_dist[both]) / fb_dist[both]
         agreement[f"{label} {norm} {which}"] = dict(samples=int(both.sum()), of=n, median_rel_diff=float(np.median(rel)), p95_rel_diff=float(np.quantile(rel, 0.95)))
-        num_classes = int(np.asarray(apply_fn(variables, x[:1])).shape[-1])
         df_flops = float(np.sum(n_iter + 1)) * (fwd_flops + ((candidates or num_classes) - 1) * grad_flops)
-        row(f"DeepFool {norm} ({which})", t_ours, "foolbox", t_ref, df_flops, mean_iterations=float(n_iter.mean()))
-        if norm == "l2" and candidates is None:
-            atk = torchattacks.DeepFool(torch_model, steps=DEEPFOOL_ITERS, overshoot=0.02)
-            row("DeepFool l2 (all classes)", t_ours, "torchattacks.DeepFool", timed_torch(lambda: atk(x_t, y_t), 1, warmup=False)[0], df_flops)
+        row(f"DeepFool {norm} ({which})", stats["ours"], "foolbox", stats["foolbox"], df_flops, mean_iterations=float(n_iter.mean()))
+        if "torchattacks" in stats:
+            row("DeepFool l2 (all classes)", stats["ours"], "torchattacks.DeepFool", stats["torchattacks"], df_flops, mean_iterations=float(n_iter.mean()))
     return rows, agreement
 
 
 def main() -> None:
     import torch
 
-    torch.set_num_threads(ARGS.threads)
-    repeats = 1 if ARGS.quick else 3
+    guard = hygiene.IdleGuard(ARGS.allow_busy)
     peak = matmul_flops_per_s()
     rows, agreement = [], {}
     models = [("small CNN 16x16x1 (trained 60 steps)", trained_model(ARGS.batch))]
     if not ARGS.skip_resnet:
         models.append(("PreAct ResNet-18 32x32x3 (init)", random_resnet(ARGS.resnet_batch)))
     for label, (model, variables, x, y) in models:
-        r, a = bench_model(label, model, variables, x, y, repeats, peak)
+        r, a = bench_model(label, model, variables, x, y, ARGS.repeats, peak)
         rows += r
         agreement.update(a)
+    machine_state = guard.finish()
 
-    print(f"\n{ARGS.devices} XLA:CPU devices, {ARGS.threads} torch threads; jitted f32 matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':38s} {'attack':26s} {'ours img/s':>10s} {'reference':>22s} {'ref img/s':>9s} {'speedup':>8s} {'GFLOP/s':>8s} {'of peak':>7s}")
+    print(f"\n{ARGS.devices} XLA:CPU devices on {ARGS.threads} cores, PyTorch with {ARGS.threads} threads; jitted f32 matmul {peak / 1e9:.1f} GFLOP/s; "
+          f"median of {ARGS.repeats}, sides taking turns; other processes used {machine_state['others_cores_mean']:.2f} cores on average")
+    print(f"{'model':38s} {'attack':26s} {'ours img/s':>10s} {'spread':>6s} {'reference':>22s} {'ref img/s':>9s} {'spread':>6s} {'speedup':>8s} {'GFLOP/s':>8s} {'of peak':>7s}")
     for r in rows:
-        print(f"{r['model']:38s} {r['attack']:26s} {r['ours_img_s']:10.1f} {r['ref']:>22s} {r['ref_img_s']:9.1f} {r['speedup']:7.2f}x {r['ours_gflop_s']:8.2f} {100 * r['fraction_of_matmul_peak']:6.1f}%")
+        print(f"{r['model']:38s} {r['attack']:26s} {r['ours_img_s']:10.1f} {100 * r['ours']['spread']:5.0f}% {r['ref']:>22s} {r['ref_img_s']:9.1f} "
+              f"{100 * r['reference']['spread']:5.0f}% {r['speedup']:7.2f}x {r['ours_gflop_s']:8.2f} {100 * r['fraction_of_matmul_peak']:6.1f}%")
     for name, a in agreement.items():
         print(f"DeepFool {name}: distance vs foolbox over {a['samples']}/{a['of']} samples both flipped: median rel. diff {100 * a['median_rel_diff']:.3f}%, 95th pct {100 * a['p95_rel_diff']:.3f}%")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", "attacks.json")
     with open(out, "w") as f:
         json.dump(dict(
-            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__, devices=ARGS.devices, threads=ARGS.threads),
-            eps_linf=EPS_LINF, matmul_gflop_s=peak / 1e9, rows=rows, deepfool_agreement_with_foolbox=agreement, quick=ARGS.quick,
+            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=torch.__version__,
+                         devices=ARGS.devices, threads=ARGS.threads),
+            machine_state=machine_state, repeats=ARGS.repeats, eps_linf=EPS_LINF, matmul_gflop_s=peak / 1e9, rows=rows,
+            deepfool_agreement_with_foolbox=agreement,
         ), f, indent=2)
     print(f"wrote {out}")
 

@@ -1,7 +1,7 @@
 """Convolution layers of the benchmarked models, XLA:CPU vs PyTorch: forward, input gradient, kernel gradient.
 
     pip install -e ".[bench]"
-    python benchmarks/conv_layers.py [--batch 32] [--threads 2] [--repeats 10]
+    python benchmarks/conv_layers.py [--batch 32] [--threads 2] [--calls 10] [--repeats 3] [--allow-busy]
 
 Explains benchmarks/train_step.py: a TRADES-10 step is 13 forward passes, 12
 input-gradient passes and 2 kernel-gradient passes of every convolution, so
@@ -9,14 +9,18 @@ these three per-layer times bound what the step can reach. Each 3x3 convolution
 (padding 1, as PyTorch's) of the small CNN, PreAct ResNet-18 and WRN-16-4 (32x32 inputs) is
 timed with the same data, in the same run, three ways: XLA's own convolution and
 our oneDNN custom call (jax_advprune.kernels.onednn), each on one XLA:CPU device,
-and PyTorch with `--threads` threads:
+and PyTorch with `--threads` threads, on the same --threads cores:
 
 - forward: y = conv(x, w)
 - input gradient: dL/dx given dL/dy (jax.vjp in x; torch's
   aten.convolution_backward with output_mask (True, False, False)), no forward
 - kernel gradient: dL/dw given dL/dy (jax.vjp in w; output_mask (False, True, False))
 
-All results are checked against PyTorch's before timing. Prints a table with
+All results are checked against PyTorch's before timing. Each time is the mean of
+--calls calls, median of --repeats rounds (at least 3) in which the three sides
+take turns, with each side's threads set and checked right before its turn and the
+spread recorded; the run refuses to write results if other work ran on the
+machine (--allow-busy; see benchmarks/hygiene.py). Prints a table with
 milliseconds and PyTorch-time / our-time ratios (> 1: ours faster) and writes
 benchmarks/results/conv_layers.json.
 """
@@ -28,14 +32,18 @@ import json
 import os
 import platform
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hygiene  # noqa: E402
 
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--batch", type=int, default=32)
-    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
-    _args.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median of 3 rounds)")
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for every side: XLA's pool and PyTorch's threads")
+    _args.add_argument("--calls", type=int, default=10, help="timed calls per measurement and round")
+    hygiene.add_arguments(_args)
     ARGS = _args.parse_args()
+    CORES = hygiene.use_cores(ARGS.threads)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,17 +65,23 @@ LAYERS = [  # (model, input size, in channels, out channels, stride), each once 
 ]
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median over 3 rounds of the mean wall time of `repeats` calls of fn(), in milliseconds (after one warm call)."""
-    jax.block_until_ready(fn())
-    rounds = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn()
-        jax.block_until_ready(out)
-        rounds.append((time.perf_counter() - start) / repeats * 1e3)
-    return float(np.median(rounds))
+def time_sides(sides: dict, calls: int) -> dict[str, dict]:
+    """{side: hygiene stats of the mean time of `calls` calls, in ms} for zero-argument functions,
+    after one warm call each; rounds with the sides in turn ('torch' on PyTorch's threads, the others on XLA's)."""
+    for fn in sides.values():
+        jax.block_until_ready(fn())
+
+    def repeated(fn):
+        def run():
+            for _ in range(calls):
+                out = fn()
+            return out
+
+        return run
+
+    threads = {name: (lambda: hygiene.torch_threads(ARGS.threads)) if name == "torch" else (lambda: hygiene.xla_threads(ARGS.threads)) for name in sides}
+    stats, _ = hygiene.take_turns({name: repeated(fn) for name, fn in sides.items()}, repeats=ARGS.repeats, threads=threads, block=jax.block_until_ready)
+    return {name: dict(median_ms=v["median_s"] / calls * 1e3, spread=v["spread"], threads=v["threads"], cores_busy_all=v["cores_busy_all"]) for name, v in stats.items()}
 
 
 def jax_functions(stride: int, conv_general_dilated):
@@ -96,7 +110,7 @@ def torch_functions(stride: int):
     )
 
 
-def measure_layer(size: int, cin: int, cout: int, stride: int, batch: int, repeats: int) -> dict:
+def measure_layer(size: int, cin: int, cout: int, stride: int, batch: int, calls: int) -> dict:
     """Times of the three operations on both sides for one layer, after checking that they agree."""
     import torch
 
@@ -116,13 +130,17 @@ def measure_layer(size: int, cin: int, cout: int, stride: int, batch: int, repea
         for our_fn, their_fn, args, convert in zip(ours, theirs, arguments, to_nhwc):
             expected = convert(their_fn(*(tx, tw, tg)[: len(args)]))
             np.testing.assert_allclose(np.asarray(our_fn(*args)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
-    row = {}
+    row = {"spread": {}}
     for i, op in enumerate(("forward", "input_grad", "kernel_grad")):
         args, torch_args = arguments[i], (tx, tw, tg)[: len(arguments[i])]
-        for side, fns in sides.items():
-            row[f"{op}_{side}_ms"] = median_ms(lambda: fns[i](*args), repeats)
+        calls_of = {side: (lambda fn=fns[i]: fn(*args)) for side, fns in sides.items()}
+        calls_of["torch"] = lambda: theirs[i](*torch_args)
         with torch.no_grad():
-            row[f"{op}_torch_ms"] = median_ms(lambda: theirs[i](*torch_args), repeats)
+            stats = time_sides(calls_of, calls)
+        for side, v in stats.items():
+            row[f"{op}_{side}_ms"] = v["median_ms"]
+            row["spread"][f"{op}_{side}"] = v["spread"]
+        row.setdefault("threads", {side: v["threads"] for side, v in stats.items()})
         row[f"{op}_ratio"] = row[f"{op}_torch_ms"] / row[f"{op}_xla_ms"]
         row[f"{op}_onednn_ratio"] = row[f"{op}_torch_ms"] / row[f"{op}_onednn_ms"]
     flops = 2 * batch * out_size * out_size * 9 * cin * cout
@@ -134,14 +152,14 @@ def measure_layer(size: int, cin: int, cout: int, stride: int, batch: int, repea
 def main() -> None:
     import torch
 
-    torch.set_num_threads(ARGS.threads)
+    guard = hygiene.IdleGuard(ARGS.allow_busy)
     rows = []
     ops = ("forward", "input_grad", "kernel_grad")
     header = "| model | layer | " + " | ".join(f"{op}: XLA / oneDNN / torch ms | ratios" for op in ops) + " |"
     lines = [header, "| --- | --- |" + " --- | --- |" * len(ops)]
     for model, size, cin, cout, stride in LAYERS:
         row = dict(model=model, size=size, cin=cin, cout=cout, stride=stride, batch=ARGS.batch)
-        row.update(measure_layer(size, cin, cout, stride, ARGS.batch, ARGS.repeats))
+        row.update(measure_layer(size, cin, cout, stride, ARGS.batch, ARGS.calls))
         rows.append(row)
         cells = " | ".join(
             f"{row[f'{op}_xla_ms']:.1f} / {row[f'{op}_onednn_ms']:.1f} / {row[f'{op}_torch_ms']:.1f} | {row[f'{op}_ratio']:.2f}x / {row[f'{op}_onednn_ratio']:.2f}x"
@@ -152,8 +170,11 @@ def main() -> None:
     totals = {
         side: {op: sum(r[f"{op}_torch_ms"] for r in rows) / sum(r[f"{op}_{side}_ms"] for r in rows) for op in ops} for side in ("xla", "onednn")
     }
-    print(f"\nbatch {ARGS.batch}, 1 XLA:CPU device vs {ARGS.threads} torch threads; ratio = PyTorch time / our time (> 1: ours faster), "
-          "XLA's convolution / our oneDNN custom call\n")
+    machine_state = guard.finish()
+    worst = max(max(r["spread"].values()) for r in rows)
+    print(f"\nbatch {ARGS.batch}, 1 XLA:CPU device on {ARGS.threads} cores vs {ARGS.threads} torch threads; ratio = PyTorch time / our time (> 1: ours faster), "
+          f"XLA's convolution / our oneDNN custom call; median of {ARGS.repeats} rounds of {ARGS.calls} calls, largest spread {100 * worst:.0f}%; "
+          f"other processes used {machine_state['others_cores_mean']:.2f} cores on average\n")
     print("\n".join(lines))
     for side, ratios in totals.items():
         print(f"\nall layers, {side}: " + ", ".join(f"{op} {ratio:.2f}x" for op, ratio in ratios.items()))
@@ -161,8 +182,9 @@ def main() -> None:
     out = os.path.join(REPO, "benchmarks", "results", "conv_layers.json")
     with open(out, "w") as f:
         json.dump(dict(
-            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__, threads=ARGS.threads),
-            settings=dict(batch=ARGS.batch, repeats=ARGS.repeats),
+            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=torch.__version__, threads=ARGS.threads),
+            machine_state=machine_state,
+            settings=dict(batch=ARGS.batch, calls=ARGS.calls, repeats=ARGS.repeats),
             rows=rows,
             total_ratio=totals,
         ), f, indent=2)

@@ -121,7 +121,7 @@ def blas_threads(n: int) -> dict:
 # ---------------------------------------------------------------- CPU time accounting
 
 
-def _tree_cpu_seconds() -> float:
+def tree_cpu_seconds() -> float:
     """CPU seconds spent so far by this process, its live descendants and its reaped children."""
     import psutil
 
@@ -146,7 +146,7 @@ def _machine_busy_seconds() -> float:
 
 class _Counters:
     def __init__(self):
-        self.wall, self.busy, self.tree = time.perf_counter(), _machine_busy_seconds(), _tree_cpu_seconds()
+        self.wall, self.busy, self.tree = time.perf_counter(), _machine_busy_seconds(), tree_cpu_seconds()
 
     def others_cores(self, since: "_Counters") -> float:
         """Mean cores used by processes outside this benchmark between `since` and this sample."""
@@ -246,11 +246,11 @@ def take_turns(sides: dict[str, Callable[[], Any]], *, repeats: int, threads: di
     for _ in range(repeats):
         for name, call in sides.items():
             records[name] = threads[name]()
-            before_cpu, start = _tree_cpu_seconds(), time.perf_counter()
+            before_cpu, start = tree_cpu_seconds(), time.perf_counter()
             outputs[name] = block(call())
             wall = time.perf_counter() - start
             seconds[name].append(wall)
-            cores[name].append(round((_tree_cpu_seconds() - before_cpu) / wall, 2))
+            cores[name].append(round((tree_cpu_seconds() - before_cpu) / wall, 2))
     stats = {name: summary(seconds[name]) | dict(seconds_all=seconds[name], cores_busy_all=cores[name], threads=records[name]) for name in sides}
     return stats, outputs
 

@@ -16,11 +16,19 @@ per-sample transforms (ToTensor, RandomCrop(32, padding=4), RandomHorizontalFlip
 written with torch ops because the registry's torchvision wheel does not load
 with the CPU torch) in a `DataLoader` with the same batch and worker counts.
 
-Each configuration runs in a fresh process; memory is the peak, sampled every
-50 ms, of the proportional set size (PSS) summed over that process and its
-workers (shared pages counted once), plus the main process's peak RSS from
-getrusage. The page cache (file data the kernel keeps) is not process memory and
-is not counted. Prints a table and writes benchmarks/results/loader.json.
+Each configuration runs in a fresh process, --repeats times (at least 3), the
+configurations taking turns; reported: the median images/s with its spread and
+the highest peak memory. Memory is the peak, sampled every 50 ms, of the
+proportional set size (PSS) summed over that process and its workers (shared
+pages counted once), plus the main process's peak RSS from getrusage. The page
+cache (file data the kernel keeps) is not process memory and is not counted; the
+pool's files are read once before the timings, so every round reads them from the
+page cache (a pool that fits it, or a fast local SSD).
+Every process runs on --threads cores (checked); the reference's PyTorch runs 1
+intra-op thread per process (set and checked: its transforms are per sample);
+the cores each configuration kept busy are recorded. The run refuses to write
+results if other work ran on the machine (--allow-busy; see benchmarks/hygiene.py).
+Prints a table and writes benchmarks/results/loader_<size>.json.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ import threading
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hygiene  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -91,6 +102,17 @@ def pool_paths(directory: str, size: int) -> list[str]:
     return paths
 
 
+def warm_page_cache(paths: list[str]) -> None:
+    """Reads every part once, so that every configuration and round reads the pool from the page cache: the
+    reference loads the whole pool into RAM before its timing starts, ours streams it while timed."""
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    print(f"page cache warmed: read {sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB in {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def keep_mask(size: int, keep: float) -> np.ndarray:
     return np.random.default_rng(0).random(size) < keep
 
@@ -107,12 +129,13 @@ def run_ours(paths: list[str], keep: float, batch: int, workers: int, steps: int
     for _ in range(warmup):
         batch_dict = next(iterator)
     assert mask[batch_dict["index"]].all() and batch_dict["image"].dtype == np.uint8
-    start = time.perf_counter()
+    cpu, start = hygiene.tree_cpu_seconds(), time.perf_counter()
     for _ in range(steps):
         next(iterator)
     seconds = time.perf_counter() - start
+    cores_busy = (hygiene.tree_cpu_seconds() - cpu) / seconds
     iterator.close()
-    return {"seconds": seconds}
+    return {"seconds": seconds, "cores_busy": round(cores_busy, 2)}
 
 
 def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps: int, warmup: int) -> dict:
@@ -143,26 +166,33 @@ def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
-    start = time.perf_counter()
+    cpu, start = hygiene.tree_cpu_seconds(), time.perf_counter()
     for _ in range(steps):
         next(iterator)
     seconds = time.perf_counter() - start
+    cores_busy = (hygiene.tree_cpu_seconds() - cpu) / seconds
     del iterator
-    return {"seconds": seconds}
+    return {"seconds": seconds, "cores_busy": round(cores_busy, 2)}
 
 
 def child(spec: dict) -> dict:
     """Runs one configuration in this (fresh) process and returns its measurements."""
     memory = PeakMemory()
     fn = run_ours if spec["loader"] == "jax_advprune" else run_reference
+    threads = hygiene.check_cores(spec["threads"]) | {"workers": spec["workers"]}
     if spec["loader"] != "jax_advprune":
         import torch
 
         torch.set_num_threads(1)
+        if torch.get_num_threads() != 1:
+            raise RuntimeError(f"PyTorch runs {torch.get_num_threads()} threads, the benchmark set 1")
+        threads["torch_threads"] = 1
     out = fn(spec["paths"], spec["keep"], spec["batch"], spec["workers"], spec["steps"], spec["warmup"])
+    out["threads"] = threads
     out["peak_pss_bytes"] = memory.stop()
     out["main_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["images_per_s"] = spec["steps"] * spec["batch"] / out["seconds"]
+    out["timed_batches"] = spec["steps"]
     return out
 
 
@@ -181,12 +211,15 @@ def main():
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=200, help="timed batches per configuration")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores every configuration runs on")
     parser.add_argument("--skip-reference", action="store_true", help="skip the PyTorch in-RAM baseline")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    hygiene.add_arguments(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    cores = hygiene.use_cores(args.threads)  # inherited by every configuration's process
     paths = pool_paths(args.dir, args.size)
     import psutil
 
@@ -195,28 +228,47 @@ def main():
     if len(loaders) > 1 and 2 * pool_bytes > 0.8 * psutil.virtual_memory().available:
         print(f"reference skipped: it holds the pool twice at peak ({2 * pool_bytes / 2**30:.1f} GiB), more than this machine's free memory", flush=True)
         loaders = loaders[:1]
-    rows = []
-    for workers in args.workers:
-        for loader in loaders:
+    warm_page_cache(paths)
+    guard = hygiene.IdleGuard(args.allow_busy)
+    configurations = [(loader, workers) for workers in args.workers for loader in loaders]
+    runs = {c: [] for c in configurations}
+    for round_index in range(args.repeats):
+        for loader, workers in configurations:
             steps = args.steps if loader == "jax_advprune" else max(20, args.steps // 4)
-            spec = dict(loader=loader, paths=paths, keep=args.keep, batch=args.batch, workers=workers, steps=steps, warmup=5)
+            spec = dict(loader=loader, paths=paths, keep=args.keep, batch=args.batch, workers=workers, steps=steps, warmup=5, threads=args.threads)
             result = measure(spec)
-            rows.append({"loader": loader, "workers": workers, "steps": steps, **result})
-            print(f"  {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB", flush=True)
+            runs[(loader, workers)].append(result)
+            print(f"  round {round_index + 1}: {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, "
+                  f"{result['cores_busy']:.1f} cores busy, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB", flush=True)
+    machine_state = guard.finish()
+    rows = []
+    for (loader, workers), results in runs.items():
+        stats = hygiene.summary([r["seconds"] for r in results])
+        steps = results[0]["timed_batches"]
+        rows.append(dict(
+            loader=loader, workers=workers, steps=steps, images_per_s=args.batch * steps / stats["median_s"],
+            spread=stats["spread"], images_per_s_all=[r["images_per_s"] for r in results], cores_busy_all=[r["cores_busy"] for r in results],
+            peak_pss_bytes=max(r["peak_pss_bytes"] for r in results), main_peak_rss_bytes=max(r["main_peak_rss_bytes"] for r in results),
+            threads=results[-1]["threads"],
+        ))
     by = {(r["loader"], r["workers"]): r for r in rows}
-    print(f"\npool {args.size:,} images ({sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB on disk), keep {args.keep:.0%}, batch {args.batch}, crop+flip\n")
-    print(f"| loader | workers | images/s | peak PSS (GiB) | main peak RSS (GiB) | speed vs reference |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print(f"\npool {args.size:,} images ({pool_bytes / 2**30:.1f} GiB on disk), keep {args.keep:.0%}, batch {args.batch}, crop+flip, "
+          f"{args.threads} cores; median of {args.repeats} fresh processes per configuration, taking turns; "
+          f"other processes used {machine_state['others_cores_mean']:.2f} cores on average\n")
+    print("| loader | workers | images/s (spread) | cores busy | peak PSS (GiB) | main peak RSS (GiB) | speed vs reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = by.get(("reference (torch, in RAM)", r["workers"]))
-        ratio = f"{r['images_per_s'] / ref['images_per_s']:.1f}x" if ref and r["loader"] == "jax_advprune" else ""
-        print(f"| {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['peak_pss_bytes'] / 2**30:.2f} | {r['main_peak_rss_bytes'] / 2**30:.2f} | {ratio} |")
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref and r["loader"] == "jax_advprune" else ""
+        busy = sorted(r["cores_busy_all"])[len(r["cores_busy_all"]) // 2]
+        print(f"| {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} ({100 * r['spread']:.0f}%) | {busy:.1f} | {r['peak_pss_bytes'] / 2**30:.2f} "
+              f"| {r['main_peak_rss_bytes'] / 2**30:.2f} | {ratio} |")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", f"loader_{args.size}.json")
     with open(out, "w") as f:
         json.dump({
-            "pool_size": args.size, "keep": args.keep, "batch": args.batch, "augmentation": "crop 4 + flip",
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows,
+            "pool_size": args.size, "keep": args.keep, "batch": args.batch, "augmentation": "crop 4 + flip", "repeats": args.repeats,
+            "machine": {"cpus": os.cpu_count(), "cores_used": cores, "platform": platform.platform()}, "machine_state": machine_state, "rows": rows,
         }, f, indent=2)
     print(f"\nwrote {out}")
 

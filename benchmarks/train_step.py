@@ -1,7 +1,7 @@
 """TRADES-10 train-step throughput: jax_advprune vs the reference's PyTorch loop, same model and weights, one run.
 
     pip install -e ".[bench]"
-    python benchmarks/train_step.py [--devices 4] [--threads 2] [--steps 2] [--rounds 5] [--skip-wrn] [--bf16]
+    python benchmarks/train_step.py [--devices 4] [--threads 2] [--steps 2] [--repeats 5] [--skip-wrn] [--bf16] [--allow-busy]
 
 For each model (small CNN, PreAct ResNet-18, WRN-16-4; 32x32x3 inputs) the Flax
 model is initialised once and exported with jax_advprune.models.torch_export, so
@@ -10,13 +10,16 @@ DM-Improves-AT reference (gowal21uncovering/utils/trades.py): uniform random sta
 10 signed-gradient steps on KL(p_clean || p_adv) with BatchNorm in training mode but
 running averages frozen, then CE with label smoothing 0.1 on the clean logits +
 beta * KL(clean || adv) (beta 5), backward, SGD Nesterov with weight decay on
-kernels only. Same batch, same CPU: ours on virtual XLA:CPU devices (two per core),
-PyTorch with one thread per core, in a process of its own. Ours runs twice: with oneDNN convolutions
+kernels only. Same batch, same --threads cores: ours on virtual XLA:CPU devices (two
+per core), PyTorch with one thread per core, in a process of its own. Ours runs twice: with oneDNN convolutions
 (jax_advprune.kernels.onednn, the default on the CPU) and with XLA's own
 (JAX_ADVPRUNE_CONV=xla). After a warm-up step each (compilation on our side),
-`--rounds` rounds each time `--steps` steps of every side in turn, so that the
-machine's drift hits all sides alike; reported: the median images/s over rounds
-and the ratios of medians. Prints a table and writes benchmarks/results/train_step.json.
+`--repeats` rounds (at least 3) each time `--steps` steps of every side in turn, so
+that the machine's drift hits all sides alike, each side's threads set and checked
+right before its turn; reported: the median images/s over rounds with the spread,
+and the ratios of medians. The run refuses to write results if other work ran on
+the machine (--allow-busy; see benchmarks/hygiene.py). Prints a table and writes
+benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -30,16 +33,21 @@ import sys
 import time
 from typing import Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hygiene  # noqa: E402
+
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1), help="virtual XLA:CPU devices")
-    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
+    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for every side: XLA's pool and PyTorch's threads")
     _args.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
-    _args.add_argument("--rounds", type=int, default=5, help="rounds of timing, every side in turn")
     _args.add_argument("--skip-wrn", action="store_true")
     _args.add_argument("--models", default="small_cnn,preact_resnet18,wide_resnet", help="registry names to time, comma-separated")
     _args.add_argument("--bf16", action="store_true", help="also time our step with bfloat16 compute")
+    hygiene.add_arguments(_args)
+    _args.set_defaults(repeats=5)
     ARGS = _args.parse_args()
+    CORES = hygiene.use_cores(ARGS.threads)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
 import jax  # noqa: E402
@@ -150,21 +158,28 @@ def reference_worker(conn, name: str, kwargs: dict, batch: dict, threads: int) -
         conn.send(("error", f"{name}: exported model differs by {diff}"))
         return
     # Set after JAX has run here: running the Flax model left PyTorch's OpenMP at one thread.
-    torch.set_num_threads(threads)
-    step, first_loss = reference_stepper(torch_model, batch)
-    if torch.get_num_threads() != threads:
-        conn.send(("error", f"PyTorch runs {torch.get_num_threads()} threads, asked for {threads}"))
+    try:
+        hygiene.torch_threads(threads)
+        step, first_loss = reference_stepper(torch_model, batch)
+    except RuntimeError as error:
+        conn.send(("error", str(error)))
         return
     conn.send(("ready", first_loss))
     while (steps := conn.recv()) is not None:
+        try:
+            record = hygiene.torch_threads(threads)  # set and checked right before every timed turn
+        except RuntimeError as error:
+            conn.send(("error", str(error)))
+            return
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        conn.send(time.perf_counter() - start)
+        conn.send((time.perf_counter() - start, record))
 
 
-def start_reference(name: str, kwargs: dict, batch: dict) -> tuple[Callable[[int], float], float, Callable[[], None]]:
-    """(seconds for n reference steps, first loss, stop) with the reference in a spawned process."""
+def start_reference(name: str, kwargs: dict, batch: dict) -> tuple[Callable[[int], float], float, Callable[[], None], Callable[[], dict]]:
+    """(seconds for n reference steps, first loss, stop, the threads record of the last turn) with the
+    reference in a spawned process (which inherits this process's cores)."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -175,39 +190,35 @@ def start_reference(name: str, kwargs: dict, batch: dict) -> tuple[Callable[[int
     if status != "ready":
         raise RuntimeError(value)
 
+    last_record = {}
+
     def run(steps: int) -> float:
         parent.send(steps)
-        return parent.recv()
+        answer = parent.recv()
+        if answer[0] == "error":
+            raise RuntimeError(answer[1])
+        seconds, last_record["threads"] = answer
+        return seconds
 
     def stop() -> None:
         parent.send(None)
         process.join(timeout=30)
 
-    return run, value, stop
+    return run, value, stop, lambda: last_record.get("threads", {})
 
 
-def timed_rounds(runners: dict[str, Callable[[int], float]], batch_size: int) -> dict[str, list[float]]:
-    """Images/s of every side per round: --rounds rounds of --steps steps, the sides in turn (the others idle)."""
-    rates = {name: [] for name in runners}
-    for _ in range(ARGS.rounds):
-        for name, run in runners.items():
-            rates[name].append(batch_size * ARGS.steps / run(ARGS.steps))
-    return rates
+def local_steps(step: Callable[[], None]) -> Callable[[], None]:
+    """() -> runs --steps calls of step() in this process."""
 
-
-def local_runner(step: Callable[[], None]) -> Callable[[int], float]:
-    """(n) -> seconds taken by n calls of step() in this process."""
-
-    def run(steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
+    def run() -> None:
+        for _ in range(ARGS.steps):
             step()
-        return time.perf_counter() - start
 
     return run
 
 
 def main() -> None:
+    guard = hygiene.IdleGuard(ARGS.allow_busy)
     rows = []
     for label, name, kwargs, batch_size in MODELS:
         if (ARGS.skip_wrn and name == "wide_resnet") or name not in ARGS.models.split(","):
@@ -220,31 +231,36 @@ def main() -> None:
         }
         model = create_model(name, num_classes=10, **kwargs)
         variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-        reference, loss_ref, stop_reference = start_reference(name, kwargs, batch)
-        runners = {"ref": reference}
+        reference, loss_ref, stop_reference, reference_record = start_reference(name, kwargs, batch)
+        sides = {"ref": lambda: reference(ARGS.steps)}
+        threads = {"ref": lambda: {"checked_in_the_reference_process": True}}
         first_losses = {"ref": loss_ref}
         for backend in ("onednn", "xla"):
             step, first_losses[backend] = our_stepper(model, variables, batch, backend)
-            runners[backend] = local_runner(step)
+            sides[backend], threads[backend] = local_steps(step), lambda: hygiene.xla_threads(ARGS.threads)
         if ARGS.bf16:
             bf16_model = create_model(name, num_classes=10, dtype=jnp.bfloat16, **kwargs)
             step, first_losses["bf16"] = our_stepper(bf16_model, variables, batch, "auto")
-            runners["bf16"] = local_runner(step)
-        rates = timed_rounds(runners, batch_size)
+            sides["bf16"], threads["bf16"] = local_steps(step), lambda: hygiene.xla_threads(ARGS.threads)
+        stats, _ = hygiene.take_turns(sides, repeats=ARGS.repeats, threads=threads)
+        stats["ref"]["threads"] = reference_record()
         stop_reference()
-        median = {k: float(np.median(v)) for k, v in rates.items()}
+        median = {k: batch_size * ARGS.steps / v["median_s"] for k, v in stats.items()}
         row = dict(model=label, batch=batch_size, ours_img_s=median["onednn"], ours_xla_conv_img_s=median["xla"], ref_img_s=median["ref"],
                    speedup=median["onednn"] / median["ref"], speedup_xla_conv=median["xla"] / median["ref"],
-                   rounds=rates, first_losses=first_losses)
+                   spread=dict(ours=stats["onednn"]["spread"], ours_xla_conv=stats["xla"]["spread"], ref=stats["ref"]["spread"]),
+                   timings=stats, first_losses=first_losses)
         if ARGS.bf16:
             row["ours_bf16_img_s"] = median["bf16"]
         rows.append(row)
         print(f"{label:24s} batch {batch_size:4d}: ours {row['ours_img_s']:7.1f} img/s (XLA convolutions {row['ours_xla_conv_img_s']:.1f}), "
-              f"PyTorch {row['ref_img_s']:7.1f} img/s, {row['speedup']:.2f}x ({row['speedup_xla_conv']:.2f}x); first losses "
+              f"PyTorch {row['ref_img_s']:7.1f} img/s, {row['speedup']:.2f}x ({row['speedup_xla_conv']:.2f}x); spreads "
+              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["spread"].items()) + "; first losses "
               + ", ".join(f"{k} {v:.4f}" for k, v in first_losses.items()), flush=True)
 
-    print(f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices vs {ARGS.threads} torch threads, "
-          f"median of {ARGS.rounds} rounds of {ARGS.steps} steps\n")
+    machine_state = guard.finish()
+    print(f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices on {ARGS.threads} cores vs {ARGS.threads} torch threads, "
+          f"median of {ARGS.repeats} rounds of {ARGS.steps} steps; other processes used {machine_state['others_cores_mean']:.2f} cores on average\n")
     print("| model | batch | ours img/s | PyTorch img/s | speedup | ours, XLA convolutions | speedup |" + (" ours bf16 img/s |" if ARGS.bf16 else ""))
     print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if ARGS.bf16 else ""))
     for r in rows:
@@ -255,8 +271,10 @@ def main() -> None:
     out = os.path.join(REPO, "benchmarks", "results", "train_step.json")
     with open(out, "w") as f:
         json.dump(dict(
-            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__, torch=importlib.metadata.version("torch"), devices=ARGS.devices, threads=ARGS.threads),
-            settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, steps_per_round=ARGS.steps, rounds=ARGS.rounds),
+            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=importlib.metadata.version("torch"),
+                         devices=ARGS.devices, threads=ARGS.threads),
+            machine_state=machine_state,
+            settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, steps_per_round=ARGS.steps, rounds=ARGS.repeats),
             rows=rows,
         ), f, indent=2)
     print(f"\nwrote {out}")
