@@ -41,7 +41,9 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.num_devices = 0  # devices of the data mesh; 0 = all (on a CPU: two virtual devices per core)
+    # Devices of the data mesh; 0 = automatic: every GPU or TPU, or on a CPU (two virtual devices per core, --cpu_devices)
+    # the largest count that divides every batch, slot and chunk size.
+    c.num_devices = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # 'digits' (embedded), 'npz' (DM-Improves-AT files), 'cifar_tarball' or 'tfds'; README "Data"

@@ -86,8 +86,9 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     from jax_advprune import workdir as workdir_lib
     from jax_advprune.models import layers
 
-    validate.check_run(config, workdir, available_devices=len(jax.devices()), process_count=jax.process_count(), phases=tuple(phases))
-    mesh = parallel.make_mesh(config.num_devices or None)
+    platform, available = jax.devices()[0].platform, len(jax.devices())
+    validate.check_run(config, workdir, available_devices=available, process_count=jax.process_count(), platform=platform, phases=tuple(phases))
+    mesh = parallel.make_mesh(validate.mesh_size(config, available, process_count=jax.process_count(), platform=platform))
     lock = workdir_lib.RunLock(workdir)
     locked = None
     if workdir_lib.is_writer():
@@ -100,6 +101,10 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     try:
         log.info("jax_advprune %s; devices: %d x %s %s (process %d of %d)", provenance.code_version(), mesh.size,
                  mesh.devices.flat[0].platform, mesh.devices.flat[0].device_kind, jax.process_index(), jax.process_count())
+        if mesh.size < available:
+            sizes = ", ".join(f"{k} {v}" for k, v in validate.split_sizes(config).items())
+            log.info("the mesh spans %d of the %d %s devices: the largest count that divides every size split over it (%s); "
+                     "set num_devices, or sizes that divide, to use more", mesh.size, available, platform, sizes)
         log.info("convolutions: %s", layers.describe_convolutions())
         pipeline.run(config, workdir, mesh, tuple(phases))
     except Exception as error:

@@ -35,12 +35,19 @@ def use_cpu_devices(count: int | None = None) -> int:
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh named DATA_AXIS over the first `num_devices` devices (default: all)."""
+    """A 1-D mesh named DATA_AXIS over `num_devices` devices (default: all): the first
+    num_devices / process_count devices of every process, in process order, so that each
+    process holds an equal, contiguous share of every batch."""
     devices = jax.devices()
     if num_devices:
-        if num_devices > len(devices):
-            raise ValueError(f"asked for {num_devices} devices, but only {len(devices)} exist: {devices}")
-        devices = devices[:num_devices]
+        processes = jax.process_count()
+        if num_devices > len(devices) or num_devices % processes:
+            raise ValueError(f"asked for {num_devices} devices: needs at most the {len(devices)} that exist and a multiple of the {processes} processes")
+        per_process = num_devices // processes
+        by_process: dict[int, list] = {}
+        for device in devices:
+            by_process.setdefault(device.process_index, []).append(device)
+        devices = [d for index in sorted(by_process) for d in by_process[index][:per_process]]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -54,16 +54,48 @@ class _Problems(list):
         return self.need(ok, key, value, f"a number in {left}, {right}")
 
 
-def mesh_size(config, available_devices: int) -> int:
-    """Devices the run's mesh spans: config.num_devices, or all when it is 0 (or more than exist, which is refused)."""
-    return config.num_devices if isinstance(config.num_devices, int) and 0 < config.num_devices <= available_devices else available_devices
+def split_sizes(config) -> dict[str, int]:
+    """Every size the run splits over the mesh's devices: {setting: size} (the valid ones; bad ones are reported elsewhere)."""
+    keys = ["train.batch_size", "eval.batch_size"] + (["scoring.slots", "scoring.chunk_size"] if score.needed(config) else [])
+    sizes = {}
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            sizes[key] = value
+    return sizes
 
 
-def config_problems(config, *, available_devices: int, process_count: int) -> list[str]:
-    """Every problem of the config alone (no files read), with `available_devices` devices over `process_count` processes."""
+def mesh_size(config, available_devices: int, *, process_count: int = 1, platform: str = "cpu") -> int:
+    """Devices the run's mesh spans (over all processes).
+
+    config.num_devices when set (0 < n <= available; otherwise refused by validation).
+    With 0 (the default): on GPUs and TPUs every device; on the CPU, whose devices are
+    virtual slices of one machine, the largest count, the same on every process, that
+    divides every size the run splits over the mesh (`split_sizes`), so that any number
+    of CPU devices (say 24 asked for by --cpu_devices, for batches of 256) runs: the
+    mesh then spans 16 of them. Every device count gives the same results (the batch
+    statistics and losses are reduced over the whole global batch).
+    """
+    if isinstance(config.num_devices, int) and 0 < config.num_devices <= available_devices:
+        return config.num_devices
+    if platform != "cpu":
+        return available_devices
+    common = math.gcd(*split_sizes(config).values()) or 1
+    for per_process in range(available_devices // process_count, 0, -1):
+        if common % (per_process * process_count) == 0:
+            return per_process * process_count
+    return available_devices  # nothing divides: validation names the sizes to change
+
+
+def config_problems(config, *, available_devices: int, process_count: int, platform: str = "cpu") -> list[str]:
+    """Every problem of the config alone (no files read), with `available_devices` devices of `platform`
+    over `process_count` processes."""
     p = _Problems()
-    p.within("num_devices", config.num_devices, 0, available_devices)
-    num_devices = mesh_size(config, available_devices)
+    if p.within("num_devices", config.num_devices, 0, available_devices) and config.num_devices:
+        p.need(config.num_devices % process_count == 0, "num_devices", config.num_devices,
+               f"0 (automatic) or a multiple of the {process_count} processes (each process contributes the same number of devices)")
+    num_devices = mesh_size(config, available_devices, process_count=process_count, platform=platform)
     p.one_of("data.name", config.data.name, splits.DATA_SOURCES)
     p.within("data.num_classes", config.data.num_classes, 2)
     _model_problems(p, config)
@@ -282,9 +314,10 @@ def _weights_fit(config, image_shape: tuple) -> list[str]:
     return found
 
 
-def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1, phases: tuple[str, ...] | None = None) -> None:
+def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1, platform: str = "cpu",
+              phases: tuple[str, ...] | None = None) -> None:
     """Raises ConfigError listing every problem of the config, its inputs and the work directory; writes nothing."""
-    problems = config_problems(config, available_devices=available_devices, process_count=process_count)
+    problems = config_problems(config, available_devices=available_devices, process_count=process_count, platform=platform)
     problems += init_from_problems(config)
     if phases is not None:
         problems += phase_problems(config, workdir, phases)

@@ -1,8 +1,11 @@
-"""Shared fixtures: small pools written in the real npz format; 4 virtual CPU devices."""
+"""Shared fixtures: small pools written in the real npz format; 4 virtual CPU devices, on any host."""
 
 import os
 
-# Before jax is imported anywhere: multi-device code is tested on 4 virtual CPU devices.
+# Before jax is imported anywhere: the suite runs on the CPU platform whatever the host has
+# (on a GPU or TPU host too; the subprocesses the tests start inherit it), and multi-device
+# code is tested on 4 virtual CPU devices.
+os.environ["JAX_PLATFORMS"] = "cpu"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 

@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-from jax_advprune.attacks import pgd
 from jax_advprune.attacks.apgd import apgd, checkpoints, dlr_loss, targeted_dlr_loss
 from jax_advprune.attacks.common import flat_norm
 from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator

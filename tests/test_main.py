@@ -237,3 +237,22 @@ def test_el2n_over_two_scoring_models_feeds_keep_bottom(tmp_path):
     assert scored.sum() == 3528 - 32 and np.all((el2n[scored] >= 0) & (el2n[scored] <= np.sqrt(2) + 1e-6))
     assert keep.sum() == round(0.25 * (3528 - 32))
     assert el2n[keep].max() <= el2n[scored & ~keep].min()  # the easiest quarter is kept
+
+
+@pytest.mark.parametrize("devices,mesh", [(1, 1), (3, 2), (5, 4), (8, 8), (24, 16), (48, 32)])
+def test_the_smoke_command_finishes_on_any_number_of_cpu_devices(tmp_path, devices, mesh):
+    """The README's command with N virtual CPU devices (as on an N/2-core host): the mesh spans the largest
+    count that divides the smoke config's batches of 64 and 256, slots 256 and chunks of 4096; every phase
+    runs (a shorter schedule than the smoke's own, the same code paths)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(tmp_path / "run"),
+           "--config.train.epochs=0.5", "--config.scoring.train_epochs=0.5", "--config.train.validation_every_epochs=0.5",
+           "--config.eval.apgd_steps=2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert results["devices"]["count"] == mesh
+    if mesh < devices:
+        assert f"the mesh spans {mesh} of the {devices} cpu devices" in proc.stdout
+    for r in results["results"].values():
+        assert 0.0 <= r["pgd_accuracy"] <= r["clean_accuracy"] <= 1.0

@@ -46,15 +46,16 @@ BAD_SETTINGS = [
     ({"scoring.score": "el2n"}, "pruning.strategy='puma' ranks DeepFool margins, but scoring.score='el2n'"),
     ({"scoring.score": "el2"}, "scoring.score='el2': one of margin, el2n"),
     ({"scoring.deepfool.candidates": 10}, "scoring.deepfool.candidates=10: 0 (all classes) or a number of candidate classes in [1, 9]"),
-    ({"scoring.slots": 6}, "scoring.slots=6: a multiple of the 4 devices"),
-    ({"train.batch_size": 7}, "train.batch_size=7: a multiple of the 4 devices of the mesh"),
+    ({"scoring.slots": 6, "num_devices": 4}, "scoring.slots=6: a multiple of the 4 devices"),
+    ({"train.batch_size": 7, "num_devices": 4}, "train.batch_size=7: a multiple of the 4 devices of the mesh"),
+    ({"num_devices": 3}, "train.batch_size=64: a multiple of the 3 devices of the mesh"),
     ({"train.epochs": 0.0}, "train.epochs=0.0"),
     ({"train.lr": float("nan")}, "train.lr=nan"),
     ({"train.loss": "mart"}, "train.loss='mart': one of pgd_at, trades"),
     ({"train.compute_dtype": "float16"}, "train.compute_dtype='float16': one of bfloat16, float32"),
     ({"train.original_fraction": 1.0}, "train.original_fraction=1.0"),
     ({"train.validation_size": 5000}, "train.validation_size=5000: a number in [0, 1528)"),
-    ({"eval.batch_size": 6}, "eval.batch_size=6: a multiple of the 4 devices"),
+    ({"eval.batch_size": 6, "num_devices": 4}, "eval.batch_size=6: a multiple of the 4 devices"),
     ({"num_devices": 64}, "num_devices=64: a number in [0, 4]"),
     ({"model.name": "resnet50"}, "model.name='resnet50': one of preact_resnet18, small_cnn"),
     ({"model.name": "preact_resnet18"}, "widths not accepted by model 'preact_resnet18', whose settings are"),
@@ -78,7 +79,7 @@ def test_a_bad_setting_is_refused_with_key_value_and_what_is_allowed(tmp_path, o
 
 
 def test_every_problem_is_reported_at_once_and_quickly():
-    config = smoke_config(**{"attack.eps": -1.0, "pruning.strategy": "pumaa", "train.batch_size": 7, "eval.apgd_targets": 20})
+    config = smoke_config(**{"attack.eps": -1.0, "pruning.strategy": "pumaa", "train.batch_size": 7, "eval.apgd_targets": 20, "num_devices": 4})
     start = time.perf_counter()
     with pytest.raises(ConfigError) as error:
         check_run(config, "/nonexistent/workdir", available_devices=4)
@@ -93,6 +94,32 @@ def test_the_configs_of_the_repository_pass(tmp_path):
         check_run(module.get_config("smoke"), str(tmp_path / "none"), available_devices=4)
     check_run(default.get_config(), str(tmp_path / "none"), available_devices=4)
     check_run(smoke_config(**{"scoring.deepfool.candidates": 0}), str(tmp_path / "none"), available_devices=4)  # all classes
+
+
+@pytest.mark.parametrize("available", [1, 3, 5, 8, 24, 48])
+def test_on_the_cpu_the_mesh_is_the_largest_count_that_divides_every_split_size(tmp_path, available):
+    from configs import cifar10_extrapolation, cifar10_puma, cifar10_trades
+    from jax_advprune.validate import mesh_size, split_sizes
+
+    for module in (default, cifar10_trades, cifar10_puma, cifar10_extrapolation):
+        for variant in ("smoke", None):
+            config = module.get_config(variant)
+            sizes = split_sizes(config).values()
+            chosen = mesh_size(config, available)
+            assert 1 <= chosen <= available and all(size % chosen == 0 for size in sizes)
+            assert not any(all(size % larger == 0 for size in sizes) for larger in range(chosen + 1, available + 1))
+            if variant == "smoke" or module is default:  # the others read CIFAR-10 files that are not here
+                check_run(config, str(tmp_path / "none"), available_devices=available)  # no device-count problem on the CPU
+    smoke = default.get_config("smoke")  # batches of 64 and 256, slots 256, chunks of 4096
+    assert mesh_size(smoke, available) == {1: 1, 3: 2, 5: 4, 8: 8, 24: 16, 48: 32}[available]
+    # Two processes contribute the same number of devices each: 2 x 16 of 2 x 24.
+    assert mesh_size(smoke, 48, process_count=2) == 32 and mesh_size(smoke, 6, process_count=2) == 4
+    # GPUs and TPUs: every device, and a batch that does not divide is refused by name.
+    assert mesh_size(smoke, available, platform="gpu") == available
+    if 64 % available:
+        with pytest.raises(ConfigError, match=f"train.batch_size=64: a multiple of the {available} devices"):
+            check_run(smoke, str(tmp_path / "none"), available_devices=available, platform="gpu")
+    assert mesh_size(smoke_config(num_devices=2), available if available >= 2 else 2) == 2  # set explicitly: as set
 
 
 def test_data_files_that_are_missing_or_directories_are_named(tmp_path):
