@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -21,12 +22,12 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 2, best_metric: str | None = None):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        if best_metric is not None:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, best_fn=lambda metrics: metrics[best_metric], best_mode="max",
-                keep_checkpoints_without_metrics=False,
-            )
+        # In a multi-host run the last-N and the best-validation managers save at the same step, both
+        # asynchronously; orbax synchronises the processes with named barriers, which must differ between
+        # managers that save concurrently ("Barrier ... is already ongoing" otherwise).
+        multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix(self.directory))
+        best = {} if best_metric is None else dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max", keep_checkpoints_without_metrics=False)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, multiprocessing_options=multiprocessing, **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -58,6 +59,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def barrier_prefix(directory: str) -> str:
+    """A name for orbax's multi-host barriers, the same on every process for one checkpoint directory and
+    different between directories: 'ckpt_' + 12 hex digits of the path's SHA-1."""
+    return "ckpt_" + hashlib.sha1(directory.encode()).hexdigest()[:12]
 
 
 def abstract_like(tree: Any) -> Any:
