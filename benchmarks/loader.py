@@ -117,6 +117,15 @@ def keep_mask(size: int, keep: float) -> np.ndarray:
     return np.random.default_rng(0).random(size) < keep
 
 
+def timed_batches(iterator, steps: int) -> dict:
+    """Draws `steps` batches -> {'seconds': wall time, 'cores_busy': CPU seconds of this process tree per wall second}."""
+    cpu, start = hygiene.tree_cpu_seconds(), time.perf_counter()
+    for _ in range(steps):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cores_busy": round((hygiene.tree_cpu_seconds() - cpu) / seconds, 2)}
+
+
 def run_ours(paths: list[str], keep: float, batch: int, workers: int, steps: int, warmup: int) -> dict:
     from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
     from jax_advprune.data.sources import NpzPart, Pool
@@ -129,13 +138,9 @@ def run_ours(paths: list[str], keep: float, batch: int, workers: int, steps: int
     for _ in range(warmup):
         batch_dict = next(iterator)
     assert mask[batch_dict["index"]].all() and batch_dict["image"].dtype == np.uint8
-    cpu, start = hygiene.tree_cpu_seconds(), time.perf_counter()
-    for _ in range(steps):
-        next(iterator)
-    seconds = time.perf_counter() - start
-    cores_busy = (hygiene.tree_cpu_seconds() - cpu) / seconds
+    timing = timed_batches(iterator, steps)
     iterator.close()
-    return {"seconds": seconds, "cores_busy": round(cores_busy, 2)}
+    return timing
 
 
 def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps: int, warmup: int) -> dict:
@@ -166,13 +171,7 @@ def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
-    cpu, start = hygiene.tree_cpu_seconds(), time.perf_counter()
-    for _ in range(steps):
-        next(iterator)
-    seconds = time.perf_counter() - start
-    cores_busy = (hygiene.tree_cpu_seconds() - cpu) / seconds
-    del iterator
-    return {"seconds": seconds, "cores_busy": round(cores_busy, 2)}
+    return timed_batches(iterator, steps)
 
 
 def child(spec: dict) -> dict:

@@ -202,7 +202,8 @@ def knn_stage(mesh, rng) -> list[dict]:
         ("jax_engine", f"knn, JAX engine, k={K}, {ARGS.refs:,} refs x {DIM} dims", same(outputs["jax_engine"], outputs["faiss"])),
     ):
         seconds = stats[side]["median_s"]
-        rows.append(dict(stage=label, items=ARGS.queries, timing=stats[side], per_s=ARGS.queries / seconds, gflop_s=flops / seconds / 1e9,
+        rows.append(dict(stage=label, items=ARGS.queries, timing=stats[side], per_s=ARGS.queries / seconds,
+                         hours_per_million=1e6 / (ARGS.queries / seconds) / 3600, gflop_s=flops / seconds / 1e9,
                          engine=engine if side != "jax_engine" else "jax", baseline="faiss IndexFlatL2 called directly",
                          baseline_timing=stats["faiss"], baseline_per_s=ARGS.queries / faiss_s, speed_vs_baseline=faiss_s / seconds,
                          identical_to_faiss=identical))
@@ -357,8 +358,7 @@ def main() -> None:
                                 lambda: predictions.pool_outputs(predict, variables, pool, embed_rows, chunk_size=4096, keep=("features",)))[0])
 
     if "knn" in stages:
-        for row in knn_stage(mesh, rng):
-            rows.append(row | dict(hours_per_million=1e6 / row["per_s"] / 3600))
+        rows += knn_stage(mesh, rng)
     memory_report = memory_stage() if "memory" in stages else None
     peak = memory.stop()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

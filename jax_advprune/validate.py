@@ -99,9 +99,9 @@ def config_problems(config, *, available_devices: int, process_count: int, platf
     p.one_of("data.name", config.data.name, splits.DATA_SOURCES)
     p.within("data.num_classes", config.data.num_classes, 2)
     _model_problems(p, config)
-    _attack_and_train_problems(p, config, num_devices, process_count)
+    _attack_and_train_problems(p, config, process_count)
     if score.needed(config):
-        _scoring_problems(p, config, num_devices)
+        _scoring_problems(p, config)
     p.extend(strategies.problems(config.pruning.strategy, keep_ratio=config.pruning.keep_ratio, base_eps=config.attack.eps,
                                  score=config.scoring.score if config.pruning.strategy != "random" else None,
                                  score_norm=config.scoring.deepfool.norm, attack_norm=config.attack.norm, puma=config.pruning.puma.to_dict()))
@@ -111,8 +111,9 @@ def config_problems(config, *, available_devices: int, process_count: int, platf
     p.within("eval.step_fraction", ecfg.step_fraction, 0, low_open=True)
     p.within("eval.apgd_steps", ecfg.apgd_steps, 0)
     p.within("eval.apgd_targets", ecfg.apgd_targets, 0, config.data.num_classes - 1)
-    if p.within("eval.batch_size", ecfg.batch_size, 1):
-        p.need(ecfg.batch_size % num_devices == 0, "eval.batch_size", ecfg.batch_size, f"a multiple of the {num_devices} devices of the mesh")
+    p.within("eval.batch_size", ecfg.batch_size, 1)
+    for key, size in split_sizes(config).items():  # the sizes mesh_size chose the device count for
+        p.need(size % num_devices == 0, key, size, f"a multiple of the {num_devices} devices of the mesh")
     return p
 
 
@@ -135,7 +136,7 @@ def _model_problems(p: _Problems, config) -> None:
         p.need(model.depth >= 10 and (model.depth - 4) % 6 == 0, "model.kwargs.depth", model.depth, "6n + 4 with n >= 1 (10, 16, 28, 34, 70, ...)")
 
 
-def _attack_and_train_problems(p: _Problems, config, num_devices: int, process_count: int) -> None:
+def _attack_and_train_problems(p: _Problems, config, process_count: int) -> None:
     a, t = config.attack, config.train
     p.one_of("attack.norm", a.norm, NORMS)
     if p.within("attack.eps", a.eps, 0, low_open=True) and a.norm == "linf":
@@ -147,7 +148,6 @@ def _attack_and_train_problems(p: _Problems, config, num_devices: int, process_c
     p.within("train.trades_beta", t.trades_beta, 0)
     p.within("train.epochs", t.epochs, 0, low_open=True)
     if p.within("train.batch_size", t.batch_size, 1):
-        p.need(t.batch_size % num_devices == 0, "train.batch_size", t.batch_size, f"a multiple of the {num_devices} devices of the mesh")
         p.need(t.batch_size % process_count == 0, "train.batch_size", t.batch_size, f"a multiple of the {process_count} processes")
         if p.within("train.original_fraction", t.original_fraction, 0, 1, high_open=True) and t.original_fraction > 0:
             per_batch = int(round(t.original_fraction * t.batch_size))
@@ -170,7 +170,7 @@ def _attack_and_train_problems(p: _Problems, config, num_devices: int, process_c
     p.within("train.log_every_s", t.log_every_s, 0)
 
 
-def _scoring_problems(p: _Problems, config, num_devices: int) -> None:
+def _scoring_problems(p: _Problems, config) -> None:
     s, ext = config.scoring, config.scoring.extrapolation
     p.one_of("scoring.score", s.score, importance.SCORES)
     p.within("scoring.train_epochs", s.train_epochs, 0, low_open=True)
@@ -180,8 +180,7 @@ def _scoring_problems(p: _Problems, config, num_devices: int) -> None:
         p.need(s.du_window <= math.floor(s.train_epochs), "scoring.du_window", s.du_window,
                f"at most the {math.floor(s.train_epochs)} epochs the scoring run records (scoring.train_epochs={s.train_epochs})")
     for key in ("slots", "chunk_size"):
-        if p.within(f"scoring.{key}", s[key], 1):
-            p.need(s[key] % num_devices == 0, f"scoring.{key}", s[key], f"a multiple of the {num_devices} devices of the mesh")
+        p.within(f"scoring.{key}", s[key], 1)
     p.one_of("scoring.deepfool.norm", s.deepfool.norm, NORMS)
     p.within("scoring.deepfool.max_iter", s.deepfool.max_iter, 1)
     p.within("scoring.deepfool.overshoot", s.deepfool.overshoot, 0)
