@@ -11,6 +11,15 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager without its own preemption check: the run asks JAX's preemption sync manager itself
+    (jax_advprune.preemption, with one call counter for the whole run) and saves then; orbax asking it too,
+    with training steps as counters, would move the agreed sync point."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """Keeps checkpoints of (train state, data iterator) in `directory`.
 
@@ -28,7 +37,7 @@ class Checkpointer:
         multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix(self.directory))
         best = {} if best_metric is None else dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max", keep_checkpoints_without_metrics=False)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, multiprocessing_options=multiprocessing, **best)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = _Manager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

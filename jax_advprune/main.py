@@ -3,7 +3,8 @@
 Order: flags -> devices and multi-host start -> every setting and input checked
 (nothing written) -> the work directory locked (process 0) -> the phases. A
 user's mistake prints one message and exits with status 2; `--verbose` adds the
-traceback. The log goes to stdout and to <workdir>/run.log.
+traceback. A SIGTERM (preemption) makes every process save at the same step and
+exit with status 143; rerunning the command resumes. The log goes to stdout and to <workdir>/run.log.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -82,7 +84,7 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     """Checks everything, locks the work directory and runs the pipeline's `phases`."""
     import jax
 
-    from jax_advprune import parallel, pipeline, provenance, validate
+    from jax_advprune import parallel, pipeline, preemption, provenance, validate
     from jax_advprune import workdir as workdir_lib
     from jax_advprune.models import layers
 
@@ -106,11 +108,16 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
             log.info("the mesh spans %d of the %d %s devices: the largest count that divides every size split over it (%s); "
                      "set num_devices, or sizes that divide, to use more", mesh.size, available, platform, sizes)
         log.info("convolutions: %s", layers.describe_convolutions())
+        preemption.install()
         pipeline.run(config, workdir, mesh, tuple(phases))
+    except preemption.Preempted as error:
+        log.info("%s", error)
+        raise
     except Exception as error:
         log.error("stopped: %s: %s", type(error).__name__, error)
         raise
     finally:
+        preemption.uninstall()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
@@ -119,20 +126,33 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
 
 def main(argv) -> None:
     from jax_advprune.errors import UserError
+    from jax_advprune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS, Preempted
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
     from jax_advprune import parallel
 
+    distributed = False
     try:
         parallel.use_cpu_devices(_CPU_DEVICES.value)  # before jax starts its backends
-        parallel.initialize_distributed(_DISTRIBUTED.value)
+        distributed = parallel.initialize_distributed(_DISTRIBUTED.value)
         run(_CONFIG.value, _WORKDIR.value, tuple(_PHASES.value))
-    except UserError as error:
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT_STATUS)  # the log said where it saved
+    except UserError as error:  # raised on every process alike (parallel.agree_or_raise)
         if _VERBOSE.value:
             raise
         _exit(str(error))
+    except BaseException:
+        if not distributed:
+            raise
+        # One process of a multi-host run failed (often because another died: its collectives fail at once).
+        # Exiting normally would wait in JAX's shutdown barrier for the heartbeat timeout of a process that is gone.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

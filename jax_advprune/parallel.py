@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_advprune import workdir
+from jax_advprune import preemption, workdir
 
 DATA_AXIS = "data"
 
@@ -185,7 +185,8 @@ def map_rows(
     `out` may hold preallocated (e.g. memory-mapped) arrays to fill; others are allocated.
     With `resume_dir` every finished chunk is saved there (chunk_<i>.npz, process 0,
     atomically) and a chunk found there is loaded instead of computed, so a killed run
-    resumes where it stopped. on_chunk(chunk_index, {name: valid rows}) follows every chunk.
+    resumes where it stopped; on a SIGTERM it then stops after the chunk it is saving
+    (`preemption.Preempted`). on_chunk(chunk_index, {name: valid rows}) follows every chunk.
     chunk_size must divide over the mesh's devices.
     """
     check_divisible(chunk_size, mesh, "chunk size")
@@ -212,6 +213,9 @@ def map_rows(
             out[name][rows[valid]] = value
         if on_chunk is not None:
             on_chunk(index, done)
+        if resume_dir and preemption.stop_requested():
+            raise preemption.Preempted(f"preempted (SIGTERM): {index + 1} chunks of {chunk_size} rows saved in {resume_dir}; "
+                                       "rerun the same command to resume from there")
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from jax_advprune import parallel
+from jax_advprune import parallel, preemption
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.data.splits import input_files, load_data
 from jax_advprune.phases import evaluate, score, select, train, weights
@@ -31,7 +31,11 @@ def run(config, workdir: str, mesh, phases: tuple[str, ...] = PHASES) -> None:
 
     def timed(phase, *args):
         start = time.perf_counter()
-        result = phase.run(config, workdir, *args)
+        try:
+            result = phase.run(config, workdir, *args)
+        except preemption.Preempted:
+            workdir_lib.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)  # the work it saved
+            raise
         parallel.sync(f"{phase.NAME} written")
         workdir_lib.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)
         return result

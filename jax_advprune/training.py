@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jax_advprune import parallel
+from jax_advprune import parallel, preemption
 from jax_advprune.attacks import pgd
 from jax_advprune.attacks.common import to_unit_interval
 from jax_advprune.checkpoint import Checkpointer
@@ -288,7 +288,9 @@ def fit(
     state is checked finite; a non-finite loss or state stops the run
     (NonFiniteTrainingError) without saving, naming the last finite checkpoint.
     Each callback is called as callback(state, step) after every step (the
-    training-history recorder).
+    training-history recorder). After every step `preemption.stop_requested()` is
+    asked; on a SIGTERM the state and iterator are saved at that step and
+    `preemption.Preempted` is raised, the same step on every process.
     """
     step = int(state.step)
     pending: list[dict] = []
@@ -316,6 +318,13 @@ def fit(
             validation(state, step, progress)
         for callback in callbacks:
             callback(state, step)
+        if preemption.stop_requested():
+            if not save:
+                check_finite(state, f"the train state at step {step}", checkpointer)
+                checkpointer.save(step, state, batches)
+            checkpointer.wait()
+            raise preemption.Preempted(f"preempted (SIGTERM): saved step {step} of {num_steps} in {checkpointer.directory}; "
+                                       "rerun the same command to resume from there")
     checkpointer.wait()
     if validation is not None:
         validation.checkpointer.wait()

@@ -1,12 +1,14 @@
 """Attack tests against analytic answers and invariants."""
 
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_advprune import preemption
 from jax_advprune.attacks import deepfool, pgd
 from jax_advprune.attacks.common import flat_norm
 from jax_advprune.attacks.deepfool import STEP_SLACK
@@ -221,7 +223,7 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
     np.testing.assert_allclose(results[0]["margin"], results[1]["margin"], rtol=1e-5, atol=1e-6)
 
 
-def test_killed_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path):
+def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path):
     from jax_advprune.parallel import make_mesh
     from jax_advprune.pruning.margins import deepfool_runner, margin_scores
 
@@ -243,9 +245,21 @@ def test_killed_margin_scoring_resumes_without_recomputing_finished_chunks(small
     with pytest.raises(KeyboardInterrupt):
         margin_scores(dying_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
     assert sorted(os.listdir(tmp_path / "chunks")) == ["chunk_000000.npz", "chunk_000001.npz"]
+
+    def preempted_run(v, x, y):  # resumed, then a SIGTERM arrives while the third chunk is computed
+        os.kill(os.getpid(), signal.SIGTERM)
+        return run(v, x, y)
+
+    preemption.install()
+    try:
+        with pytest.raises(preemption.Preempted, match="3 chunks of 48 rows saved"):
+            margin_scores(preempted_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
+    finally:
+        preemption.uninstall()
+    assert len(os.listdir(tmp_path / "chunks")) == 3
     calls.clear()
     counting_run = lambda v, x, y: calls.append(len(x)) or run(v, x, y)  # noqa: E731
     resumed = margin_scores(counting_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
-    assert len(calls) == 3  # chunks 3, 4 and 5 of ceil(200 / 48) = 5
+    assert len(calls) == 2  # chunks 4 and 5 of ceil(200 / 48) = 5
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])

@@ -1,5 +1,6 @@
-"""A training run killed with SIGKILL and rerun ends bitwise equal to an uninterrupted run; the run lock
-refuses a second run on the same work directory and is taken over after the kill; metrics hold each step once."""
+"""A training run killed with SIGKILL, rerun and preempted with SIGTERM, and rerun again ends bitwise equal to an
+uninterrupted run; the run lock refuses a second run on the same work directory and is taken over after the kill;
+metrics hold each step once."""
 
 import json
 
@@ -33,7 +34,7 @@ def _final_state(workdir):
     return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(restored)}
 
 
-def test_sigkill_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_path):
+def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_path):
     straight = subprocess.run(_command(tmp_path / "straight"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
@@ -61,10 +62,22 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_p
     proc.wait()
     assert not (killed_dir / "results.json").exists()
 
+    # Rerun, then a preemption (SIGTERM) once training has resumed: the step in progress is saved, status 143.
+    log_size = (killed_dir / "run.log").stat().st_size
+    preempted = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while "[train] resumed from" not in (killed_dir / "run.log").read_text()[log_size:]:
+        assert preempted.poll() is None and time.time() < deadline, "the rerun ended before resuming training"
+        time.sleep(0.05)
+    preempted.send_signal(signal.SIGTERM)
+    out = preempted.communicate(timeout=60)[0]
+    assert preempted.returncode == 143, out[-3000:]
+    assert f"taking over {killed_dir / 'lock'} left by process {proc.pid}" in out
+    saved = max(int(name) for name in os.listdir(killed_dir / "checkpoints") if name.isdigit())
+    assert saved < 48 and f"preempted (SIGTERM): saved step {saved} of 48" in out
+
     resumed = subprocess.run(_command(killed_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    assert f"taking over {killed_dir / 'lock'} left by process {proc.pid}" in resumed.stdout
+    assert f"resumed from {killed_dir / 'checkpoints'} at step {saved}" in resumed.stdout
     records = [json.loads(line) for line in open(killed_dir / "metrics.jsonl")]
     train_steps = [r["step"] for r in records if r["phase"] == "train" and "loss" in r]
     assert train_steps == list(range(1, 49))  # logged every step, each once, although steps after the checkpoint ran twice

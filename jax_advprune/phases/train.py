@@ -11,7 +11,7 @@ import os
 import jax
 import numpy as np
 
-from jax_advprune import training
+from jax_advprune import parallel, training
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import Checkpointer, abstract_like, best_checkpointer, final_checkpoint_dir
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
@@ -74,7 +74,9 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
     plan = batch_plan(config, data, keep, seed)
     num_steps = max(1, int(np.ceil(epochs * plan.steps_per_epoch)))
     tx = training.make_optimizer(tcfg, num_steps)
-    state = training.init_train_state(model, tx, data.pool.image_shape, seed, initial)
+    # Placed as the step's outputs are before a checkpoint is restored into it: restored arrays are committed
+    # to their devices, and a multi-host run cannot move them to other hosts' devices afterwards.
+    state = jax.device_put(training.init_train_state(model, tx, data.pool.image_shape, seed, initial), parallel.replicated(mesh))
     reader = BatchReader(data.pool, plan, eps, crop_padding=tcfg.crop_padding, flip=tcfg.flip,
                          process_index=jax.process_index(), process_count=jax.process_count())
     batches = batch_iterator(reader, num_steps, num_workers=tcfg.num_workers)

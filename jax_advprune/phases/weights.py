@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jax_advprune.errors import UserError
@@ -26,7 +28,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def _restore(step_dir: str) -> dict:
-    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(step_dir), "state"))
+    """The train state saved in `step_dir`, as host numpy arrays, whatever devices and processes saved it
+    (a pod's checkpoint restores on a laptop; in a multi-host run every process reads it whole)."""
+    path = os.path.join(os.path.abspath(step_dir), "state")
+    saved = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    return ocp.PyTreeCheckpointer().restore(path, restore_args=as_numpy)
 
 
 def saved_variables(workdir: str, weights: str):
