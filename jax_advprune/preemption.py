@@ -19,6 +19,7 @@ EXIT_STATUS = 128 + signal.SIGTERM
 
 _notice = threading.Event()
 _calls = 0  # one counter across the whole run, so the sync points of successive training runs never repeat
+_previous_handler = None  # what `install` replaced
 
 
 class Preempted(Exception):
@@ -34,15 +35,19 @@ def _uses_sync_manager() -> bool:
 
 def install() -> None:
     """Catches SIGTERM in a single-process run (a multi-host run's sync manager catches it already). Main thread only."""
+    global _previous_handler
     _notice.clear()
     if not _uses_sync_manager():
-        signal.signal(signal.SIGTERM, lambda signum, frame: _notice.set())
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _notice.set())
+        _previous_handler = signal.SIG_DFL if previous is None else previous  # None: set outside Python
 
 
 def uninstall() -> None:
-    """Restores the default SIGTERM action (terminate) when `install` set a handler, and forgets a notice."""
-    if not _uses_sync_manager() and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """Puts back the SIGTERM handler `install` replaced, and forgets a notice."""
+    global _previous_handler
+    if _previous_handler is not None:
+        signal.signal(signal.SIGTERM, _previous_handler)
+        _previous_handler = None
     _notice.clear()
 
 
