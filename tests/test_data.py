@@ -1,7 +1,10 @@
 """Sources and loader: memory-mapped round trips, bad input, masks, mixing, resume."""
 
+import multiprocessing
 import os
 import pickle
+import signal
+import time
 import zipfile
 
 import numpy as np
@@ -197,13 +200,21 @@ def test_two_processes_cover_the_kept_pool_over_an_epoch(small_pool):
         np.testing.assert_array_equal(np.concatenate([a, b]), plan.indices(step))  # positional halves, repeats included
 
 
-def test_two_worker_processes_yield_the_same_batches_as_none(small_pool):
+def test_two_worker_processes_yield_the_same_batches_as_none_and_leave_sigterm_to_the_main_process(small_pool):
     pool, _, _ = small_pool
     keep = np.random.default_rng(3).random(200) < 0.5
     plan = make_plan(keep, 60, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=2)
     reader = BatchReader(pool, plan, np.linspace(0, 1, 200).astype(np.float32), crop_padding=2, flip=True)
     single = list(batch_iterator(reader, 6))
-    multi = list(batch_iterator(reader, 6, num_workers=2))
+    batches = batch_iterator(reader, 6, num_workers=2)
+    multi = [next(batches)]
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:  # a preemption signalled to the process group: the workers leave it to this process
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    multi += list(batches)
     assert len(multi) == 6
     for a, b in zip(single, multi):
         for key in a:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 
 import grain
 from absl import flags
@@ -207,6 +208,12 @@ class BatchReader:
         }
 
 
+def _leave_sigterm_to_the_parent(worker_index: int, worker_count: int) -> None:
+    """A grain worker ignores SIGTERM: a preemption signalled to the whole process group (SLURM, Kubernetes) is the
+    main process's to handle, which may need batches for one more step before it saves; grain stops its workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def batch_iterator(reader: BatchReader, num_steps: int, *, num_workers: int = 0):
     """A checkpointable grain iterator over the batches of steps [0, num_steps)."""
     if reader.plan.batch_size % reader.process_count:
@@ -218,5 +225,5 @@ def batch_iterator(reader: BatchReader, num_steps: int, *, num_workers: int = 0)
         # absl.app.run they are unparsed and the workers crash.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_leave_sigterm_to_the_parent)
     return iter(iter_dataset)
