@@ -48,3 +48,50 @@ def small_pool(tmp_path):
     images = np.concatenate([orig[0], part1[0], part2[0]])
     labels = np.concatenate([orig[1], part1[1], part2[1]])
     return pool, images, labels
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """'gs://<bucket>' on a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1, in memory),
+    started for the session and stopped after it; gcsfs and tensorstore are pointed at it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import fsspec
+
+    from jax_advprune.data import remote
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--in-memory", "--default-bucket", "test-bucket"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b/test-bucket", timeout=1)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "the GCS emulator did not start"
+            time.sleep(0.1)
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")  # no gRPC bucket-type probe (it waits 60 s on an emulator)
+    fsspec.config.conf["gs"] = {"token": "anon"}
+    remote._filesystem.cache_clear()
+    try:
+        yield "gs://test-bucket"
+    finally:
+        server.kill()
+        server.wait()
+        fsspec.config.conf.pop("gs", None)
+        remote._filesystem.cache_clear()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 
+from jax_advprune.data import remote
 from jax_advprune.errors import UserError
 from jax_advprune.workdir import atomic_output
 
@@ -54,11 +55,18 @@ def locate_npz_member(path: str, key: str) -> NpzMember:
     compressed, or not a plain (non-object, C-order) .npy array.
     """
     member = f"{key}.npy"
+    opened = remote.open_binary(path) if remote.is_remote(path) else open(path, "rb")
+    with opened as handle:
+        return _locate_in(handle, path, key, member)
+
+
+def _locate_in(handle, path: str, key: str, member: str) -> NpzMember:
+    """locate_npz_member on `handle`, an open binary file of `path`."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(handle)
     except zipfile.BadZipFile as error:
         raise PoolFormatError(f"{path}: not a readable npz (zip) file ({error}); truncated or not written by np.savez?") from error
-    with archive:
+    with archive:  # closing the ZipFile leaves the caller's handle open
         names = archive.namelist()
         if member not in names:
             stored = sorted(n[:-4] if n.endswith(".npy") else n for n in names)
@@ -70,22 +78,21 @@ def locate_npz_member(path: str, key: str) -> NpzMember:
                 "rewrite it uncompressed once, e.g. "
                 "`d = np.load(path); np.savez(new_path, image=d['image'], label=d['label'])`"
             )
-    with open(path, "rb") as handle:
-        handle.seek(info.header_offset)
-        local_header = handle.read(30)
-        if local_header[:4] != b"PK\x03\x04":
-            raise PoolFormatError(f"{path}: corrupt zip local header for {key!r}")
-        name_len = int.from_bytes(local_header[26:28], "little")
-        extra_len = int.from_bytes(local_header[28:30], "little")
-        handle.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-        else:
-            raise PoolFormatError(f"{path}: array {key!r} uses .npy format {version}, expected 1.0 or 2.0")
-        offset = handle.tell()
+    handle.seek(info.header_offset)
+    local_header = handle.read(30)
+    if local_header[:4] != b"PK\x03\x04":
+        raise PoolFormatError(f"{path}: corrupt zip local header for {key!r}")
+    name_len = int.from_bytes(local_header[26:28], "little")
+    extra_len = int.from_bytes(local_header[28:30], "little")
+    handle.seek(info.header_offset + 30 + name_len + extra_len)
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise PoolFormatError(f"{path}: array {key!r} uses .npy format {version}, expected 1.0 or 2.0")
+    offset = handle.tell()
     if fortran_order or dtype.hasobject:
         raise PoolFormatError(f"{path}: array {key!r} is Fortran-ordered or of object dtype; expected a C-ordered numeric array "
             "(rewrite it with np.ascontiguousarray)")

@@ -18,7 +18,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, PoolFormatError, locate_npz_member, read_rows
+from jax_advprune.data import remote
+from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, NpzMember, PoolFormatError, locate_npz_member, read_rows
 
 _LABEL_CHECK_ROWS = 1 << 20  # labels are range-checked this many at a time (flat memory)
 
@@ -60,11 +61,18 @@ class NpzPart:
         self._validate()
 
     def _open(self):
-        if not os.path.exists(self.path):
+        self._remote = remote.is_remote(self.path)
+        if not (remote.exists(self.path) if self._remote else os.path.exists(self.path)):
             raise FileNotFoundError(f"pool file {self.path} does not exist")
         self._image = locate_npz_member(self.path, IMAGE_KEY)
         self._label = locate_npz_member(self.path, LABEL_KEY)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = None if self._remote else os.open(self.path, os.O_RDONLY)
+
+    def _rows(self, member: NpzMember, rows: np.ndarray) -> np.ndarray:
+        """Rows of `member`: positional reads of the local file, or coalesced ranged reads of a remote one."""
+        if self._remote:
+            return remote.read_rows(self.path, member.offset, member.row_bytes, rows, member.shape[1:], member.dtype)
+        return read_rows(self._fd, member, rows)
 
     def _validate(self):
         image, label = self._image, self._label
@@ -76,13 +84,13 @@ class NpzPart:
             raise PoolFormatError(f"{self.path}: 'label' has dtype {label.dtype} and shape {label.shape}, expected integer (N,)")
         if label.shape[0] != image.shape[0]:
             raise PoolFormatError(f"{self.path}: {image.shape[0]} images but {label.shape[0]} labels")
-        size = os.path.getsize(self.path)
+        size = remote.size(self.path) if self._remote else os.path.getsize(self.path)
         for member in (image, label):
             if member.offset + member.shape[0] * member.row_bytes > size:
                 raise PoolFormatError(f"{self.path}: array {member.key!r} is truncated: the file ends before its {member.shape[0]} rows")
         for start in range(0, len(self), _LABEL_CHECK_ROWS):
             rows = np.arange(start, min(start + _LABEL_CHECK_ROWS, len(self)))
-            check_labels(self.path, read_rows(self._fd, label, rows), self.num_classes)
+            check_labels(self.path, self._rows(label, rows), self.num_classes)
 
     def __len__(self) -> int:
         return self._label.shape[0]
@@ -93,19 +101,21 @@ class NpzPart:
 
     @property
     def images(self) -> np.ndarray:
-        """All images, memory-mapped (for small splits; batches go through `read`)."""
+        """All images, memory-mapped (for small splits; batches go through `read`); a remote file is read whole."""
+        if self._remote:
+            return self._rows(self._image, np.arange(len(self)))
         return self._image.memmap()
 
     def labels(self) -> np.ndarray:
         """All labels (N,) int64, read into memory (8 bytes per sample)."""
-        return read_rows(self._fd, self._label, np.arange(len(self))).astype(np.int64)
+        return self._rows(self._label, np.arange(len(self))).astype(np.int64)
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Strictly increasing rows (M,) -> images (M, H, W, C) uint8, labels (M,) int64."""
-        return read_rows(self._fd, self._image, rows), read_rows(self._fd, self._label, rows).astype(np.int64)
+        return self._rows(self._image, rows), self._rows(self._label, rows).astype(np.int64)
 
     def __del__(self):
-        fd = getattr(self, "_fd", None)
+        fd = getattr(self, "_fd", None)  # None for a remote file
         if fd is not None:
             os.close(fd)
             self._fd = None
