@@ -206,10 +206,11 @@ def test_two_worker_processes_yield_the_same_batches_as_none_and_leave_sigterm_t
     plan = make_plan(keep, 60, batch_size=16, original_fraction=0.25, synthetic_with_replacement=True, seed=2)
     reader = BatchReader(pool, plan, np.linspace(0, 1, 200).astype(np.float32), crop_padding=2, flip=True)
     single = list(batch_iterator(reader, 6))
+    before = set(multiprocessing.active_children())
     batches = batch_iterator(reader, 6, num_workers=2)
-    multi = [next(batches)]
-    workers = multiprocessing.active_children()
-    assert workers
+    multi = [next(batches), next(batches)]  # one from each worker: both have started (and set their SIGTERM handling)
+    workers = [child for child in multiprocessing.active_children() if child not in before]
+    assert len(workers) == 2
     for worker in workers:  # a preemption signalled to the process group: the workers leave it to this process
         os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
