@@ -308,7 +308,8 @@ def fit(
                     "Fix: lower train.lr (or raise train.warmup_steps) and rerun in a new --workdir."
                 )
             progress.update(step, force=step == num_steps, **averaged)
-        save = step % checkpoint_every == 0 or step == num_steps
+        stop = preemption.stop_requested()  # the same step on every process
+        save = step % checkpoint_every == 0 or step == num_steps or stop
         validate = validation is not None and (step % validation.every == 0 or step == num_steps)
         if save or validate:
             check_finite(state, f"the train state at step {step}", checkpointer)
@@ -318,10 +319,7 @@ def fit(
             validation(state, step, progress)
         for callback in callbacks:
             callback(state, step)
-        if preemption.stop_requested():
-            if not save:
-                check_finite(state, f"the train state at step {step}", checkpointer)
-                checkpointer.save(step, state, batches)
+        if stop:
             checkpointer.wait()
             raise preemption.Preempted(f"preempted (SIGTERM): saved step {step} of {num_steps} in {checkpointer.directory}; "
                                        "rerun the same command to resume from there")

@@ -12,7 +12,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from jax_advprune.phases.weights import saved_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
@@ -28,10 +29,8 @@ def _command(workdir):
 
 
 def _final_state(workdir):
-    ckpt_dir = workdir / "checkpoints"
-    step = max(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
-    restored = ocp.StandardCheckpointer().restore(str(ckpt_dir / str(step) / "state"))
-    return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(restored)}
+    _, state, step = saved_state(str(workdir))
+    return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_path):

@@ -183,3 +183,26 @@ def write_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes an uncompressed DM-Improves-AT npz atomically (temp file, then rename)."""
     with atomic_output(path, ".npz") as tmp:
         np.savez(tmp, **{IMAGE_KEY: np.ascontiguousarray(images), LABEL_KEY: np.ascontiguousarray(labels, np.int64)})
+
+
+def read_rows_ranged(member: NpzMember, rows: np.ndarray, gap_bytes: int = remote.DEFAULT_GAP_BYTES) -> np.ndarray:
+    """`read_rows` for a member of a remote file (gs://...): rows `rows` (M,) strictly increasing -> (M, *row shape),
+    their byte ranges merged when less than `gap_bytes` apart and fetched in one batch of concurrent requests."""
+    rows = np.asarray(rows, np.int64)
+    out = np.empty((len(rows),) + member.shape[1:], member.dtype)
+    if len(rows) == 0:
+        return out
+    row_bytes = member.row_bytes
+    row_starts = member.offset + rows * row_bytes
+    range_starts, range_ends = remote.coalesce(row_starts, row_starts + row_bytes, gap_bytes)
+    blobs = remote.filesystem(member.path).cat_ranges([member.path] * len(range_starts), range_starts.tolist(), range_ends.tolist())
+    # Rows and ranges are both sorted, so the rows of range i are one slice of `rows`.
+    bounds = np.searchsorted(row_starts, np.concatenate([range_starts, [np.iinfo(np.int64).max]]))
+    flat = out.reshape(len(rows), -1).view(np.uint8)
+    for i, blob in enumerate(blobs):
+        if len(blob) != range_ends[i] - range_starts[i]:
+            raise PoolFormatError(f"{member.path}: array {member.key!r} ends before row {rows[bounds[i + 1] - 1]} (truncated file?)")
+        members = slice(bounds[i], bounds[i + 1])
+        local = (row_starts[members] - range_starts[i])[:, None] + np.arange(row_bytes)
+        flat[members] = np.frombuffer(blob, np.uint8)[local]
+    return out

@@ -1,4 +1,5 @@
-"""Pool files in object stores (gs://, s3://, anything fsspec speaks): rows read with coalesced, concurrent ranged reads.
+"""Pool files in object stores (gs://, s3://, anything fsspec speaks): the filesystem of a URL, and the merging
+of byte ranges that `npz_format.read_rows_ranged` fetches in one batch of concurrent requests.
 
 A batch asks for scattered rows of an npz member. Runs of consecutive rows become
 byte ranges; ranges closer than `gap_bytes` are merged (reading a few unneeded
@@ -55,27 +56,3 @@ def coalesce(starts: np.ndarray, ends: np.ndarray, gap_bytes: int) -> tuple[np.n
     first = np.flatnonzero(new_range)
     last = np.concatenate([first[1:], [len(starts)]]) - 1
     return starts[first], ends[last]
-
-
-def read_rows(path: str, offset: int, row_bytes: int, rows: np.ndarray, row_shape: tuple, dtype: np.dtype,
-              gap_bytes: int = DEFAULT_GAP_BYTES) -> np.ndarray:
-    """Rows `rows` (M,) strictly increasing of the array whose row 0 starts at byte `offset` of `path`
-    -> (M, *row_shape) array, in one batch of concurrent ranged reads."""
-    rows = np.asarray(rows, np.int64)
-    out = np.empty((len(rows),) + tuple(row_shape), dtype)
-    if len(rows) == 0:
-        return out
-    row_starts = offset + rows * row_bytes
-    range_starts, range_ends = coalesce(row_starts, row_starts + row_bytes, gap_bytes)
-    blobs = filesystem(path).cat_ranges([path] * len(range_starts), range_starts.tolist(), range_ends.tolist())
-    # Rows and ranges are both sorted, so the rows of range i are one slice of `rows`.
-    bounds = np.searchsorted(row_starts, np.concatenate([range_starts, [np.iinfo(np.int64).max]]))
-    flat = out.reshape(len(rows), -1).view(np.uint8)
-    for i, blob in enumerate(blobs):
-        expected = int(range_ends[i] - range_starts[i])
-        if len(blob) != expected:
-            raise ValueError(f"{path}: read {len(blob)} of {expected} bytes at offset {range_starts[i]} (truncated file?)")
-        members = slice(bounds[i], bounds[i + 1])
-        local = (row_starts[members] - range_starts[i])[:, None] + np.arange(row_bytes)
-        flat[members] = np.frombuffer(blob, np.uint8)[local]
-    return out

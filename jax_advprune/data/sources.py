@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from jax_advprune.data import remote
-from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, NpzMember, PoolFormatError, locate_npz_member, read_rows
+from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, NpzMember, PoolFormatError, locate_npz_member, read_rows, read_rows_ranged
 
 _LABEL_CHECK_ROWS = 1 << 20  # labels are range-checked this many at a time (flat memory)
 
@@ -70,9 +70,7 @@ class NpzPart:
 
     def _rows(self, member: NpzMember, rows: np.ndarray) -> np.ndarray:
         """Rows of `member`: positional reads of the local file, or coalesced ranged reads of a remote one."""
-        if self._remote:
-            return remote.read_rows(self.path, member.offset, member.row_bytes, rows, member.shape[1:], member.dtype)
-        return read_rows(self._fd, member, rows)
+        return read_rows_ranged(member, rows) if self._remote else read_rows(self._fd, member, rows)
 
     def _validate(self):
         image, label = self._image, self._label
