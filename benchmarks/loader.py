@@ -3,6 +3,7 @@
     pip install -e ".[bench]"
     python benchmarks/loader.py                  # 1M-image pool (2.9 GB on disk)
     python benchmarks/loader.py --size 5000000   # 5M images (14 GB on disk)
+    python benchmarks/loader.py --size 200000 --gcs --skip-reference   # also from gs:// (loopback emulator)
 
 Builds the pool once with `python -m jax_advprune.data.make_pool` (32x32x3, in
 parts of at most 1M images) under --dir, keeps a random 30% of it, and streams
@@ -29,6 +30,14 @@ intra-op thread per process (set and checked: its transforms are per sample);
 the cores each configuration kept busy are recorded. The run refuses to write
 results if other work ran on the machine (--allow-busy; see benchmarks/hygiene.py).
 Prints a table and writes benchmarks/results/loader_<size>.json.
+
+--gcs adds jax_advprune reading the same pool from gs:// (rows "jax_advprune
+gs://"): a Cloud Storage emulator (gcp-storage-emulator with the behaviours
+tests/gcs_emulator.py adds, in memory) is started on 127.0.0.1 and the parts are
+uploaded to it. Each batch's rows become byte ranges, merged when close, fetched
+concurrently. Loopback only: no network latency or bandwidth limit, but the
+emulator (a Python HTTP server) runs on the same cores as the loader and its
+memory is not in the peak PSS column. Writes loader_<size>_gcs.json.
 """
 
 from __future__ import annotations
@@ -113,6 +122,41 @@ def warm_page_cache(paths: list[str]) -> None:
     print(f"page cache warmed: read {sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def start_emulator() -> tuple[subprocess.Popen, str]:
+    """Starts the Cloud Storage emulator on a free loopback port and points gcsfs at it (this process and the
+    configurations' processes, which inherit the environment) -> (process, 'gs://bench')."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--in-memory", "--default-bucket", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b/bench", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError("the GCS emulator did not start (pip install -e '.[test]' installs it)")
+            time.sleep(0.1)
+    os.environ.update(STORAGE_EMULATOR_HOST=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", FSSPEC_GS_TOKEN="anon")
+    return server, "gs://bench"
+
+
+def upload(paths: list[str], bucket: str) -> list[str]:
+    from jax_advprune import storage
+
+    start = time.perf_counter()
+    urls = [f"{bucket}/{os.path.basename(p)}" for p in paths]
+    for path, url in zip(paths, urls):
+        storage.filesystem(url).put_file(path, url)
+    print(f"uploaded {sum(os.path.getsize(p) for p in paths) / 2**30:.2f} GiB to the emulator in {time.perf_counter() - start:.0f} s", flush=True)
+    return urls
+
+
 def keep_mask(size: int, keep: float) -> np.ndarray:
     return np.random.default_rng(0).random(size) < keep
 
@@ -177,9 +221,9 @@ def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps
 def child(spec: dict) -> dict:
     """Runs one configuration in this (fresh) process and returns its measurements."""
     memory = PeakMemory()
-    fn = run_ours if spec["loader"] == "jax_advprune" else run_reference
+    fn = run_ours if spec["loader"].startswith("jax_advprune") else run_reference
     threads = hygiene.check_cores(spec["threads"]) | {"workers": spec["workers"]}
-    if spec["loader"] != "jax_advprune":
+    if fn is run_reference:
         import torch
 
         torch.set_num_threads(1)
@@ -212,6 +256,7 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores every configuration runs on")
     parser.add_argument("--skip-reference", action="store_true", help="skip the PyTorch in-RAM baseline")
+    parser.add_argument("--gcs", action="store_true", help="also read the pool from gs:// on a loopback Cloud Storage emulator")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     hygiene.add_arguments(parser)
     args = parser.parse_args()
@@ -228,18 +273,26 @@ def main():
         print(f"reference skipped: it holds the pool twice at peak ({2 * pool_bytes / 2**30:.1f} GiB), more than this machine's free memory", flush=True)
         loaders = loaders[:1]
     warm_page_cache(paths)
-    guard = hygiene.IdleGuard(args.allow_busy)
+    sources = {loader: paths for loader in loaders}
+    emulator = None
+    if args.gcs:
+        emulator, bucket = start_emulator()
+        loaders.insert(1, "jax_advprune gs://")
+        sources["jax_advprune gs://"] = upload(paths, bucket)
+    guard = hygiene.IdleGuard(args.allow_busy)  # the emulator is a child: its CPU counts as this benchmark's
     configurations = [(loader, workers) for workers in args.workers for loader in loaders]
     runs = {c: [] for c in configurations}
     for round_index in range(args.repeats):
         for loader, workers in configurations:
-            steps = args.steps if loader == "jax_advprune" else max(20, args.steps // 4)
-            spec = dict(loader=loader, paths=paths, keep=args.keep, batch=args.batch, workers=workers, steps=steps, warmup=5, threads=args.threads)
+            steps = args.steps if loader.startswith("jax_advprune") else max(20, args.steps // 4)
+            spec = dict(loader=loader, paths=sources[loader], keep=args.keep, batch=args.batch, workers=workers, steps=steps, warmup=5, threads=args.threads)
             result = measure(spec)
             runs[(loader, workers)].append(result)
             print(f"  round {round_index + 1}: {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, "
                   f"{result['cores_busy']:.1f} cores busy, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB", flush=True)
     machine_state = guard.finish()
+    if emulator is not None:
+        emulator.kill()
     rows = []
     for (loader, workers), results in runs.items():
         stats = hygiene.summary([r["seconds"] for r in results])
@@ -258,15 +311,15 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = by.get(("reference (torch, in RAM)", r["workers"]))
-        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref and r["loader"] == "jax_advprune" else ""
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref and r["loader"].startswith("jax_advprune") else ""
         busy = sorted(r["cores_busy_all"])[len(r["cores_busy_all"]) // 2]
         print(f"| {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} ({100 * r['spread']:.0f}%) | {busy:.1f} | {r['peak_pss_bytes'] / 2**30:.2f} "
               f"| {r['main_peak_rss_bytes'] / 2**30:.2f} | {ratio} |")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", f"loader_{args.size}.json")
+    out = os.path.join(REPO, "benchmarks", "results", f"loader_{args.size}{'_gcs' if args.gcs else ''}.json")
     with open(out, "w") as f:
         json.dump({
-            "pool_size": args.size, "keep": args.keep, "batch": args.batch, "augmentation": "crop 4 + flip", "repeats": args.repeats,
+            "pool_size": args.size, "keep": args.keep, "gcs": "loopback emulator (gcp-storage-emulator + tests/gcs_emulator.py, in memory, same cores)" if args.gcs else None, "batch": args.batch, "augmentation": "crop 4 + flip", "repeats": args.repeats,
             "machine": {"cpus": os.cpu_count(), "cores_used": cores, "platform": platform.platform()}, "machine_state": machine_state, "rows": rows,
         }, f, indent=2)
     print(f"\nwrote {out}")

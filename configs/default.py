@@ -55,7 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.original = ""  # npz only: original training split
     c.data.test = ""  # npz only: test split
     c.data.tarball = ""  # cifar_tarball only: cifar-10-python.tar.gz or cifar-100-python.tar.gz
-    c.data.cache_dir = ""  # cifar_tarball only: where the converted npz files go ('' = <workdir>/data)
+    # A local directory: remote (gs://) data files are copied there once per host and read from the copy
+    # ('' = read them remotely, batch by batch); cifar_tarball writes its converted npz files there ('' = <workdir>/data).
+    c.data.cache_dir = ""
     c.data.tfds_name = "cifar10"  # tfds only: cifar10 | cifar100 | svhn_cropped
     c.data.tfds_data_dir = ""  # tfds only: prepared array_record data ('' = TFDS default)
     c.data.generated_sizes = (0, 0, 0)  # generated only: train, test, synthetic images

@@ -10,6 +10,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jax_advprune import storage
+
 
 class _Manager(ocp.CheckpointManager):
     """orbax's manager without its own preemption check: the run asks JAX's preemption sync manager itself
@@ -30,7 +32,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, max_to_keep: int = 2, best_metric: str | None = None):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)  # orbax and tensorstore speak gs:// themselves
         # In a multi-host run the last-N and the best-validation managers save at the same step, both
         # asynchronously; orbax synchronises the processes with named barriers, which must differ between
         # managers that save concurrently ("Barrier ... is already ongoing" otherwise).

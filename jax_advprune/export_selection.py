@@ -24,6 +24,8 @@ import sys
 import ml_collections
 import numpy as np
 
+from jax_advprune import storage
+
 CHUNK_ROWS = 8_192  # rows read and written at a time: memory per chunk, not per selection
 
 
@@ -34,7 +36,7 @@ def _pool(workdir: str):
     from jax_advprune.workdir import read_json, settings_path
 
     path = settings_path(workdir, "select")
-    if not os.path.exists(path) or not os.path.exists(os.path.join(workdir, "selection", "meta.json")):
+    if not storage.exists(path) or not storage.exists(os.path.join(workdir, "selection", "meta.json")):
         raise UserError(f"{workdir} holds no complete selection (selection/meta.json, {path}): run the select phase first")
     settings = read_json(path)
     config = ml_collections.ConfigDict({"data": settings["data"], "seed": settings["seed"],
@@ -48,11 +50,11 @@ def export(workdir: str, out_dir: str, part_size: int = 0) -> dict:
     from jax_advprune.workdir import atomic_output, write_json
 
     pool, settings = _pool(workdir)
-    keep = np.load(os.path.join(workdir, "selection", "keep.npy"))
-    eps = np.load(os.path.join(workdir, "selection", "eps.npy"))
+    keep = storage.load_npy(os.path.join(workdir, "selection", "keep.npy"))
+    eps = storage.load_npy(os.path.join(workdir, "selection", "eps.npy"))
     rows = np.flatnonzero(keep & pool.is_synthetic)
     part_size = part_size or max(len(rows), 1)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     parts = []
     for k, start in enumerate(range(0, len(rows), part_size), start=1):
         chosen = rows[start : start + part_size]
@@ -67,7 +69,7 @@ def export(workdir: str, out_dir: str, part_size: int = 0) -> dict:
                 np.save(tmp, array)
         parts.append({**names, "rows": int(len(chosen))})
     summary = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": storage.absolute(workdir),
         "parts": parts,
         "rows": int(len(rows)),
         "pool_size": int(len(keep)),

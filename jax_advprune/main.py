@@ -53,9 +53,45 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+class ObjectLogHandler(logging.Handler):
+    """A log file in an object store, which has no appends: the text (the existing object's, then each record)
+    is held in memory and the object rewritten at most every `upload_every_s` seconds and on close (a run
+    killed with -9 loses the last seconds' lines there; stdout has them)."""
+
+    def __init__(self, path: str, upload_every_s: float = 30.0):
+        super().__init__()
+        from jax_advprune import storage
+
+        self.path, self.upload_every_s, self._storage = path, upload_every_s, storage
+        self._text = storage.read_text(path) if storage.exists(path) else ""
+        self._uploaded_at = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import time
+
+        self._text += self.format(record) + "\n"
+        if time.monotonic() - self._uploaded_at >= self.upload_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        import time
+
+        try:
+            self._storage.filesystem(self.path).pipe_file(self.path, self._text.encode())
+            self._uploaded_at = time.monotonic()
+        except Exception as error:  # the log must never stop a run
+            print(f"warning: could not write the run log {self.path}: {error}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
 def log_to_file(path: str) -> logging.Handler:
-    """Appends this package's log to `path` as well (process 0's run log)."""
-    handler = logging.FileHandler(path)
+    """Appends this package's log to `path` as well (process 0's run log), a local file or an object."""
+    from jax_advprune import storage
+
+    handler = ObjectLogHandler(path) if storage.is_remote(path) else logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     return handler
@@ -91,7 +127,7 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     platform, available = jax.devices()[0].platform, len(jax.devices())
     validate.check_run(config, workdir, available_devices=available, process_count=jax.process_count(), platform=platform, phases=tuple(phases))
     mesh = parallel.make_mesh(validate.mesh_size(config, available, process_count=jax.process_count(), platform=platform))
-    lock = workdir_lib.RunLock(workdir)
+    lock = workdir_lib.run_lock(workdir)
     locked = None
     if workdir_lib.is_writer():
         try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
+from jax_advprune import storage
 from jax_advprune.workdir import atomic_output
 
 log = logging.getLogger("jax_advprune")
@@ -26,10 +26,9 @@ def progress_bar(fraction: float, width: int = 20) -> str:
 
 def drop_records_after(jsonl_path: str, phase: str, step: int) -> None:
     """Rewrites the JSON-lines file (atomically) without the records of `phase` whose step is > `step`."""
-    if not os.path.exists(jsonl_path):
+    if not storage.exists(jsonl_path):
         return
-    with open(jsonl_path) as f:
-        lines = f.readlines()
+    lines = storage.read_text(jsonl_path).splitlines(keepends=True)
     kept = [line for line in lines if not _is_later(line, phase, step)]
     if len(kept) != len(lines):
         with atomic_output(jsonl_path) as tmp, open(tmp, "w") as f:
@@ -69,11 +68,13 @@ class Progress:
         self.first_step = self.last_step = first_step
         if jsonl_path:
             drop_records_after(jsonl_path, phase, first_step)
+        # An object store has no appends: the file's text is kept here and the object rewritten at each record.
+        self._remote_text = None
+        if jsonl_path and storage.is_remote(jsonl_path):
+            self._remote_text = storage.read_text(jsonl_path) if storage.exists(jsonl_path) else ""
         self._tensorboard = None
         if tensorboard_dir:
-            from tensorboardX import SummaryWriter
-
-            self._tensorboard = SummaryWriter(tensorboard_dir, flush_secs=30)
+            self._tensorboard = summary_writer(tensorboard_dir, flush_secs=30)
 
     def log(self, step: int, **metrics) -> None:
         """Records metrics that are not part of the rate (validation results): JSON line, TensorBoard, log line."""
@@ -82,7 +83,10 @@ class Progress:
         log.info("[%s] step %d: %s", self.phase, step, " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()))
 
     def _write(self, step: int, record: dict) -> None:
-        if self.jsonl_path:
+        if self._remote_text is not None:
+            self._remote_text += json.dumps(record) + "\n"
+            storage.filesystem(self.jsonl_path).pipe_file(self.jsonl_path, self._remote_text.encode())
+        elif self.jsonl_path:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
@@ -114,3 +118,38 @@ class Progress:
             self.phase, progress_bar(step / max(self.total, 1)), step, self.total, 100.0 * step / max(self.total, 1), rate,
             format_duration(elapsed), format_duration(eta), shown,
         )
+
+
+class _ObjectEventFile:
+    """A TensorBoard event file in an object store: the records are kept in memory and the object rewritten
+    whole on each flush (tensorboardX flushes every `flush_secs` and on close)."""
+
+    def __init__(self, path: str):
+        self.path, self.data = path, bytearray()
+
+    def write(self, record: bytes) -> None:
+        self.data += record
+
+    def flush(self) -> None:
+        storage.filesystem(self.path).pipe_file(self.path, bytes(self.data))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        """Object stores need no directories."""
+
+
+def summary_writer(directory: str, **kwargs):
+    """tensorboardX's SummaryWriter for a local `directory` or one in an object store, which it then writes
+    through fsspec (its own gs:// writer needs google-cloud-storage, which the [gcs] extra does not install)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if storage.is_remote(directory):
+        record_writer.register_writer_factory(directory.split("://", 1)[0], _ObjectEventFiles())
+    return SummaryWriter(directory, **kwargs)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jax_advprune import storage
 from jax_advprune import preemption, workdir
 
 DATA_AXIS = "data"
@@ -193,15 +194,14 @@ def map_rows(
     out = dict(out or {})
     finished: set[str] = set()
     if resume_dir:
-        os.makedirs(resume_dir, exist_ok=True)
+        storage.makedirs(resume_dir)
         sync(f"listing {resume_dir}")
         # Decided once, so every process of a multi-host run skips the same chunks.
-        finished = {name for name in os.listdir(resume_dir) if name.startswith("chunk_") and ".tmp" not in name}
+        finished = {name for name in storage.listdir(resume_dir) if name.startswith("chunk_") and ".tmp" not in name}
     for index, (rows, valid) in enumerate(padded_chunks(n, chunk_size)):
         path = os.path.join(resume_dir, f"chunk_{index:06d}.npz") if resume_dir else None
         if path and os.path.basename(path) in finished:
-            with np.load(path) as saved:
-                done = {name: saved[name] for name in saved.files}
+            done = storage.load_npz(path)
         else:
             result = compute(index, *shared_batch(read(rows), mesh))
             done = {name: np.asarray(to_host(value) if isinstance(value, jax.Array) else value)[valid] for name, value in result.items()}

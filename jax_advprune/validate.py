@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 
-from jax_advprune import workdir as workdir_lib
+from jax_advprune import storage, workdir as workdir_lib
 from jax_advprune.attacks.common import NORMS
 from jax_advprune.data import splits
 from jax_advprune.errors import UserError
@@ -201,8 +201,11 @@ def input_problems(config) -> tuple[list[str], splits.DataShape | None]:
     """Problems of the data files (exist, regular, readable, in the format) -> (problems, the data's shape or None)."""
     p = _Problems()
     for path in splits.input_files(config):
-        if p.need(os.path.exists(path), "data file", path, "an existing file (check the path)"):
-            p.need(os.path.isfile(path), "data file", path, "a regular file, not a directory")
+        if p.need(storage.exists(path), "data file", path, "an existing file (check the path)"):
+            p.need(storage.isfile(path), "data file", path, "a regular file, not a directory")
+    cache_dir = config.data.cache_dir
+    if cache_dir and p.need(not storage.is_remote(cache_dir), "data.cache_dir", cache_dir, "a local directory (each host copies remote data files there)"):
+        p.extend(problem.replace("--workdir", "data.cache_dir") for problem in _writable_place(cache_dir))
     needed = {"npz": ("original", "test"), "cifar_tarball": ("tarball",)}.get(config.data.name, ())
     for key in needed:
         p.need(bool(config.data[key]), f"data.{key}", config.data[key], f"a file path (data.name={config.data.name!r} reads it)")
@@ -235,7 +238,15 @@ def data_problems(config, shape: splits.DataShape) -> list[str]:
 
 
 def _writable_place(workdir: str) -> list[str]:
-    """The work directory is a directory, or can be made as one, and can be written."""
+    """The work directory is a directory, or can be made as one, and can be written (in an object store: its
+    bucket exists and the path is no object; whether this user may write there shows at the first write)."""
+    if storage.is_remote(workdir):
+        bucket = workdir.split("://", 1)[0] + "://" + workdir.split("://", 1)[1].split("/", 1)[0]
+        if not storage.exists(bucket):
+            return [f"--workdir={workdir!r}: a path in an existing bucket ({bucket} does not exist or cannot be listed)"]
+        if storage.isfile(workdir):
+            return [f"--workdir={workdir!r}: a directory (this is an object)"]
+        return []
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         return [f"--workdir={workdir!r}: a directory (this is a file)"]
     existing = os.path.abspath(workdir)
@@ -257,7 +268,7 @@ def workdir_problems(config, workdir: str) -> list[str]:
         except UserError as error:
             found.append(str(error))
     try:
-        workdir_lib.check_inputs(workdir, [f for f in splits.input_files(config) if os.path.isfile(f)])
+        workdir_lib.check_inputs(workdir, [f for f in splits.input_files(config) if storage.isfile(f)])
     except UserError as error:
         found.append(str(error))
     return found
@@ -272,9 +283,9 @@ def phase_problems(config, workdir: str, phases: tuple[str, ...]) -> list[str]:
     found = []
     missing = lambda phase, path: found.append(f"--phases={','.join(phases)}: {phase} needs {path} (run the phase before it first)")  # noqa: E731
     if "select" in phases and "score" not in phases and score.needed(config):
-        if not os.path.exists(os.path.join(workdir, "scores", "meta.json")) and not os.path.exists(os.path.join(workdir, "scores", f"{config.scoring.score}.npy")):
+        if not storage.exists(os.path.join(workdir, "scores", "meta.json")) and not storage.exists(os.path.join(workdir, "scores", f"{config.scoring.score}.npy")):
             missing("select", os.path.join(workdir, "scores"))
-    if "train" in phases and "select" not in phases and not os.path.exists(os.path.join(workdir, "selection", "meta.json")):
+    if "train" in phases and "select" not in phases and not storage.exists(os.path.join(workdir, "selection", "meta.json")):
         missing("train", os.path.join(workdir, "selection"))
     if "evaluate" in phases and "train" not in phases and not config.eval.init_from and not train.has_outputs(workdir):
         missing("evaluate", os.path.join(workdir, "checkpoints") + " or eval.init_from")
@@ -327,7 +338,7 @@ def check_run(config, workdir: str, *, available_devices: int, process_count: in
         if not problems:
             problems += _weights_fit(config, shape.image_shape)
     problems += _writable_place(workdir)
-    if os.path.isdir(workdir):
+    if storage.isdir(workdir):
         problems += workdir_problems(config, workdir)
     if problems:
         raise ConfigError(problems)

@@ -7,7 +7,6 @@ one. In a multi-host run only process 0 writes (`is_writer`); every process comp
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -19,7 +18,9 @@ import time
 
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune.errors import UserError
+from jax_advprune.storage import atomic_output
 
 log = logging.getLogger("jax_advprune")
 
@@ -32,22 +33,6 @@ def is_writer() -> bool:
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, suffix: str = ""):
-    """Yields a temporary path beside `path`; on success renames it to `path`, on error removes it.
-
-    `suffix` is kept at the end of the temporary name (np.savez appends '.npz' otherwise).
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _jsonable(value):
@@ -92,8 +77,7 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 # --------------------------------------------------------------------------- settings guard
@@ -121,7 +105,7 @@ def settings_path(workdir: str, phase: str) -> str:
 def settings_differences(workdir: str, phase: str, settings: dict) -> list[str]:
     """'key: old -> new' for every setting of `phase` that differs from the recorded one ([] when none is recorded)."""
     path = settings_path(workdir, phase)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
     old, new = flatten(read_json(path)), flatten(to_json_types(settings))
     return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -143,7 +127,7 @@ def check_settings(workdir: str, phase: str, settings: dict, has_outputs: bool) 
 
 def record_settings(workdir: str, phase: str, settings: dict) -> None:
     """Records the settings of `phase` when it starts (replacing a record its outputs do not depend on)."""
-    if settings_differences(workdir, phase, settings) or not os.path.exists(settings_path(workdir, phase)):
+    if settings_differences(workdir, phase, settings) or not storage.exists(settings_path(workdir, phase)):
         write_json(settings_path(workdir, phase), settings)
 
 
@@ -161,16 +145,12 @@ def fingerprint(path: str) -> str:
     Detects a file replaced by another of the same name (a regenerated pool differs
     everywhere); an edit of a few bytes between the sampled blocks goes unnoticed.
     """
-    size = os.path.getsize(path)
+    size = storage.getsize(path)
     digest = hashlib.blake2b(digest_size=16)
     span = max(size - FINGERPRINT_BLOCK_BYTES, 0)
     offsets = sorted({int(round(i * span / (FINGERPRINT_BLOCKS - 1))) for i in range(FINGERPRINT_BLOCKS)})
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset in offsets:
-            digest.update(os.pread(fd, FINGERPRINT_BLOCK_BYTES, offset))
-    finally:
-        os.close(fd)
+    for block in storage.read_blocks(path, offsets, FINGERPRINT_BLOCK_BYTES):
+        digest.update(block)
     return f"{size}:{digest.hexdigest()}"
 
 
@@ -187,8 +167,8 @@ def check_inputs(workdir: str, paths: list[str]) -> dict[str, str]:
 
     Paths the record does not hold are not compared (they are recorded by `record_inputs`).
     """
-    current = {os.path.abspath(p): fingerprint(p) for p in paths}
-    if os.path.exists(inputs_path(workdir)):
+    current = {storage.absolute(p): fingerprint(p) for p in paths}
+    if storage.exists(inputs_path(workdir)):
         recorded = read_json(inputs_path(workdir))
         changed = [p for p, fp in current.items() if p in recorded and recorded[p] != fp]
         if changed:
@@ -202,7 +182,7 @@ def check_inputs(workdir: str, paths: list[str]) -> dict[str, str]:
 
 def record_inputs(workdir: str, fingerprints: dict[str, str]) -> None:
     """Adds `fingerprints` to the record (first seen wins: a recorded file is never re-recorded)."""
-    recorded = read_json(inputs_path(workdir)) if os.path.exists(inputs_path(workdir)) else {}
+    recorded = read_json(inputs_path(workdir)) if storage.exists(inputs_path(workdir)) else {}
     merged = {**fingerprints, **recorded}
     if merged != recorded:
         write_json(inputs_path(workdir), merged)
@@ -293,6 +273,115 @@ class RunLock:
         self.release()
 
 
+class ObjectRunLock:
+    """The run lock of a work directory in an object store (gs://), held for the whole run by process 0.
+
+    An object store has no flock. `<workdir>/lock` is created only if absent (GCS's
+    ifGenerationMatch=0 precondition, through gcsfs's mode="create"), holds the
+    holder's host, pid, a random token and a heartbeat time rewritten every
+    `heartbeat_s`, and is deleted on release. A second run finds it and is refused
+    while its holder lives: on this host while the pid runs; on another host while
+    the heartbeat is younger than `stale_after_s`. A lock left behind (kill -9,
+    a lost host) is taken over after that, with a log line.
+    """
+
+    def __init__(self, workdir: str, heartbeat_s: float = 60.0, stale_after_s: float = 600.0):
+        self.path = workdir.rstrip("/") + "/" + LOCK_NAME
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self._record: dict | None = None
+        self._stop = None
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(storage.read_text(self.path) or "{}")
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _write(self, mode: str) -> None:
+        self._record["heartbeat"] = time.time()
+        storage.filesystem(self.path).pipe_file(self.path, json.dumps(self._record).encode(), mode=mode)
+
+    def holder_is_live(self, holder: dict) -> bool:
+        """Whether the run named in the lock object may still be running (see the class docstring)."""
+        if holder.get("host") == socket.gethostname():
+            return process_is_running(int(holder.get("pid", -1)), holder.get("pid_started"))
+        return time.time() - float(holder.get("heartbeat", 0)) < self.stale_after_s
+
+    def acquire(self) -> None:
+        import threading
+        import uuid
+
+        holder = self._holder()
+        if holder and self.holder_is_live(holder):
+            where = "this host, still running" if holder.get("host") == socket.gethostname() else \
+                f"another host, last heartbeat {time.time() - float(holder.get('heartbeat', 0)):.0f} s ago; taken over after {self.stale_after_s:.0f} s without one"
+            raise WorkdirLockedError(f"{self.path.rsplit('/', 1)[0]} is in use by another run: process {holder.get('pid', '?')} on host "
+                                     f"{holder.get('host', '?')} (started {holder.get('started', '?')}; {where}) holds {self.path}. "
+                                     "Wait for it, or stop it, or use another --workdir")
+        if holder:
+            log.info("taking over %s left by process %s on %s, no longer running (started %s)", self.path, holder.get("pid"), holder.get("host"), holder.get("started"))
+        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start_ticks(os.getpid()),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+        try:
+            self._write("overwrite" if holder else "create")
+        except FileExistsError:  # another run created it between our read and our write
+            raise WorkdirLockedError(f"{self.path} was just created by another run: {self._holder()}; use another --workdir") from None
+        if self._holder().get("token") != self._record["token"]:
+            raise WorkdirLockedError(f"{self.path} was just taken by another run: {self._holder()}; use another --workdir")
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, args=(self._stop,), name="lock-heartbeat", daemon=True).start()
+
+    def _beat(self, stop) -> None:
+        while not stop.wait(self.heartbeat_s):
+            try:
+                if self._holder().get("token") != self._record["token"]:
+                    log.warning("%s is no longer ours (another run took it over); this run goes on without it", self.path)
+                    return
+                self._write("overwrite")
+            except Exception as error:  # a failed heartbeat must not stop training; the next one retries
+                log.warning("lock heartbeat of %s failed: %s", self.path, error)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+            if self._holder().get("token") == self._record["token"]:
+                storage.remove(self.path)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc), or None where unknown: with the
+    pid it tells a live process from a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_is_running(pid: int, started: int | None = None) -> bool:
+    """Whether process `pid` of this host runs (and, when `started` is known, is the one that started then)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or process_start_ticks(pid) in (None, started)
+
+
+def run_lock(workdir: str):
+    """The run lock of `workdir`: flock on a local or shared file system, `ObjectRunLock` in an object store."""
+    return ObjectRunLock(workdir) if storage.is_remote(workdir) else RunLock(workdir)
+
+
 # --------------------------------------------------------------------------- phase wall times
 
 
@@ -302,6 +391,6 @@ def timings_path(workdir: str) -> str:
 
 def add_phase_seconds(workdir: str, phase: str, seconds: float) -> None:
     """Adds `seconds` of wall time to `phase`'s total in timings.json (summed over the runs that resumed it)."""
-    totals = read_json(timings_path(workdir)) if os.path.exists(timings_path(workdir)) else {}
+    totals = read_json(timings_path(workdir)) if storage.exists(timings_path(workdir)) else {}
     totals[phase] = round(totals.get(phase, 0.0) + seconds, 3)
     write_json(timings_path(workdir), totals)

@@ -20,10 +20,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from jax_advprune.data.generate import write_npz
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_npz(path, n, *, shape=(8, 8, 1), num_classes=10, seed=0, offset=0):
@@ -52,22 +57,21 @@ def small_pool(tmp_path):
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """'gs://<bucket>' on a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1, in memory),
-    started for the session and stopped after it; gcsfs and tensorstore are pointed at it."""
+    """'gs://<bucket>' on a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1, in memory, with the
+    behaviours tests/gcs_emulator.py adds), started for the session and stopped after it; gcsfs and tensorstore,
+    here and in the subprocesses the tests start, are pointed at it."""
     import socket
-    import subprocess
-    import sys
     import time
     import urllib.request
 
     import fsspec
 
-    from jax_advprune.data import remote
+    from jax_advprune import storage
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port", str(port),
                                "--in-memory", "--default-bucket", "test-bucket"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -78,20 +82,39 @@ def gcs_bucket():
         except OSError:
             assert server.poll() is None and time.time() < deadline, "the GCS emulator did not start"
             time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
-    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-                      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")  # no gRPC bucket-type probe (it waits 60 s on an emulator)
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "FSSPEC_GS_TOKEN")}
+    # Subprocesses (the command under test) inherit these: gcsfs anonymous (no credential lookup) on the emulator,
+    # without its gRPC bucket-type probe (which waits 60 s on an emulator); tensorstore (orbax) on the emulator too.
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", FSSPEC_GS_TOKEN="anon")
     fsspec.config.conf["gs"] = {"token": "anon"}
-    remote._filesystem.cache_clear()
+    storage.clear_filesystems()
     try:
         yield "gs://test-bucket"
     finally:
         server.kill()
         server.wait()
         fsspec.config.conf.pop("gs", None)
-        remote._filesystem.cache_clear()
+        storage.clear_filesystems()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def main_command(workdir, *overrides) -> list[str]:
+    """The README's command on the :smoke variant of the default config."""
+    return [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir), *overrides]
+
+
+def run_main(workdir, *overrides):
+    return subprocess.run(main_command(workdir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(work dir, completed process) of one uninterrupted local smoke run, shared by the tests that read it."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    first = run_main(workdir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return workdir, first

@@ -7,21 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(workdir, *overrides):
-    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir), *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    first = run_main(workdir)
-    assert first.returncode == 0, first.stdout + first.stderr
-    return workdir, first
 
 
 def test_smoke_run_writes_every_phase_output(smoke_run):

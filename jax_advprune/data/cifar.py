@@ -21,6 +21,7 @@ import tarfile
 
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune.data.npz_format import write_npz
 
 # name -> (train members, test members, label key, classes), members relative to the top folder.
@@ -36,7 +37,7 @@ def _members_by_basename(archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]
 
 def detect_layout(tarball: str) -> str:
     """'cifar10' or 'cifar100' from the members of the tarball; ValueError otherwise."""
-    with tarfile.open(tarball) as archive:
+    with storage.open_file(tarball, "rb") as f, tarfile.open(fileobj=f) as archive:
         names = set(_members_by_basename(archive))
     for name, (train, test, _, _) in LAYOUTS.items():
         if set(train + test) <= names:
@@ -68,7 +69,7 @@ def convert_cifar_tarball(tarball: str, out_dir: str) -> dict[str, str]:
     Returns {'name', 'num_classes', 'train', 'test'}. Existing outputs are reused
     (each is written to a temporary name and renamed, so an existing file is complete).
     """
-    if not os.path.exists(tarball):
+    if not storage.exists(tarball):
         raise FileNotFoundError(
             f"CIFAR tarball {tarball} does not exist; download cifar-10-python.tar.gz (or cifar-100-python.tar.gz) "
             "from https://www.cs.toronto.edu/~kriz/cifar.html and pass its path"
@@ -76,10 +77,10 @@ def convert_cifar_tarball(tarball: str, out_dir: str) -> dict[str, str]:
     name = detect_layout(tarball)
     train_members, test_members, label_key, num_classes = LAYOUTS[name]
     paths = {"train": os.path.join(out_dir, f"{name}_train.npz"), "test": os.path.join(out_dir, f"{name}_test.npz")}
-    os.makedirs(out_dir, exist_ok=True)
-    with tarfile.open(tarball) as archive:
+    storage.makedirs(out_dir)
+    with storage.open_file(tarball, "rb") as f, tarfile.open(fileobj=f) as archive:
         for split, members in (("train", train_members), ("test", test_members)):
-            if not os.path.exists(paths[split]):
+            if not storage.exists(paths[split]):
                 images, labels = _read_batches(archive, members, label_key, tarball)
                 write_npz(paths[split], images, labels)
     return {"name": name, "num_classes": num_classes, **paths}

@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune.data.npz_format import write_npz
 from jax_advprune.workdir import atomic_output
 
@@ -123,14 +124,13 @@ def write_embedded_default(
     settings = dict(image_size=image_size, synthetic_size=synthetic_size, test_fraction=test_fraction, seed=seed)
     paths = {name: os.path.join(data_dir, f"{name}.npz") for name in ("train", "test", "synthetic")}
     meta_path = os.path.join(data_dir, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            existing = json.load(f)["settings"]
+    if storage.exists(meta_path):
+        existing = json.loads(storage.read_text(meta_path))["settings"]
         if existing != settings:
             raise ValueError(f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir")
-        if all(os.path.exists(p) for p in paths.values()):
+        if all(storage.exists(p) for p in paths.values()):
             return paths
-    os.makedirs(data_dir, exist_ok=True)
+    storage.makedirs(data_dir)
     x_train, y_train, x_test, y_test = digits_split(test_fraction, seed)
     write_npz(paths["train"], to_uint8_images(x_train, image_size), y_train)
     write_npz(paths["test"], to_uint8_images(x_test, image_size), y_test)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune.data.npz_format import NpzStreamWriter
 
 CHUNK_ROWS = 16_384
@@ -78,7 +79,7 @@ def make_pool(
     paths = part_paths(out, parts)
     bounds = np.linspace(0, size, parts + 1).astype(np.int64)
     for i, path in enumerate(paths):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        storage.makedirs(os.path.dirname(storage.absolute(path)))
         write_part(path, int(bounds[i + 1] - bounds[i]), tuple(image_shape), num_classes, seed, i, template_seed)
     return paths
 
@@ -90,7 +91,7 @@ def write_generated_dataset(data_dir: str, *, train: int, test: int, synthetic: 
     paths = {}
     for stream, (name, size) in enumerate((("train", train), ("test", test), ("synthetic", synthetic))):
         paths[name] = os.path.join(data_dir, f"generated_{name}.npz")
-        if not os.path.exists(paths[name]):
+        if not storage.exists(paths[name]):
             make_pool(paths[name], size, image_shape=image_shape, num_classes=num_classes, seed=seed * 3 + stream + 1, template_seed=seed)
     return paths
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--image-shape must be H,W,C, got {args.image_shape!r}")
     start = time.perf_counter()
     paths = make_pool(args.out, args.size, parts=args.parts, image_shape=shape, num_classes=args.num_classes, seed=args.seed)
-    gib = sum(os.path.getsize(p) for p in paths) / 2**30
+    gib = sum(storage.getsize(p) for p in paths) / 2**30
     print(f"wrote {args.size} images ({gib:.2f} GiB) in {time.perf_counter() - start:.1f}s: {' '.join(paths)}")
 
 

@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune.data import remote
 from jax_advprune.errors import UserError
 from jax_advprune.workdir import atomic_output
@@ -55,7 +56,7 @@ def locate_npz_member(path: str, key: str) -> NpzMember:
     compressed, or not a plain (non-object, C-order) .npy array.
     """
     member = f"{key}.npy"
-    opened = remote.open_binary(path) if remote.is_remote(path) else open(path, "rb")
+    opened = storage.open_file(path, "rb")
     with opened as handle:
         return _locate_in(handle, path, key, member)
 
@@ -195,7 +196,7 @@ def read_rows_ranged(member: NpzMember, rows: np.ndarray, gap_bytes: int = remot
     row_bytes = member.row_bytes
     row_starts = member.offset + rows * row_bytes
     range_starts, range_ends = remote.coalesce(row_starts, row_starts + row_bytes, gap_bytes)
-    blobs = remote.filesystem(member.path).cat_ranges([member.path] * len(range_starts), range_starts.tolist(), range_ends.tolist())
+    blobs = storage.filesystem(member.path).cat_ranges([member.path] * len(range_starts), range_starts.tolist(), range_ends.tolist())
     # Rows and ranges are both sorted, so the rows of range i are one slice of `rows`.
     bounds = np.searchsorted(row_starts, np.concatenate([range_starts, [np.iinfo(np.int64).max]]))
     flat = out.reshape(len(rows), -1).view(np.uint8)

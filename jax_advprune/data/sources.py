@@ -18,7 +18,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from jax_advprune.data import remote
+from jax_advprune import storage
 from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, NpzMember, PoolFormatError, locate_npz_member, read_rows, read_rows_ranged
 
 _LABEL_CHECK_ROWS = 1 << 20  # labels are range-checked this many at a time (flat memory)
@@ -61,8 +61,8 @@ class NpzPart:
         self._validate()
 
     def _open(self):
-        self._remote = remote.is_remote(self.path)
-        if not (remote.exists(self.path) if self._remote else os.path.exists(self.path)):
+        self._remote = storage.is_remote(self.path)
+        if not storage.exists(self.path):
             raise FileNotFoundError(f"pool file {self.path} does not exist")
         self._image = locate_npz_member(self.path, IMAGE_KEY)
         self._label = locate_npz_member(self.path, LABEL_KEY)
@@ -82,7 +82,7 @@ class NpzPart:
             raise PoolFormatError(f"{self.path}: 'label' has dtype {label.dtype} and shape {label.shape}, expected integer (N,)")
         if label.shape[0] != image.shape[0]:
             raise PoolFormatError(f"{self.path}: {image.shape[0]} images but {label.shape[0]} labels")
-        size = remote.size(self.path) if self._remote else os.path.getsize(self.path)
+        size = storage.getsize(self.path)
         for member in (image, label):
             if member.offset + member.shape[0] * member.row_bytes > size:
                 raise PoolFormatError(f"{self.path}: array {member.key!r} is truncated: the file ends before its {member.shape[0]} rows")

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from jax_advprune import parallel, workdir as workdir_lib
+from jax_advprune import parallel, storage, workdir as workdir_lib
 from jax_advprune.data.cifar import LAYOUTS, convert_cifar_tarball, detect_layout
 from jax_advprune.data.generate import digits_split, write_embedded_default
 from jax_advprune.data.make_pool import write_generated_dataset
@@ -74,7 +74,7 @@ def input_files(config) -> list[str]:
     cfg = config.data
     files = {"npz": [cfg.original, cfg.test], "cifar_tarball": [cfg.tarball]}.get(cfg.name, [])
     weights = [config[key].init_from for key in ("scoring", "train", "eval") if config[key].get("init_from")]
-    return [f for f in files if f] + list(cfg.synthetic) + [w for w in weights if os.path.isfile(w)]
+    return [f for f in files if f] + list(cfg.synthetic) + [w for w in weights if storage.isfile(w)]
 
 
 def data_shape(config) -> DataShape:
@@ -129,6 +129,7 @@ def load_data(config, workdir: str) -> Data:
     <workdir>/data once (smoke runs of the paper configs, offline).
     """
     cfg = config.data
+    cache_dir = cfg.get("cache_dir", "")  # operational, so not in recorded settings (export_selection reopens from those)
     synthetic = list(cfg.synthetic)
     data_dir = os.path.join(workdir, "data")
     paths = {"train": cfg.original, "test": cfg.test}
@@ -138,13 +139,17 @@ def load_data(config, workdir: str) -> Data:
         ))
         synthetic = [paths["synthetic"]] + synthetic
     elif cfg.name == "cifar_tarball":
-        paths = _prepared_once("CIFAR conversion", lambda: convert_cifar_tarball(cfg.tarball, cfg.cache_dir or data_dir))
+        paths = _prepared_once("CIFAR conversion", lambda: convert_cifar_tarball(cfg.tarball, cache_dir or data_dir))
     elif cfg.name == "generated":
         paths = _prepared_once("generated data", lambda: write_generated_dataset(
             data_dir, train=cfg.generated_sizes[0], test=cfg.generated_sizes[1], synthetic=cfg.generated_sizes[2],
             image_shape=tuple(cfg.generated_image_shape), num_classes=cfg.num_classes, seed=cfg.seed,
         ))
         synthetic = [paths["synthetic"]] + synthetic
+    given = [p for p in (paths.get("train"), paths.get("test"), *synthetic) if p]  # fingerprinted under these names
+    if cache_dir and cfg.name != "tfds":  # remote files read from a local copy, made once per host
+        paths = {**paths, **{k: storage.local_copy(paths[k], cache_dir, log) for k in ("train", "test") if paths.get(k)}}
+        synthetic = [storage.local_copy(p, cache_dir, log) for p in synthetic]
     original, test = _original_and_test(config, paths)
     pool = open_pool(original, synthetic, cfg.num_classes)
     test_images, test_labels = test.read(np.arange(len(test)))
@@ -152,5 +157,5 @@ def load_data(config, workdir: str) -> Data:
         raise ValueError(f"test split {test.name} has images of shape {test_images.shape[1:]}, the pool {pool.image_shape}")
     log.info("pool: %d original + %d synthetic images of shape %s; test: %d", pool.num_original, len(pool) - pool.num_original, pool.image_shape, len(test_labels))
     trainable = trainable_mask(len(pool), pool.num_original, config.train.validation_size, config.seed)
-    files = [part.path for part in pool.parts + [test] if hasattr(part, "path")] + ([cfg.tarball] if cfg.name == "cifar_tarball" else [])
+    files = (given if cfg.name != "tfds" else []) + ([cfg.tarball] if cfg.name == "cifar_tarball" else [])
     return Data(pool, test_images, test_labels, trainable, files)

@@ -9,8 +9,9 @@ from jax_advprune.models import create_model
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Fields that change how a run reports, not what it computes: free to change on a rerun.
-OPERATIONAL_FIELDS = ("log_every_s", "log_every_steps", "checkpoint_every", "keep_checkpoints")
+# Fields that change how a run reports, saves or reads, not what it computes: free to change on a rerun
+# (data.cache_dir: where a host keeps local copies of remote data files).
+OPERATIONAL_FIELDS = ("log_every_s", "log_every_steps", "checkpoint_every", "keep_checkpoints", "cache_dir")
 
 
 def build_model(config, compute_dtype: str = "float32"):

@@ -12,6 +12,7 @@ import math
 import os
 import time
 
+from jax_advprune import storage
 from jax_advprune import provenance
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import abstract_like
@@ -32,7 +33,7 @@ def settings(config) -> dict:
 
 
 def has_outputs(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "results.json"))
+    return storage.exists(os.path.join(workdir, "results.json"))
 
 
 def best_validation_state(workdir: str, like):
@@ -40,7 +41,7 @@ def best_validation_state(workdir: str, like):
 
     `like`: a train state whose structure and placement the restored one takes.
     """
-    if not os.path.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
+    if not storage.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
         return None, None
     checkpointer = best_checkpointer(final_checkpoint_dir(workdir))
     try:
@@ -87,7 +88,7 @@ def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
             if selection else "Evaluation of given weights only (no selection or training in this work directory).")
     title = f"{config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}" if selection else f"evaluation of {config.eval.init_from}"
     lines = [
-        f"# {os.path.basename(os.path.abspath(workdir))}: {title}",
+        f"# {os.path.basename(storage.absolute(workdir))}: {title}",
         "",
         kept,
         f"Test split: {summary['test_size']} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start); "
@@ -114,7 +115,7 @@ def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = N
     best_state, best_step = best_validation_state(workdir, trained_state) if trained_state is not None else (None, None)
     if best_state is not None:
         candidates["best_ema"] = best_state.variables(ema=True)
-    elif trained_state is None and os.path.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
+    elif trained_state is None and storage.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
         _, candidates["best_ema"], best_step = saved_variables(workdir, "best_ema")
     return candidates, {"checkpoint_step": step, "best_validation_step": best_step}
 
@@ -122,15 +123,15 @@ def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = N
 def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -> None:
     """Evaluates each set of `candidates` variables ({name: variables}, from `weights_to_evaluate`); writes results.json
     and report.md, and the metrics to TensorBoard."""
-    if os.path.exists(os.path.join(workdir, "results.json")):
+    if storage.exists(os.path.join(workdir, "results.json")):
         log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
         return
     workdir_lib.record_settings(workdir, NAME, settings(config))
     start = time.perf_counter()
     results = evaluate_weights(config, data, mesh, build_model(config), candidates)
     selection_path = os.path.join(workdir, "selection", "meta.json")
-    selection = workdir_lib.read_json(selection_path) if os.path.exists(selection_path) and "given" not in candidates else None
-    timings = workdir_lib.read_json(workdir_lib.timings_path(workdir)) if os.path.exists(workdir_lib.timings_path(workdir)) else {}
+    selection = workdir_lib.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
+    timings = workdir_lib.read_json(workdir_lib.timings_path(workdir)) if storage.exists(workdir_lib.timings_path(workdir)) else {}
     summary = {
         "strategy": config.pruning.strategy if selection else None,
         "keep_ratio": config.pruning.keep_ratio if selection else None,
@@ -155,10 +156,10 @@ def _to_tensorboard(config, workdir: str, results: dict) -> None:
     """The run's hyperparameters and test accuracies as a TensorBoard hparams entry (tensorboard/evaluate)."""
     if not workdir_lib.is_writer():
         return
-    from tensorboardX import SummaryWriter
+    from jax_advprune.metrics import summary_writer
 
     flat = workdir_lib.flatten(config.to_dict())
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
     metrics = {f"test/{weights}/{k}": v for weights, r in results.items() for k, v in r.items() if not k.endswith("_se")}
-    with SummaryWriter(os.path.join(workdir, "tensorboard", NAME)) as writer:
+    with summary_writer(os.path.join(workdir, "tensorboard", NAME)) as writer:
         writer.add_hparams(hparams, metrics, name="hparams")

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from scipy.stats import spearmanr
 
+from jax_advprune import storage
 from jax_advprune import parallel
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.data.sources import Pool
@@ -42,7 +43,7 @@ def needed(config) -> bool:
 
 
 def has_outputs(workdir: str) -> bool:
-    return any(os.path.exists(os.path.join(workdir, d)) for d in ("scores", "scoring_model"))
+    return any(storage.exists(os.path.join(workdir, d)) for d in ("scores", "scoring_model"))
 
 
 class HistoryRecorder:
@@ -56,10 +57,10 @@ class HistoryRecorder:
     def __init__(self, predict, pool: Pool, indices: np.ndarray, *, every: int, out_dir: str, chunk_size: int, seed: int):
         self.predict, self.pool, self.indices, self.every = predict, pool, indices, every
         self.out_dir, self.chunk_size, self.seed = out_dir, chunk_size, seed
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
         parallel.sync("history listed")
         # Decided once, so every process of a multi-host run records the same epochs.
-        self.recorded = {f for f in os.listdir(out_dir) if f.startswith("epoch_") and ".tmp" not in f}
+        self.recorded = {f for f in storage.listdir(out_dir) if f.startswith("epoch_") and ".tmp" not in f}
 
     def _path(self, epoch: int) -> str:
         return os.path.join(self.out_dir, f"epoch_{epoch:05d}.npz")
@@ -74,8 +75,8 @@ class HistoryRecorder:
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         parallel.sync("history written")
-        files = sorted(f for f in os.listdir(self.out_dir) if f.startswith("epoch_") and f.endswith(".npz") and ".tmp" not in f)
-        records = [np.load(os.path.join(self.out_dir, f)) for f in files]
+        files = sorted(f for f in storage.listdir(self.out_dir) if f.startswith("epoch_") and f.endswith(".npz") and ".tmp" not in f)
+        records = [storage.load_npz(os.path.join(self.out_dir, f)) for f in files]
         return np.stack([r["p_true"] for r in records]), np.stack([r["correct"] for r in records])
 
 
@@ -101,7 +102,7 @@ def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> 
     if not needed(config):
         log.info("[score] not needed by strategy 'random', skipped")
         return
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
+    if storage.exists(os.path.join(out_dir, "meta.json")):
         log.info("[score] complete, skipped (%s)", out_dir)
         return
     workdir_lib.record_settings(workdir, NAME, settings(config))
@@ -227,24 +228,21 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     queries = np.flatnonzero(data.trainable)
     chunk = config.scoring.chunk_size
     ref_features = predictions.pool_outputs(predict, variables, data.pool, refs, chunk_size=chunk, keep=("features",))["features"]
-    embedding_path = os.path.join(out_dir, "embedding.npy")
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_path = embedding_path + f".tmp{jax.process_index()}.npy"  # every process fills its own copy
-    embedding = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
-    predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding},
-                             progress=_progress(config, workdir, "score/embedding", len(queries), chunk))
-    embedding.flush()
-    query_chunk = max(chunk // mesh.size, 1) * mesh.size
-    engine = knn_lib.knn_engine(mesh, ext.engine)
-    log.info("[score] kNN engine: %s (scoring.extrapolation.engine=%r)", engine, ext.engine)
-    extrapolated = knn_lib.extrapolate_knn(embedding, ref_features, values[~holdout], k=ext.k, metric=ext.metric, weighting=ext.weighting,
-                                           query_chunk=query_chunk, mesh=mesh, engine=engine,
-                                           progress=_progress(config, workdir, "score/knn", len(queries), query_chunk))
-    del embedding
-    if workdir_lib.is_writer():
-        os.replace(tmp_path, embedding_path)  # (trainable rows, D): the queries' embedding, kept for inspection
-    else:
-        os.remove(tmp_path)
+    embedding_path = os.path.join(out_dir, "embedding.npy")  # (trainable rows, D): the queries' embedding, kept for inspection
+    # Every process fills its own memory-mapped copy (beside the file, or in TMPDIR for a remote work dir); process 0 keeps its.
+    keep_copy = workdir_lib.atomic_output if workdir_lib.is_writer() else storage.scratch_file
+    with keep_copy(embedding_path, f".{jax.process_index()}.npy") as tmp_path:
+        embedding = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
+        predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding},
+                                 progress=_progress(config, workdir, "score/embedding", len(queries), chunk))
+        embedding.flush()
+        query_chunk = max(chunk // mesh.size, 1) * mesh.size
+        engine = knn_lib.knn_engine(mesh, ext.engine)
+        log.info("[score] kNN engine: %s (scoring.extrapolation.engine=%r)", engine, ext.engine)
+        extrapolated = knn_lib.extrapolate_knn(embedding, ref_features, values[~holdout], k=ext.k, metric=ext.metric, weighting=ext.weighting,
+                                               query_chunk=query_chunk, mesh=mesh, engine=engine,
+                                               progress=_progress(config, workdir, "score/knn", len(queries), query_chunk))
+        del embedding
     full = np.full(len(data.pool), np.nan, np.float32)
     full[queries] = extrapolated
     full[refs] = values[~holdout]  # reference rows keep their computed score

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.data.splits import Data
 from jax_advprune.phases.common import section
@@ -25,18 +26,18 @@ def settings(config) -> dict:
 
 
 def has_outputs(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "selection"))
+    return storage.exists(os.path.join(workdir, "selection"))
 
 
 def run(config, workdir: str, data: Data) -> None:
     """Applies the pruning strategy to the scores of the trainable rows (the validation slice is never kept)."""
     out_dir = os.path.join(workdir, "selection")
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
+    if storage.exists(os.path.join(out_dir, "meta.json")):
         log.info("[select] complete, skipped (%s)", out_dir)
         return
     workdir_lib.record_settings(workdir, NAME, settings(config))
     pcfg = config.pruning
-    scores = None if pcfg.strategy == "random" else np.load(os.path.join(workdir, "scores", f"{config.scoring.score}.npy"))
+    scores = None if pcfg.strategy == "random" else storage.load_npy(os.path.join(workdir, "scores", f"{config.scoring.score}.npy"))
     labels = data.pool.labels()
     keep, eps = strategies.select(
         pcfg.strategy, scores=scores, labels=labels, eligible=data.trainable,

@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune import parallel, training
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import Checkpointer, abstract_like, best_checkpointer, final_checkpoint_dir
@@ -30,7 +31,7 @@ def settings(config) -> dict:
 
 
 def has_outputs(workdir: str) -> bool:
-    return os.path.isdir(final_checkpoint_dir(workdir)) and bool(os.listdir(final_checkpoint_dir(workdir)))
+    return storage.isdir(final_checkpoint_dir(workdir)) and bool(storage.listdir(final_checkpoint_dir(workdir)))
 
 
 def batch_plan(config, data: Data, keep: np.ndarray, seed: int):
@@ -111,8 +112,8 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
 
 def load_selection(workdir: str, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
     """selection/keep.npy (N,) bool and eps.npy (N,) float32, checked against the pool's size."""
-    keep = np.load(os.path.join(workdir, "selection", "keep.npy"))
-    eps = np.load(os.path.join(workdir, "selection", "eps.npy"))
+    keep = storage.load_npy(os.path.join(workdir, "selection", "keep.npy"))
+    eps = storage.load_npy(os.path.join(workdir, "selection", "eps.npy"))
     for name, array in (("keep.npy", keep), ("eps.npy", eps)):
         if array.shape != (pool_size,):
             raise ValueError(f"{os.path.join(workdir, 'selection', name)} has shape {array.shape}, expected ({pool_size},), one entry per pool sample")

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_advprune import storage
 from jax_advprune.errors import UserError
 from jax_advprune.models import create_model, import_torch
 from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
@@ -30,7 +31,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 def _restore(step_dir: str) -> dict:
     """The train state saved in `step_dir`, as host numpy arrays, whatever devices and processes saved it
     (a pod's checkpoint restores on a laptop; in a multi-host run every process reads it whole)."""
-    path = os.path.join(os.path.abspath(step_dir), "state")
+    path = os.path.join(storage.absolute(step_dir), "state")
     saved = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
     return ocp.PyTreeCheckpointer().restore(path, restore_args=as_numpy)
@@ -51,18 +52,18 @@ def saved_variables(workdir: str, weights: str):
 def saved_state(workdir: str, best: bool = False):
     """(model settings, the restored train state as a dict, step) of `workdir`'s final checkpoint, or with `best`
     of its best-validation checkpoint (the final one when the run had no validation)."""
-    if not os.path.exists(settings_path(workdir, "train")):
+    if not storage.exists(settings_path(workdir, "train")):
         raise UserError(f"{workdir} holds no trained model ({settings_path(workdir, 'train')} is missing): run the train phase first")
     settings = read_json(settings_path(workdir, "train"))
     ckpt_dir, step = final_checkpoint_dir(workdir), None
-    if best and os.path.isdir(best_checkpoint_dir(ckpt_dir)):
+    if best and storage.isdir(best_checkpoint_dir(ckpt_dir)):
         checkpointer = best_checkpointer(ckpt_dir)
         step = checkpointer.best_step()
         checkpointer.close()
         if step is not None:
             ckpt_dir = best_checkpoint_dir(ckpt_dir)
     if step is None:
-        steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+        steps = [int(n) for n in storage.listdir(ckpt_dir) if n.isdigit()] if storage.isdir(ckpt_dir) else []
         step = max(steps) if steps else None
     if step is None:
         raise UserError(f"{workdir} has no checkpoint in {ckpt_dir}")
@@ -77,11 +78,11 @@ def build_saved_model(model_settings: dict):
 
 def path_problem(path: str) -> str | None:
     """Why `path` is no weights source (None when it looks like one), without reading it."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return "no such file or directory"
-    if os.path.isfile(path):
+    if storage.isfile(path):
         return None if path.endswith(TORCH_SUFFIXES) else f"a checkpoint file ending in {', '.join(TORCH_SUFFIXES)}"
-    if os.path.exists(settings_path(path, "train")) or os.path.isdir(os.path.join(path, "state")):
+    if storage.exists(settings_path(path, "train")) or storage.isdir(os.path.join(path, "state")):
         return None
     return "a jax_advprune work directory (with settings/train.json) or a checkpoint directory (with state/)"
 
@@ -89,10 +90,10 @@ def path_problem(path: str) -> str | None:
 def load_variables(path: str, config, image_shape: tuple) -> dict:
     """Variables {'params', 'batch_stats'} for config.model from `path` (see the module docstring)."""
     model = build_saved_model({"name": config.model.name, "kwargs": config.model.kwargs.to_dict(), "num_classes": config.data.num_classes})
-    if os.path.isfile(path):
+    if storage.isfile(path):
         kwargs = config.model.kwargs.to_dict() | {"mean": tuple(model.mean), "std": tuple(model.std)}
         return import_torch(path, name=config.model.name, num_classes=config.data.num_classes, image_shape=image_shape, **kwargs)[1]
-    if os.path.isdir(os.path.join(path, "state")):
+    if storage.isdir(os.path.join(path, "state")):
         state = _restore(path)
         return {"params": state["ema_params"], "batch_stats": state["batch_stats"]}
     settings, variables, _ = saved_variables(path, "best_ema")

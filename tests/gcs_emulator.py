@@ -1,0 +1,89 @@
+"""gcp-storage-emulator with three behaviours of Cloud Storage that it lacks and that this project relies on.
+
+- A download carries the object's generation in the `x-goog-generation` header.
+  tensorstore (under orbax) reads it; without it every checkpoint read fails
+  with "Malformed StorageGeneration".
+- An upload honours the `ifGenerationMatch` precondition (0: only if the object
+  does not exist), answering 412 otherwise. The run lock creates its object
+  this way; the emulator alone overwrites.
+- Concurrent requests are served. The emulator's single-threaded server with
+  a listen backlog of 5 drops the connections of a burst of concurrent range
+  reads (fsspec's cat_ranges), which then wait for TCP's SYN retries (minutes).
+
+Runs as the emulator's own command: python tests/gcs_emulator.py start --host 127.0.0.1 --port P --in-memory ...
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from functools import partial
+from http import HTTPStatus
+from http.server import ThreadingHTTPServer
+
+from gcp_storage_emulator import __main__ as emulator_main
+from gcp_storage_emulator import server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
+_original_download, _original_insert = objects.download, objects.insert
+_uploads = threading.Lock()
+
+
+def _current_generation(storage, bucket: str, name: str) -> str:
+    """The object's generation, or '0' when it does not exist (GCS's convention for preconditions)."""
+    try:
+        return str(storage.get_file_obj(bucket, name)["generation"])
+    except NotFound:
+        return "0"
+
+
+def download(request, response, storage, *args, **kwargs):
+    _original_download(request, response, storage, *args, **kwargs)
+    generation = _current_generation(storage, request.params["bucket_name"], request.params["object_id"])
+    if generation != "0":
+        response["x-goog-generation"] = generation
+
+
+def insert(request, response, storage, *args, **kwargs):
+    wanted = (request.query.get("ifGenerationMatch") or [None])[0]
+    if wanted is None:
+        return _original_insert(request, response, storage, *args, **kwargs)
+    name = (request.query.get("name") or [None])[0]
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("meta") or {}).get("name")
+    with _uploads:
+        if name is not None and _current_generation(storage, request.params["bucket_name"], name) != str(wanted):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}})
+            return
+        return _original_insert(request, response, storage, *args, **kwargs)
+
+
+class _ConcurrentServer(ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+
+
+def _serve(self) -> None:
+    """server.APIThread.run on a threading server with a deep listen backlog."""
+    self._httpd = _ConcurrentServer((self._host, self._port), partial(server.RequestHandler, self._storage))
+    self.is_running.set()
+    self._httpd.serve_forever()
+
+
+def patch() -> None:
+    """Routes the emulator's download and insert handlers through the wrappers above; serves concurrently."""
+    server.APIThread.run = _serve
+    objects.download, objects.insert = download, insert  # objects.get and the router call these by name
+    for _, handlers in server.HANDLERS:
+        for method, handler in handlers.items():
+            if handler is _original_download:
+                handlers[method] = download
+            elif handler is _original_insert:
+                handlers[method] = insert
+
+
+if __name__ == "__main__":
+    patch()
+    sys.exit(emulator_main.main(sys.argv[1:]))
