@@ -6,9 +6,10 @@
 - An upload honours the `ifGenerationMatch` precondition (0: only if the object
   does not exist), answering 412 otherwise. The run lock creates its object
   this way; the emulator alone overwrites.
-- Concurrent requests are served. The emulator's single-threaded server with
-  a listen backlog of 5 drops the connections of a burst of concurrent range
-  reads (fsspec's cat_ranges), which then wait for TCP's SYN retries (minutes).
+- Concurrent requests are served, on kept-alive connections. The emulator's
+  single-threaded HTTP/1.0 server with a listen backlog of 5 drops the
+  connections of a burst of concurrent range reads (fsspec's cat_ranges),
+  which then wait for TCP's SYN retries (minutes).
 
 Runs as the emulator's own command: python tests/gcs_emulator.py start --host 127.0.0.1 --port P --in-memory ...
 """
@@ -73,8 +74,10 @@ def _serve(self) -> None:
 
 
 def patch() -> None:
-    """Routes the emulator's download and insert handlers through the wrappers above; serves concurrently."""
+    """Routes the emulator's download and insert handlers through the wrappers above; serves concurrently, keeping
+    connections open between requests (HTTP/1.1; every response carries its Content-Length)."""
     server.APIThread.run = _serve
+    server.RequestHandler.protocol_version = "HTTP/1.1"
     objects.download, objects.insert = download, insert  # objects.get and the router call these by name
     for _, handlers in server.HANDLERS:
         for method, handler in handlers.items():
