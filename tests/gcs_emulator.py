@@ -6,10 +6,12 @@
 - An upload honours the `ifGenerationMatch` precondition (0: only if the object
   does not exist), answering 412 otherwise. The run lock creates its object
   this way; the emulator alone overwrites.
-- Concurrent requests are served, on kept-alive connections. The emulator's
-  single-threaded HTTP/1.0 server with a listen backlog of 5 drops the
-  connections of a burst of concurrent range reads (fsspec's cat_ranges),
-  which then wait for TCP's SYN retries (minutes).
+- Bursts of concurrent requests are accepted. The emulator's server, with a
+  listen backlog of 5, drops the connections of a burst of concurrent range
+  reads (fsspec's cat_ranges), which then wait for TCP's SYN retries
+  (minutes). Here each connection gets a thread, and the requests are handled
+  one at a time (the emulator's state, e.g. of resumable uploads, is not
+  thread-safe: two concurrent uploads lost one).
 
 Runs as the emulator's own command: python tests/gcs_emulator.py start --host 127.0.0.1 --port P --in-memory ...
 """
@@ -27,8 +29,8 @@ from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
-_original_download, _original_insert = objects.download, objects.insert
-_uploads = threading.Lock()
+_original_download, _original_insert, _original_handle = objects.download, objects.insert, server.Router.handle
+_one_request_at_a_time = threading.Lock()
 
 
 def _current_generation(storage, bucket: str, name: str) -> str:
@@ -53,12 +55,12 @@ def insert(request, response, storage, *args, **kwargs):
     name = (request.query.get("name") or [None])[0]
     if name is None and isinstance(request.data, dict):
         name = (request.data.get("meta") or {}).get("name")
-    with _uploads:
-        if name is not None and _current_generation(storage, request.params["bucket_name"], name) != str(wanted):
-            response.status = HTTPStatus.PRECONDITION_FAILED
-            response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}})
-            return
-        return _original_insert(request, response, storage, *args, **kwargs)
+    # Requests run one at a time (handle below): the check and the write cannot interleave with another upload.
+    if name is not None and _current_generation(storage, request.params["bucket_name"], name) != str(wanted):
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}})
+        return
+    return _original_insert(request, response, storage, *args, **kwargs)
 
 
 class _ConcurrentServer(ThreadingHTTPServer):
@@ -73,11 +75,16 @@ def _serve(self) -> None:
     self._httpd.serve_forever()
 
 
+def handle(self, method) -> None:
+    with _one_request_at_a_time:
+        _original_handle(self, method)
+
+
 def patch() -> None:
-    """Routes the emulator's download and insert handlers through the wrappers above; serves concurrently, keeping
-    connections open between requests (HTTP/1.1; every response carries its Content-Length)."""
+    """Routes the emulator's download and insert handlers through the wrappers above; accepts bursts of
+    connections and handles their requests one at a time."""
     server.APIThread.run = _serve
-    server.RequestHandler.protocol_version = "HTTP/1.1"
+    server.Router.handle = handle
     objects.download, objects.insert = download, insert  # objects.get and the router call these by name
     for _, handlers in server.HANDLERS:
         for method, handler in handlers.items():

@@ -1,5 +1,6 @@
 """The README's multi-host command, local processes x CPU devices (jax.distributed over gloo), through every phase:
-the same outcome as one process, bitwise; preemption (SIGTERM) and kill -9 of one process with a restart of all."""
+the same outcome as one process, bitwise; preemption (SIGTERM) and kill -9 of one process with a restart of all;
+four processes sharing a work directory in a gs:// bucket (a local Cloud Storage emulator)."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from jax_advprune import storage
 from jax_advprune.phases.weights import saved_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +31,9 @@ CLI_OVERRIDES = ["--config.train.epochs=1", "--config.scoring.train_epochs=1", "
                  "--config.eval.apgd_steps=1"]
 
 
-def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str) -> list[subprocess.Popen]:
+def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str, logs=None) -> list[subprocess.Popen]:
     """The README's multi-host command on the smoke config (shortened): `processes` local processes x `devices` CPU
-    devices, with their output in <workdir>.<log_name>.p<i>.log. One process is started the same way (through
+    devices, with their output in <logs or workdir>.<log_name>.p<i>.log. One process is started the same way (through
     jax.distributed, so that its cross-device sums go through gloo as a multi-process run's do)."""
     port = _free_port()
     command = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir),
@@ -40,7 +42,7 @@ def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str) -
     for pid in range(processes):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid))
         env.pop("XLA_FLAGS", None)  # --cpu_devices decides, as in the README's command
-        log = open(f"{workdir}.{log_name}.p{pid}.log", "w")
+        log = open(f"{logs or workdir}.{log_name}.p{pid}.log", "w")
         procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return procs
@@ -66,20 +68,22 @@ def _logs(workdir, log_name: str, processes: int) -> str:
     return "\n".join(f"--- process {pid}\n" + open(f"{workdir}.{log_name}.p{pid}.log").read()[-3000:] for pid in range(processes))
 
 
-def _run(workdir, processes: int, devices: int, *extra: str) -> None:
-    procs = _launch(workdir, processes, devices, "run", *extra)
-    assert _wait(procs, 600) == [0] * processes, _logs(workdir, "run", processes)
+def _run(workdir, processes: int, devices: int, *extra: str, logs=None) -> None:
+    procs = _launch(workdir, processes, devices, "run", *extra, logs=logs)
+    assert _wait(procs, 600) == [0] * processes, _logs(logs or workdir, "run", processes)
 
 
 def _outcome(workdir) -> dict:
     """What a run decided and reported: results.json without wall times and process count, the scores and the
     selection, and the final checkpoint's EMA parameters."""
-    results = json.load(open(workdir / "results.json"))
+    workdir = str(workdir)  # a local path or a gs:// URL
+    results = json.loads(storage.read_text(f"{workdir}/results.json"))
     results.pop("wall_seconds")
     results["devices"].pop("processes")
-    _, state, step = saved_state(str(workdir))
+    _, state, step = saved_state(workdir)
     assert step == results["checkpoint_step"]
-    arrays = {name: np.load(workdir / name) for name in ("scores/margin.npy", "selection/keep.npy", "selection/eps.npy") if (workdir / name).exists()}
+    arrays = {name: storage.load_npy(f"{workdir}/{name}") for name in ("scores/margin.npy", "selection/keep.npy", "selection/eps.npy")
+              if storage.exists(f"{workdir}/{name}")}
     arrays.update({"ema" + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state["ema_params"])})
     return {"results": results, "arrays": arrays}
 
@@ -143,11 +147,14 @@ def test_two_processes_killed_preempted_and_restarted_end_with_the_outcome_of_on
     _assert_same_outcome(_outcome(workdir), _outcome(tmp_path / "one"))
 
 
-def test_four_processes_of_two_devices_give_the_outcome_of_one_process_of_eight(tmp_path):
+def test_four_processes_of_two_devices_on_a_bucket_give_the_outcome_of_one_process_of_eight(tmp_path, gcs_bucket):
     """Random pruning (the scoring phase is the two-process test's): training with both kinds of checkpoint,
-    and evaluation, on 8 devices of 4 processes and of one."""
-    _run(tmp_path / "four", 4, 2, "--config.pruning.strategy=random")
-    assert json.load(open(tmp_path / "four" / "results.json"))["devices"] == {"count": 8, "kind": "cpu", "platform": "cpu", "processes": 4}
-    assert any(name.isdigit() for name in os.listdir(tmp_path / "four" / "checkpoints_best"))
+    and evaluation, on 8 devices of 4 processes sharing a gs:// work directory (process 0 writing the run's files,
+    every process its share of each checkpoint), and of one process on a local disk."""
+    four = f"{gcs_bucket}/{tmp_path.name}/four"
+    _run(four, 4, 2, "--config.pruning.strategy=random", logs=tmp_path / "four")
+    assert json.loads(storage.read_text(f"{four}/results.json"))["devices"] == {"count": 8, "kind": "cpu", "platform": "cpu", "processes": 4}
+    assert any(name.isdigit() for name in storage.listdir(f"{four}/checkpoints_best"))
+    assert not storage.exists(f"{four}/lock") and "done (score, select, train, evaluate)" in storage.read_text(f"{four}/run.log")
     _run(tmp_path / "one", 1, 8, "--config.pruning.strategy=random")
-    _assert_same_outcome(_outcome(tmp_path / "four"), _outcome(tmp_path / "one"))
+    _assert_same_outcome(_outcome(four), _outcome(tmp_path / "one"))
