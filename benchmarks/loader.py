@@ -123,26 +123,13 @@ def warm_page_cache(paths: list[str]) -> None:
 
 
 def start_emulator() -> tuple[subprocess.Popen, str]:
-    """Starts the Cloud Storage emulator on a free loopback port and points gcsfs at it (this process and the
-    configurations' processes, which inherit the environment) -> (process, 'gs://bench')."""
-    import socket
-    import urllib.request
+    """Starts the Cloud Storage emulator (tests/gcs_emulator.py) on a free loopback port and points gcsfs at it, in
+    this process and the configurations' processes, which inherit the environment -> (process, 'gs://bench')."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import gcs_emulator
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--in-memory", "--default-bucket", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/bench", timeout=1)
-            break
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError("the GCS emulator did not start (pip install -e '.[test]' installs it)")
-            time.sleep(0.1)
-    os.environ.update(STORAGE_EMULATOR_HOST=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", FSSPEC_GS_TOKEN="anon")
+    server, url = gcs_emulator.start("bench")
+    os.environ.update(gcs_emulator.client_environment(url))
     return server, "gs://bench"
 
 

@@ -60,32 +60,15 @@ def gcs_bucket():
     """'gs://<bucket>' on a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1, in memory, with the
     behaviours tests/gcs_emulator.py adds), started for the session and stopped after it; gcsfs and tensorstore,
     here and in the subprocesses the tests start, are pointed at it."""
-    import socket
-    import time
-    import urllib.request
-
     import fsspec
 
+    import gcs_emulator
     from jax_advprune import storage
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--in-memory", "--default-bucket", "test-bucket"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/test-bucket", timeout=1)
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, "the GCS emulator did not start"
-            time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "FSSPEC_GS_TOKEN")}
-    # Subprocesses (the command under test) inherit these: gcsfs anonymous (no credential lookup) on the emulator,
-    # without its gRPC bucket-type probe (which waits 60 s on an emulator); tensorstore (orbax) on the emulator too.
-    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", FSSPEC_GS_TOKEN="anon")
+    server, url = gcs_emulator.start("test-bucket")
+    environment = gcs_emulator.client_environment(url)  # subprocesses (the command under test) inherit it
+    saved = {k: os.environ.get(k) for k in environment}
+    os.environ.update(environment)
     fsspec.config.conf["gs"] = {"token": "anon"}
     storage.clear_filesystems()
     try:
