@@ -43,6 +43,7 @@ memory is not in the peak PSS column. Writes loader_<size>_gcs.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -129,6 +130,7 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
     import gcs_emulator
 
     server, url = gcs_emulator.start("bench")
+    atexit.register(server.kill)  # also when a configuration fails
     os.environ.update(gcs_emulator.client_environment(url))
     return server, "gs://bench"
 
@@ -281,10 +283,9 @@ def main():
         loaders = loaders[:1]
     warm_page_cache(paths)
     sources = {loader: paths for loader in loaders}
-    emulator = None
     cache_copy = None
     if args.gcs:
-        emulator, bucket = start_emulator()
+        _, bucket = start_emulator()
         loaders.insert(1, "jax_advprune gs://")
         sources["jax_advprune gs://"] = upload(paths, bucket)
         cache_copy = timed_cache_copy(sources["jax_advprune gs://"], args.dir)
@@ -300,8 +301,6 @@ def main():
             print(f"  round {round_index + 1}: {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, "
                   f"{result['cores_busy']:.1f} cores busy, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB", flush=True)
     machine_state = guard.finish()
-    if emulator is not None:
-        emulator.kill()
     rows = []
     for (loader, workers), results in runs.items():
         stats = hygiene.summary([r["seconds"] for r in results])

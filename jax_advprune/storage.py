@@ -33,10 +33,13 @@ def is_remote(path: str) -> bool:
 def _filesystem(protocol: str):
     import fsspec
 
+    from jax_advprune.errors import UserError
+
     try:
         return fsspec.filesystem(protocol, use_listings_cache=False)
-    except ImportError as error:
-        raise ImportError(f"{protocol}:// paths need fsspec's filesystem for them ({error}); for gs:// install the [gcs] extra") from error
+    except (ImportError, ValueError) as error:  # its package is not installed; a protocol fsspec does not know
+        raise UserError(f"{protocol}:// paths need an fsspec filesystem for {protocol}:// ({error}); for gs:// "
+                        "install the [gcs] extra: pip install -e '.[gcs]'") from None
 
 
 def filesystem(path: str):
