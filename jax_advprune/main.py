@@ -54,33 +54,23 @@ def setup_logging() -> None:
 
 
 class ObjectLogHandler(logging.Handler):
-    """A log file in an object store, which has no appends: the text (the existing object's, then each record)
-    is held in memory and the object rewritten at most every `upload_every_s` seconds and on close (a run
-    killed with -9 loses the last seconds' lines there; stdout has them)."""
+    """The run log in an object store (which has no appends): rewritten every `upload_every_s` seconds and at the
+    end (a run killed with -9 loses the last seconds' lines there; stdout has them)."""
 
     def __init__(self, path: str, upload_every_s: float = 30.0):
         super().__init__()
         from jax_advprune import storage
 
-        self.path, self.upload_every_s, self._storage = path, upload_every_s, storage
-        self._text = storage.read_text(path) if storage.exists(path) else ""
-        self._uploaded_at = 0.0
+        self._file = storage.TextAppender(path, upload_every_s)
 
     def emit(self, record: logging.LogRecord) -> None:
-        import time
-
-        self._text += self.format(record) + "\n"
-        if time.monotonic() - self._uploaded_at >= self.upload_every_s:
-            self.flush()
+        self._file.append(self.format(record) + "\n")
 
     def flush(self) -> None:
-        import time
-
         try:
-            self._storage.filesystem(self.path).pipe_file(self.path, self._text.encode())
-            self._uploaded_at = time.monotonic()
+            self._file.flush()
         except Exception as error:  # the log must never stop a run
-            print(f"warning: could not write the run log {self.path}: {error}", file=sys.stderr)
+            print(f"warning: could not write the run log {self._file.path}: {error}", file=sys.stderr)
 
     def close(self) -> None:
         self.flush()

@@ -68,10 +68,7 @@ class Progress:
         self.first_step = self.last_step = first_step
         if jsonl_path:
             drop_records_after(jsonl_path, phase, first_step)
-        # An object store has no appends: the file's text is kept here and the object rewritten at each record.
-        self._remote_text = None
-        if jsonl_path and storage.is_remote(jsonl_path):
-            self._remote_text = storage.read_text(jsonl_path) if storage.exists(jsonl_path) else ""
+        self._jsonl = storage.TextAppender(jsonl_path) if jsonl_path else None  # in a bucket: rewritten at each record
         self._tensorboard = None
         if tensorboard_dir:
             self._tensorboard = summary_writer(tensorboard_dir, flush_secs=30)
@@ -83,12 +80,8 @@ class Progress:
         log.info("[%s] step %d: %s", self.phase, step, " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()))
 
     def _write(self, step: int, record: dict) -> None:
-        if self._remote_text is not None:
-            self._remote_text += json.dumps(record) + "\n"
-            storage.filesystem(self.jsonl_path).pipe_file(self.jsonl_path, self._remote_text.encode())
-        elif self.jsonl_path:
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self._jsonl is not None:
+            self._jsonl.append(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for name, value in record.items():
                 if name not in ("phase", "step"):

@@ -15,8 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_advprune import storage
-from jax_advprune import preemption, workdir
+from jax_advprune import preemption, storage, workdir
 
 DATA_AXIS = "data"
 

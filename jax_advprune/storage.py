@@ -5,7 +5,7 @@ The functions take a path or a URL and do the same thing on both: `exists`,
 locally a temporary name beside the file, then a rename; in an object store a
 local scratch file, then one upload (an object appears whole or not at all).
 An object store has no directories and no appends: `makedirs` does nothing
-there and `append_text` rewrites the object.
+there and `TextAppender` rewrites the object.
 
 Remote filesystems come from fsspec (gcsfs for gs://, the `[gcs]` extra), one
 per protocol and process, without a listings cache: another process (or orbax,
@@ -20,6 +20,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 
@@ -181,24 +182,31 @@ def atomic_output(path: str, suffix: str = ""):
             os.replace(tmp, path)
 
 
-def append_text(path: str, text: str) -> None:
-    """Appends `text` to a file (remotely: reads the object and writes it back whole, as one new object)."""
-    if not is_remote(path):
-        with open(path, "a") as f:
-            f.write(text)
-        return
-    fs = filesystem(path)
-    old = fs.cat_file(path) if fs.exists(path) else b""
-    fs.pipe_file(path, old + text.encode())
+class TextAppender:
+    """Appends to a text file (a run log, JSON-lines metrics). Locally each `append` appends to the file. An object
+    has no appends: its text (the existing object's, then what is appended) is kept in memory and the object
+    rewritten whole, at most every `upload_every_s` seconds and on `flush` (what is newer is lost to a kill -9)."""
 
+    def __init__(self, path: str, upload_every_s: float = 0.0):
+        self.path, self.upload_every_s = path, upload_every_s
+        self._text = None
+        if is_remote(path):
+            self._text = read_text(path) if exists(path) else ""
+        self._uploaded_at = float("-inf")
 
-def upload_tree(local_dir: str, remote_dir: str) -> None:
-    """Copies every file under `local_dir` to the same relative path under `remote_dir`."""
-    fs = filesystem(remote_dir)
-    for root, _, files in os.walk(local_dir):
-        for name in files:
-            relative = os.path.relpath(os.path.join(root, name), local_dir)
-            fs.put_file(os.path.join(root, name), remote_dir.rstrip("/") + "/" + relative.replace(os.sep, "/"))
+    def append(self, text: str) -> None:
+        if self._text is None:
+            with open(self.path, "a") as f:
+                f.write(text)
+            return
+        self._text += text
+        if time.monotonic() - self._uploaded_at >= self.upload_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._text is not None:
+            filesystem(self.path).pipe_file(self.path, self._text.encode())
+            self._uploaded_at = time.monotonic()
 
 
 def local_copy(path: str, cache_dir: str, log=None) -> str:
@@ -213,7 +221,6 @@ def local_copy(path: str, cache_dir: str, log=None) -> str:
         return path
     import fcntl
     import hashlib
-    import time
 
     os.makedirs(cache_dir, exist_ok=True)
     local = os.path.join(cache_dir, f"{hashlib.sha1(path.encode()).hexdigest()[:12]}_{os.path.basename(path)}")

@@ -205,7 +205,7 @@ def input_problems(config) -> tuple[list[str], splits.DataShape | None]:
             p.need(storage.isfile(path), "data file", path, "a regular file, not a directory")
     cache_dir = config.data.cache_dir
     if cache_dir and p.need(not storage.is_remote(cache_dir), "data.cache_dir", cache_dir, "a local directory (each host copies remote data files there)"):
-        p.extend(problem.replace("--workdir", "data.cache_dir") for problem in _writable_place(cache_dir))
+        p.extend(_writable_place(cache_dir, "data.cache_dir"))
     needed = {"npz": ("original", "test"), "cifar_tarball": ("tarball",)}.get(config.data.name, ())
     for key in needed:
         p.need(bool(config.data[key]), f"data.{key}", config.data[key], f"a file path (data.name={config.data.name!r} reads it)")
@@ -237,23 +237,23 @@ def data_problems(config, shape: splits.DataShape) -> list[str]:
     return p
 
 
-def _writable_place(workdir: str) -> list[str]:
-    """The work directory is a directory, or can be made as one, and can be written (in an object store: its
-    bucket exists and the path is no object; whether this user may write there shows at the first write)."""
-    if storage.is_remote(workdir):
-        bucket = workdir.split("://", 1)[0] + "://" + workdir.split("://", 1)[1].split("/", 1)[0]
+def _writable_place(path: str, name: str = "--workdir") -> list[str]:
+    """The directory `path` (the setting `name`) is a directory, or can be made as one, and can be written (in an
+    object store: its bucket exists and the path is no object; whether this user may write there shows at the first write)."""
+    if storage.is_remote(path):
+        bucket = path.split("://", 1)[0] + "://" + path.split("://", 1)[1].split("/", 1)[0]
         if not storage.exists(bucket):
-            return [f"--workdir={workdir!r}: a path in an existing bucket ({bucket} does not exist or cannot be listed)"]
-        if storage.isfile(workdir):
-            return [f"--workdir={workdir!r}: a directory (this is an object)"]
+            return [f"{name}={path!r}: a path in an existing bucket ({bucket} does not exist or cannot be listed)"]
+        if storage.isfile(path):
+            return [f"{name}={path!r}: a directory (this is an object)"]
         return []
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        return [f"--workdir={workdir!r}: a directory (this is a file)"]
-    existing = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return [f"{name}={path!r}: a directory (this is a file)"]
+    existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        return [f"--workdir={workdir!r}: a directory this user can create and write ({existing} is not writable)"]
+        return [f"{name}={path!r}: a directory this user can create and write ({existing} is not writable)"]
     return []
 
 

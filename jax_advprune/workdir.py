@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 
 import numpy as np
 
@@ -308,9 +310,6 @@ class ObjectRunLock:
         return time.time() - float(holder.get("heartbeat", 0)) < self.stale_after_s
 
     def acquire(self) -> None:
-        import threading
-        import uuid
-
         holder = self._holder()
         if holder and self.holder_is_live(holder):
             where = "this host, still running" if holder.get("host") == socket.gethostname() else \

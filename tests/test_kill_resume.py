@@ -7,15 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 
+from conftest import REPO, main_command
 from jax_advprune.phases.weights import saved_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
 OVERRIDES = [
     "--config.pruning.strategy=random", "--config.train.checkpoint_every=8", "--config.train.log_every_steps=1",
@@ -24,8 +23,7 @@ OVERRIDES = [
 
 
 def _command(workdir):
-    return [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"),
-            "--workdir", str(workdir), *OVERRIDES]
+    return main_command(workdir, *OVERRIDES)
 
 
 def _final_state(workdir):

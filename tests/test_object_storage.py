@@ -59,8 +59,8 @@ def test_storage_functions_do_in_a_bucket_what_they_do_on_disk(gcs_bucket, tmp_p
         with pytest.raises(RuntimeError), storage.atomic_output(f"{root}/never.txt") as tmp:
             open(tmp, "w").write("x")
             raise RuntimeError("failed while writing")
-        storage.append_text(f"{root}/log.txt", "one\n")
-        storage.append_text(f"{root}/log.txt", "two\n")
+        for text in ("one\n", "two\n"):  # appended by one appender, then by another that finds the first's text
+            storage.TextAppender(f"{root}/log.txt").append(text)
         assert storage.listdir(root) == ["a.npy", "log.txt"] and not storage.exists(f"{root}/never.txt")
         assert storage.isdir(root) and storage.isfile(f"{root}/a.npy") and not storage.isdir(f"{root}/a.npy")
         assert storage.read_text(f"{root}/log.txt") == "one\ntwo\n" and storage.listdir(f"{root}/nothing") == []

@@ -56,8 +56,7 @@ def locate_npz_member(path: str, key: str) -> NpzMember:
     compressed, or not a plain (non-object, C-order) .npy array.
     """
     member = f"{key}.npy"
-    opened = storage.open_file(path, "rb")
-    with opened as handle:
+    with storage.open_file(path, "rb") as handle:
         return _locate_in(handle, path, key, member)
 
 

@@ -12,8 +12,7 @@ import math
 import os
 import time
 
-from jax_advprune import storage
-from jax_advprune import provenance
+from jax_advprune import provenance, storage
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import abstract_like
 from jax_advprune.data.splits import Data

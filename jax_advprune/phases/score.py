@@ -16,8 +16,7 @@ import jax
 import numpy as np
 from scipy.stats import spearmanr
 
-from jax_advprune import storage
-from jax_advprune import parallel
+from jax_advprune import parallel, storage
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.data.sources import Pool
 from jax_advprune.data.splits import Data

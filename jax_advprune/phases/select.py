@@ -7,8 +7,7 @@ import os
 
 import numpy as np
 
-from jax_advprune import storage
-from jax_advprune import workdir as workdir_lib
+from jax_advprune import storage, workdir as workdir_lib
 from jax_advprune.data.splits import Data
 from jax_advprune.phases.common import section
 from jax_advprune.pruning import strategies

@@ -11,8 +11,7 @@ import os
 import jax
 import numpy as np
 
-from jax_advprune import storage
-from jax_advprune import parallel, training
+from jax_advprune import parallel, storage, training
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import Checkpointer, abstract_like, best_checkpointer, final_checkpoint_dir
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan

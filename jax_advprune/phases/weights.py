@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from jax_advprune import storage
 from jax_advprune.errors import UserError
 from jax_advprune.models import create_model, import_torch
-from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
+from jax_advprune.checkpoint import Checkpointer, best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
 from jax_advprune.workdir import read_json, settings_path
 
 WEIGHTS = ("best_ema", "ema", "raw")
@@ -62,9 +62,11 @@ def saved_state(workdir: str, best: bool = False):
         checkpointer.close()
         if step is not None:
             ckpt_dir = best_checkpoint_dir(ckpt_dir)
-    if step is None:
-        steps = [int(n) for n in storage.listdir(ckpt_dir) if n.isdigit()] if storage.isdir(ckpt_dir) else []
-        step = max(steps) if steps else None
+    if step is None and storage.isdir(ckpt_dir):
+        # orbax's listing, not directory names: in a bucket a step's directory exists before its save is complete
+        checkpointer = Checkpointer(ckpt_dir)
+        step = checkpointer.latest_step()
+        checkpointer.close()
     if step is None:
         raise UserError(f"{workdir} has no checkpoint in {ckpt_dir}")
     model = {"name": settings["model"]["name"], "kwargs": settings["model"]["kwargs"], "num_classes": settings["data"]["num_classes"]}
