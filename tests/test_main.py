@@ -7,9 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_main
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, main_command, run_main
 
 
 def test_smoke_run_writes_every_phase_output(smoke_run):
@@ -244,9 +242,8 @@ def test_the_smoke_command_finishes_on_any_number_of_cpu_devices(tmp_path, devic
     variants on 3 and 24 devices (above), the 4-device smoke run and the one-process runs on 4 and 8 devices
     of test_multihost, the counts 1, 3, 4, 8, 24 and 48."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(tmp_path / "run"),
-           "--config.train.epochs=0.5", "--config.scoring.train_epochs=0.5", "--config.train.validation_every_epochs=0.5",
-           "--config.eval.apgd_steps=2"]
+    cmd = main_command(tmp_path / "run", "--config.train.epochs=0.5", "--config.scoring.train_epochs=0.5", "--config.train.validation_every_epochs=0.5",
+                       "--config.eval.apgd_steps=2")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.load(open(tmp_path / "run" / "results.json"))
