@@ -53,7 +53,7 @@ def study_config(strategy: str, score: str | None, scoring: dict, keep_ratio: fl
     c.seed = seed
     c.train.epochs = epochs
     c.scoring.train_epochs = epochs
-    c.eval.apgd_steps = 0
+    c.eval.attack = "pgd"
     c.pruning.strategy = strategy
     c.pruning.keep_ratio = keep_ratio
     if score is not None:

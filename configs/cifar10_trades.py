@@ -89,8 +89,11 @@ def get_config(arg: str | None = None):
 
     c.eval.pgd_steps = 40
     c.eval.batch_size = 512
+    c.eval.attack = "autoattack"  # standard AutoAttack, as the papers report
     c.eval.apgd_steps = 100
     c.eval.apgd_targets = 9
+    c.eval.fab_steps = 100
+    c.eval.square_queries = 5000
 
     if arg == "smoke":
         c.data.name = "generated"
@@ -113,6 +116,8 @@ def get_config(arg: str | None = None):
         c.eval.batch_size = 64
         c.eval.apgd_steps = 5
         c.eval.apgd_targets = 1
+        c.eval.fab_steps = 3
+        c.eval.square_queries = 20
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; known: 'smoke'")
     return c

@@ -151,8 +151,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.pgd_steps = 20
     c.eval.step_fraction = 0.25  # PGD step = eps * step_fraction
     c.eval.batch_size = 256
-    c.eval.apgd_steps = 100  # APGD-CE then APGD-T on the survivors; 0 = skip
-    c.eval.apgd_targets = 3  # APGD-T target classes (AutoAttack standard: 9)
+    c.eval.attack = "autoattack_lite"  # besides PGD: 'pgd' (nothing more), 'autoattack_lite' (APGD-CE, APGD-T), 'autoattack' (standard)
+    c.eval.apgd_steps = 100  # iterations of APGD-CE and APGD-T
+    c.eval.apgd_targets = 3  # target classes of APGD-T and FAB-T (AutoAttack standard: 9)
+    c.eval.fab_steps = 100  # FAB-T iterations (eval.attack='autoattack')
+    c.eval.square_queries = 5000  # Square Attack budget per sample (eval.attack='autoattack')
 
     if arg == "smoke":
         c.data.synthetic_size = 2_000

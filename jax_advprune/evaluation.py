@@ -1,4 +1,4 @@
-"""Clean and PGD accuracy over a split, in fixed-shape batches."""
+"""Clean, PGD and AutoAttack accuracy over a split, in fixed-shape batches."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.tree_util import Partial
+
 from jax_advprune import parallel
-from jax_advprune.attacks import pgd
-from jax_advprune.attacks.apgd import apgd
+from jax_advprune.attacks import autoattack, pgd
 from jax_advprune.attacks.common import to_unit_interval
 
 ApplyFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images in [0, 1]) -> logits, inference mode
@@ -55,69 +56,40 @@ def pgd_evaluator(
     return evaluate
 
 
-def autoattack_lite_evaluator(
+def autoattack_evaluator(
     apply_fn: ApplyFn,
     *,
+    version: str,
     eps: float,
     norm: str,
-    steps: int,
+    apgd_steps: int,
     num_targets: int,
+    fab_steps: int,
+    square_queries: int,
     batch_size: int,
     mesh: jax.sharding.Mesh,
 ) -> Callable[..., dict[str, float]]:
-    """evaluate(variables, images, labels, seed=0) -> APGD-CE, then APGD-T (targeted DLR) on the survivors,
-    worst case per sample; compiled once.
+    """evaluate(variables, images, labels, seed=0) -> clean accuracy, the robust accuracy after each
+    AutoAttack component, and the final one; compiled once for every set of weights.
 
-    Every attack starts from the clean input (plus its own random start); APGD-T
-    runs once per target class, the 2nd to (num_targets + 1)-th most likely clean
-    class, each time only on the samples that are still robust, gathered into
-    fixed-shape batches. images: (N, H, W, C) uint8, labels (N,) int.
-    Returns clean, APGD-CE and final robust accuracy, fractions in [0, 1].
+    `version` 'autoattack' is the standard AutoAttack (APGD-CE, APGD-T, FAB-T,
+    Square), 'autoattack_lite' APGD-CE then APGD-T; see `attacks.autoattack`. Keys:
+    `clean_accuracy`, `<component>_accuracy` after each component but the last
+    (e.g. `apgd_ce_accuracy`), and `<version>_accuracy`; fractions in [0, 1].
+    images: (N, H, W, C) uint8, the same on every process; labels (N,) int.
     """
     parallel.check_divisible(batch_size, mesh, "eval batch size")
-
-    def shard_fooled(variables, key, target_rank, x_uint8, y):
-        x = to_unit_interval(x_uint8)
-        logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
-        clean_logits = logits_fn(x)
-        key = parallel.shard_key(key)
-        if target_rank is None:
-            x_adv = apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="ce")
-        else:
-            ranked = jnp.argsort(-clean_logits, axis=-1)
-            targets = jnp.take_along_axis(ranked, jnp.full((x.shape[0], 1), target_rank + 1), axis=-1)[:, 0]
-            x_adv = apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="dlr_targeted", targets=targets)
-        return jnp.stack([jnp.argmax(clean_logits, -1) != y, jnp.argmax(logits_fn(x_adv), -1) != y], axis=1)
-
-    untargeted = jax.jit(parallel.shard_over_batch(lambda v, k, x, y: shard_fooled(v, k, None, x, y), mesh, num_replicated=2))
-    targeted = jax.jit(parallel.shard_over_batch(shard_fooled, mesh, num_replicated=3))
+    aa_version = {"autoattack": "standard", "autoattack_lite": "lite"}[version]
 
     def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-        variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
-        labels = np.asarray(labels, np.int32)
-        robust = np.ones(len(labels), bool)  # attack 0 runs on every sample and also sets clean_correct
-        clean_correct = np.zeros(len(labels), bool)
-        base_key = jax.random.PRNGKey(seed)
-        accuracies = {}
-        for attack in range(num_targets + 1):
-            todo = np.flatnonzero(robust)
-
-            def fooled_by(i, x, y, attack=attack):
-                key = jax.random.fold_in(jax.random.fold_in(base_key, attack), i)
-                if attack == 0:
-                    return {"fooled": untargeted(variables, key, x, y)}
-                return {"fooled": targeted(variables, key, jnp.asarray(attack - 1), x, y)}
-
-            if len(todo):
-                fooled = parallel.map_rows(fooled_by, lambda rows: (images[todo[rows]], labels[todo[rows]]), len(todo), batch_size, mesh)["fooled"]
-                robust[todo[fooled[:, 0] | fooled[:, 1]]] = False
-                if attack == 0:
-                    clean_correct[todo] = ~fooled[:, 0]
-            if attack == 0:
-                accuracies["clean_accuracy"] = float(clean_correct.mean())
-                accuracies["apgd_ce_accuracy"] = float(robust.mean())
-        accuracies["autoattack_lite_accuracy"] = float(robust.mean())
+        logits_fn = Partial(apply_fn, jax.device_put(variables, parallel.replicated(mesh)))  # placed once, not per batch
+        result = autoattack(logits_fn, images, labels, jax.random.PRNGKey(seed), eps=eps, norm=norm, version=aa_version,
+                            apgd_steps=apgd_steps, num_targets=num_targets, fab_steps=fab_steps, square_queries=square_queries,
+                            batch_size=batch_size, mesh=mesh)
+        accuracies = {"clean_accuracy": result.clean_accuracy}
+        for name, accuracy in zip(result.attacks[:-1], result.robust_accuracy[:-1]):
+            accuracies[name.replace("-", "_") + "_accuracy"] = accuracy
+        accuracies[f"{version}_accuracy"] = result.robust_accuracy[-1]
         return accuracies
 
     return evaluate
-

@@ -109,8 +109,11 @@ def config_problems(config, *, available_devices: int, process_count: int, platf
     ecfg = config.eval
     p.within("eval.pgd_steps", ecfg.pgd_steps, 1)
     p.within("eval.step_fraction", ecfg.step_fraction, 0, low_open=True)
-    p.within("eval.apgd_steps", ecfg.apgd_steps, 0)
-    p.within("eval.apgd_targets", ecfg.apgd_targets, 0, config.data.num_classes - 1)
+    p.one_of("eval.attack", ecfg.attack, evaluate.ATTACKS)
+    p.within("eval.apgd_steps", ecfg.apgd_steps, 1)
+    p.within("eval.apgd_targets", ecfg.apgd_targets, 1, config.data.num_classes - 1)
+    p.within("eval.fab_steps", ecfg.fab_steps, 1)
+    p.within("eval.square_queries", ecfg.square_queries, 1)
     p.within("eval.batch_size", ecfg.batch_size, 1)
     for key, size in split_sizes(config).items():  # the sizes mesh_size chose the device count for
         p.need(size % num_devices == 0, key, size, f"a multiple of the {num_devices} devices of the mesh")

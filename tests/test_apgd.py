@@ -8,7 +8,7 @@ import pytest
 
 from jax_advprune.attacks.apgd import apgd, checkpoints, dlr_loss, targeted_dlr_loss
 from jax_advprune.attacks.common import flat_norm
-from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
+from jax_advprune.evaluation import autoattack_evaluator, pgd_evaluator
 from jax_advprune.parallel import make_mesh
 
 
@@ -70,7 +70,7 @@ def test_apgd_is_at_least_as_strong_as_pgd_on_a_trained_model(digits_mlp):
     mesh = make_mesh(2)
     common = dict(eps=0.08, norm="linf", batch_size=128, mesh=mesh)
     pgd_acc = pgd_evaluator(apply_fn, step_size=0.02, steps=10, **common)(params, images, y)["pgd_accuracy"]
-    aa = autoattack_lite_evaluator(apply_fn, steps=25, num_targets=2, **common)(params, images, y)
+    aa = autoattack_evaluator(apply_fn, version="autoattack_lite", apgd_steps=25, num_targets=2, fab_steps=1, square_queries=1, **common)(params, images, y)
     assert 0.0 < aa["autoattack_lite_accuracy"] <= aa["apgd_ce_accuracy"] <= aa["clean_accuracy"]
     assert aa["apgd_ce_accuracy"] <= pgd_acc
     assert aa["autoattack_lite_accuracy"] < pgd_acc

@@ -188,7 +188,7 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
     y = np.asarray(logits_fn(x)).argmax(1)
 
     key = jax.random.key(3)
-    kwargs = dict(eps=0.05, step_size=0.0125, steps=5, loss="cw_margin")
+    kwargs = dict(eps=0.05, step_size=0.0125, steps=5, loss="cw_margin", mesh=None)  # one device: the restarts' keys are the caller's
     single = pgd(logits_fn, x, y, jax.random.fold_in(key, 0), **kwargs)  # the first restart's own run
     best = pgd(logits_fn, x, y, key, restarts=4, **kwargs)
     gain = np.asarray(cw_margin(logits_fn(best), y)) - np.asarray(cw_margin(logits_fn(single), y))
@@ -199,7 +199,7 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
 def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
     """The sharded work-queue scorer returns the same margins whatever the device count."""
     from jax_advprune.parallel import make_mesh
-    from jax_advprune.pruning.margins import deepfool_runner, margin_scores
+    from jax_advprune.pruning.margins import margin_scores
 
     pool, _, _ = small_pool  # 200 samples of 8x8x1
     rng = np.random.default_rng(14)
@@ -210,56 +210,61 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
         return jnp.tanh(x.reshape(x.shape[0], -1) @ variables["w1"] - 1.0) @ variables["w2"]
 
     variables = {"w1": w1, "w2": w2}
-    results = [
-        margin_scores(
-            deepfool_runner(apply_fn, slots=16, norm="l2", max_iter=30, overshoot=0.02, candidates=None, mesh=make_mesh(devices)),
-            variables, pool, chunk_size=64, mesh=make_mesh(devices),
-        )
-        for devices in (1, 4)
-    ]
+    results = [margin_scores(apply_fn, variables, pool, slots=16, chunk_size=64, mesh=make_mesh(devices), **DEEPFOOL_L2) for devices in (1, 4)]
     assert len(np.unique(results[0]["n_iter"])) > 1
     np.testing.assert_array_equal(results[0]["n_iter"], results[1]["n_iter"])
     np.testing.assert_array_equal(results[0]["converged"], results[1]["converged"])
     np.testing.assert_allclose(results[0]["margin"], results[1]["margin"], rtol=1e-5, atol=1e-6)
 
 
-def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path):
+DEEPFOOL_L2 = dict(norm="l2", max_iter=30, overshoot=0.02, candidates=None)
+
+
+def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path, monkeypatch):
     from jax_advprune.parallel import make_mesh
-    from jax_advprune.pruning.margins import deepfool_runner, margin_scores
+    from jax_advprune.pruning import margins
 
     pool, _, _ = small_pool
     rng = np.random.default_rng(15)
     variables = {"w": rng.normal(size=(64, NUM_CLASSES)).astype(np.float32)}
     mesh = make_mesh(2)
-    run = deepfool_runner(lambda v, x: x.reshape(x.shape[0], -1) @ v["w"], slots=16, norm="l2", max_iter=30,
-                          overshoot=0.02, candidates=None, mesh=mesh)
-    straight = margin_scores(run, variables, pool, chunk_size=48, mesh=mesh)
-    calls = []
 
-    def dying_run(v, x, y):  # killed while computing the third chunk
+    def apply_fn(v, x):
+        return x.reshape(x.shape[0], -1) @ v["w"]
+
+    def scores(**kwargs):
+        return margins.margin_scores(apply_fn, variables, pool, slots=16, chunk_size=48, mesh=mesh, **DEEPFOOL_L2, **kwargs)
+
+    straight = scores()
+    calls = []
+    deepfool = margins.deepfool
+
+    def dying(logits_fn, x, y, **kwargs):  # killed while computing the third chunk
         calls.append(len(x))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return run(v, x, y)
+        return deepfool(logits_fn, x, y, **kwargs)
 
+    monkeypatch.setattr(margins, "deepfool", dying)
     with pytest.raises(KeyboardInterrupt):
-        margin_scores(dying_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
+        scores(resume_dir=str(tmp_path / "chunks"))
     assert sorted(os.listdir(tmp_path / "chunks")) == ["chunk_000000.npz", "chunk_000001.npz"]
 
-    def preempted_run(v, x, y):  # resumed, then a SIGTERM arrives while the third chunk is computed
+    def preempted(logits_fn, x, y, **kwargs):  # resumed, then a SIGTERM arrives while the third chunk is computed
         os.kill(os.getpid(), signal.SIGTERM)
-        return run(v, x, y)
+        return deepfool(logits_fn, x, y, **kwargs)
 
+    monkeypatch.setattr(margins, "deepfool", preempted)
     preemption.install()
     try:
         with pytest.raises(preemption.Preempted, match="3 chunks of 48 rows saved"):
-            margin_scores(preempted_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
+            scores(resume_dir=str(tmp_path / "chunks"))
     finally:
         preemption.uninstall()
     assert len(os.listdir(tmp_path / "chunks")) == 3
     calls.clear()
-    counting_run = lambda v, x, y: calls.append(len(x)) or run(v, x, y)  # noqa: E731
-    resumed = margin_scores(counting_run, variables, pool, chunk_size=48, mesh=mesh, resume_dir=str(tmp_path / "chunks"))
+    monkeypatch.setattr(margins, "deepfool", lambda logits_fn, x, y, **kwargs: calls.append(len(x)) or deepfool(logits_fn, x, y, **kwargs))
+    resumed = scores(resume_dir=str(tmp_path / "chunks"))
     assert len(calls) == 2  # chunks 4 and 5 of ceil(200 / 48) = 5
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])

@@ -18,7 +18,7 @@ from jax_advprune.phases.weights import saved_state
 # Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
 OVERRIDES = [
     "--config.pruning.strategy=random", "--config.train.checkpoint_every=8", "--config.train.log_every_steps=1",
-    "--config.eval.pgd_steps=1", "--config.eval.apgd_steps=0",
+    "--config.eval.pgd_steps=1", "--config.eval.attack=pgd",
 ]
 
 

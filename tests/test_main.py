@@ -112,7 +112,7 @@ def test_any_weights_can_be_evaluated_alone_and_training_can_start_from_them(smo
     assert not (tmp_path / "eval" / "checkpoints").exists() and not (tmp_path / "eval" / "selection").exists()
     step = source["checkpoint_step"]
     started = run_main(tmp_path / "warm", "--config.pruning.strategy=random", f"--config.train.init_from={workdir / 'checkpoints' / str(step)}",
-                       "--config.train.epochs=0.1", "--config.train.lr=1e-4", "--config.eval.apgd_steps=0")
+                       "--config.train.epochs=0.1", "--config.train.lr=1e-4", "--config.eval.attack=pgd")
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     warm = json.load(open(tmp_path / "warm" / "results.json"))["results"]["raw"]
     assert warm["clean_accuracy"] > 0.3  # the source's weights, barely moved (a fresh model after 2 steps is near chance, 0.1)
@@ -152,7 +152,9 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config, devices):
     assert results["checkpoint_step"] == 16
     for weights in ("raw", "ema", "best_ema"):
         r = results["results"][weights]
-        assert 0.0 <= r["autoattack_lite_accuracy"] <= r["apgd_ce_accuracy"] <= r["clean_accuracy"] <= 1.0
+        chain = ["autoattack_accuracy", "fab_t_accuracy", "apgd_t_accuracy", "apgd_ce_accuracy", "clean_accuracy"]  # standard AutoAttack
+        assert 0.0 <= r[chain[0]] and all(r[a] <= r[b] for a, b in zip(chain, chain[1:])) and r["clean_accuracy"] <= 1.0
+    assert "FAB-T (3 steps), Square (20 queries)" in open(tmp_path / "report.md").read()
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
     assert lrs and max(lrs) <= 0.2 + 1e-6
     selection = json.load(open(tmp_path / "selection/meta.json"))
@@ -200,7 +202,7 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
         tmp_path, "--config.scoring.score=du", "--config.scoring.extrapolation.enabled=True",
         "--config.scoring.extrapolation.subset_size=500", "--config.scoring.train_epochs=6", "--config.scoring.du_window=5",
         "--config.pruning.strategy=keep_top", "--config.pruning.scope=synthetic", "--config.pruning.class_balanced=True",
-        "--config.eval.apgd_steps=0",
+        "--config.eval.attack=pgd",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "scores/meta.json"))
@@ -221,7 +223,7 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
 def test_el2n_over_two_scoring_models_feeds_keep_bottom(tmp_path):
     proc = run_main(
         tmp_path, "--config.scoring.score=el2n", "--config.scoring.num_models=2", "--config.scoring.train_epochs=1",
-        "--config.pruning.strategy=keep_bottom", "--config.pruning.keep_ratio=0.25", "--config.eval.apgd_steps=0",
+        "--config.pruning.strategy=keep_bottom", "--config.pruning.keep_ratio=0.25", "--config.eval.attack=pgd",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "scores/meta.json"))

@@ -30,7 +30,9 @@ def smoke_config(**overrides):
 
 # (overrides, what the message must name): each refused with its key, its value and what is allowed.
 BAD_SETTINGS = [
-    ({"eval.apgd_targets": 10}, "eval.apgd_targets=10: a number in [0, 9]"),
+    ({"eval.apgd_targets": 10}, "eval.apgd_targets=10: a number in [1, 9]"),
+    ({"eval.attack": "autoatack"}, "eval.attack='autoatack': one of pgd, autoattack_lite, autoattack"),
+    ({"eval.square_queries": 0}, "eval.square_queries=0"),
     ({"eval.apgd_targets": -1}, "eval.apgd_targets=-1"),
     ({"attack.eps": -1.0}, "attack.eps=-1.0"),
     ({"attack.eps": 2.0}, "attack.eps=2.0: a number in (0, 1]"),

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.common import check_norm, flat_norm, per_sample, project, steepest_ascent
 from jax_advprune.attacks.objectives import cross_entropy
 
@@ -67,6 +68,7 @@ def apgd(
     loss: str = "ce",
     targets: jax.Array | None = None,
     unroll: int | bool = 1,
+    mesh=AUTO,
 ) -> jax.Array:
     """APGD from a random point of the eps-ball around the clean input.
 
@@ -81,12 +83,22 @@ def apgd(
       loss: 'ce', 'dlr' or 'dlr_targeted' (then `targets` (B,) are the target classes).
       unroll: passed to `lax.fori_loop`; True is faster on XLA:CPU for short
         attacks but compiles slowly for long ones.
+      mesh: 'auto', a Mesh or None, as for `pgd`; compiled once per function,
+        settings and shapes, as `pgd` is.
 
     Returns:
       (B, H, W, C): per sample, the first misclassified iterate if any was found,
       else the iterate of highest loss; always inside the eps-ball and [0, 1].
     """
     check_norm(norm)
+    if loss == "dlr_targeted" and targets is None:
+        raise ValueError("loss='dlr_targeted' needs targets")
+    return run_attack(_apgd, logits_fn, x, y, key, dynamic=dict(eps=eps, targets=targets), mesh=mesh,
+                      static=dict(steps=steps, norm=norm, loss=loss, unroll=unroll))
+
+
+def _apgd(logits_fn, x, y, key, *, eps, steps, norm, loss, targets, unroll):
+    """The traceable APGD of `apgd` (same arguments)."""
     x = jnp.asarray(x, jnp.float32)
     if loss == "ce":
         loss_fn = lambda logits: cross_entropy(logits, y)  # noqa: E731

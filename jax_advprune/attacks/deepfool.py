@@ -15,12 +15,17 @@ it from the host, which XLA:CPU runs faster.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
-from jax_advprune.attacks.common import check_norm, dual_norm_name, flat_norm, per_sample
+from jax_advprune import parallel
+from jax_advprune.attacks.common import check_norm, dual_norm_name, flat_norm, per_sample, to_unit_interval
+from jax_advprune.attacks.dispatch import AUTO, as_function_tree, is_traced, pad_rows, resolve_mesh, run_attack
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -179,22 +184,23 @@ def deepfool(
     overshoot: float = 0.02,
     candidates: int | None = None,
     slots: int | None = None,
+    mesh=AUTO,
+    host_driven: bool | None = None,
+    steps_per_check: int = 2,
 ) -> DeepFoolResult:
     """Minimal perturbation that changes the model's prediction, per sample.
 
-    Samples are processed through a fixed number of `slots` (a work queue, here
-    inside one `lax.while_loop`): a sample leaves its slot as soon as it is done
-    and the next waiting sample takes it, so the cost follows the total number of
-    iterations rather than (number of batches) x (slowest sample's iterations).
-    Each sample's result is the same as running it alone. `queue_start`,
-    `queue_step` and `queue_result` are the same queue for a host-driven loop,
-    which XLA:CPU runs about twice as fast as a loop body.
+    Samples are processed through a fixed number of `slots` (a work queue): a
+    sample leaves its slot as soon as it is done and the next waiting sample
+    takes it, so the cost follows the total number of iterations rather than
+    (number of batches) x (slowest sample's iterations). Each sample's result is
+    the same as running it alone.
 
     Args:
       logits_fn: images (S, H, W, C) in [0, 1] -> logits (S, K), called on `slots`
         samples at a time. Samples must be independent (BatchNorm in inference
         mode), since per-sample gradients are read from one batched VJP.
-      x: images (B, H, W, C), float32 in [0, 1].
+      x: images (B, H, W, C), float32 in [0, 1] or uint8 in [0, 255].
       y: int labels (B,); they set the sign of the margin only.
       norm: 'l2' or 'linf'; the distance is measured in this norm.
       max_iter: iteration cap. Samples not flipped by then keep their accumulated
@@ -202,13 +208,50 @@ def deepfool(
       overshoot: r_total is scaled by (1 + overshoot) when forming x_adv.
       candidates: number of top classes by logit at x0 considered (the predicted
         one included); None = all classes.
-      slots: samples processed per iteration (static); None = all B at once.
+      slots: samples processed per iteration, over all devices; None = all B at once.
+      mesh: 'auto' (every local device when there are several), a Mesh with a
+        'data' axis, or None; each device runs its own queue over its share.
+      host_driven: drive the queue from Python, one jitted step call per
+        `steps_per_check` iterations (None: on the CPU, which runs straight-line
+        code about twice as fast as a loop body), or inside one `lax.while_loop`.
+        Inside a trace it is always the while loop.
+
+    Compiled once per `logits_fn` object, settings and shapes, as `pgd` is.
 
     Returns:
       DeepFoolResult, see its docstring.
     """
     check_norm(norm)
-    x = jnp.asarray(x, jnp.float32)
+    settings = dict(norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
+    logits_fn = as_function_tree(logits_fn)
+    if is_traced((logits_fn, x, y)):
+        return _deepfool_loop(logits_fn, x, y, None, slots=slots, **settings)
+    if host_driven is None:
+        host_driven = jax.default_backend() == "cpu"
+    mesh = resolve_mesh(mesh)
+    if not host_driven:
+        per_device = None if slots is None else -(-int(slots) // (mesh.size if mesh else 1))
+        return run_attack(_deepfool_loop, logits_fn, x, y, None, dynamic={}, static=dict(settings, slots=per_device), mesh=mesh)
+    mesh = mesh or Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))
+    batch = x.shape[0]
+    (x, y), extra = pad_rows((x, y), mesh.size)
+    per_device_batch = x.shape[0] // mesh.size
+    per_device_slots = per_device_batch if slots is None else max(1, min(-(-int(slots) // mesh.size), per_device_batch))
+    start, advance, finish = _queue_programs(mesh, per_device_slots, steps_per_check, **settings)
+    replicated = parallel.replicated(mesh)
+    logits_fn = jax.device_put(logits_fn, replicated)  # once: the host loop must not re-send the weights every step
+    x, y = parallel.shared_batch((x, y), mesh)
+    queue = start(logits_fn, x)
+    while np.any(parallel.to_host(queue.slot["live"])):
+        queue = advance(logits_fn, x, queue)
+    result = finish(queue, y)
+    return jax.tree_util.tree_map(lambda a: a[:batch], result) if extra else result
+
+
+def _deepfool_loop(logits_fn, x, y, key, *, norm, max_iter, overshoot, candidates, slots) -> DeepFoolResult:
+    """DeepFool with the queue inside one `lax.while_loop` (traceable; `key` is unused)."""
+    del key
+    x = to_unit_interval(jnp.asarray(x))
     slots = x.shape[0] if slots is None else max(1, min(int(slots), x.shape[0]))
     queue = queue_start(x, slots=slots, num_candidates=num_candidates(logits_fn, x, slots, candidates))
     queue = jax.lax.while_loop(
@@ -217,3 +260,23 @@ def deepfool(
         queue,
     )
     return queue_result(queue, y)
+
+
+@functools.lru_cache(maxsize=None)
+def _queue_programs(mesh: Mesh, slots: int, steps_per_check: int, *, norm: str, max_iter: int, overshoot: float, candidates: int | None):
+    """(start, advance, finish): the host-driven queue's jitted programs, sharded over `mesh`, `slots` per device."""
+
+    def start_shard(logits_fn, x):
+        x = to_unit_interval(x)
+        return queue_start(x, slots=slots, num_candidates=num_candidates(logits_fn, x, slots, candidates))
+
+    def advance_shard(logits_fn, x, queue):
+        x = to_unit_interval(x)
+        for _ in range(steps_per_check):
+            queue = queue_step(logits_fn, x, queue, norm=norm, max_iter=max_iter, overshoot=overshoot)
+        return queue
+
+    start = jax.jit(parallel.shard_over_batch(start_shard, mesh, 1))
+    advance = jax.jit(parallel.shard_over_batch(advance_shard, mesh, 1), donate_argnums=2)
+    finish = jax.jit(parallel.shard_over_batch(queue_result, mesh, 0))
+    return start, advance, finish

@@ -7,6 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.common import check_norm, per_sample, project, random_in_ball, steepest_ascent
 from jax_advprune.attacks.objectives import AttackLoss, get_attack_loss
 
@@ -28,6 +29,7 @@ def pgd(
     targeted: bool = False,
     restarts: int = 1,
     unroll: int | bool = True,
+    mesh=AUTO,
 ) -> jax.Array:
     """PGD: maximises `loss(logits_fn(x_adv), y)` (minimises it when targeted) in the eps-ball around x.
 
@@ -51,11 +53,24 @@ def pgd(
       unroll: passed to `lax.fori_loop`. Fully unrolled (the default) runs much
         faster on XLA:CPU than a loop body (README, "Performance"), at the price
         of compile time; pass 1 for long attacks.
+      mesh: devices to split the batch over: 'auto' (every local device when there
+        are several), a `jax.sharding.Mesh` with a 'data' axis, or None. Called
+        inside a trace, the attack is inlined and `mesh` is ignored.
+
+    Compiled once per `logits_fn` object, settings and shapes (see
+    `attacks.dispatch`); pass `jax.tree_util.Partial(apply, params)` to keep the
+    weights out of the compiled program.
 
     Returns:
       x_adv (B, H, W, C) with ||x_adv - x|| <= eps per sample and x_adv in [0, 1].
     """
     check_norm(norm)
+    return run_attack(_pgd, logits_fn, x, y, key, dynamic=dict(eps=eps, step_size=step_size), mesh=mesh,
+                      static=dict(steps=steps, norm=norm, random_start=random_start, loss=loss, targeted=targeted, restarts=restarts, unroll=unroll))
+
+
+def _pgd(logits_fn, x, y, key, *, eps, step_size, steps, norm, random_start, loss, targeted, restarts, unroll):
+    """The traceable PGD of `pgd` (same arguments)."""
     loss_fn = get_attack_loss(loss)
     sign = -1.0 if targeted else 1.0
     x = jnp.asarray(x, jnp.float32)

@@ -1,4 +1,4 @@
-"""Evaluate phase: clean, PGD and APGD accuracy on the test split -> results.json, report.md.
+"""Evaluate phase: clean, PGD and AutoAttack (lite or standard) accuracy on the test split -> results.json, report.md.
 
 Evaluated: the final raw and EMA weights, and the EMA weights of the
 best-validation checkpoint (`checkpoints_best/`, what the reference reports).
@@ -16,7 +16,7 @@ from jax_advprune import provenance, storage
 from jax_advprune import workdir as workdir_lib
 from jax_advprune.checkpoint import abstract_like
 from jax_advprune.data.splits import Data
-from jax_advprune.evaluation import autoattack_lite_evaluator, pgd_evaluator
+from jax_advprune.evaluation import autoattack_evaluator, pgd_evaluator
 from jax_advprune.phases.common import apply_fn, build_model, section
 from jax_advprune.phases.weights import saved_state, saved_variables
 from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
@@ -24,7 +24,9 @@ from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, fina
 log = logging.getLogger("jax_advprune")
 
 NAME = "evaluate"
-HEADERS = {"clean_accuracy": "clean", "pgd_accuracy": "PGD", "apgd_ce_accuracy": "APGD-CE", "autoattack_lite_accuracy": "APGD-CE + APGD-T"}
+HEADERS = {"clean_accuracy": "clean", "pgd_accuracy": "PGD", "apgd_ce_accuracy": "APGD-CE", "autoattack_lite_accuracy": "APGD-CE + APGD-T",
+           "apgd_t_accuracy": "+ APGD-T", "fab_t_accuracy": "+ FAB-T", "autoattack_accuracy": "AutoAttack"}
+ATTACKS = ("pgd", "autoattack_lite", "autoattack")  # eval.attack: PGD is always reported; the others add AutoAttack
 
 
 def settings(config) -> dict:
@@ -62,8 +64,9 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict) -> dict:
     ecfg = config.eval
     common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
     evaluators = [pgd_evaluator(apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)]
-    if ecfg.apgd_steps > 0:
-        evaluators.append(autoattack_lite_evaluator(apply_fn(model), steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets, **common))
+    if ecfg.attack != "pgd":
+        evaluators.append(autoattack_evaluator(apply_fn(model), version=ecfg.attack, apgd_steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets,
+                                               fab_steps=ecfg.fab_steps, square_queries=ecfg.square_queries, **common))
     n = len(data.test_labels)
     results = {}
     for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
@@ -90,9 +93,12 @@ def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
         f"# {os.path.basename(storage.absolute(workdir))}: {title}",
         "",
         kept,
-        f"Test split: {summary['test_size']} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start); "
-        f"APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, worst case per sample. "
-        "Each accuracy ± one binomial standard error.",
+        f"Test split: {summary['test_size']} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start)"
+        + {"pgd": ". ",
+           "autoattack_lite": f"; APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, on the samples still robust. ",
+           "autoattack": f"; AutoAttack: APGD-CE, APGD-T ({ecfg.apgd_targets} targets, {ecfg.apgd_steps} steps), FAB-T ({ecfg.fab_steps} steps), "
+                         f"Square ({ecfg.square_queries} queries), each on the samples still robust (columns: robust after each). "}[ecfg.attack]
+        + "Each accuracy ± one binomial standard error.",
         "",
         "| weights | " + " | ".join(f"{header[c]} accuracy" for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -137,7 +143,7 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
         "kept": selection["kept"] if selection else None,
         "pool_size": selection["pool_size"] if selection else None,
         "init_from": config.eval.init_from or None,
-        "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": config.eval.pgd_steps},
+        "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": config.eval.pgd_steps, "robust_evaluation": config.eval.attack},
         **steps,
         "test_size": len(data.test_labels),
         "seed": config.seed,

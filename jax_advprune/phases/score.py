@@ -204,10 +204,9 @@ def _margins(config, workdir: str, data: Data, mesh, variables: dict, scored: np
     """DeepFool margins of the scored rows under the scoring model -> (margins (M,), {'converged', 'n_iter'})."""
     scfg = config.scoring
     df = scfg.deepfool
-    run_deepfool = margins.deepfool_runner(apply_fn(build_model(config)), slots=scfg.slots, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
-                                           candidates=df.candidates or None, mesh=mesh)
     progress = _progress(config, workdir, "score/deepfool", len(scored), scfg.chunk_size)
-    result = margins.margin_scores(run_deepfool, variables, data.pool, chunk_size=scfg.chunk_size, mesh=mesh,
+    result = margins.margin_scores(apply_fn(build_model(config)), variables, data.pool, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
+                                   candidates=df.candidates or None, slots=scfg.slots, chunk_size=scfg.chunk_size, mesh=mesh,
                                    indices=scored, resume_dir=os.path.join(workdir, "scores", "deepfool_chunks"), progress=progress)
     progress.close()
     meta.update(deepfool=df.to_dict(), fraction_converged=float(result["converged"].mean()), mean_iterations=float(result["n_iter"].mean()))

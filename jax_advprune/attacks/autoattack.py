@@ -1,0 +1,212 @@
+"""AutoAttack (Croce & Hein 2020): an ensemble of attacks, each run on the samples still robust.
+
+Versions, in the reference package's order:
+- 'standard': APGD-CE, APGD-T (targeted DLR), FAB-T, Square (what papers and
+  RobustBench report), with the reference settings: 100 iterations for APGD and
+  FAB, 9 target classes (capped at K - 1), 5,000 Square queries, one restart each.
+- 'lite': APGD-CE then APGD-T only (a cheaper, slightly weaker evaluation).
+- 'custom': the components named in `attacks`, in the order given.
+
+The host keeps the robust set: before each component (and each target class of
+APGD-T and FAB-T) the samples still robust are packed into fixed-shape chunks of
+`batch_size` (the last padded), so the compiled programs are the same for every
+call with the same input shapes, and no compute is spent on samples already
+broken. A candidate counts only after it is checked on its own: misclassified,
+inside [0, 1] and within eps of the clean image (float32 rounding: + 1e-6); the
+first component that breaks a sample sets its x_adv, as in the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_advprune import parallel
+from jax_advprune.attacks.apgd import _apgd
+from jax_advprune.attacks.common import check_norm, flat_norm
+from jax_advprune.attacks.dispatch import AUTO, resolve_mesh, run_attack
+from jax_advprune.attacks.fab import _fab_target, target_classes
+from jax_advprune.attacks.square import _square
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "lite": ("apgd-ce", "apgd-t")}
+TARGETED = ("apgd-t", "fab-t")
+EPS_SLACK = 1e-6  # float32 rounding allowed on ||x_adv - x|| <= eps
+
+log = logging.getLogger("jax_advprune")
+
+
+class AutoAttackResult(NamedTuple):
+    """What an AutoAttack run found, per sample (N,) and per component.
+
+    x_adv: (N, H, W, C) float32, the adversarial example of each broken sample,
+      the clean image elsewhere.
+    robust: (N,) bool, classified correctly and not broken by any component.
+    clean_correct: (N,) bool, classified correctly without attack.
+    broken_by: (N,) int8, index into `attacks` of the component that broke the
+      sample; -1 where none did (robust, or misclassified clean).
+    attacks: the components run, in order.
+    robust_accuracy: robust accuracy (fraction of N) after each component, in order.
+    clean_accuracy: fraction of N classified correctly.
+    """
+
+    x_adv: np.ndarray
+    robust: np.ndarray
+    clean_correct: np.ndarray
+    broken_by: np.ndarray
+    attacks: tuple
+    robust_accuracy: tuple
+    clean_accuracy: float
+
+
+def components(version: str, attacks: tuple | list | None = None) -> tuple[str, ...]:
+    """The components of a version, checked; `attacks` only (and then required) for 'custom'."""
+    if version == "custom":
+        if not attacks:
+            raise ValueError(f"autoattack version 'custom' needs attacks, a list from {COMPONENTS}")
+        unknown = [a for a in attacks if a not in COMPONENTS]
+        if unknown or len(set(attacks)) != len(attacks):
+            raise ValueError(f"autoattack attacks must be distinct names from {COMPONENTS}, got {list(attacks)}")
+        return tuple(attacks)
+    if version not in VERSIONS:
+        raise ValueError(f"autoattack version must be one of {sorted(VERSIONS) + ['custom']}, got {version!r}")
+    if attacks:
+        raise ValueError(f"autoattack attacks are only for version='custom' (version {version!r} runs {VERSIONS[version]})")
+    return VERSIONS[version]
+
+
+def _predict(logits_fn, x, y, key):
+    del y, key
+    return jnp.argmax(logits_fn(x), -1)
+
+
+def _check(logits_fn, x, y, key, *, x_adv, eps, norm):
+    """True where x_adv (B, ...) is misclassified, in [0, 1] and within eps (+ EPS_SLACK) of x."""
+    del key
+    inside = (flat_norm(x_adv - x, norm) <= eps + EPS_SLACK) & jnp.all((x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim)))
+    return inside & (jnp.argmax(logits_fn(x_adv), -1) != y)
+
+
+def _apgd_targeted(logits_fn, x, y, key, *, eps, rank, steps, norm):
+    """APGD with the targeted DLR loss towards the rank-th most likely clean class."""
+    targets = target_classes(logits_fn(x), rank)
+    return _apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="dlr_targeted", targets=targets, unroll=1)
+
+
+def autoattack(
+    logits_fn: LogitsFn,
+    x,
+    y,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    attacks: tuple | list | None = None,
+    apgd_steps: int = 100,
+    num_targets: int = 9,
+    fab_steps: int = 100,
+    square_queries: int = 5000,
+    batch_size: int | None = None,
+    mesh=AUTO,
+    report: Callable[[str], None] | None = None,
+) -> AutoAttackResult:
+    """Robustness of `logits_fn` on (x, y) under AutoAttack at radius eps.
+
+    Args:
+      logits_fn: images (b, H, W, C) in [0, 1] -> logits (b, K); called on chunks of
+        `batch_size`. Pass the same object (or a `jax.tree_util.Partial(apply, params)`)
+        to reuse the compiled programs.
+      x: (N, H, W, C) images, float in [0, 1] or uint8; y: (N,) int labels. Host
+        arrays; on several processes every process passes the same ones.
+      key: PRNG key; each component, target and chunk folds in its own index.
+      eps: radius in units of `norm` (pixel intensities in [0, 1]).
+      norm: 'linf' or 'l2'.
+      version: 'standard', 'lite' or 'custom' (then `attacks`, names from COMPONENTS).
+      apgd_steps, fab_steps: iterations of each APGD / FAB-T run; num_targets:
+        target classes of APGD-T and FAB-T (capped at K - 1); square_queries:
+        Square's budget per sample. The defaults are the reference's.
+      batch_size: chunk size (default min(N, 256)); mesh: 'auto', a Mesh or None,
+        as for `pgd`: each chunk is split over its devices.
+      report: called with a line after every component (default: the
+        'jax_advprune' logger).
+
+    Returns:
+      AutoAttackResult (host arrays).
+    """
+    check_norm(norm)
+    names = components(version, attacks)
+    if not eps > 0:
+        raise ValueError(f"autoattack needs eps > 0, got {eps}")
+    for setting, value in (("apgd_steps", apgd_steps), ("num_targets", num_targets), ("fab_steps", fab_steps), ("square_queries", square_queries)):
+        if int(value) < 1:
+            raise ValueError(f"autoattack {setting} must be >= 1, got {value}")
+    images = np.asarray(x)
+    images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    labels = np.asarray(y).astype(np.int32)
+    n = len(labels)
+    if images.shape[0] != n or n == 0:
+        raise ValueError(f"autoattack needs x (N, H, W, C) and y (N,) with N >= 1, got {images.shape} and {labels.shape}")
+    mesh = resolve_mesh(mesh)
+    batch = int(batch_size or min(n, 256))
+    num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((batch,) + images.shape[1:], jnp.float32)).shape[-1]
+    targets = range(2, min(num_targets, num_classes - 1) + 2)
+    report = report or log.info
+
+    def on_chunks(impl, rows, dynamic, static, run_key):
+        """impl over images[rows] in chunks of `batch` (the last padded) -> its outputs for `rows`, on the host."""
+        outputs = []
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            padded = np.concatenate([chunk, np.full(batch - len(chunk), chunk[0])])
+            out = run_attack(impl, logits_fn, images[padded], labels[padded], jax.random.fold_in(run_key, start // batch),
+                             dynamic=dynamic(padded), static=static, mesh=mesh)
+            outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[: len(chunk)], out))
+        return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
+
+    every = np.arange(n)
+    clean_correct = on_chunks(_predict, every, lambda rows: {}, {}, key) == labels
+    robust = clean_correct.copy()
+    x_adv = images.copy()
+    broken_by = np.full(n, -1, np.int8)
+    robust_accuracy = []
+    started = time.perf_counter()
+    for index, name in enumerate(names):
+        for target in (targets if name in TARGETED else [None]):
+            todo = np.flatnonzero(robust)
+            if not len(todo):
+                break
+            run_key = jax.random.fold_in(jax.random.fold_in(key, index), target or 0)
+            if name in ("apgd-ce", "apgd-dlr"):
+                impl, static = _apgd, dict(steps=apgd_steps, norm=norm, loss=name[5:], targets=None, unroll=1)
+            elif name == "apgd-t":
+                impl, static = _apgd_targeted, dict(steps=apgd_steps, norm=norm)
+            elif name == "fab-t":
+                impl, static = _fab_target, dict(norm=norm, steps=fab_steps, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9)
+            else:
+                impl, static = _square, dict(norm=norm, queries=square_queries, p_init=0.8)
+            rank = {} if target is None else {"rank": target}
+            candidates = on_chunks(impl, todo, lambda rows: dict(eps=eps, **rank), static, run_key)
+            candidates = candidates if isinstance(candidates, np.ndarray) else candidates.x_adv
+            broken = np.zeros(len(todo), bool)
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                padded = np.concatenate([chunk, np.full(batch - len(chunk), chunk[0])])
+                adv = np.concatenate([candidates[start:start + batch], np.repeat(candidates[start:start + 1], batch - len(chunk), 0)])
+                ok = run_attack(_check, logits_fn, images[padded], labels[padded], None, dynamic=dict(x_adv=adv, eps=eps),
+                                static=dict(norm=norm), mesh=mesh)
+                broken[start:start + len(chunk)] = parallel.to_host(ok)[: len(chunk)]
+            hit = todo[broken]
+            x_adv[hit] = candidates[broken]
+            robust[hit] = False
+            broken_by[hit] = index
+        robust_accuracy.append(float(robust.mean()))
+        report(f"[autoattack] after {name}: robust accuracy {robust_accuracy[-1]:.2%} ({int(robust.sum())}/{n}), "
+               f"{time.perf_counter() - started:.1f} s")
+    return AutoAttackResult(x_adv, robust, clean_correct, broken_by, names, tuple(robust_accuracy), float(clean_correct.mean()))
