@@ -82,7 +82,10 @@ from jax_advprune.data.sources import NpzPart, Pool  # noqa: E402
 from jax_advprune.models import create_model  # noqa: E402
 from jax_advprune.pruning import knn as knn_lib  # noqa: E402
 from jax_advprune.pruning import predictions  # noqa: E402
-from jax_advprune.pruning.margins import deepfool_runner, margin_scores  # noqa: E402
+from jax.tree_util import Partial  # noqa: E402
+
+from jax_advprune.attacks import deepfool  # noqa: E402
+from jax_advprune.pruning.margins import margin_scores  # noqa: E402
 
 EPS = 8 / 255
 DIM = 128  # the small CNN's feature width
@@ -142,7 +145,11 @@ def imported_wrn_deepfool(pool: Pool, mesh) -> dict:
     apply_fn = lambda v, z: model.apply(v, z, train=False)  # noqa: E731
     logit_diff = float(np.abs(np.asarray(apply_fn(variables, x)) - logits_t.numpy()).max())
     slots = max(n // ARGS.devices, 1) * ARGS.devices
-    run = deepfool_runner(apply_fn, slots=slots, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
+    logits_fn = Partial(apply_fn, variables)
+
+    def run(_, x, y):
+        return deepfool(logits_fn, x, y, norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, slots=slots, mesh=mesh)
+
     jax.block_until_ready(run(variables, x, y).margin)  # compile
     attack = fb.attacks.LinfDeepFoolAttack(steps=ARGS.deepfool_iterations, candidates=10, overshoot=0.02, loss="logits")
     fmodel = fb.PyTorchModel(reference, bounds=(0, 1))
@@ -342,11 +349,11 @@ def main() -> None:
     if "deepfool" in stages:
         # DeepFool margins over a random subset of the pool, chunks of 1,024 read from disk.
         subset = np.sort(rng.choice(len(pool), ARGS.deepfool_images, replace=False))
-        run = deepfool_runner(apply_fn, slots=min(512, len(subset)), norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, mesh=mesh)
+        deepfool_settings = dict(norm="linf", max_iter=ARGS.deepfool_iterations, overshoot=0.02, candidates=None, slots=min(512, len(subset)))
         chunk = min(1024, len(subset))
-        margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset[:chunk])  # compile
+        margin_scores(apply_fn, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset[:chunk], **deepfool_settings)  # compile
         row, result = timed_stage(f"DeepFool L-inf margins, small CNN (10 classes, <= {ARGS.deepfool_iterations} it.)", len(subset),
-                                  lambda: margin_scores(run, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset))
+                                  lambda: margin_scores(apply_fn, variables, pool, chunk_size=chunk, mesh=mesh, indices=subset, **deepfool_settings))
         rows.append(row | dict(mean_iterations=float(result["n_iter"].mean()), converged=float(result["converged"].mean())))
 
     if "embedding" in stages:

@@ -185,7 +185,7 @@ def test_attack_passes_leave_batchnorm_averages_to_the_training_passes(setup, sm
     clean_probs = jax.nn.softmax(logits_fn(x), axis=-1)
     key = jax.random.fold_in(state.rng, state.step)
     eps = jnp.asarray(batch["eps"])
-    x_adv = pgd(logits_fn, x, clean_probs, key, eps=eps, step_size=eps * 0.5, steps=attack.steps, norm="linf", loss="kl")
+    x_adv = pgd(logits_fn, x, clean_probs, key, eps=eps, step_size=eps * 0.5, steps=attack.steps, norm="linf", loss="kl", mesh=None)
     _, after_clean = model.apply(state.variables(), x, train=True, mutable=["batch_stats"])
     _, after_adv = model.apply({"params": state.params, "batch_stats": after_clean["batch_stats"]}, x_adv, train=True, mutable=["batch_stats"])
     for got, want in zip(jax.tree_util.tree_leaves(new_state.batch_stats), jax.tree_util.tree_leaves(after_adv["batch_stats"])):

@@ -9,8 +9,9 @@ is the model's prediction on x0, and a sample is done once its prediction change
 Only the (candidate - origin) input gradients are computed: one forward pass and
 one VJP per candidate, batched with vmap over cotangents, on a fixed number of
 slots that are refilled as samples finish (`queue_step`). `deepfool` drives the
-queue with a `lax.while_loop`; jax_advprune.pruning.margins.deepfool_runner drives
-it from the host, which XLA:CPU runs faster.
+queue from the host on the CPU (XLA:CPU runs that about twice as fast as a loop
+body) and inside one `lax.while_loop` elsewhere or within a trace; PUMA's pool
+scoring (`pruning.margins`) calls the same function.
 """
 
 from __future__ import annotations

@@ -104,6 +104,9 @@ def run_attack(impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict,
     batch = x.shape[0]
     batched, extra = pad_rows(batched, mesh.size)
     replicated = parallel.replicated(mesh)
+    # Scalars as arrays first: on several processes, device_put checks that a value is the same everywhere,
+    # and its check mistakes a Python float for a different value.
+    shared = [None if value is None else jnp.asarray(value) for value in shared]
     out = compiled(jax.device_put(logits_fn, replicated), jax.device_put(key, replicated), *jax.device_put(shared, replicated),
                    *parallel.shared_batch(batched, mesh))
     return jax.tree_util.tree_map(lambda a: a[:batch], out) if extra else out
