@@ -7,7 +7,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.tree_util import Partial
 
 from jax_advprune import parallel

@@ -149,3 +149,26 @@ def test_vmapped_vjps_and_batched_kernels_equal_lax():
         results[name] = (input_grads, per_kernel, kernel_grads)
     for got, expected in zip(results["onednn"], results["lax"]):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_users_lax_conv_function_is_routed_to_onednn_with_equal_values_and_gradients():
+    """kernels.onednn_route: a plain function with lax.conv_general_dilated (one inside a nested jit, one strided,
+    one dilated that oneDNN does not take) gives the same logits and input gradients, now with the custom call."""
+    from jax_advprune.kernels.onednn_route import with_onednn_convolutions
+
+    def user_model(params, x):
+        h = jax.nn.relu(lax.conv_general_dilated(x, params["a"], (1, 1), "SAME", dimension_numbers=DIMENSIONS))
+        h = jax.jit(lambda z: lax.conv_general_dilated(z, params["b"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS))(h)
+        h = lax.conv_general_dilated(h, params["c"], (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMENSIONS)
+        return {"logits": h.mean(axis=(1, 2))}
+
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in (("a", (3, 3, 3, 8)), ("b", (3, 3, 8, 8)), ("c", (3, 3, 8, 5)))}
+    x = rng.uniform(size=(4, 10, 10, 3)).astype(np.float32)
+    routed = with_onednn_convolutions(user_model)
+    assert routed is with_onednn_convolutions(user_model)  # one wrapper per function: jit caches keep hitting
+    text = str(jax.make_jaxpr(routed)(params, x))
+    assert text.count("onednn") >= 2 and "conv_general_dilated" in text  # the dilated one stays XLA's
+    np.testing.assert_allclose(routed(params, x)["logits"], user_model(params, x)["logits"], rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda f, z: jnp.sum(jnp.sin(f(params, z)["logits"])), argnums=1)
+    np.testing.assert_allclose(grad(routed, x), grad(user_model, x), rtol=1e-4, atol=1e-5)

@@ -8,10 +8,10 @@ Versions, in the reference package's order:
 - 'custom': the components named in `attacks`, in the order given.
 
 The host keeps the robust set: before each component (and each target class of
-APGD-T and FAB-T) the samples still robust are packed into fixed-shape chunks of
-`batch_size` (the last padded), so the compiled programs are the same for every
-call with the same input shapes, and no compute is spent on samples already
-broken. A candidate counts only after it is checked on its own: misclassified,
+APGD-T and FAB-T) the samples still robust are packed into chunks of
+`batch_size`, the last one padded to a multiple of batch_size / 8 (`remainder_size`),
+so each component compiles for a few shapes only and little compute is spent on
+samples already broken. A candidate counts only after it is checked on its own: misclassified,
 inside [0, 1] and within eps of the clean image (float32 rounding: + 1e-6); the
 first component that breaks a sample sets its x_adv, as in the reference.
 """
@@ -79,6 +79,13 @@ def components(version: str, attacks: tuple | list | None = None) -> tuple[str, 
     if attacks:
         raise ValueError(f"autoattack attacks are only for version='custom' (version {version!r} runs {VERSIONS[version]})")
     return VERSIONS[version]
+
+
+def remainder_size(count: int, batch: int) -> int:
+    """Rows a chunk of `count` <= batch samples is padded to: batch when full, else the next multiple of
+    max(8, batch // 8), so that each component compiles for at most 8 shapes while a few survivors cost little."""
+    step = max(8, batch // 8)
+    return min(batch, -(-count // step) * step)
 
 
 def _predict(logits_fn, x, y, key):
@@ -160,18 +167,22 @@ def autoattack(
     report = report or log.info
 
     def on_chunks(impl, rows, dynamic, static, run_key):
-        """impl over images[rows] in chunks of `batch` (the last padded) -> its outputs for `rows`, on the host."""
+        """impl over images[rows] in chunks of `batch` -> its outputs for `rows`, on the host.
+
+        The last chunk is padded only up to `remainder_size` (a power of two), so few survivors cost little;
+        dynamic(positions) gives the per-call arguments for positions into `rows`."""
         outputs = []
         for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            padded = np.concatenate([chunk, np.full(batch - len(chunk), chunk[0])])
-            out = run_attack(impl, logits_fn, images[padded], labels[padded], jax.random.fold_in(run_key, start // batch),
-                             dynamic=dynamic(padded), static=static, mesh=mesh)
-            outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[: len(chunk)], out))
+            count = min(batch, len(rows) - start)
+            positions = np.minimum(np.arange(start, start + remainder_size(count, batch)), start + count - 1)
+            chunk = rows[positions]
+            out = run_attack(impl, logits_fn, images[chunk], labels[chunk], jax.random.fold_in(run_key, start // batch),
+                             dynamic=dynamic(positions), static=static, mesh=mesh)
+            outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[:count], out))
         return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
 
     every = np.arange(n)
-    clean_correct = on_chunks(_predict, every, lambda rows: {}, {}, key) == labels
+    clean_correct = on_chunks(_predict, every, lambda positions: {}, {}, key) == labels
     robust = clean_correct.copy()
     x_adv = images.copy()
     broken_by = np.full(n, -1, np.int8)
@@ -192,16 +203,9 @@ def autoattack(
             else:
                 impl, static = _square, dict(norm=norm, queries=square_queries, p_init=0.8)
             rank = {} if target is None else {"rank": target}
-            candidates = on_chunks(impl, todo, lambda rows: dict(eps=eps, **rank), static, run_key)
+            candidates = on_chunks(impl, todo, lambda positions: dict(eps=eps, **rank), static, run_key)
             candidates = candidates if isinstance(candidates, np.ndarray) else candidates.x_adv
-            broken = np.zeros(len(todo), bool)
-            for start in range(0, len(todo), batch):
-                chunk = todo[start:start + batch]
-                padded = np.concatenate([chunk, np.full(batch - len(chunk), chunk[0])])
-                adv = np.concatenate([candidates[start:start + batch], np.repeat(candidates[start:start + 1], batch - len(chunk), 0)])
-                ok = run_attack(_check, logits_fn, images[padded], labels[padded], None, dynamic=dict(x_adv=adv, eps=eps),
-                                static=dict(norm=norm), mesh=mesh)
-                broken[start:start + len(chunk)] = parallel.to_host(ok)[: len(chunk)]
+            broken = on_chunks(_check, todo, lambda positions: dict(x_adv=candidates[positions], eps=eps), dict(norm=norm), key)
             hit = todo[broken]
             x_adv[hit] = candidates[broken]
             robust[hit] = False

@@ -33,6 +33,7 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 # Added to each linearised distance so that a step never lands exactly on the
 # boundary (foolbox adds 1e-4; a smaller value keeps L-inf margins of ~1/255 exact).
 STEP_SLACK = 1e-5
+HOST_DRIVEN_SLOTS_PER_DEVICE = 2
 _TINY = 1e-8
 
 
@@ -209,7 +210,10 @@ def deepfool(
       overshoot: r_total is scaled by (1 + overshoot) when forming x_adv.
       candidates: number of top classes by logit at x0 considered (the predicted
         one included); None = all classes.
-      slots: samples processed per iteration, over all devices; None = all B at once.
+      slots: samples processed per iteration, over all devices. None: host-driven,
+        HOST_DRIVEN_SLOTS_PER_DEVICE per device (on 2 CPU cores this ran 1.5-2.4x
+        faster than all samples at once, on CNNs and PreAct ResNet-18 alike: the
+        (K - 1)-cotangent VJP of a few samples stays in cache); in a loop, all B at once.
       mesh: 'auto' (every local device when there are several), a Mesh with a
         'data' axis, or None; each device runs its own queue over its share.
       host_driven: drive the queue from Python, one jitted step call per
@@ -237,7 +241,8 @@ def deepfool(
     batch = x.shape[0]
     (x, y), extra = pad_rows((x, y), mesh.size)
     per_device_batch = x.shape[0] // mesh.size
-    per_device_slots = per_device_batch if slots is None else max(1, min(-(-int(slots) // mesh.size), per_device_batch))
+    wanted = HOST_DRIVEN_SLOTS_PER_DEVICE if slots is None else -(-int(slots) // mesh.size)
+    per_device_slots = max(1, min(wanted, per_device_batch))
     start, advance, finish = _queue_programs(mesh, per_device_slots, steps_per_check, **settings)
     replicated = parallel.replicated(mesh)
     logits_fn = jax.device_put(logits_fn, replicated)  # once: the host loop must not re-send the weights every step

@@ -9,6 +9,9 @@ An attack is written as a pure, traceable function `impl(logits_fn, x, y, key,
   compiled program is reused for every later call with the same function and
   shapes. A `Partial(apply, params)` passes the weights as arguments (new weights
   reuse the program); a plain closure's captured weights become constants of it.
+- on the CPU with oneDNN available, the convolutions of a user's plain
+  `lax.conv_general_dilated` model are sent to oneDNN (`kernels.onednn_route`),
+  as the project's own layers are;
 - with a mesh (by default every local device when there are several, such as
   the virtual XLA:CPU devices of `parallel.use_cpu_devices`), the batch is split
   over the devices with `shard_map`, padded to a multiple of their count; each
@@ -27,14 +30,19 @@ from jax.sharding import Mesh
 from jax.tree_util import Partial
 
 from jax_advprune import parallel
+from jax_advprune.kernels import onednn_route
 
 AUTO = "auto"  # mesh argument: every local device when there are several, else none
 _COMPILED: dict = {}
 
 
 def as_function_tree(logits_fn: Callable) -> Partial:
-    """`logits_fn` as a pytree whose structure is the function and whose leaves are its bound arguments."""
-    return logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+    """`logits_fn` as a pytree whose structure is the function and whose leaves are its bound arguments;
+    on the CPU with oneDNN, the function's `lax.conv_general_dilated` calls go to oneDNN (kernels.onednn_route)."""
+    tree = logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+    if onednn_route.wanted():
+        tree = Partial(onednn_route.with_onednn_convolutions(tree.func), *tree.args, **tree.keywords)
+    return tree
 
 
 def is_traced(tree: Any) -> bool:

@@ -260,14 +260,13 @@ def _fab(logits_fn, x, y, key, *, eps, norm, num_targets, steps, restarts, alpha
     """The traceable FAB-T of `fab` (same arguments)."""
     x = jnp.asarray(x, jnp.float32)
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[-1]
-    result = None
-    for rank in range(2, min(num_targets, num_classes - 1) + 2):
+
+    def one_target(rank, best: FabResult) -> FabResult:
         run = _fab_target(logits_fn, x, y, jax.random.fold_in(key, rank), eps=eps, rank=rank, norm=norm, steps=steps, restarts=restarts,
-                         alpha_max=alpha_max, eta=eta, beta=beta)
-        if result is None:
-            result = run
-            continue
-        better = run.distance < result.distance
-        result = FabResult(jnp.where(per_sample(better, x), run.x_adv, result.x_adv), jnp.where(better, run.distance, result.distance),
-                           result.fooled | run.fooled)
-    return result
+                          alpha_max=alpha_max, eta=eta, beta=beta)
+        better = run.distance < best.distance
+        return FabResult(jnp.where(per_sample(better, x), run.x_adv, best.x_adv), jnp.where(better, run.distance, best.distance),
+                         best.fooled | run.fooled)
+
+    nothing_yet = FabResult(x, jnp.full((x.shape[0],), jnp.inf, x.dtype), jnp.zeros((x.shape[0],), bool))
+    return jax.lax.fori_loop(2, min(num_targets, num_classes - 1) + 2, one_target, nothing_yet)  # one compiled body for every target
