@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from jax_advprune import parallel
+from jax_advprune import parallel, preemption, storage, workdir
 from jax_advprune.attacks import autoattack, pgd
 from jax_advprune.attacks.common import to_unit_interval
 
@@ -55,6 +56,20 @@ def pgd_evaluator(
     return evaluate
 
 
+def finished_passes(resume_dir: str | None) -> list[dict]:
+    """The AutoAttack passes saved in resume_dir (pass_000.npz, pass_001.npz, ... while consecutive), decided
+    once for every process."""
+    if resume_dir is None:
+        return []
+    storage.makedirs(resume_dir)
+    parallel.sync(f"listing {resume_dir}")
+    names = set(storage.listdir(resume_dir))
+    done = []
+    while f"pass_{len(done):03d}.npz" in names:
+        done.append(storage.load_npz(os.path.join(resume_dir, f"pass_{len(done):03d}.npz")))
+    return done
+
+
 def autoattack_evaluator(
     apply_fn: ApplyFn,
     *,
@@ -76,15 +91,27 @@ def autoattack_evaluator(
     `clean_accuracy`, `<component>_accuracy` after each component but the last
     (e.g. `apgd_ce_accuracy`), and `<version>_accuracy`; fractions in [0, 1].
     images: (N, H, W, C) uint8, the same on every process; labels (N,) int.
+    With `resume_dir`, each pass (a component, or one target class) saves the samples
+    it broke there and a rerun applies them instead of recomputing: a killed or
+    preempted evaluation resumes with the same result.
     """
     parallel.check_divisible(batch_size, mesh, "eval batch size")
     aa_version = {"autoattack": "standard", "autoattack_lite": "lite"}[version]
 
-    def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0, resume_dir: str | None = None) -> dict[str, float]:
         logits_fn = Partial(apply_fn, jax.device_put(variables, parallel.replicated(mesh)))  # placed once, not per batch
+
+        def on_pass(k: int, hits: dict) -> None:
+            if resume_dir is None:
+                return
+            workdir.save_npz(os.path.join(resume_dir, f"pass_{k:03d}.npz"), **hits)
+            if preemption.stop_requested():
+                raise preemption.Preempted(f"preempted (SIGTERM): {k + 1} AutoAttack passes saved in {resume_dir}; "
+                                           "rerun the same command to resume from there")
+
         result = autoattack(logits_fn, images, labels, jax.random.PRNGKey(seed), eps=eps, norm=norm, version=aa_version,
                             apgd_steps=apgd_steps, num_targets=num_targets, fab_steps=fab_steps, square_queries=square_queries,
-                            batch_size=batch_size, mesh=mesh)
+                            batch_size=batch_size, mesh=mesh, on_pass=on_pass, done_passes=finished_passes(resume_dir))
         accuracies = {"clean_accuracy": result.clean_accuracy}
         for name, accuracy in zip(result.attacks[:-1], result.robust_accuracy[:-1]):
             accuracies[name.replace("-", "_") + "_accuracy"] = accuracy

@@ -229,3 +229,47 @@ def test_the_public_attacks_compile_once_per_shape_when_called_directly(trained)
         assert compiles == []
     finally:
         logging.getLogger("jax").removeHandler(counter)
+
+
+def test_autoattack_refuses_bad_input_before_spending_compute():
+    def logits_fn(x):
+        return x.reshape(x.shape[0], -1)[:, :10]
+
+    x, y = np.zeros((4, 8, 6, 3), np.float32), np.zeros(4, np.int32)
+    key = jax.random.PRNGKey(0)
+    for kwargs, message in [
+        (dict(version="standrd"), "version must be one of"),
+        (dict(version="custom"), "needs attacks"),
+        (dict(version="custom", attacks=["apgd-ce", "fab"]), "distinct names"),
+        (dict(attacks=["square"]), "only for version='custom'"),
+        (dict(), "Square needs square images"),
+        (dict(eps=0.0), "eps > 0"),
+        (dict(square_queries=0), "square_queries must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            autoattack(logits_fn, x, y, key, **{"eps": 0.03, **kwargs})
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        autoattack(logits_fn, x, np.full(4, 10), key, eps=0.03, version="lite")
+
+
+def test_an_interrupted_autoattack_resumes_from_its_saved_passes_to_the_same_result(trained):
+    logits_fn, _, x, y = trained
+    x, y = x[:32], y[:32]
+    key = jax.random.PRNGKey(5)
+    settings = dict(eps=0.03, apgd_steps=2, num_targets=1, fab_steps=2, square_queries=5)  # the compile test's programs
+    whole = autoattack(logits_fn, x, y, key, **settings)
+    saved = []
+
+    def killed_after_two(k, hits):
+        saved.append(hits)
+        if k == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        autoattack(logits_fn, x, y, key, on_pass=killed_after_two, **settings)
+    later = []
+    resumed = autoattack(logits_fn, x, y, key, done_passes=saved, on_pass=lambda k, hits: later.append(k), **settings)
+    assert later == [2, 3]  # FAB-T and Square: APGD-CE and APGD-T came from the saved passes
+    np.testing.assert_array_equal(resumed.x_adv, whole.x_adv)
+    np.testing.assert_array_equal(resumed.broken_by, whole.broken_by)
+    assert resumed.robust_accuracy == whole.robust_accuracy and len(saved[0]["rows"]) > 0

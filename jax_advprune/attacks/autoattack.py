@@ -123,6 +123,8 @@ def autoattack(
     batch_size: int | None = None,
     mesh=AUTO,
     report: Callable[[str], None] | None = None,
+    on_pass: Callable[[int, dict], None] | None = None,
+    done_passes: list[dict] | None = None,
 ) -> AutoAttackResult:
     """Robustness of `logits_fn` on (x, y) under AutoAttack at radius eps.
 
@@ -143,6 +145,12 @@ def autoattack(
         as for `pgd`: each chunk is split over its devices.
       report: called with a line after every component (default: the
         'jax_advprune' logger).
+      on_pass: called as on_pass(k, {'rows': (m,) int, 'x_adv': (m, H, W, C)}) after
+        the k-th pass (a component, or one target class of APGD-T / FAB-T) with the
+        samples it broke; save them to resume.
+      done_passes: those dicts of passes 0 .. k-1 from an interrupted call with the
+        same arguments: they are applied instead of recomputed, and the result is
+        the same as an uninterrupted call's (each pass draws from its own key).
 
     Returns:
       AutoAttackResult (host arrays).
@@ -165,6 +173,10 @@ def autoattack(
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((batch,) + images.shape[1:], jnp.float32)).shape[-1]
     targets = range(2, min(num_targets, num_classes - 1) + 2)
     report = report or log.info
+    if labels.min() < 0 or labels.max() >= num_classes:  # checked before any compute is spent
+        raise ValueError(f"autoattack labels must lie in [0, {num_classes}) for a {num_classes}-class model, got {labels.min()}..{labels.max()}")
+    if "square" in names and (images.ndim != 4 or images.shape[1] != images.shape[2] or (norm == "l2" and images.shape[1] < 5)):
+        raise ValueError(f"autoattack's Square needs square images (and H >= 5 for L2), got {images.shape[1:]}")
 
     def on_chunks(impl, rows, dynamic, static, run_key):
         """impl over images[rows] in chunks of `batch` -> its outputs for `rows`, on the host.
@@ -181,6 +193,26 @@ def autoattack(
             outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[:count], out))
         return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
 
+    def one_pass(index: int, name: str, target: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Component `name` (towards target rank `target`) on the samples still robust -> (rows it broke, their x_adv)."""
+        todo = np.flatnonzero(robust)
+        if not len(todo):
+            return todo, np.zeros((0,) + images.shape[1:], np.float32)
+        run_key = jax.random.fold_in(jax.random.fold_in(key, index), target or 0)
+        if name in ("apgd-ce", "apgd-dlr"):
+            impl, static = _apgd, dict(steps=apgd_steps, norm=norm, loss=name[5:], targets=None, unroll=1)
+        elif name == "apgd-t":
+            impl, static = _apgd_targeted, dict(steps=apgd_steps, norm=norm)
+        elif name == "fab-t":
+            impl, static = _fab_target, dict(norm=norm, steps=fab_steps, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9)
+        else:
+            impl, static = _square, dict(norm=norm, queries=square_queries, p_init=0.8)
+        rank = {} if target is None else {"rank": target}
+        candidates = on_chunks(impl, todo, lambda positions: dict(eps=eps, **rank), static, run_key)
+        candidates = candidates if isinstance(candidates, np.ndarray) else candidates.x_adv
+        broken = on_chunks(_check, todo, lambda positions: dict(x_adv=candidates[positions], eps=eps), dict(norm=norm), key)
+        return todo[broken], candidates[broken]
+
     every = np.arange(n)
     clean_correct = on_chunks(_predict, every, lambda positions: {}, {}, key) == labels
     robust = clean_correct.copy()
@@ -188,26 +220,18 @@ def autoattack(
     broken_by = np.full(n, -1, np.int8)
     robust_accuracy = []
     started = time.perf_counter()
+    done = list(done_passes or [])
+    passes = 0
     for index, name in enumerate(names):
         for target in (targets if name in TARGETED else [None]):
-            todo = np.flatnonzero(robust)
-            if not len(todo):
-                break
-            run_key = jax.random.fold_in(jax.random.fold_in(key, index), target or 0)
-            if name in ("apgd-ce", "apgd-dlr"):
-                impl, static = _apgd, dict(steps=apgd_steps, norm=norm, loss=name[5:], targets=None, unroll=1)
-            elif name == "apgd-t":
-                impl, static = _apgd_targeted, dict(steps=apgd_steps, norm=norm)
-            elif name == "fab-t":
-                impl, static = _fab_target, dict(norm=norm, steps=fab_steps, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9)
+            if passes < len(done):  # finished by an earlier, interrupted call
+                hit, hit_x = np.asarray(done[passes]["rows"], np.int64), np.asarray(done[passes]["x_adv"], np.float32)
             else:
-                impl, static = _square, dict(norm=norm, queries=square_queries, p_init=0.8)
-            rank = {} if target is None else {"rank": target}
-            candidates = on_chunks(impl, todo, lambda positions: dict(eps=eps, **rank), static, run_key)
-            candidates = candidates if isinstance(candidates, np.ndarray) else candidates.x_adv
-            broken = on_chunks(_check, todo, lambda positions: dict(x_adv=candidates[positions], eps=eps), dict(norm=norm), key)
-            hit = todo[broken]
-            x_adv[hit] = candidates[broken]
+                hit, hit_x = one_pass(index, name, target)
+                if on_pass is not None:
+                    on_pass(passes, {"rows": hit, "x_adv": hit_x})
+            passes += 1
+            x_adv[hit] = hit_x
             robust[hit] = False
             broken_by[hit] = index
         robust_accuracy.append(float(robust.mean()))

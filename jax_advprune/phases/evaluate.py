@@ -59,8 +59,10 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1.0 - accuracy) / n) if n else float("nan")
 
 
-def evaluate_weights(config, data: Data, mesh, model, candidates: dict) -> dict:
-    """{weights: {accuracy name: fraction, '<name>_se': its standard error}} for each set of variables in `candidates`."""
+def evaluate_weights(config, data: Data, mesh, model, candidates: dict, workdir: str | None = None) -> dict:
+    """{weights: {accuracy name: fraction, '<name>_se': its standard error}} for each set of variables in `candidates`.
+
+    With a work directory, AutoAttack saves each pass under <workdir>/evaluate_passes/<weights>/ and resumes from them."""
     ecfg = config.eval
     common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
     evaluators = [pgd_evaluator(apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)]
@@ -71,8 +73,9 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict) -> dict:
     results = {}
     for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
         accuracies = {}
-        for evaluate_fn in evaluators:
-            accuracies.update({k: v for k, v in evaluate_fn(variables, data.test_images, data.test_labels, config.seed).items() if k != "n"})
+        for position, evaluate_fn in enumerate(evaluators):
+            resume = {} if position == 0 or workdir is None else {"resume_dir": os.path.join(workdir, "evaluate_passes", weights)}
+            accuracies.update({k: v for k, v in evaluate_fn(variables, data.test_images, data.test_labels, config.seed, **resume).items() if k != "n"})
         results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
         log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()))
     return results
@@ -133,7 +136,7 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
         return
     workdir_lib.record_settings(workdir, NAME, settings(config))
     start = time.perf_counter()
-    results = evaluate_weights(config, data, mesh, build_model(config), candidates)
+    results = evaluate_weights(config, data, mesh, build_model(config), candidates, workdir)
     selection_path = os.path.join(workdir, "selection", "meta.json")
     selection = workdir_lib.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
     timings = workdir_lib.read_json(workdir_lib.timings_path(workdir)) if storage.exists(workdir_lib.timings_path(workdir)) else {}
