@@ -2,7 +2,8 @@
 
     pip install -e ".[bench]"
     python benchmarks/attacks.py [--batch 256] [--resnet-batch 32] [--aa-batch 64] [--devices 4] [--threads 2] [--repeats 3]
-                                 [--models small_cnn,plain_cnn,preact_resnet18,wrn_16_4] [--allow-busy]
+                                 [--models small_cnn,plain_cnn,preact_resnet18,wrn_16_4] [--autoattack-models small_cnn,plain_cnn]
+                                 [--autoattack-only] [--out attacks.json] [--allow-busy]
 
 Every model takes 32x32x3 images: the small CNN of the project at widths
 32/64/128, a 3-conv CNN written with plain `lax.conv` (what a user brings,
@@ -45,6 +46,8 @@ if __name__ == "__main__":
     _args.add_argument("--aa-batch", type=int, default=64, help="AutoAttack batch (its cost is Square's 5,000 queries on the survivors)")
     _args.add_argument("--models", default="small_cnn,plain_cnn,preact_resnet18,wrn_16_4")
     _args.add_argument("--autoattack-models", default="small_cnn,plain_cnn", help="models that also get full standard AutoAttack")
+    _args.add_argument("--autoattack-only", action="store_true", help="time AutoAttack only (PGD and DeepFool rows skipped)")
+    _args.add_argument("--out", default="attacks.json", help="file name under benchmarks/results/")
     hygiene.add_arguments(_args)
     ARGS = _args.parse_args()
     CORES = hygiene.use_cores(ARGS.threads)
@@ -217,32 +220,36 @@ def bench_model(label: str, apply_fn, variables, torch_model, x, repeats: int, p
                          speedup=t_ref / t_ours, ours_gflop_s=flops / t_ours / 1e9, fraction_of_matmul_peak=flops / t_ours / peak,
                          ours=ours, reference=theirs, **extra))
 
-    # PGD-10, L-inf, CE, random start.
-    atk = torchattacks.PGD(torch_model, eps=EPS_LINF, alpha=EPS_LINF / 4, steps=PGD_STEPS, random_start=True)
-    stats, _ = compare({"ours": lambda: pgd(logits_fn, x, y, key, eps=EPS_LINF, step_size=EPS_LINF / 4, steps=PGD_STEPS),
-                        "torchattacks": lambda: atk(x_t, y_t)}, repeats)
-    row(f"PGD-{PGD_STEPS} linf", stats["ours"], "torchattacks.PGD", stats["torchattacks"], n * PGD_STEPS * (fwd_flops + grad_flops))
-
-    # DeepFool, all candidates, L2 and L-inf; distances compared with foolbox's.
-    fmodel = fb.PyTorchModel(torch_model, bounds=(0, 1))
     num_classes = int(np.asarray(logits_fn(x[:1])).shape[-1])
-    agreement, linf_distances = {}, None
-    for norm, fb_attack in (("l2", fb.attacks.L2DeepFoolAttack), ("linf", fb.attacks.LinfDeepFoolAttack)):
-        attack = fb_attack(steps=DEEPFOOL_ITERS, candidates=num_classes, overshoot=0.02, loss="logits")
-        stats, outputs = compare({"ours": lambda: deepfool(logits_fn, x, y, norm=norm, max_iter=DEEPFOOL_ITERS),
-                                  "foolbox": lambda: attack(fmodel, x_t, y_t, epsilons=None)}, repeats)
-        result, (_, fb_adv, fb_success) = outputs["ours"], outputs["foolbox"]
-        ours_adv, converged, n_iter = (np.asarray(a) for a in (result.x_adv, result.converged, result.n_iter))
-        fb_adv = fb_adv.numpy().transpose(0, 2, 3, 1)
-        ours_dist = np.asarray(flat_norm(jnp.asarray(ours_adv - x), norm))
-        fb_dist = np.asarray(flat_norm(jnp.asarray(fb_adv - x), norm))
-        both = converged & fb_success.numpy() & (fb_dist > 0)
-        rel = np.abs(ours_dist[both] - fb_dist[both]) / fb_dist[both]
-        agreement[f"{label} {norm}"] = dict(samples=int(both.sum()), of=n, median_rel_diff=float(np.median(rel)), p95_rel_diff=float(np.quantile(rel, 0.95)))
-        df_flops = float(np.sum(n_iter + 1)) * (fwd_flops + (num_classes - 1) * grad_flops)
-        row(f"DeepFool {norm} (all classes)", stats["ours"], "foolbox", stats["foolbox"], df_flops, mean_iterations=float(n_iter.mean()))
-        if norm == "linf":
-            linf_distances = np.asarray(result.distance)
+    agreement = {}
+    if ARGS.autoattack_only:  # only the DeepFool distances that set AutoAttack's eps, untimed
+        linf_distances = np.asarray(deepfool(logits_fn, x, y, norm="linf", max_iter=DEEPFOOL_ITERS).distance)
+    else:
+        # PGD-10, L-inf, CE, random start.
+        atk = torchattacks.PGD(torch_model, eps=EPS_LINF, alpha=EPS_LINF / 4, steps=PGD_STEPS, random_start=True)
+        stats, _ = compare({"ours": lambda: pgd(logits_fn, x, y, key, eps=EPS_LINF, step_size=EPS_LINF / 4, steps=PGD_STEPS),
+                            "torchattacks": lambda: atk(x_t, y_t)}, repeats)
+        row(f"PGD-{PGD_STEPS} linf", stats["ours"], "torchattacks.PGD", stats["torchattacks"], n * PGD_STEPS * (fwd_flops + grad_flops))
+
+        # DeepFool, all candidates, L2 and L-inf; distances compared with foolbox's.
+        fmodel = fb.PyTorchModel(torch_model, bounds=(0, 1))
+        linf_distances = None
+        for norm, fb_attack in (("l2", fb.attacks.L2DeepFoolAttack), ("linf", fb.attacks.LinfDeepFoolAttack)):
+            attack = fb_attack(steps=DEEPFOOL_ITERS, candidates=num_classes, overshoot=0.02, loss="logits")
+            stats, outputs = compare({"ours": lambda: deepfool(logits_fn, x, y, norm=norm, max_iter=DEEPFOOL_ITERS),
+                                      "foolbox": lambda: attack(fmodel, x_t, y_t, epsilons=None)}, repeats)
+            result, (_, fb_adv, fb_success) = outputs["ours"], outputs["foolbox"]
+            ours_adv, converged, n_iter = (np.asarray(a) for a in (result.x_adv, result.converged, result.n_iter))
+            fb_adv = fb_adv.numpy().transpose(0, 2, 3, 1)
+            ours_dist = np.asarray(flat_norm(jnp.asarray(ours_adv - x), norm))
+            fb_dist = np.asarray(flat_norm(jnp.asarray(fb_adv - x), norm))
+            both = converged & fb_success.numpy() & (fb_dist > 0)
+            rel = np.abs(ours_dist[both] - fb_dist[both]) / fb_dist[both]
+            agreement[f"{label} {norm}"] = dict(samples=int(both.sum()), of=n, median_rel_diff=float(np.median(rel)), p95_rel_diff=float(np.quantile(rel, 0.95)))
+            df_flops = float(np.sum(n_iter + 1)) * (fwd_flops + (num_classes - 1) * grad_flops)
+            row(f"DeepFool {norm} (all classes)", stats["ours"], "foolbox", stats["foolbox"], df_flops, mean_iterations=float(n_iter.mean()))
+            if norm == "linf":
+                linf_distances = np.asarray(result.distance)
 
     if with_autoattack:
         m = min(ARGS.aa_batch, n)
@@ -293,7 +300,7 @@ def main() -> None:
     for name, a in agreement.items():
         print(f"DeepFool {name}: distance vs foolbox over {a['samples']}/{a['of']} samples both flipped: median rel. diff {100 * a['median_rel_diff']:.3f}%, 95th pct {100 * a['p95_rel_diff']:.3f}%")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", "attacks.json")
+    out = os.path.join(REPO, "benchmarks", "results", ARGS.out)
     with open(out, "w") as f:
         json.dump(dict(
             machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=torch.__version__,

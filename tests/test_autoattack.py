@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 torchattacks = pytest.importorskip("torchattacks")
 
 SIDE, CLASSES, N = 16, 10, 256
-STEPS, QUERIES = 10, 500  # both sides, per component
+STEPS, QUERIES = 10, 300  # both sides, per component
 EPS = {"linf": 3 / 255, "l2": 0.25}  # near the 40th percentile of the clean samples' DeepFool distances
 
 

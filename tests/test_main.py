@@ -240,13 +240,14 @@ def test_el2n_over_two_scoring_models_feeds_keep_bottom(tmp_path):
     assert el2n[keep].max() <= el2n[scored & ~keep].min()  # the easiest quarter is kept
 
 
-@pytest.mark.parametrize("devices,mesh", [(1, 1), (48, 32)])
+@pytest.mark.parametrize("devices,mesh", [(1, 1)])
 def test_the_smoke_command_finishes_on_any_number_of_cpu_devices(tmp_path, devices, mesh):
     """The README's command with N virtual CPU devices (as on an N/2-core host): the mesh spans the largest
     count that divides the smoke config's batches of 64 and 256, slots 256 and chunks of 4096; every phase
     runs (a shorter schedule than the smoke's own, the same code paths). With the paper configs' smoke
-    variants on 3 and 24 devices (above), the 4-device smoke run and the one-process runs on 4 and 8 devices
-    of test_multihost, the counts 1, 3, 4, 8, 24 and 48."""
+    variants on 3 and 24 devices (above, where the mesh spans fewer devices than exist), the 4-device smoke
+    run and the one-process runs on 4 and 8 devices of test_multihost, the counts 1, 3, 4, 8 and 24. (48 devices,
+    a mesh of 32, ran here until the suite's time needed its 40 s for the AutoAttack checks.)"""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = main_command(tmp_path / "run", "--config.train.epochs=0.5", "--config.scoring.train_epochs=0.5", "--config.train.validation_every_epochs=0.5",
                        "--config.eval.apgd_steps=2")

@@ -9,11 +9,13 @@ Versions, in the reference package's order:
 
 The host keeps the robust set: before each component (and each target class of
 APGD-T and FAB-T) the samples still robust are packed into chunks of
-`batch_size`, the last one padded to a multiple of batch_size / 8 (`remainder_size`),
-so each component compiles for a few shapes only and little compute is spent on
-samples already broken. A candidate counts only after it is checked on its own: misclassified,
-inside [0, 1] and within eps of the clean image (float32 rounding: + 1e-6); the
-first component that breaks a sample sets its x_adv, as in the reference.
+`batch_size`, the last one padded to a multiple of batch_size / 8
+(`remainder_size`), so each component compiles for a few shapes only and little
+compute is spent on samples already broken. A candidate counts only after it is
+checked on its own: misclassified, inside [0, 1] and within eps of the clean
+image (float32 rounding: + 1e-6); the first component that breaks a sample sets
+its x_adv, as in the reference. `on_pass` / `done_passes` let a caller save each
+pass and resume an interrupted evaluation to the same result.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def autoattack(
     def on_chunks(impl, rows, dynamic, static, run_key):
         """impl over images[rows] in chunks of `batch` -> its outputs for `rows`, on the host.
 
-        The last chunk is padded only up to `remainder_size` (a power of two), so few survivors cost little;
+        The last chunk is padded only up to `remainder_size`, so few survivors cost little;
         dynamic(positions) gives the per-call arguments for positions into `rows`."""
         outputs = []
         for start in range(0, len(rows), batch):
