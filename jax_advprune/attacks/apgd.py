@@ -91,8 +91,6 @@ def apgd(
       else the iterate of highest loss; always inside the eps-ball and [0, 1].
     """
     check_norm(norm)
-    if loss == "dlr_targeted" and targets is None:
-        raise ValueError("loss='dlr_targeted' needs targets")
     return run_attack(_apgd, logits_fn, x, y, key, dynamic=dict(eps=eps, targets=targets), mesh=mesh,
                       static=dict(steps=steps, norm=norm, loss=loss, unroll=unroll))
 

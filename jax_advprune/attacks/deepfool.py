@@ -228,9 +228,9 @@ def deepfool(
     """
     check_norm(norm)
     settings = dict(norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
-    logits_fn = as_function_tree(logits_fn)
     if is_traced((logits_fn, x, y)):
         return _deepfool_loop(logits_fn, x, y, None, slots=slots, **settings)
+    logits_fn = as_function_tree(logits_fn)
     if host_driven is None:
         host_driven = jax.default_backend() == "cpu"
     mesh = resolve_mesh(mesh)

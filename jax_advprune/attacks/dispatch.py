@@ -9,9 +9,9 @@ An attack is written as a pure, traceable function `impl(logits_fn, x, y, key,
   compiled program is reused for every later call with the same function and
   shapes. A `Partial(apply, params)` passes the weights as arguments (new weights
   reuse the program); a plain closure's captured weights become constants of it.
-- on the CPU with oneDNN available, the convolutions of a user's plain
-  `lax.conv_general_dilated` model are sent to oneDNN (`kernels.onednn_route`),
-  as the project's own layers are;
+- outside a trace, on the CPU with oneDNN available, the convolutions of a
+  user's plain `lax.conv_general_dilated` model are sent to oneDNN
+  (`kernels.onednn_route`), as the project's own layers are;
 - with a mesh (by default every local device when there are several, such as
   the virtual XLA:CPU devices of `parallel.use_cpu_devices`), the batch is split
   over the devices with `shard_map`, padded to a multiple of their count; each
@@ -98,9 +98,9 @@ def run_attack(impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict,
     `static` values (step counts, norm, loss names) must be hashable; each new
     value compiles anew. Returns impl's outputs, every one with leading axis B.
     """
-    logits_fn = as_function_tree(logits_fn)
-    if is_traced((logits_fn, x, y, key, dynamic)):
+    if is_traced((logits_fn, x, y, key, dynamic)):  # inlined in the caller's program: no cache, no routing
         return impl(logits_fn, x, y, key, **dynamic, **static)
+    logits_fn = as_function_tree(logits_fn)
     mesh = resolve_mesh(mesh)
     batched_names = tuple(name for name, value in dynamic.items() if value is not None and jnp.ndim(value) >= 1)
     shared_names = tuple(name for name in dynamic if name not in batched_names)

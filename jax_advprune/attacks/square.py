@@ -29,6 +29,7 @@ import numpy as np
 
 from jax_advprune.attacks.common import check_norm, flat_norm, per_sample
 from jax_advprune.attacks.dispatch import AUTO, run_attack
+from jax_advprune.attacks.objectives import cw_margin
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 # p is divided by these factors once the rescaled query index (i / queries * 10000) passes each bound.
@@ -94,10 +95,8 @@ def _random_corner(key, extent: int, side) -> jax.Array:
 
 
 def _margin(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """z_y - max_{k != y} z_k (B,); <= 0 once misclassified."""
-    true_logit = jnp.take_along_axis(logits, y[:, None], -1)[:, 0]
-    others = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-    return true_logit - jnp.max(others, -1)
+    """z_y - max_{k != y} z_k (B,); <= 0 once misclassified (the negated Carlini-Wagner margin)."""
+    return -cw_margin(logits, y)
 
 
 def _random_signs(key, shape) -> jax.Array:

@@ -65,17 +65,18 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict, workdir:
     With a work directory, AutoAttack saves each pass under <workdir>/evaluate_passes/<weights>/ and resumes from them."""
     ecfg = config.eval
     common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
-    evaluators = [pgd_evaluator(apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)]
+    evaluate_pgd = pgd_evaluator(apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)
+    evaluate_aa = None
     if ecfg.attack != "pgd":
-        evaluators.append(autoattack_evaluator(apply_fn(model), version=ecfg.attack, apgd_steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets,
-                                               fab_steps=ecfg.fab_steps, square_queries=ecfg.square_queries, **common))
+        evaluate_aa = autoattack_evaluator(apply_fn(model), version=ecfg.attack, apgd_steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets,
+                                           fab_steps=ecfg.fab_steps, square_queries=ecfg.square_queries, **common)
     n = len(data.test_labels)
     results = {}
     for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
-        accuracies = {}
-        for position, evaluate_fn in enumerate(evaluators):
-            resume = {} if position == 0 or workdir is None else {"resume_dir": os.path.join(workdir, "evaluate_passes", weights)}
-            accuracies.update({k: v for k, v in evaluate_fn(variables, data.test_images, data.test_labels, config.seed, **resume).items() if k != "n"})
+        accuracies = {k: v for k, v in evaluate_pgd(variables, data.test_images, data.test_labels, config.seed).items() if k != "n"}
+        if evaluate_aa is not None:
+            resume_dir = os.path.join(workdir, "evaluate_passes", weights) if workdir else None
+            accuracies.update(evaluate_aa(variables, data.test_images, data.test_labels, config.seed, resume_dir=resume_dir))
         results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
         log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()))
     return results
