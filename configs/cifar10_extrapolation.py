@@ -6,13 +6,15 @@ Command (paths are flags; one GPU or a pod, see configs/cifar10_trades.py):
       --config.data.tarball=/data/cifar-10-python.tar.gz \\
       --config.data.synthetic='("/data/1m.npz",)' --config.pruning.keep_ratio=0.5
 
-Setup (docs/algorithms.md, sections 3 and 4): a TRADES scoring run on
-CIFAR-10 plus a 100k-image subset of the generated pool records every epoch the
+Setup (docs/algorithms.md, sections 3 and 4): a TRADES scoring run on a
+100k-image subset of the generated pool alone (the reference's protocol,
+scoring.history_protocol='reference') records after every full pass the
 true-class probability on PGD-10 inputs (L-inf 8/255, step 2/255, random start);
 dynamic uncertainty (window 10) of that history scores the subset; every other
 pool image gets the unweighted mean score of its k = 12 nearest scored images
 (Euclidean) in the embedding of the scoring model's penultimate features (the
-paper uses an SSCD copy-detection network; any embedding is allowed). The lowest-
+paper uses an SSCD copy-detection network; scoring.extrapolation.embedding_from
+takes any other model's weights). The lowest-
 scoring synthetic images are pruned (keep_top, class-balanced); the original
 training set is kept whole. Batches are 20% original / 80% synthetic; an epoch is
 ceil(50,000 / 512) batches. The final model follows configs/cifar10_trades.py.
@@ -23,8 +25,8 @@ What the paper reports: extrapolated DU pruning matches or beats random pruning
 (second-hand: about +0.5 points at 50% pruning), at the cost of scoring a small
 subset instead of the pool.
 
-Expected wall time: not measured by this project (accelerators; a 100-epoch
-scoring run on 150k images, then the 400-epoch recipe).
+Expected wall time: not measured by this project (accelerators; a 100-pass
+scoring run on 100k images, then the 400-epoch recipe).
 
 Smoke variant (runs offline on a 2-core CPU in about two minutes; accuracies
 near chance, Spearman of the extrapolation reported in scores/meta.json):
@@ -49,6 +51,7 @@ def get_config(arg: str | None = None):
     s.score = "du"
     s.du_window = 10 if arg is None else 2
     s.history_inputs = "pgd"
+    s.history_protocol = "reference"  # the subset's history in a run on the subset alone, a record per full pass
     s.train_epochs = 100.0 if arg is None else 3.0
     s.use_ema = True
     s.chunk_size = 16384 if arg is None else 256

@@ -64,4 +64,5 @@ def get_config(arg: str | None = None):
     p.puma.rule = "below_eps"
     p.puma.scale = 1.0
     p.puma.eps_min = 0.0
+    p.puma.misclassified = "eps_min"  # or 'eps_zero', 'drop' (README "PUMA: which parts are our reading")
     return c

@@ -114,6 +114,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.train_epochs = 25.0  # the scoring model: adversarial training on the scored rows
     c.scoring.num_models = 2  # el2n / grand: scores averaged over this many seeds
     c.scoring.history_inputs = "clean"  # forgetting / du / fp: true-class probability on 'clean' or 'pgd' inputs, every epoch
+    # forgetting / du / fp: 'mixed' (one run, originals + scored synthetic rows mixed as in training, a record per
+    # epoch of ceil(originals / batch) steps) or 'reference' (Nieth et al.'s code: a run per group on that group
+    # alone, originals and synthetic rows apart, a record per full pass); README "Importance extrapolation"
+    c.scoring.history_protocol = "mixed"
+    c.scoring.history_early_stop = 0  # stop a history run after this many validations without a better one (0 = never)
     c.scoring.du_window = 10  # du: window J
     c.scoring.extrapolation = ml_collections.ConfigDict()
     c.scoring.extrapolation.enabled = False  # score a subset, kNN-extrapolate to the rest (Nieth et al.)
@@ -124,6 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.extrapolation.weighting = "uniform"  # or 'distance'
     c.scoring.extrapolation.holdout_fraction = 0.1  # scored rows kept out of the references, to measure Spearman
     c.scoring.extrapolation.engine = "auto"  # exact kNN: 'auto' (faiss when installed, on a CPU), 'faiss' or 'jax'
+    # The kNN's embedding: '' = the scoring model's penultimate features; or weights (same kinds of path as
+    # scoring.init_from) whose penultimate features embed every row (the paper uses SSCD, a copy-detection network).
+    c.scoring.extrapolation.embedding_from = ""
+    c.scoring.extrapolation.embedding_model = ""  # embedding_from's model name ('' = model.name with model.kwargs)
+    c.scoring.extrapolation.embedding_kwargs = ml_collections.ConfigDict()  # its kwargs, with embedding_model
     c.scoring.use_ema = True
     c.scoring.slots = 256  # samples per DeepFool iteration (the work queue's width)
     c.scoring.chunk_size = 4096  # samples per device call; the queue refills slots within a chunk
@@ -145,6 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pruning.puma.scale = 1.0
     c.pruning.puma.eps_min = 0.0
     c.pruning.puma.low_fraction = 0.1
+    # Kept samples the margin model misclassifies (margin <= 0): 'eps_min', 'eps_zero' (clean training) or 'drop'.
+    c.pruning.puma.misclassified = "eps_min"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.init_from = ""  # evaluate these weights (with --phases=evaluate) instead of the train phase's

@@ -261,11 +261,25 @@ class Validation:
     checkpointer: Checkpointer
     metric: str = "pgd_accuracy"
     use_ema: bool = True
+    patience: int = 0
+    min_steps: int = 0
 
     def __call__(self, state: TrainState, step: int, progress: Progress) -> None:
         metrics = self.evaluate(state.variables(ema=self.use_ema))
         progress.log(step, **{f"val_{k}": v for k, v in metrics.items()})
         self.checkpointer.save(step, state, metrics={k: float(v) for k, v in metrics.items()})  # the caller checked it finite
+
+    def stops(self, step: int) -> bool:
+        """Early stopping, as the reference's `--early-stop-diff`: True at a validation step (a multiple of `every`,
+        at least `min_steps`) that comes more than `patience` validations after the best one (of equal ones, the
+        latest: orbax's choice, also the kept checkpoint's). Never with patience 0.
+
+        Read from the best checkpointer's saved metrics, so a resumed run decides as the uninterrupted one."""
+        if not self.patience or step < max(self.min_steps, 1) or step % self.every:
+            return False
+        self.checkpointer.wait()
+        best = self.checkpointer.best_step()
+        return best is not None and step - best > self.patience * self.every
 
 
 def fit(
@@ -290,7 +304,9 @@ def fit(
     Each callback is called as callback(state, step) after every step (the
     training-history recorder). After every step `preemption.stop_requested()` is
     asked; on a SIGTERM the state and iterator are saved at that step and
-    `preemption.Preempted` is raised, the same step on every process.
+    `preemption.Preempted` is raised, the same step on every process. When
+    `validation.stops(step)` (early stopping) the state is saved and returned
+    at that step, before num_steps.
     """
     step = int(state.step)
     pending: list[dict] = []
@@ -319,6 +335,11 @@ def fit(
             validation(state, step, progress)
         for callback in callbacks:
             callback(state, step)
+        if validate and validation.stops(step):
+            if not save:
+                checkpointer.save(step, state, batches)
+            progress.log(step, early_stop_best_step=validation.checkpointer.best_step())
+            break
         if stop:
             checkpointer.wait()
             raise preemption.Preempted(f"preempted (SIGTERM): saved step {step} of {num_steps} in {checkpointer.directory}; "

@@ -179,6 +179,10 @@ def _scoring_problems(p: _Problems, config) -> None:
     p.within("scoring.train_epochs", s.train_epochs, 0, low_open=True)
     p.within("scoring.num_models", s.num_models, 1)
     p.one_of("scoring.history_inputs", s.history_inputs, ("clean", "pgd"))
+    p.one_of("scoring.history_protocol", s.history_protocol, score.HISTORY_PROTOCOLS)
+    if p.within("scoring.history_early_stop", s.history_early_stop, 0) and s.history_early_stop and s.score in score.HISTORY_SCORES:
+        p.need(config.train.validation_size > 0, "scoring.history_early_stop", s.history_early_stop,
+               "0 with train.validation_size=0: early stopping follows the validation robust accuracy")
     if s.score == "du" and p.within("scoring.du_window", s.du_window, 2):
         p.need(s.du_window <= math.floor(s.train_epochs), "scoring.du_window", s.du_window,
                f"at most the {math.floor(s.train_epochs)} epochs the scoring run records (scoring.train_epochs={s.train_epochs})")
@@ -198,6 +202,10 @@ def _scoring_problems(p: _Problems, config) -> None:
         if p.one_of("scoring.extrapolation.engine", ext.engine, KNN_ENGINES) and ext.engine == "faiss":
             p.need(knn_engine_available(), "scoring.extrapolation.engine", ext.engine, "'auto' or 'jax': faiss is not installed (pip install faiss-cpu)")
         p.within("scoring.extrapolation.holdout_fraction", ext.holdout_fraction, 0, 1, high_open=True)
+        if ext.embedding_model:
+            p.one_of("scoring.extrapolation.embedding_model", ext.embedding_model, sorted(MODELS))
+            p.need(bool(ext.embedding_from), "scoring.extrapolation.embedding_model", ext.embedding_model,
+                   "'' without scoring.extrapolation.embedding_from (the scoring model embeds)")
 
 
 def input_problems(config) -> tuple[list[str], splits.DataShape | None]:
@@ -300,11 +308,9 @@ def init_from_problems(config) -> list[str]:
     from jax_advprune.phases.weights import path_problem
 
     p = _Problems()
-    for key in ("scoring", "train", "eval"):
-        path = config[key].init_from
-        if path:
-            problem = path_problem(path)
-            p.need(problem is None, f"{key}.init_from", path, problem or "")
+    for key, path in weight_paths(config):
+        problem = path_problem(path)
+        p.need(problem is None, key, path, problem or "")
     if config.scoring.init_from and score.needed(config):
         p.need(config.scoring.score not in score.HISTORY_SCORES, "scoring.init_from", config.scoring.init_from,
                f"'' with scoring.score={config.scoring.score!r}: a history score needs a training run to record")
@@ -313,17 +319,27 @@ def init_from_problems(config) -> list[str]:
     return p
 
 
+def weight_paths(config) -> list[tuple[str, str]]:
+    """[(setting, path)] of the weights a run loads: scoring/train/eval.init_from and, when it is used,
+    scoring.extrapolation.embedding_from."""
+    out = [(f"{key}.init_from", config[key].init_from) for key in ("scoring", "train", "eval") if config[key].init_from]
+    ext = config.scoring.extrapolation
+    if ext.enabled and ext.embedding_from and score.needed(config):
+        out.append(("scoring.extrapolation.embedding_from", ext.embedding_from))
+    return out
+
+
 def _weights_fit(config, image_shape: tuple) -> list[str]:
-    """Each init_from checkpoint loads into config.model (keys and shapes), read now rather than after the lock."""
-    from jax_advprune.phases.weights import load_variables
+    """Each checkpoint loads into its model (keys and shapes): config.model, or for embedding_from the embedding's
+    model; read now rather than after the lock."""
+    from jax_advprune.phases.weights import embedding_config, load_variables
 
     found = []
-    for key in ("scoring", "train", "eval"):
-        if config[key].init_from:
-            try:
-                load_variables(config[key].init_from, config, image_shape)
-            except (UserError, ValueError, OSError) as error:
-                found.append(f"{key}.init_from={config[key].init_from!r}: {error}")
+    for key, path in weight_paths(config):
+        try:
+            load_variables(path, embedding_config(config) if key.startswith("scoring.extrapolation") else config, image_shape)
+        except (UserError, ValueError, OSError, TypeError) as error:
+            found.append(f"{key}={path!r}: {error}")
     return found
 
 

@@ -62,3 +62,32 @@ def test_du_and_fp_of_a_constant_history_are_zero_and_follow_their_formulas():
 def test_random_scores_are_reproducible():
     np.testing.assert_array_equal(importance.random_scores(5, 1), importance.random_scores(5, 1))
     assert not np.array_equal(importance.random_scores(5, 1), importance.random_scores(5, 2))
+
+
+@pytest.mark.parametrize("protocol,scope,groups", [
+    ("mixed", "synthetic", None), ("reference", "all", ["original", "synthetic"]), ("reference", "synthetic", ["synthetic"]),
+])
+def test_history_protocols_score_the_groups_the_reference_trains(protocol, scope, groups):
+    """The reference protocol trains originals and synthetic rows in separate runs, and with scope 'synthetic'
+    (originals never pruned) none on the originals; the mixed protocol scores originals and subset together."""
+    from types import SimpleNamespace
+
+    from configs import default
+    from jax_advprune.phases import score
+
+    config = default.get_config()
+    config.scoring.score, config.scoring.history_protocol, config.pruning.scope = "du", protocol, scope
+    config.scoring.extrapolation.enabled, config.scoring.extrapolation.subset_size = True, 40
+    is_synthetic = np.arange(300) >= 100
+    trainable = np.arange(300) >= 10  # the first 10 originals: the validation slice
+    data = SimpleNamespace(trainable=trainable, pool=SimpleNamespace(is_synthetic=is_synthetic))
+    scored = score.scored_indices(config, data)
+    assert np.all(np.diff(scored) > 0) and trainable[scored].all() and is_synthetic[scored].sum() == 40
+    originals = 0 if scope == "synthetic" and protocol == "reference" else 90
+    assert (~is_synthetic[scored]).sum() == originals
+    if groups is not None:
+        split = score.history_groups(data, scored)
+        assert [name for name, _ in split] == groups
+        np.testing.assert_array_equal(np.sort(np.concatenate([rows for _, rows in split])), scored)
+    run_config = score.pass_config(config)
+    assert run_config.train.original_fraction == 0 and run_config.train.validation_every_epochs == 1 and config.train.original_fraction == 0.3

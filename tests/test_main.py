@@ -224,6 +224,53 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
     assert du[synthetic & keep].mean() > du[synthetic & ~keep].mean()  # the high-uncertainty half is kept
 
 
+EMBEDDING_CONFIG = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("default_config", {default!r})
+_default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_default)
+
+
+def get_config():
+    c = _default.get_config("smoke")
+    c.model.kwargs.widths = (8, 16, 32)  # the scoring model: 32 features
+    s = c.scoring
+    s.score, s.history_protocol, s.history_early_stop, s.train_epochs, s.du_window = "du", "reference", 1, 6.0, 2
+    e = s.extrapolation
+    e.enabled, e.subset_size = True, 300
+    e.embedding_from = {embedding!r}  # the smoke run's model: 64 features
+    e.embedding_model = "small_cnn"
+    e.embedding_kwargs = dict(widths=(16, 32, 64), mean=(0.5,), std=(0.25,))
+    c.pruning.strategy, c.pruning.scope = "keep_top", "synthetic"
+    c.train.epochs = 1.0
+    c.eval.attack = "pgd"
+    return c
+"""
+
+
+def test_reference_history_protocol_scores_the_subset_alone_once_per_pass_in_another_models_embedding(smoke_run, tmp_path):
+    """scoring.history_protocol='reference': the synthetic subset trains alone (plain epochs of ceil(300 / 64) = 5 steps,
+    a record after each, early stopping); the originals are not scored (scope 'synthetic'); the kNN runs in the
+    penultimate features of other weights (embedding_from, another model), not the scoring model's."""
+    config = tmp_path / "embedding.py"
+    config.write_text(EMBEDDING_CONFIG.format(default=os.path.join(REPO, "configs/default.py"), embedding=str(smoke_run[0])))
+    proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", str(config), "--workdir", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.load(open(tmp_path / "run/scores/meta.json"))
+    assert meta["scored"] == 300 and list(meta["history_runs"]) == ["synthetic"]  # no originals run
+    run = meta["history_runs"]["synthetic"]
+    assert run["rows"] == 300 and run["steps_per_record"] == 5
+    assert 2 <= run["records"] <= 6 and run["steps"] == 5 * run["records"]  # one record per full pass; early stopping may end it
+    assert sorted(os.listdir(tmp_path / "run/scores/history/synthetic")) == [f"epoch_{k:05d}.npz" for k in range(1, run["records"] + 1)]
+    if run["records"] < 6:
+        assert "[score/train_synthetic] stopped early" in proc.stdout
+    assert meta["extrapolation"]["embedding"] == str(smoke_run[0]) and meta["extrapolation"]["embedding_dim"] == 64
+    keep = np.load(tmp_path / "run/selection/keep.npy")
+    assert keep[:1528].sum() == 1528 - 32 and keep[1528:].sum() == 1000  # originals kept whole, half the synthetic rows
+
+
 def test_el2n_over_two_scoring_models_feeds_keep_bottom(tmp_path):
     proc = run_main(
         tmp_path, "--config.scoring.score=el2n", "--config.scoring.num_models=2", "--config.scoring.train_epochs=1",

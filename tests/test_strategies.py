@@ -149,3 +149,41 @@ def test_a_non_finite_score_on_an_eligible_row_is_refused(scored):
     margins[500] = np.nan
     with pytest.raises(ValueError, match="non-finite margin"):
         select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)
+
+
+@pytest.mark.parametrize("misclassified,expected_eps", [("eps_min", 0.01), ("eps_zero", 0.0), ("drop", None)])
+def test_puma_misclassified_setting_trains_them_at_eps_min_at_zero_or_drops_them(scored, misclassified, expected_eps):
+    labels, margins, prunable = scored
+    margins = np.abs(margins) + 1e-3
+    margins[:300] *= -1  # 200 originals (always kept) and 100 prunable rows misclassified
+    puma = {"rule": "low_fraction", "low_fraction": 0.01, "eps_min": 0.01, "misclassified": misclassified}
+    keep, eps = select("puma", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS, puma=puma)
+    easy_keep = select("prune_easy", scores=margins, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)[0]
+    wrong = margins <= 0
+    assert (easy_keep & wrong & prunable).sum() == 100  # the lowest margins: all kept by prune_easy
+    if expected_eps is None:
+        np.testing.assert_array_equal(keep, easy_keep & ~(wrong & prunable))  # dropped, not replaced
+        assert keep[~prunable].all()  # an original is never dropped: it gets eps_min
+        assert np.all(eps[~prunable & wrong] == 0.01)
+    else:
+        np.testing.assert_array_equal(keep, easy_keep)
+        # whatever the rule: low_fraction 0.01 lowers 6 of the kept rows, yet all 300 misclassified get the setting's eps
+        assert np.all(eps[keep & wrong] == expected_eps)
+        assert np.all(eps[keep & ~wrong] > 0.01)
+
+
+def test_puma_misclassified_setting_is_checked():
+    with pytest.raises(ValueError, match=r"pruning.puma.misclassified='remove'; allowed: eps_min, eps_zero, drop"):
+        select("puma", scores=np.ones(N, np.float32), labels=np.zeros(N, int), prunable=np.ones(N, bool), keep_ratio=0.5,
+               base_eps=BASE_EPS, puma={"misclassified": "remove"})
+
+
+def test_rows_that_are_always_kept_need_no_score_except_for_puma(scored):
+    labels, scores, prunable = scored
+    scores = np.where(prunable, scores, np.nan)  # the originals unscored (the reference history protocol, scope 'synthetic')
+    keep, _ = strategies.select("keep_top", scores=scores, labels=labels, eligible=np.ones(N, bool), prunable=prunable, keep_ratio=0.5,
+                                base_eps=BASE_EPS, score="du")
+    assert keep[~prunable].all() and (keep & prunable).sum() == 400
+    np.testing.assert_array_equal(keep[prunable], scores[prunable] >= np.median(scores[prunable]))
+    with pytest.raises(ValueError, match="200 eligible samples have a non-finite margin score"):
+        select("puma", scores=scores, labels=labels, prunable=prunable, keep_ratio=0.5, base_eps=BASE_EPS)

@@ -223,3 +223,47 @@ def test_best_checkpointer_keeps_the_highest_metric_across_restarts(tmp_path):
     assert reopened.best_step() == 2 and os.listdir(tmp_path) == ["2"]
     np.testing.assert_array_equal(reopened.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})["w"], np.full(3, 2.0))
     reopened.close()
+
+
+def _fit_with_validation(setup, pool, ckpt_dir, accuracies: dict, *, patience: int, min_steps: int = 0):
+    """fit over NUM_STEPS steps validated every step with scripted robust accuracies {step: accuracy}."""
+    model, tx, step_fn = setup
+    n = len(pool)
+    plan = make_plan(np.ones(n, bool), pool.num_original, batch_size=16, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    batches = batch_iterator(BatchReader(pool, plan, np.full(n, 0.1, np.float32)), NUM_STEPS)
+    state = training.init_train_state(model, tx, pool.image_shape, seed=0)
+    checkpointer = Checkpointer(str(ckpt_dir), max_to_keep=2)
+    validated = []
+
+    def evaluate(variables):
+        validated.append(len(validated) + 1)
+        return {"pgd_accuracy": accuracies[len(validated)]}
+
+    validation = training.Validation(evaluate=evaluate, every=1, checkpointer=Checkpointer(str(ckpt_dir) + "_best", 1, "pgd_accuracy"),
+                                     patience=patience, min_steps=min_steps)
+    try:
+        state = training.fit(state, step_fn, batches, num_steps=NUM_STEPS, checkpointer=checkpointer, checkpoint_every=4,
+                             progress=Progress("t", NUM_STEPS, 16), log_every_steps=1, validation=validation)
+        latest = checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+    return int(state.step), latest, validation
+
+
+def test_early_stopping_ends_after_patience_validations_without_a_better_one(setup, small_pool, tmp_path):
+    """The reference's rule: stop at the first validation more than `patience` validations after the best one."""
+    pool, _, _ = small_pool
+    accuracies = {1: 0.1, 2: 0.3, 3: 0.2, 4: 0.2, 5: 0.25, 6: 0.5}  # best at step 2
+    step, latest, validation = _fit_with_validation(setup, pool, tmp_path / "stop", accuracies, patience=2)
+    assert step == latest == 5  # 5 - 2 > 2 validations: stopped and saved there, though checkpoint_every is 4
+    assert validation.checkpointer.best_step() == 2
+    reopened = training.Validation(evaluate=None, every=1, checkpointer=Checkpointer(str(tmp_path / "stop_best"), 1, "pgd_accuracy"), patience=2)
+    assert reopened.stops(5) and not reopened.stops(4)  # a resumed run reads the same decision from the saved metrics
+    reopened.checkpointer.close()
+    validation.checkpointer.close()
+    step, _, validation = _fit_with_validation(setup, pool, tmp_path / "late", accuracies, patience=2, min_steps=6)
+    assert step == NUM_STEPS and validation.checkpointer.best_step() == 6  # min_steps: no stop before step 6
+    validation.checkpointer.close()
+    step, _, validation = _fit_with_validation(setup, pool, tmp_path / "never", accuracies, patience=0)
+    assert step == NUM_STEPS
+    validation.checkpointer.close()

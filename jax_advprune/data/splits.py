@@ -70,10 +70,11 @@ def trainable_mask(pool_size: int, num_original: int, validation_size: int, seed
 
 def input_files(config) -> list[str]:
     """The files the user supplies: config.data's (original, test, synthetic parts, tarball), in order, then the
-    checkpoint files of scoring/train/eval.init_from."""
+    checkpoint files of scoring/train/eval.init_from and scoring.extrapolation.embedding_from."""
     cfg = config.data
     files = {"npz": [cfg.original, cfg.test], "cifar_tarball": [cfg.tarball]}.get(cfg.name, [])
     weights = [config[key].init_from for key in ("scoring", "train", "eval") if config[key].get("init_from")]
+    weights += [config.scoring.extrapolation.embedding_from] if config.scoring.extrapolation.get("embedding_from") else []
     return [f for f in files if f] + list(cfg.synthetic) + [w for w in weights if storage.isfile(w)]
 
 

@@ -2,12 +2,25 @@
 
 Scores that need a model train one (or `num_models` for el2n / grand) on the
 scored rows; with scoring.extrapolation.enabled the scored rows are a subset and
-every other row gets the mean score of its k nearest scored rows in the scoring
-model's penultimate-feature space (Nieth et al.).
+every other row gets the mean score of its k nearest scored rows in an embedding:
+the scoring model's penultimate features, or those of the weights named by
+scoring.extrapolation.embedding_from (Nieth et al. use SSCD).
+
+History scores (forgetting, du, fp) record the scored rows' true-class probability
+during training (scoring.history_protocol):
+  'mixed'      one run on the originals plus the scored synthetic rows, batches mixed
+               as in train.original_fraction, a record every epoch of
+               ceil(len(original split) / batch) steps;
+  'reference'  Nieth et al.'s code: one run per group (the scored originals, the scored
+               synthetic rows), each on its group alone in plain epochs, a record after
+               every full pass; with pruning.scope='synthetic' the originals are not scored.
+scoring.history_early_stop > 0 ends a history run after that many validations
+without a better robust accuracy (the reference's --early-stop-diff).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -23,6 +36,7 @@ from jax_advprune.data.splits import Data
 from jax_advprune.metrics import Progress
 from jax_advprune.phases.common import apply_fn, build_model, features_fn, section
 from jax_advprune.phases.train import batch_plan, train_model
+from jax_advprune.phases.weights import embedding_config, load_variables
 from jax_advprune.pruning import importance, margins, predictions
 from jax_advprune.pruning import knn as knn_lib
 
@@ -30,6 +44,7 @@ log = logging.getLogger("jax_advprune")
 
 NAME = "score"
 HISTORY_SCORES = ("forgetting", "du", "fp")
+HISTORY_PROTOCOLS = ("mixed", "reference")
 
 
 def settings(config) -> dict:
@@ -79,15 +94,38 @@ class HistoryRecorder:
         return np.stack([r["p_true"] for r in records]), np.stack([r["correct"] for r in records])
 
 
+def reference_protocol(config) -> bool:
+    """Whether the score is a history score recorded with Nieth et al.'s protocol (scoring.history_protocol)."""
+    return config.scoring.score in HISTORY_SCORES and config.scoring.history_protocol == "reference"
+
+
 def scored_indices(config, data: Data) -> np.ndarray:
-    """Pool rows that get a computed score: every trainable row, or with extrapolation the trainable
-    originals plus `scoring.extrapolation.subset_size` synthetic rows drawn with its seed."""
+    """Pool rows that get a computed score: the trainable originals (not with the reference history protocol
+    and pruning.scope='synthetic': they are never pruned, and that protocol trains nothing on them) plus every
+    trainable synthetic row, or with extrapolation `scoring.extrapolation.subset_size` of them drawn with its seed."""
     ext = config.scoring.extrapolation
-    if not ext.enabled:
-        return np.flatnonzero(data.trainable)
     synthetic = np.flatnonzero(data.trainable & data.pool.is_synthetic)
-    subset = np.random.default_rng([ext.seed, 13]).choice(synthetic, ext.subset_size, replace=False)
-    return np.sort(np.concatenate([np.flatnonzero(data.trainable & ~data.pool.is_synthetic), subset]))
+    if ext.enabled:
+        synthetic = np.random.default_rng([ext.seed, 13]).choice(synthetic, ext.subset_size, replace=False)
+    skip_originals = reference_protocol(config) and config.pruning.scope == "synthetic"
+    originals = np.zeros(0, np.int64) if skip_originals else np.flatnonzero(data.trainable & ~data.pool.is_synthetic)
+    return np.sort(np.concatenate([originals, synthetic]))
+
+
+def history_groups(data: Data, scored: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The reference protocol's separate runs: [(name, pool rows)] for the scored originals and the scored
+    synthetic rows, the empty ones left out."""
+    synthetic = data.pool.is_synthetic[scored]
+    return [(name, rows) for name, rows in (("original", scored[~synthetic]), ("synthetic", scored[synthetic])) if len(rows)]
+
+
+def pass_config(config):
+    """The config of a reference-protocol history run: plain epochs over its rows (one epoch = one full pass),
+    validated after every pass."""
+    run_config = copy.deepcopy(config)
+    run_config.train.original_fraction = 0.0
+    run_config.train.validation_every_epochs = 1.0
+    return run_config
 
 
 def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> None:
@@ -134,17 +172,57 @@ def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> 
     log.info("[score] %s of %d samples (%d computed) in %.1fs, median %.4g", scfg.score, int(np.isfinite(full).sum()), len(scored), meta["seconds"], np.median(finite))
 
 
-def _history_recorder(config, data: Data, mesh, scored: np.ndarray, predict, out_dir: str) -> HistoryRecorder:
-    """Records the scored rows' true-class probability every epoch of the scoring run (clean or PGD inputs)."""
+def _row_mask(n: int, rows: np.ndarray) -> np.ndarray:
+    mask = np.zeros(n, bool)
+    mask[rows] = True
+    return mask
+
+
+def _history_recorder(config, data: Data, mesh, rows: np.ndarray, predict, out_dir: str) -> HistoryRecorder:
+    """Records `rows`' true-class probability every epoch of `config`'s training on them (clean or PGD inputs)."""
     scfg = config.scoring
     if scfg.history_inputs == "pgd":
         a = config.attack
         predict = predictions.Predictor(features_fn(build_model(config)), mesh=mesh,
                                         attack=dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm))
-    keep = np.zeros(len(data.pool), bool)
-    keep[scored] = True
-    return HistoryRecorder(predict, data.pool, scored, every=batch_plan(config, data, keep, seed=0).steps_per_epoch,
-                           out_dir=os.path.join(out_dir, "history"), chunk_size=scfg.chunk_size, seed=config.seed + 1)
+    every = batch_plan(config, data, _row_mask(len(data.pool), rows), seed=0).steps_per_epoch
+    return HistoryRecorder(predict, data.pool, rows, every=every, out_dir=out_dir, chunk_size=scfg.chunk_size, seed=config.seed + 1)
+
+
+def _history_score(config, p_true: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """scoring.score of a history: p_true, correct (E, M) -> (M,)."""
+    scfg = config.scoring
+    return {"forgetting": lambda: importance.forgetting_events(correct), "fp": lambda: importance.frequency_score(p_true),
+            "du": lambda: importance.dynamic_uncertainty(p_true, window=scfg.du_window)}[scfg.score]()
+
+
+def _history_min_steps(config, every: int) -> int:
+    """Early stopping never leaves DU fewer records than its window."""
+    return every * config.scoring.du_window if config.scoring.score == "du" else 0
+
+
+def _reference_histories(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, predict):
+    """Nieth et al.'s protocol: one history run per group (`history_groups`), on that group alone, one record per full
+    pass -> (scores of the `scored` rows (M,), the variables of the last group's model: the synthetic one when present)."""
+    scfg = config.scoring
+    run_config = pass_config(config)
+    n = len(data.pool)
+    values = np.zeros(len(scored), np.float32)
+    variables = None
+    for name, rows in history_groups(data, scored):
+        recorder = _history_recorder(run_config, data, mesh, rows, predict, os.path.join(workdir, "scores", "history", name))
+        ckpt_dir = os.path.join(workdir, f"scoring_model_{name}", "checkpoints")
+        _, state = train_model(run_config, data, mesh, _row_mask(n, rows), np.full(n, config.attack.eps, np.float32), epochs=scfg.train_epochs,
+                               ckpt_dir=ckpt_dir, metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=f"score/train_{name}",
+                               seed=config.seed + 1, callbacks=(recorder,), early_stop=scfg.history_early_stop,
+                               min_steps=_history_min_steps(config, recorder.every))
+        p_true, correct = recorder.load()
+        values[np.searchsorted(scored, rows)] = _history_score(config, p_true, correct)
+        meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
+        meta.setdefault("history_runs", {})[name] = {"rows": int(len(rows)), "records": int(p_true.shape[0]), "steps": int(state.step),
+                                                     "steps_per_record": recorder.every}
+        variables = state.variables(ema=scfg.use_ema)
+    return values, variables
 
 
 def _scoring_variables(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, recorder, initial) -> list[dict]:
@@ -160,9 +238,11 @@ def _scoring_variables(config, workdir: str, data: Data, mesh, scored: np.ndarra
     variables = []
     for m in range(scfg.num_models if scfg.score in ("el2n", "grand") else 1):
         ckpt_dir = os.path.join(workdir, "scoring_model" if m == 0 else f"scoring_model_{m}", "checkpoints")
+        history = {} if recorder is None else dict(callbacks=(recorder,), early_stop=scfg.history_early_stop,
+                                                   min_steps=_history_min_steps(config, recorder.every))
         _, state = train_model(config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
                                metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train" if m == 0 else f"score/train_{m}",
-                               seed=config.seed + 1 + m, callbacks=() if recorder is None else (recorder,))
+                               seed=config.seed + 1 + m, **history)
         meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
         variables.append(state.variables(ema=scfg.use_ema))
     return variables
@@ -174,7 +254,11 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
     Adds the checkpoints and score-specific facts to `meta`.
     """
     scfg = config.scoring
-    recorder = _history_recorder(config, data, mesh, scored, predict, os.path.join(workdir, "scores")) if scfg.score in HISTORY_SCORES else None
+    if reference_protocol(config):
+        values, variables = _reference_histories(config, workdir, data, mesh, scored, meta, predict)
+        return values, {}, variables
+    history_dir = os.path.join(workdir, "scores", "history")
+    recorder = _history_recorder(config, data, mesh, scored, predict, history_dir) if scfg.score in HISTORY_SCORES else None
     models = _scoring_variables(config, workdir, data, mesh, scored, meta, recorder, initial)
     extras = {}
     if scfg.score == "margin":
@@ -189,8 +273,7 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
     else:
         p_true, correct = recorder.load()
         meta["history_epochs"] = int(p_true.shape[0])
-        values = {"forgetting": lambda: importance.forgetting_events(correct), "fp": lambda: importance.frequency_score(p_true),
-                  "du": lambda: importance.dynamic_uncertainty(p_true, window=scfg.du_window)}[scfg.score]()
+        values = _history_score(config, p_true, correct)
     return values, extras, models[-1]
 
 
@@ -214,13 +297,20 @@ def _margins(config, workdir: str, data: Data, mesh, variables: dict, scored: np
 
 
 def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Predictor, variables: dict, scored: np.ndarray, values: np.ndarray):
-    """Fills every trainable row's score from its k nearest scored rows -> (scores (N,), report).
+    """Fills every trainable row's score from its k nearest scored rows in the embedding -> (scores (N,), report).
+
+    The embedding is `predict`'s penultimate features under `variables` (the scoring model), or with
+    scoring.extrapolation.embedding_from those of the weights it names.
 
     A `holdout_fraction` of the scored rows is left out of the references and
     extrapolated too: the Spearman correlation there measures the extrapolation.
     """
     ext = config.scoring.extrapolation
     out_dir = os.path.join(workdir, "scores")
+    if ext.embedding_from:  # the penultimate features of other weights (the paper: SSCD)
+        embed_config = embedding_config(config)
+        predict = predictions.Predictor(features_fn(build_model(embed_config)), mesh=mesh)
+        variables = load_variables(ext.embedding_from, embed_config, data.pool.image_shape)
     holdout = np.random.default_rng([ext.seed, 17]).random(len(scored)) < ext.holdout_fraction
     refs = scored[~holdout]
     queries = np.flatnonzero(data.trainable)
@@ -248,4 +338,5 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     rho = float(spearmanr(extrapolated[position], values[holdout]).statistic) if holdout.sum() > 2 else float("nan")
     log.info("[score] extrapolated to %d rows from %d references (k=%d, %s); Spearman on %d held-out scored rows: %.3f",
              len(queries), len(refs), ext.k, ext.metric, int(holdout.sum()), rho)
-    return full, {"references": int(len(refs)), "held_out": int(holdout.sum()), "spearman_held_out": rho, "knn_engine_used": engine, **ext.to_dict()}
+    return full, {"references": int(len(refs)), "held_out": int(holdout.sum()), "spearman_held_out": rho, "knn_engine_used": engine,
+                  "embedding": ext.embedding_from or "scoring model", "embedding_dim": int(ref_features.shape[1]), **ext.to_dict()}

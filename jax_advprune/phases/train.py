@@ -43,8 +43,10 @@ def batch_plan(config, data: Data, keep: np.ndarray, seed: int):
     )
 
 
-def _validation(config, data: Data, eval_model, mesh, ckpt_dir: str, steps_per_epoch: int, seed: int) -> training.Validation | None:
-    """Model selection on the validation slice (config.train.validation_size originals), or None without one."""
+def _validation(config, data: Data, eval_model, mesh, ckpt_dir: str, steps_per_epoch: int, seed: int, early_stop: int = 0,
+                min_steps: int = 0) -> training.Validation | None:
+    """Model selection on the validation slice (config.train.validation_size originals), or None without one;
+    with `early_stop` > 0 training stops after that many validations without a better one (not before min_steps)."""
     held_out = np.flatnonzero(~data.trainable)
     if not len(held_out):
         return None
@@ -57,17 +59,20 @@ def _validation(config, data: Data, eval_model, mesh, ckpt_dir: str, steps_per_e
         evaluate=lambda variables: evaluate(variables, val_images, val_labels, seed),
         every=max(1, int(round(config.train.validation_every_epochs * steps_per_epoch))),
         checkpointer=best_checkpointer(ckpt_dir),
+        patience=early_stop,
+        min_steps=min_steps,
     )
 
 
 def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, epochs: float, ckpt_dir: str, metrics_path: str,
-                phase: str, seed: int, callbacks: tuple = (), initial: dict | None = None):
+                phase: str, seed: int, callbacks: tuple = (), initial: dict | None = None, early_stop: int = 0, min_steps: int = 0):
     """Adversarial training (config.train.loss) of a model on the kept trainable rows with per-sample eps.
 
     keep, eps: (N,) over the pool. The model starts from `initial` variables, or fresh
     from `seed`. Resumes from ckpt_dir. The validation slice is never trained on;
     robust accuracy there picks the best checkpoint, kept in `<ckpt_dir>_best`.
-    Returns (model with float32 compute, final TrainState).
+    With `early_stop` > 0 (validations without improvement) the run may end before
+    `epochs`, never before `min_steps`. Returns (model with float32 compute, final TrainState).
     """
     tcfg = config.train
     model, eval_model = build_model(config, tcfg.compute_dtype), build_model(config)
@@ -81,12 +86,15 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
                          process_index=jax.process_index(), process_count=jax.process_count())
     batches = batch_iterator(reader, num_steps, num_workers=tcfg.num_workers)
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=tcfg.keep_checkpoints)
+    validation = _validation(config, data, eval_model, mesh, ckpt_dir, plan.steps_per_epoch, seed, early_stop, min_steps)
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_like(state), batches)
         training.check_finite(state, f"the state restored from {ckpt_dir} step {int(state.step)}", checkpointer)
-        if int(state.step) >= num_steps:
+        if int(state.step) >= num_steps or (validation is not None and validation.stops(int(state.step))):
             log.info("[%s] complete, skipped (checkpoint step %d in %s)", phase, int(state.step), ckpt_dir)
             checkpointer.close()
+            if validation is not None:
+                validation.checkpointer.close()
             return eval_model, state
         log.info("[%s] resumed from %s at step %d", phase, ckpt_dir, int(state.step))
     log.info("[%s] %s, %d steps (%.3g epochs of %d steps), batch %d, %d kept samples, %d held out for validation, %s compute",
@@ -95,12 +103,14 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
     writer = workdir_lib.is_writer()
     progress = Progress(phase, num_steps, tcfg.batch_size, metrics_path if writer else None, every_s=tcfg.log_every_s, first_step=int(state.step),
                         tensorboard_dir=os.path.join(os.path.dirname(metrics_path), "tensorboard", phase.replace("/", "_")) if writer else None)
-    validation = _validation(config, data, eval_model, mesh, ckpt_dir, plan.steps_per_epoch, seed)
     try:
         state = training.fit(state, train_step, batches, num_steps=num_steps, checkpointer=checkpointer, checkpoint_every=tcfg.checkpoint_every,
                              progress=progress, log_every_steps=tcfg.log_every_steps, validation=validation, callbacks=callbacks)
         if validation is not None:
             log.info("[%s] best validation checkpoint: step %s in %s", phase, validation.checkpointer.best_step(), validation.checkpointer.directory)
+        if int(state.step) < num_steps:
+            log.info("[%s] stopped early at step %d of %d: %d validations without a better robust accuracy", phase, int(state.step),
+                     num_steps, early_stop)
     finally:
         checkpointer.close()
         progress.close()

@@ -78,6 +78,18 @@ def build_saved_model(model_settings: dict):
     return create_model(model_settings["name"], num_classes=model_settings["num_classes"], **kwargs)
 
 
+def embedding_config(config):
+    """The config whose model reads scoring.extrapolation.embedding_from: config.model, or with
+    scoring.extrapolation.embedding_model set that model with embedding_kwargs."""
+    ext = config.scoring.extrapolation
+    if not ext.get("embedding_model"):
+        return config
+    embed = config.copy_and_resolve_references()
+    embed.model.name = ext.embedding_model
+    embed.model.kwargs = ext.embedding_kwargs.copy_and_resolve_references()
+    return embed
+
+
 def path_problem(path: str) -> str | None:
     """Why `path` is no weights source (None when it looks like one), without reading it."""
     if not storage.exists(path):

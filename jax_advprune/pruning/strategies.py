@@ -11,6 +11,9 @@ import numpy as np
 
 STRATEGIES = ("random", "prune_easy", "prune_hard", "puma", "keep_top", "keep_bottom")
 PUMA_RULES = ("below_eps", "low_fraction")
+# What PUMA does with a kept sample the margin model misclassifies (margin <= 0): train it with eps_min,
+# with eps 0 (clean), or drop it from the selection. Our reading; the paper does not say.
+PUMA_MISCLASSIFIED = ("eps_min", "eps_zero", "drop")
 
 
 def _keep_count(n: int, keep_ratio: float) -> int:
@@ -58,17 +61,22 @@ def puma_eps(
     scale: float = 1.0,
     eps_min: float = 0.0,
     low_fraction: float = 0.1,
+    misclassified: str = "eps_min",
 ) -> np.ndarray:
     """PUMA's per-sample training eps (our reading of the paper; docs/algorithms.md).
 
     For the kept samples chosen by `rule` -- 'below_eps': margin < base_eps;
     'low_fraction': the `low_fraction` of kept samples with the lowest margin --
     eps_i = clip(scale * margin_i, eps_min, base_eps). Every other sample keeps
-    base_eps. Misclassified samples (margin <= 0) get eps_min.
+    base_eps. Kept misclassified samples (margin <= 0), whatever the rule, get
+    eps_min (`misclassified='eps_min'`) or 0 ('eps_zero'); with 'drop' they
+    are removed by `puma_drop`, and their eps here is eps_min.
     Returns eps (N,) float32, never above base_eps.
     """
     if rule not in PUMA_RULES:
         raise ValueError(f"puma rule must be one of {PUMA_RULES}, got {rule!r}")
+    if misclassified not in PUMA_MISCLASSIFIED:
+        raise ValueError(f"puma misclassified must be one of {PUMA_MISCLASSIFIED}, got {misclassified!r}")
     if not 0.0 <= eps_min <= base_eps:
         raise ValueError(f"puma eps_min must be in [0, eps={base_eps}], got {eps_min}")
     eps = np.full(len(margins), base_eps, np.float32)
@@ -80,7 +88,16 @@ def puma_eps(
         lowered = np.zeros(len(margins), bool)
         lowered[lowest] = True
     eps[lowered] = np.clip(scale * margins[lowered], eps_min, base_eps)
+    eps[keep & (margins <= 0)] = 0.0 if misclassified == "eps_zero" else eps_min
     return eps
+
+
+def puma_drop(margins: np.ndarray, keep: np.ndarray, prunable: np.ndarray, misclassified: str = "eps_min") -> np.ndarray:
+    """The keep mask (N,) bool after PUMA's `misclassified='drop'`: kept prunable samples with margin <= 0 removed
+    (not replaced, so fewer than keep_ratio remain). Samples outside `prunable` stay kept. Other settings: `keep` unchanged."""
+    if misclassified != "drop":
+        return keep
+    return keep & ~(np.asarray(prunable, bool) & (margins <= 0))
 
 
 MARGIN_STRATEGIES = ("prune_easy", "prune_hard", "puma")  # they rank DeepFool margins
@@ -121,6 +138,8 @@ def problems(strategy: str, *, keep_ratio: float, base_eps: float, score: str | 
             out.append(f"pruning.puma.scale={options.get('scale')!r} must be > 0")
         if not 0.0 <= options.get("low_fraction", 0.1) <= 1.0:
             out.append(f"pruning.puma.low_fraction={options.get('low_fraction')!r} must be in [0, 1]")
+        if options.get("misclassified", "eps_min") not in PUMA_MISCLASSIFIED:
+            out.append(f"pruning.puma.misclassified={options.get('misclassified')!r}; allowed: {', '.join(PUMA_MISCLASSIFIED)}")
     return out
 
 
@@ -162,9 +181,14 @@ def select(
     if found:
         raise ValueError("cannot select: " + "; ".join(found))
     eligible = np.asarray(eligible, bool)
-    sub_scores = None if strategy == "random" else np.asarray(scores)[eligible]
-    if sub_scores is not None and not np.all(np.isfinite(sub_scores)):
-        raise ValueError(f"{int((~np.isfinite(sub_scores)).sum())} eligible samples have a non-finite {score} score")
+    sub_scores = None if strategy == "random" else np.asarray(scores, np.float64)[eligible]
+    if sub_scores is not None:
+        # Rows that are always kept need no score (a protocol may leave them unscored), but PUMA reads every kept margin.
+        needs_score = np.ones(len(sub_scores), bool) if strategy == "puma" else np.asarray(prunable, bool)[eligible]
+        bad = needs_score & ~np.isfinite(sub_scores)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} eligible samples have a non-finite {score} score")
+        sub_scores = np.where(needs_score, sub_scores, 0.0)
     keep_sub, eps_sub = _select_among(strategy, sub_scores, np.asarray(labels)[eligible], np.asarray(prunable, bool)[eligible],
                                       keep_ratio, base_eps, class_balanced, seed, puma)
     keep = np.zeros(n, bool)
@@ -184,5 +208,6 @@ def _select_among(strategy, scores, labels, prunable, keep_ratio, base_eps, clas
     keep_side = "highest" if strategy in ("prune_hard", "keep_top") else "lowest"
     keep = keep_by_score(scores, prunable, keep_ratio, keep=keep_side, labels=group_labels, seed=seed)
     if strategy == "puma":
-        return keep, puma_eps(scores, keep, base_eps, **(puma or {}))
+        eps = puma_eps(scores, keep, base_eps, **(puma or {}))
+        return puma_drop(scores, keep, prunable, (puma or {}).get("misclassified", "eps_min")), eps
     return keep, np.full(n, base_eps, np.float32)
