@@ -206,7 +206,7 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
         tmp_path, "--config.scoring.score=du", "--config.scoring.extrapolation.enabled=True",
         "--config.scoring.extrapolation.subset_size=500", "--config.scoring.train_epochs=6", "--config.scoring.du_window=5",
         "--config.pruning.strategy=keep_top", "--config.pruning.scope=synthetic", "--config.pruning.class_balanced=True",
-        "--config.eval.attack=pgd",
+        "--phases=score,select",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "scores/meta.json"))
@@ -243,8 +243,6 @@ def get_config():
     e.embedding_model = "small_cnn"
     e.embedding_kwargs = dict(widths=(16, 32, 64), mean=(0.5,), std=(0.25,))
     c.pruning.strategy, c.pruning.scope = "keep_top", "synthetic"
-    c.train.epochs = 1.0
-    c.eval.attack = "pgd"
     return c
 """
 
@@ -255,8 +253,8 @@ def test_reference_history_protocol_scores_the_subset_alone_once_per_pass_in_ano
     penultimate features of other weights (embedding_from, another model), not the scoring model's."""
     config = tmp_path / "embedding.py"
     config.write_text(EMBEDDING_CONFIG.format(default=os.path.join(REPO, "configs/default.py"), embedding=str(smoke_run[0])))
-    proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", str(config), "--workdir", str(tmp_path / "run")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", str(config), "--workdir", str(tmp_path / "run"),
+                           "--phases=score,select"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "run/scores/meta.json"))
     assert meta["scored"] == 300 and list(meta["history_runs"]) == ["synthetic"]  # no originals run
