@@ -28,7 +28,7 @@ subset instead of the pool.
 Expected wall time: not measured by this project (accelerators; a 100-pass
 scoring run on 100k images, then the 400-epoch recipe).
 
-Smoke variant (runs offline on a 2-core CPU in about two minutes; accuracies
+Smoke variant (runs offline on a 2-core CPU in about a minute; accuracies
 near chance, Spearman of the extrapolation reported in scores/meta.json):
 
     python -m jax_advprune.main --config configs/cifar10_extrapolation.py:smoke --workdir runs/extra_smoke

@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.history_inputs = "clean"  # forgetting / du / fp: true-class probability on 'clean' or 'pgd' inputs, every epoch
     # forgetting / du / fp: 'mixed' (one run, originals + scored synthetic rows mixed as in training, a record per
     # epoch of ceil(originals / batch) steps) or 'reference' (Nieth et al.'s code: a run per group on that group
-    # alone, originals and synthetic rows apart, a record per full pass); README "Importance extrapolation"
+    # alone, originals and synthetic rows apart, a record per full pass); README "Pruning: scores, ..."
     c.scoring.history_protocol = "mixed"
     c.scoring.history_early_stop = 0  # stop a history run after this many validations without a better one (0 = never)
     c.scoring.du_window = 10  # du: window J
