@@ -161,7 +161,7 @@ class Study:
         timings = json.load(open(os.path.join(workdir, "timings.json")))
         ema = results["results"]["ema"]
         compute = score_s + timings.get("select", 0.0) + timings["train"]
-        row = dict(method=label, kind=kind, keep_ratio=config.pruning.keep_ratio, class_balanced=bool(config.pruning.class_balanced),
+        row = dict(method=label, kind=kind, score=score, keep_ratio=config.pruning.keep_ratio, class_balanced=bool(config.pruning.class_balanced),
                    seed=config.seed, epochs=config.train.epochs, kept=results["kept"], clean=ema["clean_accuracy"], pgd=ema["pgd_accuracy"],
                    score_s=round(score_s, 2), select_s=timings.get("select", 0.0), train_s=timings["train"], compute_s=round(compute, 2),
                    device_s=round(compute * self.mesh.size, 2), devices=self.mesh.size,
@@ -197,7 +197,7 @@ class Study:
                     self.run(name, label, study_config(strategy, score, scoring, ratio, seed, args.epochs, balanced), score=score, kind="pruned")
         points = [(full["epochs"], full["train_s"])]
         for score in SCORES:
-            runs = [r for r in self.rows if r["seed"] == seed and r["kind"] == "pruned" and any(m[2] == score and m[0] == r["method"] for m in METHODS)]
+            runs = [r for r in self.rows if r["seed"] == seed and r["kind"] == "pruned" and r["score"] == score]
             target = sum(r["compute_s"] for r in runs) / len(runs)
             epochs = round(matched_epochs(points, target), 2)
             for ratio in (1.0, *args.ratios):

@@ -61,9 +61,7 @@ def finished_passes(resume_dir: str | None) -> list[dict]:
     once for every process."""
     if resume_dir is None:
         return []
-    storage.makedirs(resume_dir)
-    parallel.sync(f"listing {resume_dir}")
-    names = set(storage.listdir(resume_dir))
+    names = parallel.saved_names(resume_dir, "pass_")
     done = []
     while f"pass_{len(done):03d}.npz" in names:
         done.append(storage.load_npz(os.path.join(resume_dir, f"pass_{len(done):03d}.npz")))

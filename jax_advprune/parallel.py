@@ -131,6 +131,14 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def saved_names(directory: str, prefix: str) -> set[str]:
+    """Names of the complete files starting with `prefix` in `directory` (made when missing; the '.tmp' files of
+    atomic writes left out), listed after every process has got here, so all of them decide alike what is done."""
+    storage.makedirs(directory)
+    sync(f"listing {directory}")
+    return {name for name in storage.listdir(directory) if name.startswith(prefix) and ".tmp" not in name}
+
+
 def shard_over_batch(fn: Callable, mesh: Mesh, num_replicated: int) -> Callable:
     """shard_map of fn(*replicated_args, *batched_args) -> outputs with a leading batch axis.
 
@@ -191,12 +199,7 @@ def map_rows(
     """
     check_divisible(chunk_size, mesh, "chunk size")
     out = dict(out or {})
-    finished: set[str] = set()
-    if resume_dir:
-        storage.makedirs(resume_dir)
-        sync(f"listing {resume_dir}")
-        # Decided once, so every process of a multi-host run skips the same chunks.
-        finished = {name for name in storage.listdir(resume_dir) if name.startswith("chunk_") and ".tmp" not in name}
+    finished = saved_names(resume_dir, "chunk_") if resume_dir else set()  # decided once: every process skips the same chunks
     for index, (rows, valid) in enumerate(padded_chunks(n, chunk_size)):
         path = os.path.join(resume_dir, f"chunk_{index:06d}.npz") if resume_dir else None
         if path and os.path.basename(path) in finished:

@@ -71,10 +71,7 @@ class HistoryRecorder:
     def __init__(self, predict, pool: Pool, indices: np.ndarray, *, every: int, out_dir: str, chunk_size: int, seed: int):
         self.predict, self.pool, self.indices, self.every = predict, pool, indices, every
         self.out_dir, self.chunk_size, self.seed = out_dir, chunk_size, seed
-        storage.makedirs(out_dir)
-        parallel.sync("history listed")
-        # Decided once, so every process of a multi-host run records the same epochs.
-        self.recorded = {f for f in storage.listdir(out_dir) if f.startswith("epoch_") and ".tmp" not in f}
+        self.recorded = parallel.saved_names(out_dir, "epoch_")  # decided once: every process records the same epochs
 
     def _path(self, epoch: int) -> str:
         return os.path.join(self.out_dir, f"epoch_{epoch:05d}.npz")
@@ -88,8 +85,7 @@ class HistoryRecorder:
         workdir_lib.save_npz(self._path(step // self.every), p_true=p_true, correct=np.argmax(out["probs"], axis=1) == out["labels"])
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        parallel.sync("history written")
-        files = sorted(f for f in storage.listdir(self.out_dir) if f.startswith("epoch_") and f.endswith(".npz") and ".tmp" not in f)
+        files = sorted(f for f in parallel.saved_names(self.out_dir, "epoch_") if f.endswith(".npz"))
         records = [storage.load_npz(os.path.join(self.out_dir, f)) for f in files]
         return np.stack([r["p_true"] for r in records]), np.stack([r["correct"] for r in records])
 
@@ -178,15 +174,19 @@ def _row_mask(n: int, rows: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _history_recorder(config, data: Data, mesh, rows: np.ndarray, predict, out_dir: str) -> HistoryRecorder:
-    """Records `rows`' true-class probability every epoch of `config`'s training on them (clean or PGD inputs)."""
-    scfg = config.scoring
-    if scfg.history_inputs == "pgd":
-        a = config.attack
-        predict = predictions.Predictor(features_fn(build_model(config)), mesh=mesh,
-                                        attack=dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm))
+def _history_predictor(config, mesh, predict: predictions.Predictor) -> predictions.Predictor:
+    """What the history records: `predict` (clean inputs), or with scoring.history_inputs='pgd' a predictor of
+    the training attack's PGD inputs (compiled once for every history run of the phase)."""
+    if config.scoring.history_inputs != "pgd":
+        return predict
+    a = config.attack
+    return predictions.Predictor(features_fn(build_model(config)), mesh=mesh, attack=dict(eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm))
+
+
+def _history_recorder(config, data: Data, rows: np.ndarray, predict, out_dir: str) -> HistoryRecorder:
+    """Records `rows`' true-class probability under `predict` every epoch of `config`'s training on them."""
     every = batch_plan(config, data, _row_mask(len(data.pool), rows), seed=0).steps_per_epoch
-    return HistoryRecorder(predict, data.pool, rows, every=every, out_dir=out_dir, chunk_size=scfg.chunk_size, seed=config.seed + 1)
+    return HistoryRecorder(predict, data.pool, rows, every=every, out_dir=out_dir, chunk_size=config.scoring.chunk_size, seed=config.seed + 1)
 
 
 def _history_score(config, p_true: np.ndarray, correct: np.ndarray) -> np.ndarray:
@@ -201,27 +201,38 @@ def _history_min_steps(config, every: int) -> int:
     return every * config.scoring.du_window if config.scoring.score == "du" else 0
 
 
+def _train_scoring_model(config, workdir: str, data: Data, mesh, rows: np.ndarray, meta: dict, *, suffix: str, seed: int,
+                         recorder: HistoryRecorder | None = None):
+    """Adversarial training of a scoring model on `rows` at eps = attack.eps -> its final TrainState.
+
+    Checkpoints in <workdir>/scoring_model<suffix>/, listed in meta['model_checkpoints']; phase 'score/train<suffix>'.
+    With a history `recorder` it records every epoch and stops early by scoring.history_early_stop.
+    """
+    n = len(data.pool)
+    ckpt_dir = os.path.join(workdir, f"scoring_model{suffix}", "checkpoints")
+    history = {} if recorder is None else dict(callbacks=(recorder,), early_stop=config.scoring.history_early_stop,
+                                               min_steps=_history_min_steps(config, recorder.every))
+    _, state = train_model(config, data, mesh, _row_mask(n, rows), np.full(n, config.attack.eps, np.float32), epochs=config.scoring.train_epochs,
+                           ckpt_dir=ckpt_dir, metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=f"score/train{suffix}", seed=seed,
+                           **history)
+    meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
+    return state
+
+
 def _reference_histories(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, predict):
     """Nieth et al.'s protocol: one history run per group (`history_groups`), on that group alone, one record per full
     pass -> (scores of the `scored` rows (M,), the variables of the last group's model: the synthetic one when present)."""
-    scfg = config.scoring
     run_config = pass_config(config)
-    n = len(data.pool)
     values = np.zeros(len(scored), np.float32)
     variables = None
     for name, rows in history_groups(data, scored):
-        recorder = _history_recorder(run_config, data, mesh, rows, predict, os.path.join(workdir, "scores", "history", name))
-        ckpt_dir = os.path.join(workdir, f"scoring_model_{name}", "checkpoints")
-        _, state = train_model(run_config, data, mesh, _row_mask(n, rows), np.full(n, config.attack.eps, np.float32), epochs=scfg.train_epochs,
-                               ckpt_dir=ckpt_dir, metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=f"score/train_{name}",
-                               seed=config.seed + 1, callbacks=(recorder,), early_stop=scfg.history_early_stop,
-                               min_steps=_history_min_steps(config, recorder.every))
+        recorder = _history_recorder(run_config, data, rows, predict, os.path.join(workdir, "scores", "history", name))
+        state = _train_scoring_model(run_config, workdir, data, mesh, rows, meta, suffix=f"_{name}", seed=config.seed + 1, recorder=recorder)
         p_true, correct = recorder.load()
         values[np.searchsorted(scored, rows)] = _history_score(config, p_true, correct)
-        meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
         meta.setdefault("history_runs", {})[name] = {"rows": int(len(rows)), "records": int(p_true.shape[0]), "steps": int(state.step),
                                                      "steps_per_record": recorder.every}
-        variables = state.variables(ema=scfg.use_ema)
+        variables = state.variables(ema=config.scoring.use_ema)
     return values, variables
 
 
@@ -231,21 +242,9 @@ def _scoring_variables(config, workdir: str, data: Data, mesh, scored: np.ndarra
     if initial is not None:
         meta["init_from"] = scfg.init_from
         return [initial]
-    n = len(data.pool)
-    keep = np.zeros(n, bool)
-    keep[scored] = True
-    base_eps = np.full(n, config.attack.eps, np.float32)
-    variables = []
-    for m in range(scfg.num_models if scfg.score in ("el2n", "grand") else 1):
-        ckpt_dir = os.path.join(workdir, "scoring_model" if m == 0 else f"scoring_model_{m}", "checkpoints")
-        history = {} if recorder is None else dict(callbacks=(recorder,), early_stop=scfg.history_early_stop,
-                                                   min_steps=_history_min_steps(config, recorder.every))
-        _, state = train_model(config, data, mesh, keep, base_eps, epochs=scfg.train_epochs, ckpt_dir=ckpt_dir,
-                               metrics_path=os.path.join(workdir, "metrics.jsonl"), phase="score/train" if m == 0 else f"score/train_{m}",
-                               seed=config.seed + 1 + m, **history)
-        meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
-        variables.append(state.variables(ema=scfg.use_ema))
-    return variables
+    return [_train_scoring_model(config, workdir, data, mesh, scored, meta, suffix="" if m == 0 else f"_{m}", seed=config.seed + 1 + m,
+                                 recorder=recorder).variables(ema=scfg.use_ema)
+            for m in range(scfg.num_models if scfg.score in ("el2n", "grand") else 1)]
 
 
 def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray, meta: dict, predict: predictions.Predictor, initial):
@@ -255,10 +254,11 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
     """
     scfg = config.scoring
     if reference_protocol(config):
-        values, variables = _reference_histories(config, workdir, data, mesh, scored, meta, predict)
+        values, variables = _reference_histories(config, workdir, data, mesh, scored, meta, _history_predictor(config, mesh, predict))
         return values, {}, variables
-    history_dir = os.path.join(workdir, "scores", "history")
-    recorder = _history_recorder(config, data, mesh, scored, predict, history_dir) if scfg.score in HISTORY_SCORES else None
+    recorder = None
+    if scfg.score in HISTORY_SCORES:
+        recorder = _history_recorder(config, data, scored, _history_predictor(config, mesh, predict), os.path.join(workdir, "scores", "history"))
     models = _scoring_variables(config, workdir, data, mesh, scored, meta, recorder, initial)
     extras = {}
     if scfg.score == "margin":

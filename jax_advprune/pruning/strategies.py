@@ -181,7 +181,7 @@ def select(
     if found:
         raise ValueError("cannot select: " + "; ".join(found))
     eligible = np.asarray(eligible, bool)
-    sub_scores = None if strategy == "random" else np.asarray(scores, np.float64)[eligible]
+    sub_scores = None if strategy == "random" else np.asarray(scores)[eligible]
     if sub_scores is not None:
         # Rows that are always kept need no score (a protocol may leave them unscored), but PUMA reads every kept margin.
         needs_score = np.ones(len(sub_scores), bool) if strategy == "puma" else np.asarray(prunable, bool)[eligible]
