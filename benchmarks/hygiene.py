@@ -41,6 +41,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_repeats, default=MIN_REPEATS, help=f"timed repetitions of every figure (at least {MIN_REPEATS}; median reported)")
 
 
+# ---------------------------------------------------------------- instruction set
+
+ISA_CAPS = ("native", "AVX2")
+
+
+def add_isa_argument(parser: argparse.ArgumentParser) -> None:
+    """--isa for a benchmark that applies `cap_isa` before importing the libraries it times."""
+    parser.add_argument("--isa", choices=ISA_CAPS, default="native",
+                        help="cap every side's instruction set (see cap_isa): AVX2 runs an AVX-512 host's code paths as an AVX2 host's")
+
+
+def cap_isa(isa: str) -> None:
+    """Caps the instruction set of every library a benchmark times, before any of them is imported: oneDNN (ours and
+    PyTorch's, ONEDNN_MAX_CPU_ISA), PyTorch's own kernels (ATEN_CPU_CAPABILITY) and the code XLA:CPU generates
+    (--xla_cpu_max_isa). What is compiled ahead of time into jaxlib (Eigen's convolutions and matmuls) runs as it does
+    on any host; so does it on a real AVX2 host. 'native' changes nothing."""
+    if isa == "native":
+        return
+    os.environ["ONEDNN_MAX_CPU_ISA"] = isa
+    os.environ["ATEN_CPU_CAPABILITY"] = isa.lower()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={isa}").strip()
+
+
+def cpu_record(isa: str) -> dict:
+    """The CPU a figure comes from: model name, whether it has AVX-512 and AVX2, and the cap the run set."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "isa_cap": isa,
+            "isa_effective": "AVX-512" if "avx512f" in flags and isa == "native" else "AVX2" if "avx2" in flags else "below AVX2"}
+
+
+def results_name(stem: str, isa: str) -> str:
+    """benchmarks/results file name of a run: <stem>.json, or <stem>_<isa>.json under an ISA cap."""
+    return f"{stem}.json" if isa == "native" else f"{stem}_{isa.lower()}.json"
+
+
 def _repeats(text: str) -> int:
     value = int(text)
     if value < MIN_REPEATS:

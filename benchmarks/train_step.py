@@ -45,10 +45,12 @@ if __name__ == "__main__":
     _args.add_argument("--models", default="small_cnn,preact_resnet18,wide_resnet", help="registry names to time, comma-separated")
     _args.add_argument("--bf16", action="store_true", help="also time our step with bfloat16 compute")
     hygiene.add_arguments(_args)
+    hygiene.add_isa_argument(_args)
     _args.set_defaults(repeats=5)
     ARGS = _args.parse_args()
     CORES = hygiene.use_cores(ARGS.threads)
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
+    hygiene.cap_isa(ARGS.isa)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -268,11 +270,11 @@ def main() -> None:
         print(f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x "
               f"| {r['ours_xla_conv_img_s']:.1f} | {r['speedup_xla_conv']:.2f}x |{extra}")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", "train_step.json")
+    out = os.path.join(REPO, "benchmarks", "results", hygiene.results_name("train_step", ARGS.isa))
     with open(out, "w") as f:
         json.dump(dict(
             machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=importlib.metadata.version("torch"),
-                         devices=ARGS.devices, threads=ARGS.threads),
+                         devices=ARGS.devices, threads=ARGS.threads, **hygiene.cpu_record(ARGS.isa)),
             machine_state=machine_state,
             settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, steps_per_round=ARGS.steps, rounds=ARGS.repeats),
             rows=rows,

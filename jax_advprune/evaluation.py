@@ -34,14 +34,7 @@ def pgd_evaluator(
     are split over the mesh's devices. Returns fractions in [0, 1] and n.
     """
     parallel.check_divisible(batch_size, mesh, "eval batch size")
-
-    def shard_correct(variables, key, x_uint8, y):
-        x = to_unit_interval(x_uint8)
-        logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
-        x_adv = pgd(logits_fn, x, y, parallel.shard_key(key), eps=eps, step_size=step_size, steps=steps, norm=norm)
-        return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
-
-    batch_correct = jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))
+    batch_correct = pgd_program(apply_fn, eps=eps, step_size=step_size, steps=steps, norm=norm, mesh=mesh)
 
     def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
         variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
@@ -54,6 +47,19 @@ def pgd_evaluator(
         return {"clean_accuracy": int(correct[:, 0].sum()) / n, "pgd_accuracy": int(correct[:, 1].sum()) / n, "n": n}
 
     return evaluate
+
+
+def pgd_program(apply_fn: ApplyFn, *, eps: float, step_size: float, steps: int, norm: str, mesh: jax.sharding.Mesh):
+    """The jitted (variables, key, images uint8 (B, ...), labels (B,)) -> (B, 2) bool [clean correct, PGD correct]
+    of `pgd_evaluator`, split over the mesh."""
+
+    def shard_correct(variables, key, x_uint8, y):
+        x = to_unit_interval(x_uint8)
+        logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
+        x_adv = pgd(logits_fn, x, y, parallel.shard_key(key), eps=eps, step_size=step_size, steps=steps, norm=norm)
+        return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
+
+    return jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))
 
 
 def finished_passes(resume_dir: str | None) -> list[dict]:

@@ -133,7 +133,7 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
             sizes = ", ".join(f"{k} {v}" for k, v in validate.split_sizes(config).items())
             log.info("the mesh spans %d of the %d %s devices: the largest count that divides every size split over it (%s); "
                      "set num_devices, or sizes that divide, to use more", mesh.size, available, platform, sizes)
-        log.info("convolutions: %s", layers.describe_convolutions())
+        log.info("convolutions: %s", layers.choose_convolutions(config.model.name))
         preemption.install()
         pipeline.run(config, workdir, mesh, tuple(phases))
     except preemption.Preempted as error:

@@ -13,14 +13,13 @@ import dataclasses
 import math
 import os
 
-from jax_advprune import storage, workdir as workdir_lib
+from jax_advprune import backends, storage, workdir as workdir_lib
 from jax_advprune.attacks.common import NORMS
 from jax_advprune.data import splits
 from jax_advprune.errors import UserError
 from jax_advprune.models import MODELS, create_model
 from jax_advprune.models.preact_resnet import ACTIVATIONS
 from jax_advprune.phases import evaluate, score, select, train
-from jax_advprune.phases.common import COMPUTE_DTYPES
 from jax_advprune.pruning import importance, strategies
 from jax_advprune.pruning.knn import ENGINES as KNN_ENGINES
 from jax_advprune.pruning.knn import METRICS
@@ -147,7 +146,7 @@ def _attack_and_train_problems(p: _Problems, config, process_count: int) -> None
     p.within("attack.step_size", a.step_size, 0, low_open=True)
     p.within("attack.steps", a.steps, 1)
     p.one_of("train.loss", t.loss, TRAINING_LOSSES)
-    p.one_of("train.compute_dtype", t.compute_dtype, sorted(COMPUTE_DTYPES))
+    p.one_of("train.compute_dtype", t.compute_dtype, sorted(backends.COMPUTE_DTYPES) + ["auto"])
     p.within("train.trades_beta", t.trades_beta, 0)
     p.within("train.epochs", t.epochs, 0, low_open=True)
     if p.within("train.batch_size", t.batch_size, 1):

@@ -1,4 +1,9 @@
-"""Shared fixtures: small pools written in the real npz format; 4 virtual CPU devices, on any host."""
+"""Shared fixtures: small pools written in the real npz format; 4 virtual CPU devices, on any host.
+
+Native code stays out of the pytest process: its own convolutions are XLA's (the oneDNN custom call is never loaded
+here), tests marked `native` run in a child pytest process (a crash there fails that test, by name, and the suite goes
+on), and the commands the tests start (the README's command and the like) run as users run them, oneDNN included.
+"""
 
 import os
 
@@ -20,6 +25,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import signal
 import subprocess
 import sys
 
@@ -29,6 +35,45 @@ import pytest
 from jax_advprune.data.generate import write_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_NATIVE_CHILD = os.environ.get("JAX_ADVPRUNE_NATIVE_TEST_CHILD") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "native: loads the oneDNN custom call; runs in a child pytest process")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _xla_convolutions_in_this_process():
+    """The pytest process's own convolutions are XLA's (not inherited by the processes the tests start)."""
+    if IN_NATIVE_CHILD:
+        yield
+        return
+    from jax_advprune.kernels import onednn
+
+    onednn.set_backend("xla")
+    yield
+
+
+def _run_in_child(item) -> None:
+    """item's test in a child pytest (its fixtures are set up there again); a crash or failure there fails it here."""
+    env = {**os.environ, "JAX_ADVPRUNE_NATIVE_TEST_CHILD": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", item.nodeid]
+    try:
+        proc = subprocess.run(cmd, cwd=str(item.config.rootpath), env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the child process running {item.nodeid} timed out after 900 s", pytrace=False)
+    if proc.returncode == 0:
+        return
+    how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    pytest.fail(f"in a child process ({how}):\n{(proc.stdout + proc.stderr)[-6000:]}", pytrace=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if IN_NATIVE_CHILD:
+        return
+    for item in items:
+        if item.get_closest_marker("native") is not None:
+            item.runtest = lambda item=item: _run_in_child(item)
 
 
 def make_npz(path, n, *, shape=(8, 8, 1), num_classes=10, seed=0, offset=0):

@@ -31,6 +31,8 @@ from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 
 from gcp_storage_emulator import __main__ as emulator_main
+
+from jax_advprune.children import die_with_parent
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
@@ -107,12 +109,14 @@ def client_environment(url: str) -> dict[str, str]:
 
 
 def start(bucket: str, timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """Starts this emulator in memory on a free port of 127.0.0.1 with `bucket` created -> (process, its URL)."""
+    """Starts this emulator in memory on a free port of 127.0.0.1 with `bucket` created -> (process, its URL); it dies
+    with the process that started it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server_process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "start", "--host", "127.0.0.1", "--port", str(port),
-                                       "--in-memory", "--default-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                       "--in-memory", "--default-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      preexec_fn=die_with_parent())
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while True:

@@ -10,6 +10,7 @@ import time
 
 from conftest import REPO, main_command
 from jax_advprune import storage
+from jax_advprune.children import die_with_parent
 
 CHECKPOINT_EVERY = ["--config.train.checkpoint_every=8"]
 
@@ -29,7 +30,7 @@ def test_a_gs_workdir_with_gs_data_locks_resumes_after_kill_and_matches_a_local_
             f"--config.data.synthetic=('{root}/data/synthetic.npz',)"]
     command = main_command(work, *data, *CHECKPOINT_EVERY)
 
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
     deadline = time.time() + 300
     while not (storage.exists(f"{work}/lock") and storage.read_text(f"{work}/lock")):
         assert first.poll() is None and time.time() < deadline, "the first run ended before taking the lock"

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from conftest import REPO, main_command
+from jax_advprune.children import die_with_parent
 from jax_advprune.phases.weights import saved_state
 
 # Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
@@ -36,7 +37,7 @@ def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
     deadline = time.time() + 300
     while not (killed_dir / "lock").exists() or not (killed_dir / "lock").read_text():  # the first run holds the lock
         assert proc.poll() is None and time.time() < deadline, "the first run ended before taking the lock"
@@ -61,7 +62,8 @@ def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_
 
     # Rerun, then a preemption (SIGTERM) once training has resumed: the step in progress is saved, status 143.
     log_size = (killed_dir / "run.log").stat().st_size
-    preempted = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    preempted = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 preexec_fn=die_with_parent())
     while "[train] resumed from" not in (killed_dir / "run.log").read_text()[log_size:]:
         assert preempted.poll() is None and time.time() < deadline, "the rerun ended before resuming training"
         time.sleep(0.05)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jax_advprune import storage
+from jax_advprune.children import die_with_parent
 from jax_advprune.phases.weights import saved_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str, l
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid))
         env.pop("XLA_FLAGS", None)  # --cpu_devices decides, as in the README's command
         log = open(f"{logs or workdir}.{log_name}.p{pid}.log", "w")
-        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()))
         log.close()
     return procs
 
@@ -64,8 +65,10 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
     return statuses
 
 
-def _logs(workdir, log_name: str, processes: int) -> str:
-    return "\n".join(f"--- process {pid}\n" + open(f"{workdir}.{log_name}.p{pid}.log").read()[-3000:] for pid in range(processes))
+def _logs(workdir, log_name: str, processes: int, tail: int | None = 3000) -> str:
+    """The processes' logs, each cut to its last `tail` characters (None: whole; the run log names every convolution
+    shape's route, so a line from early in a phase may be far from the end)."""
+    return "\n".join(f"--- process {pid}\n" + open(f"{workdir}.{log_name}.p{pid}.log").read()[-(tail or 0):] for pid in range(processes))
 
 
 def _run(workdir, processes: int, devices: int, *extra: str, logs=None) -> None:
@@ -129,7 +132,7 @@ def test_two_processes_killed_preempted_and_restarted_end_with_the_outcome_of_on
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     statuses = _wait(procs, 60)
-    logs = _logs(workdir, "second", 2)
+    logs = _logs(workdir, "second", 2, tail=None)
     assert statuses == [143, 143] and time.time() - start < 60, logs
     assert f"resumed from {workdir / 'scoring_model' / 'checkpoints'} at step 20" in logs
     saved = max(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
@@ -137,7 +140,7 @@ def test_two_processes_killed_preempted_and_restarted_end_with_the_outcome_of_on
 
     procs = _launch(workdir, 2, 2, "third")
     assert _wait(procs, 600) == [0, 0], _logs(workdir, "third", 2)
-    assert f"resumed from {workdir / 'checkpoints'} at step {saved}" in _logs(workdir, "third", 2)
+    assert f"resumed from {workdir / 'checkpoints'} at step {saved}" in _logs(workdir, "third", 2, tail=None)
     results = json.load(open(workdir / "results.json"))
     assert results["devices"] == {"count": 4, "kind": "cpu", "platform": "cpu", "processes": 2}
     for checkpoints in ("scoring_model/checkpoints", "scoring_model/checkpoints_best", "checkpoints", "checkpoints_best"):

@@ -116,3 +116,33 @@ def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or
     assert json.loads(storage.read_text(lock_path))["heartbeat"] > first  # the holder keeps its lock fresh
     beating.release()
     assert not storage.exists(lock_path)
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_the_emulator_dies_with_the_process_that_started_it_even_on_kill_9():
+    """The session fixture's server must not outlive a pytest that is killed: here a process starts it as the fixture
+    does, then gets SIGKILL; the server is gone within seconds."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import gcs_emulator; "
+            "server, url = gcs_emulator.start('b'); print(server.pid, flush=True); time.sleep(600)")
+    starter = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], stdout=subprocess.PIPE, text=True)
+    server_pid = int(starter.stdout.readline())
+    assert _alive(server_pid)
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait()
+    deadline = time.time() + 10
+    while _alive(server_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server_pid), "the emulator outlived the process that started it"

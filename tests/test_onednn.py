@@ -1,4 +1,9 @@
-"""oneDNN convolutions (jax_advprune.kernels.onednn) against lax.conv_general_dilated."""
+"""oneDNN convolutions (jax_advprune.kernels.onednn) against lax.conv_general_dilated.
+
+Every test here loads the native custom call, so each runs in a child process (the `native` marker, conftest.py):
+a crash fails the test that caused it, by name, and the suite goes on. The fuzz cases run in children of their own
+(kernels.check), a few per process, and each case is a test of its own.
+"""
 
 import os
 import platform
@@ -11,53 +16,110 @@ import pytest
 from jax import lax
 
 from jax_advprune import parallel
-from jax_advprune.kernels import onednn
+from jax_advprune.kernels import check, onednn
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 # The [test] extra installs oneDNN on Linux x86-64 (the only platform with its wheels), so there only a missing
 # C++ compiler skips and a failed build fails the tests; elsewhere (macOS, aarch64) the custom call cannot exist.
 ONEDNN_PLATFORM = platform.system() == "Linux" and platform.machine() == "x86_64"
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
 pytestmark = [
     pytest.mark.skipif(not ONEDNN_PLATFORM, reason="oneDNN's wheels are for Linux x86-64 only; convolutions are XLA's here"),
-    pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler to build the custom call"),
+    pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the custom call"),
 ]
 
+# The fuzz subset: each case in one of four groups (1 or 4 devices; oneDNN's own ISA or capped at AVX2, the host
+# class the heap corruption was seen on); the shapes of the known overrun in every group.
+GROUPS = [(1, "native"), (4, "native"), (1, "AVX2"), (4, "AVX2")]
+_SUBSET = check.fixed_subset()
+_KNOWN = len(check.KNOWN_OVERRUNS)
+FUZZ = [(group, case) for i, case in enumerate(_SUBSET) for group in (GROUPS if i < _KNOWN else [GROUPS[i % len(GROUPS)]])]
 
+
+@pytest.fixture(scope="module")
+def fuzz_results():
+    """{(devices, isa, case name): check.Result} for the subset, each group's cases run in its child processes."""
+    results = {}
+    for group in GROUPS:
+        cases = [case for g, case in FUZZ if g == group]
+        for result in check.run_cases(cases, devices=group[0], isa=group[1]):
+            results[(*group, result.case.name)] = result
+    return results
+
+
+@pytest.mark.parametrize("group, case", FUZZ, ids=[f"{d}dev-{isa}-{case.name}" for (d, isa), case in FUZZ])
+def test_fuzz_case_equals_lax_forward_gradients_and_sharded(fuzz_results, group, case):
+    """Forward, both gradients and the sharded custom_partitioning path equal lax's; the custom call is in the program
+    exactly when the route says oneDNN, and refused shapes (negative paddings) are XLA's (kernels/check.py)."""
+    result = fuzz_results.get((*group, case.name))
+    assert result is not None, "the case never ran"
+    assert result.status == "ok", f"{result.status}: {result.message}"
+    if case.kernel == 1 and case.strides != (1, 1) and result.route.startswith("oneDNN"):
+        assert "subsampled" in result.route  # strided 1x1 never reaches oneDNN's strided path
+
+
+@pytest.mark.native
+def test_the_kernel_refuses_what_does_not_form_one_convolution():
+    """plan_call runs the kernel's checks: each inconsistency is a refusal that says why, never a call."""
+    assert onednn.available(), onednn._register()
+    x, w, y = (4, 8, 8, 5), (3, 3, 5, 7), (4, 4, 4, 7)
+    ok, impl = onednn.plan_call(0, x, w, y, (2, 2), ((0, 1), (0, 1)), 1)
+    assert ok, impl
+    for mode, shapes, strides, pads, why in [
+        (0, (x, w, (4, 5, 4, 7)), (2, 2), ((0, 1), (0, 1)), "output size"),
+        (0, (x, w, y), (2, 2), ((0, 2), (0, 1)), "paddings must be the ones the stride implies"),
+        (0, (x, (3, 3, 6, 7), y), (2, 2), ((0, 1), (0, 1)), "channels or batch disagree"),
+        (1, (y, w, (3, 8, 8, 5)), (2, 2), ((0, 1), (0, 1)), "channels or batch disagree"),
+        (0, (x, w, y), (0, 2), ((0, 1), (0, 1)), "strides must be >= 1"),
+        (0, (x, w, y), (2, 2), ((-1, 1), (0, 1)), "paddings must be >= 0"),
+        (0, (x, (1, 1, 5, 7), y), (2, 2), ((0, 0), (0, 0)), "strided 1x1"),
+        (0, ((4, 2, 2, 5), (5, 5, 5, 7), (4, 1, 1, 7)), (1, 1), ((0, 0), (0, 0)), "larger than the padded input"),
+        (3, (x, w, y), (2, 2), ((0, 1), (0, 1)), "mode must be"),
+    ]:
+        ok, message = onednn.plan_call(mode, *shapes, strides, pads, 1)
+        assert not ok and why in message, (mode, shapes, message)
+
+
+@pytest.mark.native
+def test_an_inconsistent_call_is_an_error_not_a_crash():
+    """The custom call given paddings that do not match its buffers returns an error at run time (nothing written)."""
+    assert onednn.available(), onednn._register()
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    wrong = jax.jit(lambda x, w: onednn._ffi_conv(0, x, w, (2, 4, 4, 4), (2, 2), ((0, 2), (0, 1))))  # floor: 4 rows either way
+    with pytest.raises(Exception, match="onednn_conv: bottom/right paddings"):
+        jax.block_until_ready(wrong(x, w))
+    mismatched = jax.jit(lambda x, w: onednn._ffi_conv(0, x, w, (2, 8, 8, 5), (1, 1), ((1, 1), (1, 1))))
+    with pytest.raises(Exception, match="onednn_conv: channels or batch disagree"):
+        jax.block_until_ready(mismatched(x, w))
+
+
+@pytest.mark.native
+def test_routes_are_logged_per_shape_and_refusals_go_to_xla(caplog):
+    x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((1, 1, 3, 4))
+    with caplog.at_level("INFO", logger=onednn.__name__):
+        text = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=DIMENSIONS)).lower(x, w).as_text()
+        negative = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), ((-1, 0), (0, 0)), dimension_numbers=DIMENSIONS))
+        assert onednn.TARGET not in negative.lower(x, w).as_text()
+    assert onednn.TARGET in text
+    strided = onednn.ROUTES[((2, 9, 9, 3), (1, 1, 3, 4), (2, 2), ((0, 0), (0, 0)))]
+    assert strided.backend == "oneDNN" and strided.subsampled and strided.strides == (1, 1)
+    assert onednn.ROUTES[((2, 9, 9, 3), (1, 1, 3, 4), (1, 1), ((-1, 0), (0, 0)))] == onednn.Route("XLA", "negative padding")
+    assert "x (2, 9, 9, 3) * w (1, 1, 3, 4), strides (2, 2)" in caplog.text and "-> XLA: negative padding" in caplog.text
+
+
+def test_checked_build_sees_the_known_overrun_and_reports_nothing_on_the_fixed_shapes():
+    """The memory checker: the known overrun let through must be reported (positive control), and the kernel as built
+    must give no sanitizer report or guard-page fault on the known shapes and a few others, AVX2 kernels, 4 devices."""
+    control = check.positive_control()
+    assert control.status in ("crash", "report") and ("AddressSanitizer" in control.message or "SEGV" in control.message), control
+    results = check.run_cases(_SUBSET[: _KNOWN + 3], devices=4, isa="AVX2", extra_env=check.sanitizer_environment())
+    assert [r.status for r in results] == ["ok"] * (_KNOWN + 3), [(r.case.name, r.status, r.message) for r in results if r.status != "ok"]
+
+
+@pytest.mark.native
 def test_the_custom_call_builds_and_registers():
     assert onednn.available(), onednn._register()
-
-
-def _loss(conv, x, w, strides, padding):
-    """A nonlinear scalar of the convolution, so that gradients depend on every output."""
-    return jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=DIMENSIONS)))
-
-
-@pytest.mark.parametrize(
-    "size, cin, cout, kernel, stride, padding",
-    [
-        (16, 3, 8, 3, 1, "SAME"),  # first layer of the models
-        (9, 4, 6, 3, 2, "SAME"),  # odd size, stride 2: XLA pads (1, 1)
-        (8, 4, 6, 3, 2, "SAME"),  # even size, stride 2: XLA pads (0, 1), PyTorch would pad (1, 1)
-        (8, 4, 6, 3, 2, "VALID"),
-        (8, 4, 6, 3, 1, ((2, 1), (0, 1))),  # explicit, asymmetric
-        (8, 5, 7, 1, 2, "SAME"),  # 1x1 strided shortcut
-        (7, 3, 5, 5, 1, "SAME"),
-    ],
-)
-def test_forward_and_gradients_equal_lax(size, cin, cout, kernel, stride, padding):
-    rng = np.random.default_rng(size * cin + stride)
-    x = jnp.asarray(rng.standard_normal((4, size, size, cin), np.float32))
-    w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout), np.float32) / np.sqrt(kernel * kernel * cin))
-    strides = (stride, stride)
-    expected = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMENSIONS)
-    got = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMENSIONS))(x, w)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    grads = jax.jit(jax.grad(lambda x, w: _loss(onednn.conv_general_dilated, x, w, strides, padding), (0, 1)))(x, w)
-    expected_grads = jax.grad(lambda x, w: _loss(lax.conv_general_dilated, x, w, strides, padding), (0, 1))(x, w)
-    for g, e in zip(grads, expected_grads):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
 def _sharded_step(conv_backend: str):
@@ -78,6 +140,7 @@ def _sharded_step(conv_backend: str):
     return fn, mesh
 
 
+@pytest.mark.native
 def test_sharded_jit_runs_per_device_and_equals_lax():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 12, 12, 3), np.float32)
@@ -105,6 +168,7 @@ def test_sharded_jit_runs_per_device_and_equals_lax():
     np.testing.assert_allclose(sliced(onednn.conv_general_dilated)(x, w1), sliced(lax.conv_general_dilated)(x, w1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.native
 def test_what_onednn_does_not_cover_goes_to_lax():
     x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
 
@@ -133,6 +197,7 @@ def test_missing_onednn_is_reported_with_the_fix(tmp_path, monkeypatch):
         onednn.onednn_prefix()
 
 
+@pytest.mark.native
 def test_vmapped_vjps_and_batched_kernels_equal_lax():
     """DeepFool's pattern (one VJP per candidate class, vmapped over cotangents) and vmap over kernels."""
     rng = np.random.default_rng(1)
@@ -151,6 +216,7 @@ def test_vmapped_vjps_and_batched_kernels_equal_lax():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.native
 def test_a_users_lax_conv_function_is_routed_to_onednn_with_equal_values_and_gradients():
     """kernels.onednn_route: a plain function with lax.conv_general_dilated (one inside a nested jit, one strided,
     one dilated that oneDNN does not take) gives the same logits and input gradients, now with the custom call."""
@@ -172,3 +238,81 @@ def test_a_users_lax_conv_function_is_routed_to_onednn_with_equal_values_and_gra
     np.testing.assert_allclose(routed(params, x)["logits"], user_model(params, x)["logits"], rtol=1e-5, atol=1e-5)
     grad = jax.grad(lambda f, z: jnp.sum(jnp.sin(f(params, z)["logits"])), argnums=1)
     np.testing.assert_allclose(grad(routed, x), grad(user_model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_per_model_choice_follows_the_measured_train_step_gains():
+    """layers.MEASURED_GAIN is what benchmarks/train_step.py measured (oneDNN img/s over XLA-convolution img/s), per
+    instruction set and model, and the choice follows the 10% rule."""
+    import json
+
+    from jax_advprune.models import layers
+
+    families = {"small CNN": "small_cnn", "PreAct ResNet-18": "preact_resnet18", "WRN-16-4": "wide_resnet"}
+    for isa, name in (("AVX-512", "train_step.json"), ("AVX2", "train_step_avx2.json")):
+        with open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", name)) as f:
+            result = json.load(f)
+        assert result["machine"]["isa_effective"] == isa
+        for row in result["rows"]:
+            family = next(v for k, v in families.items() if row["model"].startswith(k))
+            assert layers.MEASURED_GAIN[isa][family] == round(row["ours_img_s"] / row["ours_xla_conv_img_s"], 2), (isa, family)
+
+
+def test_choose_convolutions_gives_xla_where_onednn_gains_under_ten_percent(monkeypatch):
+    from jax_advprune.models import layers
+
+    monkeypatch.setattr(onednn, "available", lambda: True)
+    monkeypatch.setattr(onednn, "host_isa", lambda: "AVX2")
+    monkeypatch.setattr(layers, "describe_convolutions", lambda: "oneDNN custom call")  # nothing native in this process
+    try:
+        onednn.set_backend("auto")
+        assert layers.choose_convolutions("wrn28_10").startswith("XLA (oneDNN's gain for wide_resnet on an AVX2 host was 0.75x")
+        assert onednn.get_backend() == "xla"
+        onednn.set_backend("onednn")  # an explicit choice is kept
+        assert layers.choose_convolutions("wrn28_10") == "oneDNN custom call"
+        onednn.set_backend("auto")
+        monkeypatch.setattr(onednn, "host_isa", lambda: "AVX-512")
+        assert layers.choose_convolutions("wrn28_10") == "oneDNN custom call" and onednn.get_backend() == "auto"
+        assert layers.choose_convolutions("users_own_model") == "oneDNN custom call"  # a family nobody measured
+        monkeypatch.setattr(onednn, "host_isa", lambda: "other")  # an instruction set nobody measured or fuzzed
+        assert layers.choose_convolutions("small_cnn").startswith("XLA (oneDNN was neither measured nor fuzzed")
+    finally:
+        onednn.set_backend("xla")  # the pytest process's own setting (conftest)
+
+
+def test_host_isa_reads_the_onednn_cap(monkeypatch):
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("reads /proc/cpuinfo")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert onednn.host_isa() in ("AVX2", "other")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    assert onednn.host_isa() == "other"
+
+
+_DENORMAL_SCRIPT = """
+import jax, jax.numpy as jnp, torch
+from jax import lax
+from jax_advprune.kernels import onednn
+torch.set_num_threads(2)
+torch.nn.functional.conv2d(torch.ones(8, 3, 8, 8), torch.ones(4, 3, 3, 3), padding=1)  # PyTorch's team starts here
+onednn.set_backend("onednn")
+x, w = jnp.full((64, 32, 32, 16), 1e-20, jnp.float32), jnp.full((3, 3, 16, 32), 1e-20, jnp.float32)
+for conv in (onednn.conv_general_dilated, lax.conv_general_dilated):
+    y = jax.jit(lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, w)
+    print(conv.__module__, int(jnp.sum(y != 0)))
+"""
+
+
+def test_denormals_are_flushed_as_xla_does_even_on_threads_pytorch_started():
+    """XLA:CPU flushes denormals; the custom call does the same on every OpenMP thread it runs on, also on a team that
+    PyTorch (loaded in the same process, as `scoring.init_from` a .pt file does) started without flushing. Products of
+    1e-20 x 1e-20 are denormal: XLA gives 0, and so must oneDNN (without the flush 44% of them came out non-zero, and
+    the 3-channel input gradient on AVX2 ran 100x slower). One XLA device, so that a call runs 2 OpenMP threads."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _DENORMAL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = dict(line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert counts == {"jax_advprune.kernels.onednn": "0", "jax._src.lax.convolution": "0"}, proc.stdout

@@ -108,6 +108,20 @@ def _apgd_targeted(logits_fn, x, y, key, *, eps, rank, steps, norm):
     return _apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="dlr_targeted", targets=targets, unroll=1)
 
 
+def component(name: str, *, norm: str, apgd_steps: int, fab_steps: int, square_queries: int) -> tuple[Callable, dict]:
+    """(traceable attack, its static settings) of AutoAttack component `name`; its dynamic arguments are eps, and
+    rank (the target's rank among the clean logits) for 'apgd-t' and 'fab-t'. The reference's settings."""
+    if name in ("apgd-ce", "apgd-dlr"):
+        return _apgd, dict(steps=apgd_steps, norm=norm, loss=name[5:], targets=None, unroll=1)
+    if name == "apgd-t":
+        return _apgd_targeted, dict(steps=apgd_steps, norm=norm)
+    if name == "fab-t":
+        return _fab_target, dict(norm=norm, steps=fab_steps, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9)
+    if name == "square":
+        return _square, dict(norm=norm, queries=square_queries, p_init=0.8)
+    raise ValueError(f"unknown AutoAttack component {name!r}; known: {COMPONENTS}")
+
+
 def autoattack(
     logits_fn: LogitsFn,
     x,
@@ -201,14 +215,7 @@ def autoattack(
         if not len(todo):
             return todo, np.zeros((0,) + images.shape[1:], np.float32)
         run_key = jax.random.fold_in(jax.random.fold_in(key, index), target or 0)
-        if name in ("apgd-ce", "apgd-dlr"):
-            impl, static = _apgd, dict(steps=apgd_steps, norm=norm, loss=name[5:], targets=None, unroll=1)
-        elif name == "apgd-t":
-            impl, static = _apgd_targeted, dict(steps=apgd_steps, norm=norm)
-        elif name == "fab-t":
-            impl, static = _fab_target, dict(norm=norm, steps=fab_steps, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9)
-        else:
-            impl, static = _square, dict(norm=norm, queries=square_queries, p_init=0.8)
+        impl, static = component(name, norm=norm, apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries)
         rank = {} if target is None else {"rank": target}
         candidates = on_chunks(impl, todo, lambda positions: dict(eps=eps, **rank), static, run_key)
         candidates = candidates if isinstance(candidates, np.ndarray) else candidates.x_adv

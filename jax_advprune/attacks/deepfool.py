@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jax_advprune import parallel
+from jax_advprune import backends, parallel
 from jax_advprune.attacks.common import check_norm, dual_norm_name, flat_norm, per_sample, to_unit_interval
 from jax_advprune.attacks.dispatch import AUTO, as_function_tree, is_traced, pad_rows, resolve_mesh, run_attack
 
@@ -217,9 +217,10 @@ def deepfool(
       mesh: 'auto' (every local device when there are several), a Mesh with a
         'data' axis, or None; each device runs its own queue over its share.
       host_driven: drive the queue from Python, one jitted step call per
-        `steps_per_check` iterations (None: on the CPU, which runs straight-line
-        code about twice as fast as a loop body), or inside one `lax.while_loop`.
-        Inside a trace it is always the while loop.
+        `steps_per_check` iterations, or inside one `lax.while_loop`. None:
+        `backends.host_driven_deepfool()`, the host on the CPU (it runs
+        straight-line code about twice as fast as a loop body), the while loop on
+        accelerators. Inside a trace it is always the while loop.
 
     Compiled once per `logits_fn` object, settings and shapes, as `pgd` is.
 
@@ -228,11 +229,14 @@ def deepfool(
     """
     check_norm(norm)
     settings = dict(norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
-    if is_traced((logits_fn, x, y)):
-        return _deepfool_loop(logits_fn, x, y, None, slots=slots, **settings)
+    if is_traced((logits_fn, x, y)):  # inside the caller's jit: the while loop, in its fastest form for the platform
+        if backends.target_platform() == "cpu":
+            logits_fn = as_function_tree(logits_fn)  # the caller's lax.conv convolutions through oneDNN, as outside a trace
+            slots = HOST_DRIVEN_SLOTS_PER_DEVICE if slots is None else slots  # few samples per step stay in cache
+        return _deepfool_loop(logits_fn, x, y, None, slots=slots, steps_per_iteration=in_trace_steps(steps_per_check), **settings)
     logits_fn = as_function_tree(logits_fn)
     if host_driven is None:
-        host_driven = jax.default_backend() == "cpu"
+        host_driven = backends.host_driven_deepfool()
     mesh = resolve_mesh(mesh)
     if not host_driven:
         per_device = None if slots is None else -(-int(slots) // (mesh.size if mesh else 1))
@@ -243,7 +247,7 @@ def deepfool(
     per_device_batch = x.shape[0] // mesh.size
     wanted = HOST_DRIVEN_SLOTS_PER_DEVICE if slots is None else -(-int(slots) // mesh.size)
     per_device_slots = max(1, min(wanted, per_device_batch))
-    start, advance, finish = _queue_programs(mesh, per_device_slots, steps_per_check, **settings)
+    start, advance, finish = queue_programs(mesh, per_device_slots, steps_per_check, **settings)
     replicated = parallel.replicated(mesh)
     logits_fn = jax.device_put(logits_fn, replicated)  # once: the host loop must not re-send the weights every step
     x, y = parallel.shared_batch((x, y), mesh)
@@ -254,22 +258,31 @@ def deepfool(
     return jax.tree_util.tree_map(lambda a: a[:batch], result) if extra else result
 
 
-def _deepfool_loop(logits_fn, x, y, key, *, norm, max_iter, overshoot, candidates, slots) -> DeepFoolResult:
-    """DeepFool with the queue inside one `lax.while_loop` (traceable; `key` is unused)."""
+def in_trace_steps(steps_per_check: int) -> int:
+    """Queue steps per while-loop iteration inside a trace: `steps_per_check` on the CPU (XLA:CPU runs straight-line
+    code faster than loop iterations; a step on a drained queue changes nothing), 1 on accelerators."""
+    return max(1, int(steps_per_check)) if backends.target_platform() == "cpu" else 1
+
+
+def _deepfool_loop(logits_fn, x, y, key, *, norm, max_iter, overshoot, candidates, slots, steps_per_iteration: int = 1) -> DeepFoolResult:
+    """DeepFool with the queue inside one `lax.while_loop`, `steps_per_iteration` queue steps per iteration
+    (traceable; `key` is unused)."""
     del key
     x = to_unit_interval(jnp.asarray(x))
     slots = x.shape[0] if slots is None else max(1, min(int(slots), x.shape[0]))
     queue = queue_start(x, slots=slots, num_candidates=num_candidates(logits_fn, x, slots, candidates))
-    queue = jax.lax.while_loop(
-        lambda q: jnp.any(q.slot["live"]),
-        lambda q: queue_step(logits_fn, x, q, norm=norm, max_iter=max_iter, overshoot=overshoot),
-        queue,
-    )
+
+    def steps(q):
+        for _ in range(steps_per_iteration):
+            q = queue_step(logits_fn, x, q, norm=norm, max_iter=max_iter, overshoot=overshoot)
+        return q
+
+    queue = jax.lax.while_loop(lambda q: jnp.any(q.slot["live"]), steps, queue)
     return queue_result(queue, y)
 
 
 @functools.lru_cache(maxsize=None)
-def _queue_programs(mesh: Mesh, slots: int, steps_per_check: int, *, norm: str, max_iter: int, overshoot: float, candidates: int | None):
+def queue_programs(mesh: Mesh, slots: int, steps_per_check: int, *, norm: str, max_iter: int, overshoot: float, candidates: int | None):
     """(start, advance, finish): the host-driven queue's jitted programs, sharded over `mesh`, `slots` per device."""
 
     def start_shard(logits_fn, x):

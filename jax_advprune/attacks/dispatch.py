@@ -71,7 +71,10 @@ def pad_rows(tree: Any, multiple: int) -> tuple[Any, int]:
     return jax.tree_util.tree_map(lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], extra, 0)]), tree), extra
 
 
-def _compiled(impl: Callable, mesh: Mesh | None, shared_names: tuple, batched_names: tuple, static_items: tuple) -> Callable:
+def attack_program(impl: Callable, mesh: Mesh | None, shared_names: tuple, batched_names: tuple, static_items: tuple) -> Callable:
+    """The jitted program of `impl` that `run_attack` calls (cached): (logits_fn tree, key, *shared values, x, y,
+    *batched values) -> impl's outputs, split over `mesh`'s DATA_AXIS when there is one (the first 2 + len(shared)
+    arguments replicated, the rest split along axis 0). `static_items`: sorted (name, value) pairs."""
     cache_key = (impl, mesh, shared_names, batched_names, static_items)
     compiled = _COMPILED.get(cache_key)
     if compiled is None:
@@ -90,6 +93,13 @@ def _compiled(impl: Callable, mesh: Mesh | None, shared_names: tuple, batched_na
     return compiled
 
 
+def split_dynamic(dynamic: dict) -> tuple[tuple, tuple]:
+    """(shared names, batched names) of an attack's dynamic arguments: batched ones have a leading sample axis
+    (per-sample eps, targets) and are split like x; scalars (and None) are shared."""
+    batched = tuple(name for name, value in dynamic.items() if value is not None and jnp.ndim(value) >= 1)
+    return tuple(name for name in dynamic if name not in batched), batched
+
+
 def run_attack(impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict, static: dict, mesh: Mesh | str | None = AUTO):
     """impl(logits_fn, x, y, key, **dynamic, **static), compiled once and cached (see the module docstring).
 
@@ -102,11 +112,10 @@ def run_attack(impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict,
         return impl(logits_fn, x, y, key, **dynamic, **static)
     logits_fn = as_function_tree(logits_fn)
     mesh = resolve_mesh(mesh)
-    batched_names = tuple(name for name, value in dynamic.items() if value is not None and jnp.ndim(value) >= 1)
-    shared_names = tuple(name for name in dynamic if name not in batched_names)
+    shared_names, batched_names = split_dynamic(dynamic)
     shared = [dynamic[name] for name in shared_names]
     batched = (x, y, *(dynamic[name] for name in batched_names))
-    compiled = _compiled(impl, mesh, shared_names, batched_names, tuple(sorted(static.items())))
+    compiled = attack_program(impl, mesh, shared_names, batched_names, tuple(sorted(static.items())))
     if mesh is None:
         return compiled(logits_fn, key, *shared, *batched)
     batch = x.shape[0]

@@ -174,8 +174,8 @@ def fab_target(
                       static=dict(norm=norm, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta))
 
 
-def _fab_target(logits_fn, x, y, key, *, eps, rank, norm, steps, restarts, alpha_max, eta, beta) -> FabResult:
-    """The traceable FAB-T of `fab_target` (same arguments)."""
+def _fab_target(logits_fn, x, y, key, *, eps, rank, norm, steps, restarts, alpha_max, eta, beta, unroll: int | bool = 1) -> FabResult:
+    """The traceable FAB-T of `fab_target` (same arguments; `unroll` of the steps loop, for cost probes)."""
     project = PROJECTIONS[norm]
     x = jnp.asarray(x, jnp.float32)
     batch = x.shape[0]
@@ -218,7 +218,7 @@ def _fab_target(logits_fn, x, y, key, *, eps, rank, norm, steps, restarts, alpha
         radius = jnp.broadcast_to(jnp.asarray(eps, x.dtype), (batch,))
         start = x + per_sample(radius / flat_norm(noise, norm), x) * noise * 0.5
         start = jnp.where(i > 0, jnp.clip(start, 0.0, 1.0), x)
-        _, best, distance = jax.lax.fori_loop(0, steps, step, (start, best, distance))
+        _, best, distance = jax.lax.fori_loop(0, steps, step, (start, best, distance), unroll=unroll)
         return best, distance
 
     best, distance = jax.lax.fori_loop(0, restarts, one_run, (x, jnp.full((batch,), NO_ADVERSARIAL, x.dtype)))

@@ -7,6 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_advprune import backends
 from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.common import check_norm, per_sample, project, random_in_ball, steepest_ascent
 from jax_advprune.attacks.objectives import AttackLoss, get_attack_loss
@@ -28,7 +29,7 @@ def pgd(
     loss: str | AttackLoss = "ce",
     targeted: bool = False,
     restarts: int = 1,
-    unroll: int | bool = True,
+    unroll: int | bool | None = None,
     mesh=AUTO,
 ) -> jax.Array:
     """PGD: maximises `loss(logits_fn(x_adv), y)` (minimises it when targeted) in the eps-ball around x.
@@ -50,9 +51,10 @@ def pgd(
       restarts: independent random starts (static); each sample keeps its worst
         case: a successful point first (misclassified, or classified as the
         target), then the highest objective.
-      unroll: passed to `lax.fori_loop`. Fully unrolled (the default) runs much
-        faster on XLA:CPU than a loop body (README, "Performance"), at the price
-        of compile time; pass 1 for long attacks.
+      unroll: passed to `lax.fori_loop`. None: `backends.unroll_loops()`, fully
+        unrolled on the CPU (XLA:CPU runs it much faster than a loop body, at the
+        price of compile time; pass 1 for long attacks there) and a loop body on
+        accelerators (as fast, and it compiles in a fraction of the time).
       mesh: devices to split the batch over: 'auto' (every local device when there
         are several), a `jax.sharding.Mesh` with a 'data' axis, or None. Called
         inside a trace, the attack is inlined and `mesh` is ignored.
@@ -65,6 +67,7 @@ def pgd(
       x_adv (B, H, W, C) with ||x_adv - x|| <= eps per sample and x_adv in [0, 1].
     """
     check_norm(norm)
+    unroll = backends.unroll_loops() if unroll is None else unroll
     return run_attack(_pgd, logits_fn, x, y, key, dynamic=dict(eps=eps, step_size=step_size), mesh=mesh,
                       static=dict(steps=steps, norm=norm, random_start=random_start, loss=loss, targeted=targeted, restarts=restarts, unroll=unroll))
 

@@ -17,18 +17,30 @@ the environment variable JAX_ADVPRUNE_CONV or `set_backend`:
   onednn  oneDNN or an error saying what is missing
   xla     always lax.conv_general_dilated
 
+Which shapes go where (`route`, logged once per shape, all of them in ROUTES): the
+kernel's own checks run at trace time without executing (`plan_call`), for the
+forward pass and both gradients; a shape any of them refuses goes to XLA, with the
+reason. Negative paddings and empty operands go to XLA. Strided 1x1 convolutions
+(the shortcuts of ResNets) are sent as stride-1 ones on the strided slice of their
+input: oneDNN 3.2's 1x1 kernel-gradient kernels overrun their scratchpad on strided
+inputs with fewer channels than one SIMD block (8 on AVX2, 16 on AVX-512), which
+corrupted the heap. At run time the kernel checks every call again and returns an
+error instead of computing on anything inconsistent (onednn_conv.cc).
+
 Sharding: inside shard_map (attacks, evaluation, scoring) the call sees
 per-device arrays. Under jit with arrays sharded along the batch (the train
 step), XLA's partitioner asks the call how to split (`custom_partitioning`):
 each device convolves its own rows, and the kernel gradient's per-device sums
 are all-reduced over the batch axis. No mesh context is needed; a batch that does
 not divide over the devices is gathered and convolved whole on each.
-This module imports nothing from the rest of the package.
+This module imports nothing from the rest of the package but `backends` (which says whether programs are built
+for the CPU).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -47,6 +59,8 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jax_advprune import backends
+
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +68,19 @@ BACKENDS = ("auto", "onednn", "xla")
 TARGET = "jax_advprune_onednn_conv"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _backend = [os.environ.get("JAX_ADVPRUNE_CONV", "auto")]
+
+# Builds of the custom call besides the default one, chosen by JAX_ADVPRUNE_ONEDNN_BUILD (comma-separated), for
+# benchmarks/check_onednn_memory.py:
+#   checked             AddressSanitizer + UndefinedBehaviorSanitizer, and every buffer oneDNN touches against
+#                       PROT_NONE guard pages (oneDNN's generated kernels are invisible to ASan); needs
+#                       LD_PRELOAD=$(g++ -print-file-name=libasan.so) in the Python process
+#   unsafe-strided-1x1  strided 1x1 convolutions reach oneDNN as they are (the overrun the default build refuses);
+#                       the checker's positive control, never for results
+BUILD_OPTIONS = {
+    "checked": ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                "-DADVPRUNE_GUARD_PAGES"),
+    "unsafe-strided-1x1": ("-DADVPRUNE_ALLOW_STRIDED_1X1",),
+}
 
 
 class OnednnUnavailableError(RuntimeError):
@@ -71,6 +98,15 @@ def get_backend() -> str:
     return _backend[0]
 
 
+def build_options() -> tuple[str, ...]:
+    """The non-default builds asked for by JAX_ADVPRUNE_ONEDNN_BUILD (see BUILD_OPTIONS), sorted."""
+    asked = tuple(sorted({o.strip() for o in os.environ.get("JAX_ADVPRUNE_ONEDNN_BUILD", "").split(",") if o.strip()}))
+    unknown = [o for o in asked if o not in BUILD_OPTIONS]
+    if unknown:
+        raise OnednnUnavailableError(f"JAX_ADVPRUNE_ONEDNN_BUILD: unknown option(s) {unknown}; known: {sorted(BUILD_OPTIONS)}")
+    return asked
+
+
 def onednn_prefix() -> str:
     """The installation prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so ($DNNL_ROOT or this Python's)."""
     candidates = [os.environ["DNNL_ROOT"]] if os.environ.get("DNNL_ROOT") else [sys.prefix, sysconfig.get_config_var("prefix") or sys.prefix]
@@ -85,23 +121,25 @@ def onednn_prefix() -> str:
     )
 
 
-def build_library() -> str:
-    """Path of the compiled custom-call library, compiling it first if this source/jax/oneDNN has no build yet."""
+def build_library(options: tuple[str, ...] = ()) -> str:
+    """Path of the compiled custom-call library with the given BUILD_OPTIONS, compiling it first if this
+    source/jax/oneDNN/compiler/options has no build yet."""
     prefix = onednn_prefix()
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise OnednnUnavailableError(f"C++ compiler {compiler!r} not found (set CXX)")
+    flags = [flag for option in options for flag in BUILD_OPTIONS[option]]
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jax.__version__.encode() + prefix.encode() + compiler.encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + jax.__version__.encode() + prefix.encode() + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
     cache = os.environ.get("JAX_ADVPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jax_advprune"))
-    path = os.path.join(cache, f"libjax_advprune_onednn_{key}.so")
+    path = os.path.join(cache, f"libjax_advprune_onednn_{'_'.join(options) + '_' if options else ''}{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(cache, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [
-        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", *flags,
         f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", SOURCE,
         f"-L{os.path.join(prefix, 'lib')}", "-ldnnl", f"-Wl,-rpath,{os.path.join(prefix, 'lib')}", "-o", tmp,
     ]
@@ -114,13 +152,29 @@ def build_library() -> str:
     return path
 
 
+def _asan_preloaded() -> bool:
+    with open("/proc/self/maps") as maps:
+        return "libasan" in maps.read()
+
+
+_library: list = []  # the loaded library, once registered
+
+
 @functools.lru_cache(maxsize=None)
 def _register() -> str | None:
     """Builds, loads and registers the custom call once per process; None when available, else why not."""
     try:
-        library = ctypes.cdll.LoadLibrary(build_library())
+        options = build_options()
+        if "checked" in options and not _asan_preloaded():
+            raise OnednnUnavailableError("the checked build needs the ASan runtime loaded first: "
+                                         "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...")
+        library = ctypes.cdll.LoadLibrary(build_library(options))
+        plan = library.AdvpruneOnednnConvPlan
+        plan.restype = ctypes.c_int
+        plan.argtypes = [ctypes.c_int64] + [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_char_p, ctypes.c_int64]
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdvpruneOnednnConv), platform="cpu")
-    except (OnednnUnavailableError, OSError) as e:
+        _library.append(library)
+    except (OnednnUnavailableError, OSError, AttributeError) as e:
         return str(e)
     return None
 
@@ -134,8 +188,8 @@ def _why_not_onednn() -> str | None:
     """None when float32 convolutions go to oneDNN here, else why not; an error when JAX_ADVPRUNE_CONV=onednn can't be met."""
     if get_backend() == "xla":
         return "JAX_ADVPRUNE_CONV=xla"
-    if jax.default_backend() != "cpu":
-        return f"backend {jax.default_backend()}"
+    if not backends.native_convolutions():
+        return f"programs for {backends.target_platform()}"
     why_not = _register()
     if why_not is not None and get_backend() == "onednn":
         raise OnednnUnavailableError(why_not)
@@ -146,6 +200,25 @@ def describe() -> str:
     """Which convolutions float32 models get here, for the run log: oneDNN, or XLA and why."""
     why_not = _why_not_onednn()
     return f"XLA ({why_not})" if why_not else f"oneDNN custom call, {_threads_per_call()} thread(s) per call"
+
+
+def host_isa() -> str:
+    """'AVX-512', 'AVX2' or 'other': the instruction set oneDNN's kernels use on this host (its CPU's, lowered by
+    ONEDNN_MAX_CPU_ISA when that caps it)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "other"
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if not cap or cap == "ALL" or cap.startswith(("AVX512", "AVX10")) or isa == "other":
+        return isa
+    return "AVX2" if cap.startswith("AVX2") else "other"
 
 
 def _use_onednn(lhs: jax.Array, rhs: jax.Array, plain: bool) -> bool:
@@ -164,6 +237,85 @@ def _log_once(why_not: str) -> None:
 def _threads_per_call() -> int:
     """OpenMP threads per custom call: the cores shared among this process's CPU devices (each runs its own calls)."""
     return max(1, (os.cpu_count() or 1) // max(1, jax.local_device_count()))
+
+
+@functools.lru_cache(maxsize=None)
+def plan_call(mode: int, a_shape: tuple, b_shape: tuple, out_shape: tuple, strides: tuple, pads: tuple, threads: int) -> tuple[bool, str]:
+    """(True, oneDNN's implementation) when a call of `mode` on these shapes would run, else (False, why not).
+
+    The kernel's own checks (onednn_conv.cc: the buffers form one convolution, tight paddings, no strided 1x1,
+    oneDNN has a primitive whose descriptors match the buffers), without executing; the library must be registered.
+    """
+    (pt, pb), (pl, pr) = pads
+    arrays = [(ctypes.c_int64 * 4)(*shape) for shape in (a_shape, b_shape, out_shape)]
+    message = ctypes.create_string_buffer(512)
+    ok = _library[0].AdvpruneOnednnConvPlan(mode, *arrays, *strides, pt, pb, pl, pr, threads, message, len(message))
+    return bool(ok), message.value.decode(errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where one convolution goes: `backend` 'oneDNN' or 'XLA', with `detail` (oneDNN's implementations of the
+    forward, input-gradient and kernel-gradient calls, or why XLA). `subsampled`: a strided 1x1 convolution sent as
+    a stride-1 one on the strided slice of its input."""
+
+    backend: str
+    detail: str
+    subsampled: bool = False
+    strides: tuple = (1, 1)
+    pads: tuple = ((0, 0), (0, 0))
+
+
+ROUTES: dict = {}  # (x shape, kernel shape, strides, pads as asked) -> Route, for every convolution traced here
+
+
+def tight_padding(in_size: Sequence[int], out_size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: tuple) -> tuple:
+    """`pads` with the bottom/right side cut to what the last window reads, max(0, (out - 1) * s + k - in - lo): the
+    same output (the rows cut are never read), and the paddings the kernel checks against."""
+    return tuple((lo, max(0, (o - 1) * s + k - i - lo)) for i, o, k, s, (lo, _) in zip(in_size, out_size, kernel, strides, pads))
+
+
+def route(x_shape: tuple, kernel_shape: tuple, strides: tuple, pads: tuple) -> Route:
+    """The Route of a float32 NHWC/HWIO convolution on the CPU (logged the first time each shape is seen)."""
+    key = (tuple(x_shape), tuple(kernel_shape), tuple(strides), tuple(pads))
+    found = ROUTES.get(key)
+    if found is None:
+        found = ROUTES[key] = _choose_route(*key)
+        log.info("convolution x %s * w %s, strides %s, paddings %s -> %s: %s%s", key[0], key[1], key[2], key[3], found.backend,
+                 found.detail, " (strided 1x1 as a stride-1 convolution of the subsampled input)" if found.subsampled else "")
+    return found
+
+
+def _choose_route(x_shape: tuple, kernel_shape: tuple, strides: tuple, pads: tuple) -> Route:
+    if any(p < 0 for pair in pads for p in pair):
+        return Route("XLA", "negative padding")
+    if any(d < 1 for d in (*x_shape, *kernel_shape)):
+        return Route("XLA", "an empty operand")
+    y_shape = _output_shape(x_shape, kernel_shape, strides, pads)
+    if min(y_shape[1:3]) < 1:
+        return Route("XLA", "the kernel is larger than the padded input")
+    subsampled = tuple(kernel_shape[:2]) == (1, 1) and strides != (1, 1) and "unsafe-strided-1x1" not in build_options()
+    if subsampled:
+        x_shape, strides, pads = (x_shape[0], *y_shape[1:3], x_shape[3]), (1, 1), ((0, 0), (0, 0))
+    pads = tight_padding(x_shape[1:3], y_shape[1:3], kernel_shape[:2], strides, pads)
+    threads = _threads_per_call()
+    calls = {0: (x_shape, kernel_shape, y_shape), 1: (y_shape, kernel_shape, x_shape), 2: (x_shape, y_shape, kernel_shape)}
+    implementations = []
+    for mode, shapes in calls.items():
+        ok, message = plan_call(mode, *shapes, strides, pads, threads)
+        if not ok:
+            return Route("XLA", f"oneDNN refuses the {('forward', 'input gradient', 'kernel gradient')[mode]}: {message}")
+        implementations.append(message.split(",")[0])
+    return Route("oneDNN", " / ".join(implementations), subsampled, strides, pads)
+
+
+def _subsample(x: jax.Array, strides: tuple, pads: tuple, out_size: tuple) -> jax.Array:
+    """The input pixels a strided 1x1 kernel reads: zero-padded by `pads`, then every stride-th row and column
+    (N, HO, WO, C). A 1x1 convolution of it with stride 1 is the strided convolution."""
+    if any(p for pair in pads for p in pair):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    limit = (x.shape[0], (out_size[0] - 1) * strides[0] + 1, (out_size[1] - 1) * strides[1] + 1, x.shape[3])
+    return lax.slice(x, (0, 0, 0, 0), limit, (1, *strides, 1))
 
 
 def _ffi_conv(mode: int, a: jax.Array, b: jax.Array, out_shape: tuple, strides: tuple, pads: tuple) -> jax.Array:
@@ -324,4 +476,9 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-    return onednn_conv(lhs, rhs, strides, pads)
+    chosen = route(lhs.shape, rhs.shape, strides, pads)
+    if chosen.backend == "XLA":
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, precision=precision)
+    if chosen.subsampled:
+        lhs = _subsample(lhs, strides, pads, _output_shape(lhs.shape, rhs.shape, strides, pads)[1:3])
+    return onednn_conv(lhs, rhs, chosen.strides, chosen.pads)

@@ -21,6 +21,7 @@ import jax
 from jax import lax
 from jax.extend import core as jex_core
 
+from jax_advprune import backends
 from jax_advprune.kernels import onednn
 
 _NESTED_JIT = ("pjit", "jit")
@@ -90,4 +91,4 @@ with_onednn_convolutions = functools.lru_cache(maxsize=64)(with_onednn_convoluti
 
 def wanted() -> bool:
     """Route convolutions here: the default backend is the CPU and oneDNN is on (built, and not switched off)."""
-    return jax.default_backend() == "cpu" and onednn.get_backend() != "xla" and onednn.available()
+    return backends.native_convolutions() and onednn.get_backend() != "xla" and onednn.available()

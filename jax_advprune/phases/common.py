@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import ml_collections
 
+from jax_advprune import backends
 from jax_advprune.models import create_model
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Fields that change how a run reports, saves or reads, not what it computes: free to change on a rerun
 # (data.cache_dir: where a host keeps local copies of remote data files).
@@ -15,9 +13,10 @@ OPERATIONAL_FIELDS = ("log_every_s", "log_every_steps", "checkpoint_every", "kee
 
 
 def build_model(config, compute_dtype: str = "float32"):
-    """The configured model; `compute_dtype` 'bfloat16' computes in bf16 with float32 parameters."""
+    """The configured model; `compute_dtype` 'bfloat16' computes in bf16 with float32 parameters, 'auto' in bf16 on
+    TPU and GPU and float32 on the CPU (`backends.compute_dtype`)."""
     kwargs = config.model.kwargs.to_dict()
-    return create_model(config.model.name, num_classes=config.data.num_classes, dtype=COMPUTE_DTYPES[compute_dtype], **kwargs)
+    return create_model(config.model.name, num_classes=config.data.num_classes, dtype=backends.compute_dtype(compute_dtype), **kwargs)
 
 
 def apply_fn(model):

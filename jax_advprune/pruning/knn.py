@@ -110,6 +110,23 @@ def knn_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chu
     ref_blocks = padded.reshape(blocks, ref_chunk, d)
     ref_sq = np.sum(ref_blocks**2, axis=-1)
     offsets = (np.arange(blocks) * ref_chunk).astype(np.int32)
+    search_fn = search_program(k=k, ref_chunk=ref_chunk, metric=metric, mesh=mesh)
+    placed = jax.device_put((ref_blocks, ref_sq, valid, offsets), parallel.replicated(mesh))
+
+    def search(queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """queries (M, D): host rows (prepared here), or rows already prepared and placed over the mesh."""
+        if not isinstance(queries, jax.Array):
+            queries = parallel.shared_batch(_prepare(queries, metric), mesh)
+        return search_fn(*placed, queries)
+
+    search.prepare = lambda queries: _prepare(queries, metric)
+    return search
+
+
+def search_program(*, k: int, ref_chunk: int, metric: str, mesh: jax.sharding.Mesh):
+    """The JAX engine's jitted (ref_blocks (NB, C, D), ref_sq (NB, C), valid (NB, C) bool, offsets (NB,) int32,
+    queries (M, D)) -> (distances (M, k), indices (M, k)): a scan over the NB blocks of C references with a running
+    top-k, the queries split over the mesh."""
 
     def shard_search(ref_blocks, ref_sq, valid, offsets, queries):
         q_sq = jnp.sum(queries**2, axis=-1, keepdims=True)
@@ -132,17 +149,7 @@ def knn_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chu
             best_d = jnp.sqrt(jnp.maximum(best_d, 0.0))
         return best_d, best_i
 
-    search_fn = jax.jit(parallel.shard_over_batch(shard_search, mesh, num_replicated=4))
-    placed = jax.device_put((ref_blocks, ref_sq, valid, offsets), parallel.replicated(mesh))
-
-    def search(queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """queries (M, D): host rows (prepared here), or rows already prepared and placed over the mesh."""
-        if not isinstance(queries, jax.Array):
-            queries = parallel.shared_batch(_prepare(queries, metric), mesh)
-        return search_fn(*placed, queries)
-
-    search.prepare = lambda queries: _prepare(queries, metric)
-    return search
+    return jax.jit(parallel.shard_over_batch(shard_search, mesh, num_replicated=4))
 
 
 def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclidean", query_chunk: int = 4096,

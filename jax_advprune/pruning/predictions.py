@@ -30,7 +30,7 @@ class Predictor:
 
     def __init__(self, features_fn: FeaturesFn, *, mesh: jax.sharding.Mesh, attack: dict | None = None):
         self.mesh = mesh
-        self._predict = _make_predict(features_fn, mesh, attack)
+        self._predict = predict_program(features_fn, mesh, attack)
 
     def place(self, variables: dict) -> dict:
         return jax.device_put(variables, parallel.replicated(self.mesh))
@@ -39,7 +39,8 @@ class Predictor:
         return self._predict(variables, key, images, labels)
 
 
-def _make_predict(features_fn: FeaturesFn, mesh, attack):
+def predict_program(features_fn: FeaturesFn, mesh, attack):
+    """The jitted (variables, key, images uint8 (B, ...), labels (B,)) -> {'probs', 'features'} of `Predictor`."""
 
     def shard_predict(variables, key, x_uint8, y):
         x = to_unit_interval(x_uint8)
