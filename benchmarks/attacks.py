@@ -236,7 +236,10 @@ def bench_model(label: str, apply_fn, variables, torch_model, x, repeats: int, p
         linf_distances = None
         for norm, fb_attack in (("l2", fb.attacks.L2DeepFoolAttack), ("linf", fb.attacks.LinfDeepFoolAttack)):
             attack = fb_attack(steps=DEEPFOOL_ITERS, candidates=num_classes, overshoot=0.02, loss="logits")
+            # The same DeepFool inside the user's own jax.jit, the weights closed over (a user's habit): the in-trace form.
+            in_user_jit = jax.jit(lambda x, y, norm=norm: deepfool(lambda z: apply_fn(variables, z), x, y, norm=norm, max_iter=DEEPFOOL_ITERS))
             stats, outputs = compare({"ours": lambda: deepfool(logits_fn, x, y, norm=norm, max_iter=DEEPFOOL_ITERS),
+                                      "ours_in_user_jit": lambda: in_user_jit(x, y),
                                       "foolbox": lambda: attack(fmodel, x_t, y_t, epsilons=None)}, repeats)
             result, (_, fb_adv, fb_success) = outputs["ours"], outputs["foolbox"]
             ours_adv, converged, n_iter = (np.asarray(a) for a in (result.x_adv, result.converged, result.n_iter))
@@ -248,6 +251,9 @@ def bench_model(label: str, apply_fn, variables, torch_model, x, repeats: int, p
             agreement[f"{label} {norm}"] = dict(samples=int(both.sum()), of=n, median_rel_diff=float(np.median(rel)), p95_rel_diff=float(np.quantile(rel, 0.95)))
             df_flops = float(np.sum(n_iter + 1)) * (fwd_flops + (num_classes - 1) * grad_flops)
             row(f"DeepFool {norm} (all classes)", stats["ours"], "foolbox", stats["foolbox"], df_flops, mean_iterations=float(n_iter.mean()))
+            in_jit = outputs["ours_in_user_jit"]
+            assert np.allclose(np.asarray(in_jit.distance), np.asarray(result.distance), rtol=1e-3, atol=1e-5), "DeepFool in a jit differs"
+            row(f"DeepFool {norm}, inside the user's jax.jit", stats["ours_in_user_jit"], "foolbox", stats["foolbox"], df_flops)
             if norm == "linf":
                 linf_distances = np.asarray(result.distance)
 
