@@ -222,6 +222,20 @@ def deepfool(
         straight-line code about twice as fast as a loop body), the while loop on
         accelerators. Inside a trace it is always the while loop.
 
+    What each form costs (2-core Xeon, AVX-512; benchmarks/attacks.py against
+    foolbox's DeepFool on the same model in the same run):
+      - called directly (outside any jit), on the CPU: the host-driven queue,
+        2.1-3.5x foolbox's speed on the project's three models; the first call
+        also compiles (a plain lax.conv CNN of 64 images: 0.27-0.37x foolbox
+        for that first call, compilation included).
+      - inside your own `jax.jit`: the while loop. On a TPU or GPU that is the
+        fast form. On the CPU a plain `lax.conv` CNN ran at 0.2-0.3x foolbox in
+        this form before its CPU shape (the user's convolutions sent to oneDNN,
+        2 slots, 2 queue steps per loop iteration); benchmarks/attacks.py now
+        times it beside the direct call ("inside the user's jax.jit" rows).
+        For the fastest CPU path, call `deepfool` outside your jit: it compiles
+        once per function object, settings and shapes and is reused.
+
     Compiled once per `logits_fn` object, settings and shapes, as `pgd` is.
 
     Returns:
