@@ -1,7 +1,7 @@
 """Before you rent a pod: compile every program of a run for a TPU topology on this CPU, and estimate what it costs.
 
     python -m jax_advprune.plan --config configs/<x>.py[:variant] --topology v5e:8x8 [--config.x=y ...]
-        [--synthetic-size 20000000] [--original-size 50000] [--test-size 10000] [--deepfool-iterations 5]
+        [--synthetic_size 20000000] [--original_size 50000] [--test_size 10000] [--deepfool_iterations 5]
         [--utilisation auto|0.4] [--bisect train|all|none] [--programs 'train step,DeepFool'] [--out plan.json]
 
 With libtpu installed (the `[plan]` extra), `jax.experimental.topologies` describes
@@ -28,7 +28,7 @@ XLA's cost analysis counts a loop body once, so every loop program is also compi
 as two cost probes, its loop run once and twice, unrolled: the difference is one
 iteration, and the cost of a call is probe(1) + (n - 1) x (probe(2) - probe(1)).
 DeepFool's while loop runs a data-dependent number of steps: its cost is the
-queue-step program's times the steps that `--deepfool-iterations` (mean DeepFool
+queue-step program's times the steps that `--deepfool_iterations` (mean DeepFool
 iterations per sample, an assumption the output states) implies. Square's queries
 are costed as one forward pass of the chunk each.
 
@@ -750,7 +750,11 @@ def main(argv=None) -> int:
     flags.DEFINE_string("out", "plan.json", "where to write the plan", flag_values=flag_values)
     flags.DEFINE_list("programs", [], "only the programs whose name contains one of these words, e.g. 'train step,DeepFool' "
                       "(default: every program of the run)", flag_values=flag_values)
-    flag_values(argv or sys.argv)
+    try:
+        flag_values(argv or sys.argv)
+    except flags.Error as error:  # a typo in a flag: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not os.environ.get("JAX_PLATFORMS"):  # this host computes on its CPU (calibration); TPUs are only compiled for
         jax.config.update("jax_platforms", "cpu")
     if flag_values.config is None or not flag_values.topology:
