@@ -47,6 +47,7 @@ compiler's reason and the largest per-chip batch that would fit. Writes plan.jso
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -201,11 +202,19 @@ def hygiene_of(hlo: str) -> dict:
     }
 
 
-def compile_program(jitted, args: tuple) -> Compiled:
-    """Lowers and compiles `jitted` on abstract `args` (ShapeDtypeStructs placed on the TPU mesh); never raises."""
+def compile_program(jitted, args: tuple, effort: float = 0.0) -> Compiled:
+    """Lowers and compiles `jitted` on abstract `args` (ShapeDtypeStructs placed on the TPU mesh); never raises.
+
+    `effort`: the compiler's execution-time optimisation effort, -1.0 to 1.0 (0: its default, what a run gets).
+    At -1 the TPU compiler takes about half the time on the small models and reports several times the temporary
+    memory: a check that a program compiles, not a memory or cost figure for the run."""
     started = time.perf_counter()
     try:
-        compiled = jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+        key = _compile_key(lowered, args, effort)
+        if key in _COMPILED:
+            return _COMPILED[key]
+        compiled = lowered.compile(compiler_options={"exec_time_optimization_effort": effort} if effort else None)
     except Exception as error:  # the compiler's refusal (out of memory, unsupported op) is a result, not a crash
         text = " ".join(str(error).split())
         return Compiled(False, time.perf_counter() - started, error=f"{type(error).__name__}: {text[:400]}")
@@ -214,9 +223,23 @@ def compile_program(jitted, args: tuple) -> Compiled:
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     hlo = compiled.as_text()
-    return Compiled(True, seconds, argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-                    temp_bytes=int(memory.temp_size_in_bytes), flops=float(cost.get("flops", 0.0)),
-                    bytes_accessed=float(cost.get("bytes accessed", 0.0)), collectives=collectives_of(hlo), hygiene=hygiene_of(hlo))
+    _COMPILED[key] = Compiled(True, seconds, argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+                              temp_bytes=int(memory.temp_size_in_bytes), flops=float(cost.get("flops", 0.0)),
+                              bytes_accessed=float(cost.get("bytes accessed", 0.0)), collectives=collectives_of(hlo), hygiene=hygiene_of(hlo))
+    return _COMPILED[key]
+
+
+_COMPILED: dict[tuple, Compiled] = {}  # compile_program's results in this process, by _compile_key
+
+
+def _compile_key(lowered, args: tuple, effort: float) -> tuple:
+    """What decides a compile's result: the lowered module's text, the devices its arguments are placed on (id, kind
+    and host of each, in mesh order) and the effort. A program compiled twice in one process (a cost probe of a
+    program without a loop is the program itself; configs share their evaluation programs) is compiled once."""
+    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(args) if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
+    placement = tuple(sorted((m.axis_names, m.devices.shape, tuple((d.id, d.device_kind, d.process_index) for d in m.devices.flat))
+                             for m in meshes))
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest(), placement, effort
 
 
 def gpu_lowering(jitted, args: tuple) -> str:
@@ -462,13 +485,13 @@ class ProgramReport:
     notes: str = ""
 
 
-def _probe_costs(program: Program, batch: int) -> tuple[float, float, dict]:
+def _probe_costs(program: Program, batch: int, effort: float = 0.0) -> tuple[float, float, dict]:
     """(FLOPs, bytes, collectives) of one call of `program` per chip, from cost probes where it loops."""
     if not program.loop_count:
         jitted, args = program.build(batch)
-        c = compile_program(jitted, args)
+        c = compile_program(jitted, args, effort)
         return c.flops, c.bytes_accessed, c.collectives
-    one, two = (compile_program(*program.build(batch, loop=n)) for n in (1, 2))
+    one, two = (compile_program(*program.build(batch, loop=n), effort) for n in (1, 2))
     if not (one.ok and two.ok):
         raise PlanError(f"cost probes of {program.name} did not compile: {one.error or two.error}")
     if program.loop_count < 0:  # DeepFool: queue steps, counted by per_call_scale
@@ -492,7 +515,7 @@ def _difference(b: dict, a: dict) -> dict:
 MAX_PER_CHIP_BATCH = 2048  # the search stops here: a larger per-chip batch is not a CIFAR training setting
 
 
-def largest_fitting_batch(program: Program, chips: int, chip: Chip, known: dict[int, Compiled]) -> int | None:
+def largest_fitting_batch(program: Program, chips: int, chip: Chip, known: dict[int, Compiled], effort: float = 0.0) -> int | None:
     """The largest per-chip batch up to MAX_PER_CHIP_BATCH (or below a batch known not to fit) whose program compiles
     and fits the chip's HBM, within about 6%; None when even 1 does not. Memory is close to linear in the batch, so
     two batches that fit give a line and the line a candidate; the candidate and 6% above it are compiled, and
@@ -501,7 +524,7 @@ def largest_fitting_batch(program: Program, chips: int, chip: Chip, known: dict[
 
     def fits(per_chip: int) -> bool:
         if per_chip not in known:
-            known[per_chip] = compile_program(*program.build(per_chip * chips))
+            known[per_chip] = compile_program(*program.build(per_chip * chips), effort)
         c = known[per_chip]
         return c.ok and c.hbm_bytes <= chip.hbm_bytes
 
@@ -541,19 +564,20 @@ def largest_fitting_batch(program: Program, chips: int, chip: Chip, known: dict[
     return low
 
 
-def report_program(program: Program, mesh: Mesh, chip: Chip, bisect: bool, costs: bool = True) -> ProgramReport:
-    """Compiles `program` at its batch (and, with `bisect`, at others), and with `costs` its cost probes."""
+def report_program(program: Program, mesh: Mesh, chip: Chip, bisect: bool, costs: bool = True, effort: float = 0.0) -> ProgramReport:
+    """Compiles `program` at its batch (and, with `bisect`, at others), and with `costs` its cost probes, at the
+    compiler's `effort` (see `compile_program`)."""
     chips = mesh.size
     per_chip = max(1, program.batch // chips)
     jitted, args = program.build(program.batch)
-    main = compile_program(jitted, args)
+    main = compile_program(jitted, args, effort)
     gpu = gpu_lowering(jitted, args)
     known = {per_chip: main}
     fits = main.ok and main.hbm_bytes <= chip.hbm_bytes
-    largest = largest_fitting_batch(program, chips, chip, known) if bisect or not fits else None
+    largest = largest_fitting_batch(program, chips, chip, known, effort) if bisect or not fits else None
     images = program.images_per_call or program.batch
     if main.ok and costs:
-        flops, accessed, collectives = _probe_costs(program, program.batch)
+        flops, accessed, collectives = _probe_costs(program, program.batch, effort)
     else:
         flops, accessed, collectives = 0.0, 0.0, {}
     roofline = max(flops / chip.bf16_flops, accessed / chip.hbm_bandwidth)
@@ -643,10 +667,13 @@ def calibrate_utilisation(config, per_device_batch: int = 2, steps: int = 3) -> 
 
 
 def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float, utilisation: float | str, bisect: str,
-              costs: bool = True, only: tuple[str, ...] = (), report: Callable[[str], None] = print) -> dict:
+              costs: bool = True, only: tuple[str, ...] = (), effort: float = 0.0, report: Callable[[str], None] = print) -> dict:
     """The plan of `config` on `topology` (see the module docstring) as a JSON-able dict; without `costs` the cost
     probes are not compiled (FLOPs, bytes and hours are then 0). `only`: keep the programs whose name contains one of
-    these words (case-insensitive; the hours then cover those programs only, and the plan says so)."""
+    these words (case-insensitive; the hours then cover those programs only, and the plan says so). `effort`: the
+    compiler's optimisation effort (see `compile_program`; other than 0 the figures are not the run's)."""
+    if not -1.0 <= effort <= 1.0:
+        raise PlanError(f"the compile effort must lie in [-1, 1], got {effort}")
     mesh, chip, hosts = topology_mesh(topology)
     problems = validate.config_problems(config, available_devices=mesh.size, process_count=hosts, platform="tpu")
     if problems:
@@ -666,7 +693,8 @@ def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float,
             programs = kept
         for program in programs:
             report(f"compiling {program.name} for {topology} (global batch {program.batch}) ...")
-            reports.append(report_program(program, mesh, chip, bisect == "all" or (bisect == "train" and program.name == "train step"), costs))
+            reports.append(report_program(program, mesh, chip, bisect == "all" or (bisect == "train" and program.name == "train step"), costs,
+                                          effort))
     phases: dict[str, dict] = {}
     for r in reports:
         for phase, hours in r.hours_roofline.items():
@@ -678,6 +706,7 @@ def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float,
     return {
         "topology": topology, "chips": mesh.size, "hosts": hosts, "chip": dataclasses.asdict(chip), "sizes": sizes,
         "deepfool_iterations": deepfool_iterations, "utilisation": utilisation, "calibration": calibration, "only": list(only),
+        "compile_effort": effort,
         "config": {"model": config.model.name, "loss": config.train.loss, "batch": config.train.batch_size, "epochs": config.train.epochs,
                    "compute_dtype": str(np.dtype(backends.COMPUTE_DTYPES.get(config.train.compute_dtype, jnp.bfloat16)))
                    if config.train.compute_dtype != "auto" else "bfloat16 (auto)", "strategy": config.pruning.strategy, "score": config.scoring.score},
@@ -688,7 +717,8 @@ def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float,
                   "chip_hours_at_utilisation": sum(p["chip_hours_at_utilisation"] for p in phases.values())},
         "estimate": "compiled by the TPU compiler on a CPU host; times from published peaks (roofline) and "
                     + ("a utilisation calibrated on this CPU" if calibration else f"a utilisation of {utilisation:g} given on the command line")
-                    + "; not measured on a TPU",
+                    + "; not measured on a TPU"
+                    + ("" if not effort else f"; compiled at optimisation effort {effort:g}, not the run's: memory and costs are not the run's"),
     }
 
 
@@ -755,6 +785,9 @@ def main(argv=None) -> int:
     flags.DEFINE_string("out", "plan.json", "where to write the plan", flag_values=flag_values)
     flags.DEFINE_list("programs", [], "only the programs whose name contains one of these words, e.g. 'train step,DeepFool' "
                       "(default: every program of the run)", flag_values=flag_values)
+    flags.DEFINE_float("compile_effort", 0.0, "the TPU compiler's optimisation effort, -1 to 1 (0: what the run gets; -1 compiles "
+                       "about twice as fast, to check that every program compiles, but its memory and cost figures are not the run's)",
+                       flag_values=flag_values)
     try:
         flag_values(argv or sys.argv)
     except flags.Error as error:  # a typo in a flag: one line, no traceback
@@ -773,7 +806,8 @@ def main(argv=None) -> int:
     utilisation: float | str = flag_values.utilisation if flag_values.utilisation == "auto" else float(flag_values.utilisation)
     try:
         plan = make_plan(config, flag_values.topology, sizes=sizes, deepfool_iterations=flag_values.deepfool_iterations,
-                         utilisation=utilisation, bisect=flag_values.bisect, only=tuple(flag_values.programs), report=_report)
+                         utilisation=utilisation, bisect=flag_values.bisect, only=tuple(flag_values.programs),
+                         effort=flag_values.compile_effort, report=_report)
     except PlanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
