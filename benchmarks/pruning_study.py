@@ -129,6 +129,7 @@ class Study:
 
     def score_seconds(self, seed: int, score: str) -> float:
         """Computes (once) the score phase of `score` at `seed` -> its measured seconds."""
+        from jax_advprune import run_dir
         from jax_advprune.data.splits import load_data
         from jax_advprune.phases import score as score_phase
 
@@ -139,7 +140,7 @@ class Study:
             os.makedirs(source)
             config = study_config("keep_top" if score != "margin" else "puma", score, SCORES[score], 0.5, seed, self.args.epochs, False)
             begin = time.perf_counter()
-            score_phase.run(config, source, load_data(config, source), self.mesh)
+            score_phase.run(config, source, load_data(config, run_dir.data_dir(source)), self.mesh)
             with open(timing, "w") as f:
                 json.dump({"seconds": time.perf_counter() - begin}, f)
         return json.load(open(timing))["seconds"]
@@ -174,6 +175,7 @@ class Study:
     def warm_up(self) -> None:
         """Compiles, unmeasured, what every measured run uses (train step, validation, scoring passes, DeepFool), so
         that no run pays the process's first compilations: a 1-epoch full-pool run and each score at 2 epochs."""
+        from jax_advprune import run_dir
         from jax_advprune.data.splits import load_data
         from jax_advprune.main import run
         from jax_advprune.phases import score as score_phase
@@ -183,7 +185,7 @@ class Study:
         run(study_config("random", None, {}, 1.0, 0, 1.0, False), os.path.join(workdir, "full_pool"))
         for score, scoring in SCORES.items():
             config = study_config("keep_top", score, scoring, 0.5, 0, 2.0, False)
-            score_phase.run(config, os.path.join(workdir, score), load_data(config, os.path.join(workdir, score)), self.mesh)
+            score_phase.run(config, os.path.join(workdir, score), load_data(config, run_dir.data_dir(os.path.join(workdir, score))), self.mesh)
         shutil.rmtree(workdir)
 
     def seed(self, seed: int) -> None:

@@ -34,12 +34,7 @@ near chance, Spearman of the extrapolation reported in scores/meta.json):
     python -m jax_advprune.main --config configs/cifar10_extrapolation.py:smoke --workdir runs/extra_smoke
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jax_advprune_trades_config", os.path.join(os.path.dirname(__file__), "cifar10_trades.py"))
-_trades = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_trades)
+from configs import cifar10_trades as _trades
 
 
 def get_config(arg: str | None = None):

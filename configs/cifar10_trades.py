@@ -20,12 +20,19 @@ configs/cifar10_puma.py and cifar10_extrapolation.py build on this.
 
 Expected result (reported by the reference, 20M generated images, 400 epochs,
 AutoAttack on the 10k test images): 92.44% clean, 67.31% robust. Our evaluator is
-APGD-CE + APGD-T (9 targets), the two strongest parts of AutoAttack.
-Differences from the reference we know of: the warm-up is linear (theirs is
-OneCycleLR's cosine warm-up), and FAB-T and Square are not run.
+the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square 5,000
+queries), run on the samples each earlier component left robust.
+Differences from the reference we know of (DM-Improves-AT at bbdeb4f): it steps
+OneCycleLR once per epoch, with a cosine warm-up from lr/25 and its momentum
+cycled 0.95 -> 0.85 -> 0.95; ours warms up linearly per step with a fixed momentum
+of 0.9. It starts the EMA after 980 steps (ours at step 0, with the dynamic decay),
+sets the BatchNorm momentum to 1.0 on the first step, and selects the model by
+PGD-40 on the CW loss (ours: on cross-entropy).
 
-Expected wall time: not measured by this project (it needs accelerators; the
-reference trains 400 epochs of WRN-28-10 on several GPUs for days).
+Expected wall time: not measured by this project (it needs accelerators). Estimate
+it before renting them: `python -m jax_advprune.plan --config configs/cifar10_trades.py
+--topology v5e:2x4` compiles the step for that TPU topology on a CPU host and gives
+the hours at roofline and at a stated utilisation.
 
 Smoke variant (runs offline on a 2-core CPU in about a minute: a WRN-10-1 on a
 generated 32x32x3 data set; it checks that the recipe runs, its accuracies are
@@ -34,12 +41,7 @@ near chance):
     python -m jax_advprune.main --config configs/cifar10_trades.py:smoke --workdir runs/c10_smoke
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jax_advprune_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from configs import default as _default
 
 EPOCH_STEPS = -(-50_000 // 512)  # 98
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import grain
@@ -81,11 +80,6 @@ def barrier_prefix(directory: str) -> str:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStruct tree of `tree`, for restoring without allocating twice."""
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def final_checkpoint_dir(workdir: str) -> str:
-    """Checkpoints of the train phase (the final model; scoring models have their own)."""
-    return os.path.join(workdir, "checkpoints")
 
 
 def best_checkpoint_dir(ckpt_dir: str) -> str:

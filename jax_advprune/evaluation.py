@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -10,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from jax_advprune import parallel, preemption, storage, workdir
+from jax_advprune import parallel
+from jax_advprune.resume_log import ResumeLog
 from jax_advprune.attacks import autoattack, pgd
 from jax_advprune.attacks.common import to_unit_interval
 
@@ -62,18 +62,6 @@ def pgd_program(apply_fn: ApplyFn, *, eps: float, step_size: float, steps: int, 
     return jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))
 
 
-def finished_passes(resume_dir: str | None) -> list[dict]:
-    """The AutoAttack passes saved in resume_dir (pass_000.npz, pass_001.npz, ... while consecutive), decided
-    once for every process."""
-    if resume_dir is None:
-        return []
-    names = parallel.saved_names(resume_dir, "pass_")
-    done = []
-    while f"pass_{len(done):03d}.npz" in names:
-        done.append(storage.load_npz(os.path.join(resume_dir, f"pass_{len(done):03d}.npz")))
-    return done
-
-
 def autoattack_evaluator(
     apply_fn: ApplyFn,
     *,
@@ -104,18 +92,17 @@ def autoattack_evaluator(
 
     def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0, resume_dir: str | None = None) -> dict[str, float]:
         logits_fn = Partial(apply_fn, jax.device_put(variables, parallel.replicated(mesh)))  # placed once, not per batch
+        passes = ResumeLog(resume_dir, "pass_", 3) if resume_dir else None  # opened once: every process reuses the same passes
 
         def on_pass(k: int, hits: dict) -> None:
-            if resume_dir is None:
-                return
-            workdir.save_npz(os.path.join(resume_dir, f"pass_{k:03d}.npz"), **hits)
-            if preemption.stop_requested():
-                raise preemption.Preempted(f"preempted (SIGTERM): {k + 1} AutoAttack passes saved in {resume_dir}; "
-                                           "rerun the same command to resume from there")
+            if passes is not None:
+                passes.save(k, **hits)
+                passes.stop_if_preempted(f"{k + 1} AutoAttack passes")
 
+        done = [passes.load(k) for k in range(passes.consecutive())] if passes is not None else []
         result = autoattack(logits_fn, images, labels, jax.random.PRNGKey(seed), eps=eps, norm=norm, version=aa_version,
                             apgd_steps=apgd_steps, num_targets=num_targets, fab_steps=fab_steps, square_queries=square_queries,
-                            batch_size=batch_size, mesh=mesh, on_pass=on_pass, done_passes=finished_passes(resume_dir))
+                            batch_size=batch_size, mesh=mesh, on_pass=on_pass, done_passes=done)
         accuracies = {"clean_accuracy": result.clean_accuracy}
         for name, accuracy in zip(result.attacks[:-1], result.robust_accuracy[:-1]):
             accuracies[name.replace("-", "_") + "_accuracy"] = accuracy

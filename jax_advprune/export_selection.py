@@ -24,7 +24,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from jax_advprune import storage
+from jax_advprune import run_dir, storage
 
 CHUNK_ROWS = 8_192  # rows read and written at a time: memory per chunk, not per selection
 
@@ -33,25 +33,24 @@ def _pool(workdir: str):
     """(the work directory's pool, reopened from settings/select.json without writing anything, those settings)."""
     from jax_advprune.data.splits import load_data
     from jax_advprune.errors import UserError
-    from jax_advprune.workdir import read_json, settings_path
 
-    path = settings_path(workdir, "select")
-    if not storage.exists(path) or not storage.exists(os.path.join(workdir, "selection", "meta.json")):
+    path = run_dir.settings_file(workdir, "select")
+    if not storage.exists(path) or not run_dir.is_complete(workdir, "select"):
         raise UserError(f"{workdir} holds no complete selection (selection/meta.json, {path}): run the select phase first")
-    settings = read_json(path)
+    settings = storage.read_json(path)
     config = ml_collections.ConfigDict({"data": settings["data"], "seed": settings["seed"],
                                         "train": {"validation_size": settings["validation_size"]}})
-    return load_data(config, workdir).pool, settings
+    return load_data(config, run_dir.data_dir(workdir)).pool, settings
 
 
 def export(workdir: str, out_dir: str, part_size: int = 0) -> dict:
     """Streams the kept synthetic rows of `workdir`'s selection into `out_dir`; returns the map written to selection.json."""
     from jax_advprune.data.npz_format import NpzStreamWriter
-    from jax_advprune.workdir import atomic_output, write_json
+    from jax_advprune.storage import atomic_output, write_json
 
     pool, settings = _pool(workdir)
-    keep = storage.load_npy(os.path.join(workdir, "selection", "keep.npy"))
-    eps = storage.load_npy(os.path.join(workdir, "selection", "eps.npy"))
+    keep = storage.load_npy(run_dir.selection_file(workdir, "keep.npy"))
+    eps = storage.load_npy(run_dir.selection_file(workdir, "eps.npy"))
     rows = np.flatnonzero(keep & pool.is_synthetic)
     part_size = part_size or max(len(rows), 1)
     storage.makedirs(out_dir)

@@ -111,21 +111,21 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     import jax
 
     from jax_advprune import parallel, pipeline, preemption, provenance, validate
-    from jax_advprune import workdir as workdir_lib
+    from jax_advprune import run_dir, run_lock, storage
     from jax_advprune.models import layers
 
     platform, available = jax.devices()[0].platform, len(jax.devices())
     validate.check_run(config, workdir, available_devices=available, process_count=jax.process_count(), platform=platform, phases=tuple(phases))
     mesh = parallel.make_mesh(validate.mesh_size(config, available, process_count=jax.process_count(), platform=platform))
-    lock = workdir_lib.run_lock(workdir)
+    lock = run_lock.run_lock(workdir)
     locked = None
-    if workdir_lib.is_writer():
+    if storage.is_writer():
         try:
             lock.acquire()
-        except workdir_lib.WorkdirLockedError as error:
+        except run_lock.WorkdirLockedError as error:
             locked = error
-    parallel.agree_or_raise(locked, workdir_lib.WorkdirLockedError(f"process 0 could not lock {workdir}"))
-    handler = log_to_file(os.path.join(workdir, "run.log")) if workdir_lib.is_writer() else None
+    parallel.agree_or_raise(locked, run_lock.WorkdirLockedError(f"process 0 could not lock {workdir}"))
+    handler = log_to_file(run_dir.log_file(workdir)) if storage.is_writer() else None
     try:
         log.info("jax_advprune %s; devices: %d x %s %s (process %d of %d)", provenance.code_version(), mesh.size,
                  mesh.devices.flat[0].platform, mesh.devices.flat[0].device_kind, jax.process_index(), jax.process_count())

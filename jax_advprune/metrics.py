@@ -7,7 +7,7 @@ import logging
 import time
 
 from jax_advprune import storage
-from jax_advprune.workdir import atomic_output
+from jax_advprune.storage import atomic_output
 
 log = logging.getLogger("jax_advprune")
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_advprune import preemption, storage, workdir
+from jax_advprune.resume_log import ResumeLog
 
 DATA_AXIS = "data"
 
@@ -34,10 +34,13 @@ def use_cpu_devices(count: int | None = None) -> int:
     return count
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
+def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
     """A 1-D mesh named DATA_AXIS over `num_devices` devices (default: all): the first
     num_devices / process_count devices of every process, in process order, so that each
-    process holds an equal, contiguous share of every batch."""
+    process holds an equal, contiguous share of every batch. With `local`, over this
+    process's devices only (a user's call of an attack outside a run)."""
+    if local:
+        return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
     devices = jax.devices()
     if num_devices:
         processes = jax.process_count()
@@ -131,14 +134,6 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def saved_names(directory: str, prefix: str) -> set[str]:
-    """Names of the complete files starting with `prefix` in `directory` (made when missing; the '.tmp' files of
-    atomic writes left out), listed after every process has got here, so all of them decide alike what is done."""
-    storage.makedirs(directory)
-    sync(f"listing {directory}")
-    return {name for name in storage.listdir(directory) if name.startswith(prefix) and ".tmp" not in name}
-
-
 def shard_over_batch(fn: Callable, mesh: Mesh, num_replicated: int) -> Callable:
     """shard_map of fn(*replicated_args, *batched_args) -> outputs with a leading batch axis.
 
@@ -162,14 +157,24 @@ def shard_key(key: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
 
 
-def padded_chunks(n: int, chunk_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (rows (chunk_size,), valid (chunk_size,) bool) covering range(n) in order.
+def remainder_size(count: int, chunk_size: int) -> int:
+    """Rows a last chunk of `count` <= chunk_size rows is padded to with `padded_chunks(..., shrink_last=True)`:
+    chunk_size when full, else the next multiple of max(8, chunk_size // 8), so that a program compiles for at most
+    8 shapes while a few rows cost little."""
+    step = max(8, chunk_size // 8)
+    return min(chunk_size, -(-count // step) * step)
 
-    The last chunk is padded with row 0 and valid=False, so every chunk has one shape
-    (one compiled program serves any n).
+
+def padded_chunks(n: int, chunk_size: int, shrink_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (rows (size,), valid (size,) bool) covering range(n) in order, size = chunk_size.
+
+    The last chunk is padded with row 0 and valid=False: to chunk_size, so every chunk has one shape (one
+    compiled program serves any n), or with `shrink_last` only to `remainder_size` (AutoAttack's later passes
+    run on few survivors).
     """
     for start in range(0, n, chunk_size):
-        rows = np.arange(start, start + chunk_size)
+        size = remainder_size(min(chunk_size, n - start), chunk_size) if shrink_last else chunk_size
+        rows = np.arange(start, start + size)
         valid = rows < n
         yield np.where(valid, rows, 0), valid
 
@@ -199,25 +204,23 @@ def map_rows(
     """
     check_divisible(chunk_size, mesh, "chunk size")
     out = dict(out or {})
-    finished = saved_names(resume_dir, "chunk_") if resume_dir else set()  # decided once: every process skips the same chunks
+    log = ResumeLog(resume_dir, "chunk_", 6) if resume_dir else None  # opened once: every process skips the same chunks
     for index, (rows, valid) in enumerate(padded_chunks(n, chunk_size)):
-        path = os.path.join(resume_dir, f"chunk_{index:06d}.npz") if resume_dir else None
-        if path and os.path.basename(path) in finished:
-            done = storage.load_npz(path)
+        if log is not None and log.has(index):
+            done = log.load(index)
         else:
             result = compute(index, *shared_batch(read(rows), mesh))
             done = {name: np.asarray(to_host(value) if isinstance(value, jax.Array) else value)[valid] for name, value in result.items()}
-            if path:
-                workdir.save_npz(path, **done)
+            if log is not None:
+                log.save(index, **done)
         for name, value in done.items():
             if name not in out:
                 out[name] = np.zeros((n,) + value.shape[1:], value.dtype)
             out[name][rows[valid]] = value
         if on_chunk is not None:
             on_chunk(index, done)
-        if resume_dir and preemption.stop_requested():
-            raise preemption.Preempted(f"preempted (SIGTERM): {index + 1} chunks of {chunk_size} rows saved in {resume_dir}; "
-                                       "rerun the same command to resume from there")
+        if log is not None:
+            log.stop_if_preempted(f"{index + 1} chunks of {chunk_size} rows")
     return out
 
 

@@ -12,7 +12,7 @@ import logging
 import time
 
 from jax_advprune import parallel, preemption
-from jax_advprune import workdir as workdir_lib
+from jax_advprune import run_dir
 from jax_advprune.data.splits import input_files, load_data
 from jax_advprune.phases import evaluate, score, select, train, weights
 
@@ -23,9 +23,9 @@ PHASES = ("score", "select", "train", "evaluate")
 
 def run(config, workdir: str, mesh, phases: tuple[str, ...] = PHASES) -> None:
     """Runs the `phases` (an ordered subset of PHASES) whose outputs are missing; `validate.check_run` must have passed."""
-    data = load_data(config, workdir)
+    data = load_data(config, run_dir.data_dir(workdir))
     files = list(dict.fromkeys(data.files + input_files(config)))  # data and checkpoint files
-    workdir_lib.record_inputs(workdir, workdir_lib.check_inputs(workdir, files))
+    run_dir.record_inputs(workdir, run_dir.check_inputs(workdir, files))
     given = {key: weights.load_variables(config[key].init_from, config, data.pool.image_shape)
              for key in ("scoring", "train", "eval") if config[key].init_from}
 
@@ -34,10 +34,10 @@ def run(config, workdir: str, mesh, phases: tuple[str, ...] = PHASES) -> None:
         try:
             result = phase.run(config, workdir, *args)
         except preemption.Preempted:
-            workdir_lib.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)  # the work it saved
+            run_dir.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)  # the work it saved
             raise
         parallel.sync(f"{phase.NAME} written")
-        workdir_lib.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)
+        run_dir.add_phase_seconds(workdir, phase.NAME, time.perf_counter() - start)
         return result
 
     if "score" in phases:

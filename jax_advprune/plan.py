@@ -726,13 +726,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def format_plan(plan: dict) -> str:
-    """The plan as Markdown tables: one row per program, then the hours per phase."""
-    chip = plan["chip"]
-    lines = [f"## {plan['config']['model']} {plan['config']['loss']} on {plan['topology']}: {plan['chips']} x {chip['name']} "
-             f"({plan['hosts']} hosts), {_gib(chip['hbm_bytes'])} HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
-             f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']})", "",
-             "| program | global batch (per chip) | compiled | compile s | HBM per chip | largest per-chip batch that fits | GFLOP / image | MB / image "
+def program_table(plan: dict) -> list[str]:
+    """The plan's programs as a Markdown table, one row each (README and docs tables come from here too)."""
+    lines = ["| program | global batch (per chip) | compiled | compile s | HBM per chip | largest per-chip batch that fits | GFLOP / image | MB / image "
              "| collectives per call | roofline ms per call | bound | CUDA lowering |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in plan["programs"]:
@@ -743,12 +739,27 @@ def format_plan(plan: dict) -> str:
                      f"| {_gib(p['hbm_bytes'])} of {_gib(p['hbm_capacity'])}{'' if p['fits'] else ' (does not fit)'} | {largest} "
                      f"| {p['flops_per_image'] / 1e9:.2f} | {p['bytes_per_image'] / 1e6:.2f} | {collectives} | {p['roofline_seconds_per_call'] * 1e3:.2f} "
                      f"| {p['bound']} | {p['gpu_lowering'][:120]} |")
+    return lines
+
+
+def phase_table(plan: dict) -> list[str]:
+    """The plan's hours per phase, at roofline and at its utilisation, as a Markdown table."""
     u = plan["utilisation"]
-    lines += ["", f"| phase | hours at roofline | hours at utilisation {u:.2f} | chip-hours at utilisation {u:.2f} |", "| --- | --- | --- | --- |"]
+    lines = [f"| phase | hours at roofline | hours at utilisation {u:.2f} | chip-hours at utilisation {u:.2f} |", "| --- | --- | --- | --- |"]
     for phase, entry in plan["phases"].items():
         lines.append(f"| {phase} | {entry['hours_roofline']:.2f} | {entry['hours_at_utilisation']:.1f} | {entry['chip_hours_at_utilisation']:.0f} |")
     total = plan["total"]
     lines.append(f"| total | {total['hours_roofline']:.2f} | {total['hours_at_utilisation']:.1f} | {total['chip_hours_at_utilisation']:.0f} |")
+    return lines
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as Markdown: the chip, one row per program, the hours per phase, then notes."""
+    chip = plan["chip"]
+    u = plan["utilisation"]
+    lines = [f"## {plan['config']['model']} {plan['config']['loss']} on {plan['topology']}: {plan['chips']} x {chip['name']} "
+             f"({plan['hosts']} hosts), {_gib(chip['hbm_bytes'])} HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+             f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']})", ""] + program_table(plan) + [""] + phase_table(plan)
     notes = [f"- {p['name']}: {p['notes']}" for p in plan["programs"] if p["notes"]]
     bad = [f"- {p['name']}: {k} {v}" for p in plan["programs"] for k, v in p["hygiene"].items() if k != "custom_call_targets" and v]
     if plan["calibration"]:

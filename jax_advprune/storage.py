@@ -5,7 +5,9 @@ The functions take a path or a URL and do the same thing on both: `exists`,
 locally a temporary name beside the file, then a rename; in an object store a
 local scratch file, then one upload (an object appears whole or not at all).
 An object store has no directories and no appends: `makedirs` does nothing
-there and `TextAppender` rewrites the object.
+there and `TextAppender` rewrites the object. In a multi-host run only process 0
+writes (`is_writer`: `write_json`, `write_text`, `save_npy`, `save_npz`); every
+process computes.
 
 Remote filesystems come from fsspec (gcsfs for gs://, the `[gcs]` extra), one
 per protocol and process, without a listings cache: another process (or orbax,
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -238,3 +241,58 @@ def local_copy(path: str, cache_dir: str, log=None) -> str:
             seconds = time.perf_counter() - start
             log.info("copied %s (%.1f MB) to %s in %.1f s (%.0f MB/s)", path, remote_bytes / 1e6, local, seconds, remote_bytes / 1e6 / max(seconds, 1e-9))
     return local
+
+
+# --------------------------------------------------------------------------- what process 0 writes
+
+
+def is_writer() -> bool:
+    """Process 0 writes logs, metrics and files; every process computes."""
+    import jax  # here, so that data readers (grain workers) import this module without jax
+
+    return jax.process_index() == 0
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def to_json_types(obj):
+    """`obj` with numpy scalars and arrays turned into plain JSON types (what reading the JSON back gives)."""
+    return json.loads(json.dumps(obj, default=_jsonable))
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically; only process 0 writes."""
+    if is_writer():
+        with atomic_output(path) as tmp, open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically; only process 0 writes."""
+    if is_writer():
+        with atomic_output(path) as tmp, open(tmp, "w") as f:
+            f.write(text)
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """Saves an .npy atomically; only process 0 writes."""
+    if is_writer():
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """Saves an uncompressed .npz atomically; only process 0 writes."""
+    if is_writer():
+        with atomic_output(path, ".npz") as tmp:
+            np.savez(tmp, **arrays)
+
+
+def read_json(path: str):
+    return json.loads(read_text(path))

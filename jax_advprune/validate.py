@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 
-from jax_advprune import backends, storage, workdir as workdir_lib
+from jax_advprune import backends, run_dir, storage
 from jax_advprune.attacks.common import NORMS
 from jax_advprune.data import splits
 from jax_advprune.errors import UserError
@@ -274,11 +274,11 @@ def workdir_problems(config, workdir: str) -> list[str]:
         if phase is score and not score.needed(config):
             continue
         try:
-            workdir_lib.check_settings(workdir, phase.NAME, phase.settings(config), phase.has_outputs(workdir))
+            run_dir.check_settings(workdir, phase.NAME, phase.settings(config), run_dir.has_outputs(workdir, phase.NAME))
         except UserError as error:
             found.append(str(error))
     try:
-        workdir_lib.check_inputs(workdir, [f for f in splits.input_files(config) if storage.isfile(f)])
+        run_dir.check_inputs(workdir, [f for f in splits.input_files(config) if storage.isfile(f)])
     except UserError as error:
         found.append(str(error))
     return found
@@ -293,12 +293,12 @@ def phase_problems(config, workdir: str, phases: tuple[str, ...]) -> list[str]:
     found = []
     missing = lambda phase, path: found.append(f"--phases={','.join(phases)}: {phase} needs {path} (run the phase before it first)")  # noqa: E731
     if "select" in phases and "score" not in phases and score.needed(config):
-        if not storage.exists(os.path.join(workdir, "scores", "meta.json")) and not storage.exists(os.path.join(workdir, "scores", f"{config.scoring.score}.npy")):
-            missing("select", os.path.join(workdir, "scores"))
-    if "train" in phases and "select" not in phases and not storage.exists(os.path.join(workdir, "selection", "meta.json")):
-        missing("train", os.path.join(workdir, "selection"))
-    if "evaluate" in phases and "train" not in phases and not config.eval.init_from and not train.has_outputs(workdir):
-        missing("evaluate", os.path.join(workdir, "checkpoints") + " or eval.init_from")
+        if not run_dir.is_complete(workdir, "score"):
+            missing("select", run_dir.scores_dir(workdir))
+    if "train" in phases and "select" not in phases and not run_dir.is_complete(workdir, "select"):
+        missing("train", run_dir.selection_dir(workdir))
+    if "evaluate" in phases and "train" not in phases and not config.eval.init_from and not run_dir.is_complete(workdir, "train"):
+        missing("evaluate", run_dir.final_checkpoint_dir(workdir) + " or eval.init_from")
     return found
 
 

@@ -225,11 +225,7 @@ def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
 
 
 EMBEDDING_CONFIG = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("default_config", {default!r})
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from configs import default as _default  # a config of one's own builds on the shipped ones
 
 
 def get_config():
@@ -252,7 +248,7 @@ def test_reference_history_protocol_scores_the_subset_alone_once_per_pass_in_ano
     a record after each, early stopping); the originals are not scored (scope 'synthetic'); the kNN runs in the
     penultimate features of other weights (embedding_from, another model), not the scoring model's."""
     config = tmp_path / "embedding.py"
-    config.write_text(EMBEDDING_CONFIG.format(default=os.path.join(REPO, "configs/default.py"), embedding=str(smoke_run[0])))
+    config.write_text(EMBEDDING_CONFIG.format(embedding=str(smoke_run[0])))
     proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", str(config), "--workdir", str(tmp_path / "run"),
                            "--phases=score,select"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_npz
 from jax_advprune import storage
 from jax_advprune.data import remote
-from jax_advprune import workdir as workdir_lib
+from jax_advprune import run_dir, run_lock
 from jax_advprune.data.sources import open_pool
 
 
@@ -73,7 +73,7 @@ def test_storage_functions_do_in_a_bucket_what_they_do_on_disk(gcs_bucket, tmp_p
     (tmp_path / "big").write_bytes(data)
     remote_big = f"{gcs_bucket}/{tmp_path.name}/big"
     storage.filesystem(remote_big).pipe_file(remote_big, data)
-    assert workdir_lib.fingerprint(remote_big) == workdir_lib.fingerprint(str(tmp_path / "big"))
+    assert run_dir.fingerprint(remote_big) == run_dir.fingerprint(str(tmp_path / "big"))
     with caplog.at_level("INFO", logger="jax_advprune"):
         copies = [storage.local_copy(remote_big, str(tmp_path / "cache"), logging.getLogger("jax_advprune")) for _ in range(2)]
     assert copies[0] == copies[1] and open(copies[0], "rb").read() == data
@@ -84,15 +84,15 @@ def test_storage_functions_do_in_a_bucket_what_they_do_on_disk(gcs_bucket, tmp_p
 def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or_silent_one(gcs_bucket, tmp_path, caplog):
     workdir = f"{gcs_bucket}/{tmp_path.name}"
     lock_path = f"{workdir}/lock"
-    holder = workdir_lib.run_lock(workdir)
-    assert isinstance(holder, workdir_lib.ObjectRunLock)
+    holder = run_lock.run_lock(workdir)
+    assert isinstance(holder, run_lock.ObjectRunLock)
     holder.acquire()
-    with pytest.raises(workdir_lib.WorkdirLockedError, match=f"process {os.getpid()} on host {socket.gethostname()}.*still running"):
-        workdir_lib.run_lock(workdir).acquire()
+    with pytest.raises(run_lock.WorkdirLockedError, match=f"process {os.getpid()} on host {socket.gethostname()}.*still running"):
+        run_lock.run_lock(workdir).acquire()
     # Two runs that both read "no lock" before either wrote: the create precondition refuses the later one.
-    racing = workdir_lib.ObjectRunLock(workdir)
+    racing = run_lock.ObjectRunLock(workdir)
     racing._holder = lambda: {}
-    with pytest.raises(workdir_lib.WorkdirLockedError, match="just created by another run"):
+    with pytest.raises(run_lock.WorkdirLockedError, match="just created by another run"):
         racing.acquire()
     holder.release()
     assert not storage.exists(lock_path)
@@ -100,16 +100,16 @@ def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or
     fs = storage.filesystem(lock_path)
     fs.pipe_file(lock_path, json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": "x", "heartbeat": time.time()}).encode())
     with caplog.at_level("INFO", logger="jax_advprune"):  # a killed holder on this host: taken over at once
-        with workdir_lib.run_lock(workdir):
+        with run_lock.run_lock(workdir):
             assert json.loads(storage.read_text(lock_path))["pid"] == os.getpid()
     assert f"left by process {2**22 + 7}" in caplog.text
 
     other = {"host": "other-host", "pid": 1, "started": "x"}
     fs.pipe_file(lock_path, json.dumps({**other, "heartbeat": time.time() - 30}).encode())
-    with pytest.raises(workdir_lib.WorkdirLockedError, match="process 1 on host other-host.*last heartbeat 30 s ago"):
-        workdir_lib.run_lock(workdir).acquire()
+    with pytest.raises(run_lock.WorkdirLockedError, match="process 1 on host other-host.*last heartbeat 30 s ago"):
+        run_lock.run_lock(workdir).acquire()
     fs.pipe_file(lock_path, json.dumps({**other, "heartbeat": time.time() - 601}).encode())  # silent for longer than 600 s
-    beating = workdir_lib.ObjectRunLock(workdir, heartbeat_s=0.2)
+    beating = run_lock.ObjectRunLock(workdir, heartbeat_s=0.2)
     beating.acquire()
     first = json.loads(storage.read_text(lock_path))["heartbeat"]
     time.sleep(1.0)

@@ -27,10 +27,7 @@ def load_config(name: str, small_model: bool = True):
     """configs/<name> ('file.py:variant'); with `small_model` its model is a small CNN (8/16/32 channels): the TPU
     compiler takes about 80 s per program for the smoke variants' WRN-10-1 on 2 cores, a few seconds for this."""
     path, _, variant = name.partition(":")
-    spec = importlib.util.spec_from_file_location("plan_test_config", os.path.join(REPO, "configs", path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant or None)
+    config = importlib.import_module("configs." + path.removesuffix(".py")).get_config(variant or None)
     if small_model:
         config.model.name = "small_cnn"
         config.model.kwargs = {"widths": (8, 16, 32)}

@@ -196,7 +196,7 @@ def test_a_work_directory_that_is_a_file_is_refused(tmp_path):
 
 def test_a_replaced_pool_file_is_refused_naming_it(tmp_path):
     """Settings record a fingerprint of every input; a file replaced at the same path stops the rerun."""
-    from jax_advprune import workdir as workdir_lib
+    from jax_advprune import run_dir
 
     paths = [str(tmp_path / name) for name in ("orig.npz", "test.npz", "syn.npz")]
     for i, path in enumerate(paths):
@@ -205,7 +205,7 @@ def test_a_replaced_pool_file_is_refused_naming_it(tmp_path):
     config.data.synthetic = (paths[2],)
     workdir = tmp_path / "run"
     check_run(config, str(workdir), available_devices=4)
-    workdir_lib.record_inputs(str(workdir), workdir_lib.check_inputs(str(workdir), paths))
+    run_dir.record_inputs(str(workdir), run_dir.check_inputs(str(workdir), paths))
     check_run(config, str(workdir), available_devices=4)  # unchanged inputs pass
     make_npz(paths[2], 64, seed=9)  # same size, other images and labels
     with pytest.raises(ConfigError, match=f"input file.*changed.*\n  {paths[2]}\n"):

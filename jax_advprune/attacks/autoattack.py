@@ -10,7 +10,7 @@ Versions, in the reference package's order:
 The host keeps the robust set: before each component (and each target class of
 APGD-T and FAB-T) the samples still robust are packed into chunks of
 `batch_size`, the last one padded to a multiple of batch_size / 8
-(`remainder_size`), so each component compiles for a few shapes only and little
+(`parallel.remainder_size`), so each component compiles for a few shapes only and little
 compute is spent on samples already broken. A candidate counts only after it is
 checked on its own: misclassified, inside [0, 1] and within eps of the clean
 image (float32 rounding: + 1e-6); the first component that breaks a sample sets
@@ -81,13 +81,6 @@ def components(version: str, attacks: tuple | list | None = None) -> tuple[str, 
     if attacks:
         raise ValueError(f"autoattack attacks are only for version='custom' (version {version!r} runs {VERSIONS[version]})")
     return VERSIONS[version]
-
-
-def remainder_size(count: int, batch: int) -> int:
-    """Rows a chunk of `count` <= batch samples is padded to: batch when full, else the next multiple of
-    max(8, batch // 8), so that each component compiles for at most 8 shapes while a few survivors cost little."""
-    step = max(8, batch // 8)
-    return min(batch, -(-count // step) * step)
 
 
 def _predict(logits_fn, x, y, key):
@@ -197,16 +190,14 @@ def autoattack(
     def on_chunks(impl, rows, dynamic, static, run_key):
         """impl over images[rows] in chunks of `batch` -> its outputs for `rows`, on the host.
 
-        The last chunk is padded only up to `remainder_size`, so few survivors cost little;
+        The last chunk is padded only up to `parallel.remainder_size`, so few survivors cost little;
         dynamic(positions) gives the per-call arguments for positions into `rows`."""
         outputs = []
-        for start in range(0, len(rows), batch):
-            count = min(batch, len(rows) - start)
-            positions = np.minimum(np.arange(start, start + remainder_size(count, batch)), start + count - 1)
+        for index, (positions, valid) in enumerate(parallel.padded_chunks(len(rows), batch, shrink_last=True)):
             chunk = rows[positions]
-            out = run_attack(impl, logits_fn, images[chunk], labels[chunk], jax.random.fold_in(run_key, start // batch),
+            out = run_attack(impl, logits_fn, images[chunk], labels[chunk], jax.random.fold_in(run_key, index),
                              dynamic=dynamic(positions), static=static, mesh=mesh)
-            outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[:count], out))
+            outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[valid], out))
         return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
 
     def one_pass(index: int, name: str, target: int | None) -> tuple[np.ndarray, np.ndarray]:

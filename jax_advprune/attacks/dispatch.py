@@ -53,8 +53,7 @@ def is_traced(tree: Any) -> bool:
 @functools.lru_cache(maxsize=None)
 def local_mesh() -> Mesh | None:
     """A DATA_AXIS mesh over this process's devices when it has several, else None."""
-    devices = jax.local_devices()
-    return Mesh(np.asarray(devices), (parallel.DATA_AXIS,)) if len(devices) > 1 else None
+    return parallel.make_mesh(local=True) if len(jax.local_devices()) > 1 else None
 
 
 def resolve_mesh(mesh: Mesh | str | None) -> Mesh | None:

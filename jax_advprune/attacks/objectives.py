@@ -6,14 +6,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 AttackLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Cross-entropy of int labels (B,) under logits (B, C) -> (B,) nats."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    """Cross-entropy of int labels (B,) under logits (B, C) -> (B,) nats (optax's, one-hot form: see `losses`)."""
+    return optax.losses.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
 
 
 def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -26,11 +26,10 @@ def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def kl_to_clean(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
     """KL(clean_probs || softmax(logits)) (B,): the TRADES inner objective.
 
-    `clean_probs` (B, C) is the softmax of the clean logits, passed as the target.
+    `clean_probs` (B, C) is the softmax of the clean logits, passed as the target; a zero probability adds 0
+    (`optax.losses.kl_divergence`).
     """
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    safe = jnp.where(clean_probs > 0, clean_probs, 1.0)
-    return jnp.sum(jnp.where(clean_probs > 0, clean_probs * (jnp.log(safe) - log_probs), 0.0), axis=-1)
+    return optax.losses.kl_divergence(jax.nn.log_softmax(logits, axis=-1), clean_probs)
 
 
 ATTACK_LOSSES: dict[str, AttackLoss] = {"ce": cross_entropy, "cw_margin": cw_margin, "kl": kl_to_clean}

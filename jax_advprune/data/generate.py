@@ -26,7 +26,7 @@ import numpy as np
 
 from jax_advprune import storage
 from jax_advprune.data.npz_format import write_npz
-from jax_advprune.workdir import atomic_output
+from jax_advprune.storage import atomic_output
 
 DIGITS_CLASSES = 10
 

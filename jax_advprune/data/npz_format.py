@@ -18,7 +18,7 @@ import numpy as np
 from jax_advprune import storage
 from jax_advprune.data import remote
 from jax_advprune.errors import UserError
-from jax_advprune.workdir import atomic_output
+from jax_advprune.storage import atomic_output
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"

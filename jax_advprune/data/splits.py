@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import numpy as np
 
-from jax_advprune import parallel, storage, workdir as workdir_lib
+from jax_advprune import parallel, storage
 from jax_advprune.data.cifar import LAYOUTS, convert_cifar_tarball, detect_layout
 from jax_advprune.data.generate import digits_split, write_embedded_default
 from jax_advprune.data.make_pool import write_generated_dataset
@@ -111,28 +110,27 @@ def _original_and_test(config, paths: dict):
 def _prepared_once(what: str, prepare):
     """Runs `prepare` (which writes files once and returns their paths) on process 0, waits for it,
     then on every process, where it finds the files complete and only returns the paths."""
-    if workdir_lib.is_writer():
+    if storage.is_writer():
         prepare()
     parallel.sync(f"{what} written")
     return prepare()
 
 
-def load_data(config, workdir: str) -> Data:
+def load_data(config, data_dir: str) -> Data:
     """Opens the pool `[original training split ; config.data.synthetic parts]` and the test split.
 
     config.data.name picks the original and test splits: 'digits' writes the
-    embedded default into <workdir>/data once (its generated pool comes first
-    among the synthetic parts); 'npz' reads user files in the DM-Improves-AT
-    format; 'cifar_tarball' converts the official CIFAR-10/100 python tarball
-    into npz files once (in data.cache_dir, default <workdir>/data); 'tfds' reads
-    a prepared TFDS data set through tfds.data_source; 'generated' writes a
+    embedded default into `data_dir` once (a run's `<workdir>/data`; its generated
+    pool comes first among the synthetic parts); 'npz' reads user files in the
+    DM-Improves-AT format; 'cifar_tarball' converts the official CIFAR-10/100 python
+    tarball into npz files once (in data.cache_dir, default `data_dir`); 'tfds'
+    reads a prepared TFDS data set through tfds.data_source; 'generated' writes a
     class-pattern data set of data.generated_sizes (train, test, synthetic) into
-    <workdir>/data once (smoke runs of the paper configs, offline).
+    `data_dir` once (smoke runs of the paper configs, offline).
     """
     cfg = config.data
     cache_dir = cfg.get("cache_dir", "")  # operational, so not in recorded settings (export_selection reopens from those)
     synthetic = list(cfg.synthetic)
-    data_dir = os.path.join(workdir, "data")
     paths = {"train": cfg.original, "test": cfg.test}
     if cfg.name == "digits":
         paths = _prepared_once("embedded default", lambda: write_embedded_default(

@@ -38,7 +38,7 @@ def _first_conv(model) -> str:
 def save_state_dict(state: dict[str, np.ndarray], path: str) -> None:
     """Writes a state dict as a PyTorch file (`torch.save` of tensors; any suffix but .safetensors) or `.safetensors`,
     atomically."""
-    from jax_advprune.workdir import atomic_output
+    from jax_advprune.storage import atomic_output
 
     arrays = {k: np.array(v, order="C") for k, v in state.items()}  # writable copies (torch.from_numpy needs them)
     with atomic_output(path, os.path.splitext(path)[1]) as tmp:

@@ -13,13 +13,14 @@ import os
 import time
 
 from jax_advprune import provenance, storage
-from jax_advprune import workdir as workdir_lib
+from jax_advprune import run_dir
 from jax_advprune.checkpoint import abstract_like
 from jax_advprune.data.splits import Data
 from jax_advprune.evaluation import autoattack_evaluator, pgd_evaluator
 from jax_advprune.phases.common import apply_fn, build_model, section
 from jax_advprune.phases.weights import saved_state, saved_variables
-from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
+from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer
+from jax_advprune.run_dir import final_checkpoint_dir
 
 log = logging.getLogger("jax_advprune")
 
@@ -31,10 +32,6 @@ ATTACKS = ("pgd", "autoattack_lite", "autoattack")  # eval.attack: PGD is always
 
 def settings(config) -> dict:
     return section(config, "eval") | {"eps": config.attack.eps, "norm": config.attack.norm}
-
-
-def has_outputs(workdir: str) -> bool:
-    return storage.exists(os.path.join(workdir, "results.json"))
 
 
 def best_validation_state(workdir: str, like):
@@ -75,7 +72,7 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict, workdir:
     for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
         accuracies = {k: v for k, v in evaluate_pgd(variables, data.test_images, data.test_labels, config.seed).items() if k != "n"}
         if evaluate_aa is not None:
-            resume_dir = os.path.join(workdir, "evaluate_passes", weights) if workdir else None
+            resume_dir = run_dir.evaluate_passes_dir(workdir, weights) if workdir else None
             accuracies.update(evaluate_aa(variables, data.test_images, data.test_labels, config.seed, resume_dir=resume_dir))
         results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
         log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()))
@@ -132,15 +129,15 @@ def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = N
 def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -> None:
     """Evaluates each set of `candidates` variables ({name: variables}, from `weights_to_evaluate`); writes results.json
     and report.md, and the metrics to TensorBoard."""
-    if storage.exists(os.path.join(workdir, "results.json")):
-        log.info("[evaluate] complete, skipped (%s)", os.path.join(workdir, "results.json"))
+    if run_dir.is_complete(workdir, NAME):
+        log.info("[evaluate] complete, skipped (%s)", run_dir.results_file(workdir))
         return
-    workdir_lib.record_settings(workdir, NAME, settings(config))
+    run_dir.record_settings(workdir, NAME, settings(config))
     start = time.perf_counter()
     results = evaluate_weights(config, data, mesh, build_model(config), candidates, workdir)
-    selection_path = os.path.join(workdir, "selection", "meta.json")
-    selection = workdir_lib.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
-    timings = workdir_lib.read_json(workdir_lib.timings_path(workdir)) if storage.exists(workdir_lib.timings_path(workdir)) else {}
+    selection_path = run_dir.selection_file(workdir, "meta.json")
+    selection = storage.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
+    timings = storage.read_json(run_dir.timings_file(workdir)) if storage.exists(run_dir.timings_file(workdir)) else {}
     summary = {
         "strategy": config.pruning.strategy if selection else None,
         "keep_ratio": config.pruning.keep_ratio if selection else None,
@@ -156,19 +153,19 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
         "wall_seconds": timings | {NAME: round(time.perf_counter() - start, 3)},
         "results": results,
     }
-    workdir_lib.write_text(os.path.join(workdir, "report.md"), report(config, workdir, summary, selection))
-    workdir_lib.write_json(os.path.join(workdir, "results.json"), summary)
+    storage.write_text(run_dir.report_file(workdir), report(config, workdir, summary, selection))
+    storage.write_json(run_dir.results_file(workdir), summary)
     _to_tensorboard(config, workdir, results)
 
 
 def _to_tensorboard(config, workdir: str, results: dict) -> None:
     """The run's hyperparameters and test accuracies as a TensorBoard hparams entry (tensorboard/evaluate)."""
-    if not workdir_lib.is_writer():
+    if not storage.is_writer():
         return
     from jax_advprune.metrics import summary_writer
 
-    flat = workdir_lib.flatten(config.to_dict())
+    flat = run_dir.flatten(config.to_dict())
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
     metrics = {f"test/{weights}/{k}": v for weights, r in results.items() for k, v in r.items() if not k.endswith("_se")}
-    with summary_writer(os.path.join(workdir, "tensorboard", NAME)) as writer:
+    with summary_writer(run_dir.tensorboard_dir(workdir, NAME)) as writer:
         writer.add_hparams(hparams, metrics, name="hparams")

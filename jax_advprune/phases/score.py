@@ -29,8 +29,7 @@ import jax
 import numpy as np
 from scipy.stats import spearmanr
 
-from jax_advprune import parallel, storage
-from jax_advprune import workdir as workdir_lib
+from jax_advprune import run_dir, storage
 from jax_advprune.data.sources import Pool
 from jax_advprune.data.splits import Data
 from jax_advprune.metrics import Progress
@@ -39,6 +38,7 @@ from jax_advprune.phases.train import batch_plan, train_model
 from jax_advprune.phases.weights import embedding_config, load_variables
 from jax_advprune.pruning import importance, margins, predictions
 from jax_advprune.pruning import knn as knn_lib
+from jax_advprune.resume_log import ResumeLog
 
 log = logging.getLogger("jax_advprune")
 
@@ -56,10 +56,6 @@ def needed(config) -> bool:
     return config.pruning.strategy != "random"
 
 
-def has_outputs(workdir: str) -> bool:
-    return any(storage.exists(os.path.join(workdir, d)) for d in ("scores", "scoring_model"))
-
-
 class HistoryRecorder:
     """Records, every `every` steps (an epoch), the true-class probability and correctness of the scored
     samples under the training model (raw weights; clean or PGD inputs), one file per epoch.
@@ -71,22 +67,18 @@ class HistoryRecorder:
     def __init__(self, predict, pool: Pool, indices: np.ndarray, *, every: int, out_dir: str, chunk_size: int, seed: int):
         self.predict, self.pool, self.indices, self.every = predict, pool, indices, every
         self.out_dir, self.chunk_size, self.seed = out_dir, chunk_size, seed
-        self.recorded = parallel.saved_names(out_dir, "epoch_")  # decided once: every process records the same epochs
-
-    def _path(self, epoch: int) -> str:
-        return os.path.join(self.out_dir, f"epoch_{epoch:05d}.npz")
+        self.log = ResumeLog(out_dir, "epoch_", 5)  # opened once: every process records the same epochs
 
     def __call__(self, state, step: int) -> None:
-        if step % self.every or os.path.basename(self._path(step // self.every)) in self.recorded:
+        if step % self.every or self.log.has(step // self.every):
             return
         out = predictions.pool_outputs(self.predict, state.variables(), self.pool, self.indices, chunk_size=self.chunk_size,
                                        seed=self.seed + step, keep=("probs",))
         p_true = predictions.true_class_probability(out["probs"], out["labels"])
-        workdir_lib.save_npz(self._path(step // self.every), p_true=p_true, correct=np.argmax(out["probs"], axis=1) == out["labels"])
+        self.log.save(step // self.every, p_true=p_true, correct=np.argmax(out["probs"], axis=1) == out["labels"])
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        files = sorted(f for f in parallel.saved_names(self.out_dir, "epoch_") if f.endswith(".npz"))
-        records = [storage.load_npz(os.path.join(self.out_dir, f)) for f in files]
+        records = [self.log.load(epoch) for epoch in self.log.indices(relist=True)]
         return np.stack([r["p_true"] for r in records]), np.stack([r["correct"] for r in records])
 
 
@@ -130,15 +122,15 @@ def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> 
     initial: the scoring model's variables (scoring.init_from); without them one
     (or scoring.num_models) is trained on the scored rows.
     """
-    out_dir = os.path.join(workdir, "scores")
+    out_dir = run_dir.scores_dir(workdir)
     scfg = config.scoring
     if not needed(config):
         log.info("[score] not needed by strategy 'random', skipped")
         return
-    if storage.exists(os.path.join(out_dir, "meta.json")):
+    if run_dir.is_complete(workdir, NAME):
         log.info("[score] complete, skipped (%s)", out_dir)
         return
-    workdir_lib.record_settings(workdir, NAME, settings(config))
+    run_dir.record_settings(workdir, NAME, settings(config))
     start = time.perf_counter()
     n = len(data.pool)
     scored = scored_indices(config, data)
@@ -158,13 +150,13 @@ def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> 
     for name, array in extras.items():
         whole = np.zeros(n, array.dtype)
         whole[scored] = array
-        workdir_lib.save_npy(os.path.join(out_dir, f"{name}.npy"), whole)
-    workdir_lib.save_npy(os.path.join(out_dir, f"{scfg.score}.npy"), full)
+        storage.save_npy(os.path.join(out_dir, f"{name}.npy"), whole)
+    storage.save_npy(run_dir.score_file(workdir, scfg.score), full)
     finite = full[np.isfinite(full)]
     meta.update(seconds=time.perf_counter() - start, quantiles={str(q): float(np.quantile(finite, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)})
     if scfg.score == "margin":
         meta["fraction_correct"] = float((finite > 0).mean())
-    workdir_lib.write_json(os.path.join(out_dir, "meta.json"), meta)
+    storage.write_json(os.path.join(out_dir, "meta.json"), meta)
     log.info("[score] %s of %d samples (%d computed) in %.1fs, median %.4g", scfg.score, int(np.isfinite(full).sum()), len(scored), meta["seconds"], np.median(finite))
 
 
@@ -209,11 +201,11 @@ def _train_scoring_model(config, workdir: str, data: Data, mesh, rows: np.ndarra
     With a history `recorder` it records every epoch and stops early by scoring.history_early_stop.
     """
     n = len(data.pool)
-    ckpt_dir = os.path.join(workdir, f"scoring_model{suffix}", "checkpoints")
+    ckpt_dir = run_dir.scoring_checkpoint_dir(workdir, suffix)
     history = {} if recorder is None else dict(callbacks=(recorder,), early_stop=config.scoring.history_early_stop,
                                                min_steps=_history_min_steps(config, recorder.every))
     _, state = train_model(config, data, mesh, _row_mask(n, rows), np.full(n, config.attack.eps, np.float32), epochs=config.scoring.train_epochs,
-                           ckpt_dir=ckpt_dir, metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=f"score/train{suffix}", seed=seed,
+                           ckpt_dir=ckpt_dir, metrics_path=run_dir.metrics_file(workdir), phase=f"score/train{suffix}", seed=seed,
                            **history)
     meta.setdefault("model_checkpoints", []).append(os.path.join(ckpt_dir, str(int(state.step))))
     return state
@@ -226,7 +218,7 @@ def _reference_histories(config, workdir: str, data: Data, mesh, scored: np.ndar
     values = np.zeros(len(scored), np.float32)
     variables = None
     for name, rows in history_groups(data, scored):
-        recorder = _history_recorder(run_config, data, rows, predict, os.path.join(workdir, "scores", "history", name))
+        recorder = _history_recorder(run_config, data, rows, predict, run_dir.history_dir(workdir, name))
         state = _train_scoring_model(run_config, workdir, data, mesh, rows, meta, suffix=f"_{name}", seed=config.seed + 1, recorder=recorder)
         p_true, correct = recorder.load()
         values[np.searchsorted(scored, rows)] = _history_score(config, p_true, correct)
@@ -258,7 +250,7 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
         return values, {}, variables
     recorder = None
     if scfg.score in HISTORY_SCORES:
-        recorder = _history_recorder(config, data, scored, _history_predictor(config, mesh, predict), os.path.join(workdir, "scores", "history"))
+        recorder = _history_recorder(config, data, scored, _history_predictor(config, mesh, predict), run_dir.history_dir(workdir))
     models = _scoring_variables(config, workdir, data, mesh, scored, meta, recorder, initial)
     extras = {}
     if scfg.score == "margin":
@@ -279,7 +271,7 @@ def _computed_scores(config, workdir: str, data: Data, mesh, scored: np.ndarray,
 
 def _progress(config, workdir: str, phase: str, rows: int, chunk: int) -> Progress:
     """Progress over `rows` in chunks of `chunk` (rate, ETA), recorded in metrics.jsonl by process 0."""
-    metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir_lib.is_writer() else None
+    metrics_path = run_dir.metrics_file(workdir) if storage.is_writer() else None
     return Progress(phase, -(-rows // chunk), chunk, metrics_path, every_s=config.train.log_every_s)
 
 
@@ -290,7 +282,7 @@ def _margins(config, workdir: str, data: Data, mesh, variables: dict, scored: np
     progress = _progress(config, workdir, "score/deepfool", len(scored), scfg.chunk_size)
     result = margins.margin_scores(apply_fn(build_model(config)), variables, data.pool, norm=df.norm, max_iter=df.max_iter, overshoot=df.overshoot,
                                    candidates=df.candidates or None, slots=scfg.slots, chunk_size=scfg.chunk_size, mesh=mesh,
-                                   indices=scored, resume_dir=os.path.join(workdir, "scores", "deepfool_chunks"), progress=progress)
+                                   indices=scored, resume_dir=run_dir.deepfool_chunks_dir(workdir), progress=progress)
     progress.close()
     meta.update(deepfool=df.to_dict(), fraction_converged=float(result["converged"].mean()), mean_iterations=float(result["n_iter"].mean()))
     return result["margin"], {"converged": result["converged"], "n_iter": result["n_iter"]}
@@ -306,7 +298,7 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     extrapolated too: the Spearman correlation there measures the extrapolation.
     """
     ext = config.scoring.extrapolation
-    out_dir = os.path.join(workdir, "scores")
+    out_dir = run_dir.scores_dir(workdir)
     if ext.embedding_from:  # the penultimate features of other weights (the paper: SSCD)
         embed_config = embedding_config(config)
         predict = predictions.Predictor(features_fn(build_model(embed_config)), mesh=mesh)
@@ -318,7 +310,7 @@ def _extrapolate(config, workdir: str, data: Data, mesh, predict: predictions.Pr
     ref_features = predictions.pool_outputs(predict, variables, data.pool, refs, chunk_size=chunk, keep=("features",))["features"]
     embedding_path = os.path.join(out_dir, "embedding.npy")  # (trainable rows, D): the queries' embedding, kept for inspection
     # Every process fills its own memory-mapped copy (beside the file, or in TMPDIR for a remote work dir); process 0 keeps its.
-    keep_copy = workdir_lib.atomic_output if workdir_lib.is_writer() else storage.scratch_file
+    keep_copy = storage.atomic_output if storage.is_writer() else storage.scratch_file
     with keep_copy(embedding_path, f".{jax.process_index()}.npy") as tmp_path:
         embedding = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(len(queries), ref_features.shape[1]))
         predictions.pool_outputs(predict, variables, data.pool, queries, chunk_size=chunk, keep=("features",), out={"features": embedding},

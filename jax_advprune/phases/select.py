@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
-from jax_advprune import storage, workdir as workdir_lib
+from jax_advprune import run_dir, storage
 from jax_advprune.data.splits import Data
 from jax_advprune.phases.common import section
 from jax_advprune.pruning import strategies
@@ -24,19 +23,15 @@ def settings(config) -> dict:
                                                  "score": config.scoring.score}
 
 
-def has_outputs(workdir: str) -> bool:
-    return storage.exists(os.path.join(workdir, "selection"))
-
-
 def run(config, workdir: str, data: Data) -> None:
     """Applies the pruning strategy to the scores of the trainable rows (the validation slice is never kept)."""
-    out_dir = os.path.join(workdir, "selection")
-    if storage.exists(os.path.join(out_dir, "meta.json")):
+    out_dir = run_dir.selection_dir(workdir)
+    if run_dir.is_complete(workdir, NAME):
         log.info("[select] complete, skipped (%s)", out_dir)
         return
-    workdir_lib.record_settings(workdir, NAME, settings(config))
+    run_dir.record_settings(workdir, NAME, settings(config))
     pcfg = config.pruning
-    scores = None if pcfg.strategy == "random" else storage.load_npy(os.path.join(workdir, "scores", f"{config.scoring.score}.npy"))
+    scores = None if pcfg.strategy == "random" else storage.load_npy(run_dir.score_file(workdir, config.scoring.score))
     labels = data.pool.labels()
     keep, eps = strategies.select(
         pcfg.strategy, scores=scores, labels=labels, eligible=data.trainable,
@@ -44,8 +39,8 @@ def run(config, workdir: str, data: Data) -> None:
         keep_ratio=pcfg.keep_ratio, base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed,
         score=config.scoring.score, score_norm=config.scoring.deepfool.norm, attack_norm=config.attack.norm, puma=pcfg.puma.to_dict(),
     )
-    workdir_lib.save_npy(os.path.join(out_dir, "keep.npy"), keep)
-    workdir_lib.save_npy(os.path.join(out_dir, "eps.npy"), eps)
+    storage.save_npy(run_dir.selection_file(workdir, "keep.npy"), keep)
+    storage.save_npy(run_dir.selection_file(workdir, "eps.npy"), eps)
     synthetic = data.pool.is_synthetic
     meta = {
         "strategy": pcfg.strategy,
@@ -59,6 +54,6 @@ def run(config, workdir: str, data: Data) -> None:
         "lowered_eps": int((keep & (eps < config.attack.eps)).sum()),
         "mean_eps_kept": float(eps[keep].mean()) if keep.any() else 0.0,
     }
-    workdir_lib.write_json(os.path.join(out_dir, "meta.json"), meta)
+    storage.write_json(run_dir.selection_file(workdir, "meta.json"), meta)
     log.info("[select] %s kept %d / %d (%d original, %d synthetic), %d with lowered eps", pcfg.strategy, meta["kept"], len(keep),
              meta["kept_original"], meta["kept_synthetic"], meta["lowered_eps"])

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from jax_advprune import parallel, storage, training
-from jax_advprune import workdir as workdir_lib
-from jax_advprune.checkpoint import Checkpointer, abstract_like, best_checkpointer, final_checkpoint_dir
+from jax_advprune import run_dir
+from jax_advprune.checkpoint import Checkpointer, abstract_like, best_checkpointer
 from jax_advprune.data.loader import BatchReader, batch_iterator, make_plan
 from jax_advprune.data.splits import Data
 from jax_advprune.evaluation import pgd_evaluator
@@ -27,10 +27,6 @@ NAME = "train"
 
 def settings(config) -> dict:
     return section(config, "data", "model", "attack", "train", "pruning") | {"seed": config.seed}
-
-
-def has_outputs(workdir: str) -> bool:
-    return storage.isdir(final_checkpoint_dir(workdir)) and bool(storage.listdir(final_checkpoint_dir(workdir)))
 
 
 def batch_plan(config, data: Data, keep: np.ndarray, seed: int):
@@ -100,7 +96,7 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
     log.info("[%s] %s, %d steps (%.3g epochs of %d steps), batch %d, %d kept samples, %d held out for validation, %s compute",
              phase, tcfg.loss, num_steps, epochs, plan.steps_per_epoch, tcfg.batch_size, len(plan.kept), int((~data.trainable).sum()), tcfg.compute_dtype)
     train_step = training.make_train_step(model, tx, tcfg, config.attack, mesh, schedule=training.make_schedule(tcfg, num_steps))
-    writer = workdir_lib.is_writer()
+    writer = storage.is_writer()
     progress = Progress(phase, num_steps, tcfg.batch_size, metrics_path if writer else None, every_s=tcfg.log_every_s, first_step=int(state.step),
                         tensorboard_dir=os.path.join(os.path.dirname(metrics_path), "tensorboard", phase.replace("/", "_")) if writer else None)
     try:
@@ -121,18 +117,18 @@ def train_model(config, data: Data, mesh, keep: np.ndarray, eps: np.ndarray, *, 
 
 def load_selection(workdir: str, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
     """selection/keep.npy (N,) bool and eps.npy (N,) float32, checked against the pool's size."""
-    keep = storage.load_npy(os.path.join(workdir, "selection", "keep.npy"))
-    eps = storage.load_npy(os.path.join(workdir, "selection", "eps.npy"))
+    keep = storage.load_npy(run_dir.selection_file(workdir, "keep.npy"))
+    eps = storage.load_npy(run_dir.selection_file(workdir, "eps.npy"))
     for name, array in (("keep.npy", keep), ("eps.npy", eps)):
         if array.shape != (pool_size,):
-            raise ValueError(f"{os.path.join(workdir, 'selection', name)} has shape {array.shape}, expected ({pool_size},), one entry per pool sample")
+            raise ValueError(f"{run_dir.selection_file(workdir, name)} has shape {array.shape}, expected ({pool_size},), one entry per pool sample")
     return keep.astype(bool), eps.astype(np.float32)
 
 
 def run(config, workdir: str, data: Data, mesh, initial: dict | None = None):
     """Adversarial training (train.loss) on the selection, from `initial` variables (train.init_from) or fresh;
     resumes. Returns (model, final state)."""
-    workdir_lib.record_settings(workdir, NAME, settings(config))
+    run_dir.record_settings(workdir, NAME, settings(config))
     keep, eps = load_selection(workdir, len(data.pool))
-    return train_model(config, data, mesh, keep, eps, epochs=config.train.epochs, ckpt_dir=final_checkpoint_dir(workdir),
-                       metrics_path=os.path.join(workdir, "metrics.jsonl"), phase=NAME, seed=config.seed, initial=initial)
+    return train_model(config, data, mesh, keep, eps, epochs=config.train.epochs, ckpt_dir=run_dir.final_checkpoint_dir(workdir),
+                       metrics_path=run_dir.metrics_file(workdir), phase=NAME, seed=config.seed, initial=initial)

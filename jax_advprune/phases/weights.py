@@ -19,10 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jax_advprune import storage
+from jax_advprune.checkpoint import Checkpointer, best_checkpoint_dir, best_checkpointer
 from jax_advprune.errors import UserError
 from jax_advprune.models import create_model, import_torch
-from jax_advprune.checkpoint import Checkpointer, best_checkpoint_dir, best_checkpointer, final_checkpoint_dir
-from jax_advprune.workdir import read_json, settings_path
+from jax_advprune.run_dir import final_checkpoint_dir, settings_file
+from jax_advprune.storage import read_json
 
 WEIGHTS = ("best_ema", "ema", "raw")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -52,9 +53,9 @@ def saved_variables(workdir: str, weights: str):
 def saved_state(workdir: str, best: bool = False):
     """(model settings, the restored train state as a dict, step) of `workdir`'s final checkpoint, or with `best`
     of its best-validation checkpoint (the final one when the run had no validation)."""
-    if not storage.exists(settings_path(workdir, "train")):
-        raise UserError(f"{workdir} holds no trained model ({settings_path(workdir, 'train')} is missing): run the train phase first")
-    settings = read_json(settings_path(workdir, "train"))
+    if not storage.exists(settings_file(workdir, "train")):
+        raise UserError(f"{workdir} holds no trained model ({settings_file(workdir, 'train')} is missing): run the train phase first")
+    settings = read_json(settings_file(workdir, "train"))
     ckpt_dir, step = final_checkpoint_dir(workdir), None
     if best and storage.isdir(best_checkpoint_dir(ckpt_dir)):
         checkpointer = best_checkpointer(ckpt_dir)
@@ -96,7 +97,7 @@ def path_problem(path: str) -> str | None:
         return "no such file or directory"
     if storage.isfile(path):
         return None if path.endswith(TORCH_SUFFIXES) else f"a checkpoint file ending in {', '.join(TORCH_SUFFIXES)}"
-    if storage.exists(settings_path(path, "train")) or storage.isdir(os.path.join(path, "state")):
+    if storage.exists(settings_file(path, "train")) or storage.isdir(os.path.join(path, "state")):
         return None
     return "a jax_advprune work directory (with settings/train.json) or a checkpoint directory (with state/)"
 

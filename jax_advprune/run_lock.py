@@ -1,15 +1,10 @@
-"""The work directory: atomic writes by process 0, the settings guard, the run lock, input fingerprints.
-
-Every file a run writes goes through `atomic_output` (a temporary name, then a
-rename), so a run cut off at any point leaves either the old file or the new
-one. In a multi-host run only process 0 writes (`is_writer`); every process computes.
-"""
+"""One run per work directory: a lock held by process 0 for the whole run (flock on a file system, a create-only
+object with a heartbeat in an object store), taken over when its holder died."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -18,186 +13,14 @@ import threading
 import time
 import uuid
 
-import numpy as np
-
-from jax_advprune import storage
+from jax_advprune import run_dir, storage
 from jax_advprune.errors import UserError
-from jax_advprune.storage import atomic_output
 
 log = logging.getLogger("jax_advprune")
 
 
-def is_writer() -> bool:
-    """Process 0 writes logs, metrics and files; every process computes."""
-    import jax  # here, so that data readers (grain workers) import this module without jax
-
-    return jax.process_index() == 0
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def to_json_types(obj):
-    """`obj` with numpy scalars and arrays turned into plain JSON types (what reading the JSON back gives)."""
-    return json.loads(json.dumps(obj, default=_jsonable))
-
-
-def write_json(path: str, obj) -> None:
-    """Writes JSON atomically; only process 0 writes."""
-    if is_writer():
-        with atomic_output(path) as tmp, open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes a text file atomically; only process 0 writes."""
-    if is_writer():
-        with atomic_output(path) as tmp, open(tmp, "w") as f:
-            f.write(text)
-
-
-def save_npy(path: str, array: np.ndarray) -> None:
-    """Saves an .npy atomically; only process 0 writes."""
-    if is_writer():
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, array)
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    """Saves an uncompressed .npz atomically; only process 0 writes."""
-    if is_writer():
-        with atomic_output(path, ".npz") as tmp:
-            np.savez(tmp, **arrays)
-
-
-def read_json(path: str):
-    return json.loads(storage.read_text(path))
-
-
-# --------------------------------------------------------------------------- settings guard
-
-
-class SettingsMismatchError(UserError):
-    """The work directory holds outputs of a phase made with other settings."""
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def settings_path(workdir: str, phase: str) -> str:
-    return os.path.join(workdir, "settings", f"{phase}.json")
-
-
-def settings_differences(workdir: str, phase: str, settings: dict) -> list[str]:
-    """'key: old -> new' for every setting of `phase` that differs from the recorded one ([] when none is recorded)."""
-    path = settings_path(workdir, phase)
-    if not storage.exists(path):
-        return []
-    old, new = flatten(read_json(path)), flatten(to_json_types(settings))
-    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def check_settings(workdir: str, phase: str, settings: dict, has_outputs: bool) -> None:
-    """Raises SettingsMismatchError naming every differing key when `phase` left outputs made with other settings.
-
-    A phase that left no outputs (it failed before writing any) may be rerun with other settings.
-    """
-    diffs = settings_differences(workdir, phase, settings)
-    if diffs and has_outputs:
-        raise SettingsMismatchError(
-            f"{workdir} already holds '{phase}' outputs made with other settings ({settings_path(workdir, phase)}):\n  "
-            + "\n  ".join(diffs)
-            + "\nFix: use a new --workdir, or rerun with the recorded settings (nothing is overwritten)."
-        )
-
-
-def record_settings(workdir: str, phase: str, settings: dict) -> None:
-    """Records the settings of `phase` when it starts (replacing a record its outputs do not depend on)."""
-    if settings_differences(workdir, phase, settings) or not storage.exists(settings_path(workdir, phase)):
-        write_json(settings_path(workdir, phase), settings)
-
-
-# --------------------------------------------------------------------------- input fingerprints
-
-
-FINGERPRINT_BLOCKS = 64
-FINGERPRINT_BLOCK_BYTES = 4096
-
-
-def fingerprint(path: str) -> str:
-    """'size:blake2b' of a file: its size and a hash of FINGERPRINT_BLOCKS blocks of 4 KiB at evenly spaced offsets
-    (first and last included): 256 KiB read whatever the size, so a 50 GB pool costs milliseconds.
-
-    Detects a file replaced by another of the same name (a regenerated pool differs
-    everywhere); an edit of a few bytes between the sampled blocks goes unnoticed.
-    """
-    size = storage.getsize(path)
-    digest = hashlib.blake2b(digest_size=16)
-    span = max(size - FINGERPRINT_BLOCK_BYTES, 0)
-    offsets = sorted({int(round(i * span / (FINGERPRINT_BLOCKS - 1))) for i in range(FINGERPRINT_BLOCKS)})
-    for block in storage.read_blocks(path, offsets, FINGERPRINT_BLOCK_BYTES):
-        digest.update(block)
-    return f"{size}:{digest.hexdigest()}"
-
-
-class InputChangedError(UserError):
-    """An input file differs from the one the work directory's outputs were made from."""
-
-
-def inputs_path(workdir: str) -> str:
-    return os.path.join(workdir, "settings", "inputs.json")
-
-
-def check_inputs(workdir: str, paths: list[str]) -> dict[str, str]:
-    """Fingerprints of `paths`; raises InputChangedError naming each file that differs from the recorded fingerprint.
-
-    Paths the record does not hold are not compared (they are recorded by `record_inputs`).
-    """
-    current = {storage.absolute(p): fingerprint(p) for p in paths}
-    if storage.exists(inputs_path(workdir)):
-        recorded = read_json(inputs_path(workdir))
-        changed = [p for p, fp in current.items() if p in recorded and recorded[p] != fp]
-        if changed:
-            raise InputChangedError(
-                f"{len(changed)} input file(s) changed since this work directory's outputs were made from them "
-                f"(size and sampled content differ from {inputs_path(workdir)}):\n  " + "\n  ".join(changed)
-                + "\nFix: restore the original files, or use a new --workdir for the new data."
-            )
-    return current
-
-
-def record_inputs(workdir: str, fingerprints: dict[str, str]) -> None:
-    """Adds `fingerprints` to the record (first seen wins: a recorded file is never re-recorded)."""
-    recorded = read_json(inputs_path(workdir)) if storage.exists(inputs_path(workdir)) else {}
-    merged = {**fingerprints, **recorded}
-    if merged != recorded:
-        write_json(inputs_path(workdir), merged)
-
-
-# --------------------------------------------------------------------------- one run per work directory
-
-
 class WorkdirLockedError(UserError):
     """Another live run holds the work directory."""
-
-
-LOCK_NAME = "lock"
 
 
 class RunLock:
@@ -212,7 +35,7 @@ class RunLock:
     """
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_NAME)
+        self.path = run_dir.lock_file(workdir)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -288,7 +111,7 @@ class ObjectRunLock:
     """
 
     def __init__(self, workdir: str, heartbeat_s: float = 60.0, stale_after_s: float = 600.0):
-        self.path = workdir.rstrip("/") + "/" + LOCK_NAME
+        self.path = run_dir.lock_file(workdir)
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self._record: dict | None = None
         self._stop = None
@@ -379,17 +202,3 @@ def process_is_running(pid: int, started: int | None = None) -> bool:
 def run_lock(workdir: str):
     """The run lock of `workdir`: flock on a local or shared file system, `ObjectRunLock` in an object store."""
     return ObjectRunLock(workdir) if storage.is_remote(workdir) else RunLock(workdir)
-
-
-# --------------------------------------------------------------------------- phase wall times
-
-
-def timings_path(workdir: str) -> str:
-    return os.path.join(workdir, "timings.json")
-
-
-def add_phase_seconds(workdir: str, phase: str, seconds: float) -> None:
-    """Adds `seconds` of wall time to `phase`'s total in timings.json (summed over the runs that resumed it)."""
-    totals = read_json(timings_path(workdir)) if storage.exists(timings_path(workdir)) else {}
-    totals[phase] = round(totals.get(phase, 0.0) + seconds, 3)
-    write_json(timings_path(workdir), totals)
