@@ -43,7 +43,12 @@ import hygiene  # noqa: E402
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--batch", type=int, default=32)
-    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for every side: XLA's pool and PyTorch's threads")
+    _args.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="cores for every side: XLA's pool and PyTorch's threads",
+    )
     _args.add_argument("--calls", type=int, default=10, help="timed calls per measurement and round")
     hygiene.add_arguments(_args)
     hygiene.add_isa_argument(_args)
@@ -63,13 +68,25 @@ from jax_advprune.kernels import onednn  # noqa: E402
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 LAYERS = [  # (model, input size, in channels, out channels, stride, kernel), each once even where a model repeats it
-    ("small CNN", 32, 3, 32, 1, 3), ("small CNN", 32, 32, 64, 2, 3), ("small CNN", 16, 64, 128, 2, 3),
-    ("ResNet-18", 32, 3, 64, 1, 3), ("ResNet-18", 32, 64, 64, 1, 3), ("ResNet-18", 32, 64, 128, 2, 3),
-    ("ResNet-18", 16, 128, 128, 1, 3), ("ResNet-18", 16, 128, 256, 2, 3), ("ResNet-18", 8, 256, 256, 1, 3),
-    ("ResNet-18", 8, 256, 512, 2, 3), ("ResNet-18", 4, 512, 512, 1, 3),
-    ("ResNet-18", 32, 64, 128, 2, 1), ("ResNet-18", 16, 128, 256, 2, 1), ("ResNet-18", 8, 256, 512, 2, 1),  # shortcuts
-    ("WRN-16-4", 32, 16, 64, 1, 3), ("WRN-16-4", 16, 128, 128, 1, 3),
-    ("WRN-16-4", 32, 16, 64, 1, 1), ("WRN-16-4", 32, 64, 128, 2, 1), ("WRN-16-4", 16, 128, 256, 2, 1),  # shortcuts
+    ("small CNN", 32, 3, 32, 1, 3),
+    ("small CNN", 32, 32, 64, 2, 3),
+    ("small CNN", 16, 64, 128, 2, 3),
+    ("ResNet-18", 32, 3, 64, 1, 3),
+    ("ResNet-18", 32, 64, 64, 1, 3),
+    ("ResNet-18", 32, 64, 128, 2, 3),
+    ("ResNet-18", 16, 128, 128, 1, 3),
+    ("ResNet-18", 16, 128, 256, 2, 3),
+    ("ResNet-18", 8, 256, 256, 1, 3),
+    ("ResNet-18", 8, 256, 512, 2, 3),
+    ("ResNet-18", 4, 512, 512, 1, 3),
+    ("ResNet-18", 32, 64, 128, 2, 1),
+    ("ResNet-18", 16, 128, 256, 2, 1),
+    ("ResNet-18", 8, 256, 512, 2, 1),  # shortcuts
+    ("WRN-16-4", 32, 16, 64, 1, 3),
+    ("WRN-16-4", 16, 128, 128, 1, 3),
+    ("WRN-16-4", 32, 16, 64, 1, 1),
+    ("WRN-16-4", 32, 64, 128, 2, 1),
+    ("WRN-16-4", 16, 128, 256, 2, 1),  # shortcuts
 ]
 
 
@@ -87,9 +104,27 @@ def time_sides(sides: dict, calls: int) -> dict[str, dict]:
 
         return run
 
-    threads = {name: (lambda: hygiene.torch_threads(ARGS.threads)) if name == "torch" else (lambda: hygiene.xla_threads(ARGS.threads)) for name in sides}
-    stats, _ = hygiene.take_turns({name: repeated(fn) for name, fn in sides.items()}, repeats=ARGS.repeats, threads=threads, block=jax.block_until_ready)
-    return {name: dict(median_ms=v["median_s"] / calls * 1e3, spread=v["spread"], threads=v["threads"], cores_busy_all=v["cores_busy_all"]) for name, v in stats.items()}
+    threads = {
+        name: (lambda: hygiene.torch_threads(ARGS.threads))
+        if name == "torch"
+        else (lambda: hygiene.xla_threads(ARGS.threads))
+        for name in sides
+    }
+    stats, _ = hygiene.take_turns(
+        {name: repeated(fn) for name, fn in sides.items()},
+        repeats=ARGS.repeats,
+        threads=threads,
+        block=jax.block_until_ready,
+    )
+    return {
+        name: dict(
+            median_ms=v["median_s"] / calls * 1e3,
+            spread=v["spread"],
+            threads=v["threads"],
+            cores_busy_all=v["cores_busy_all"],
+        )
+        for name, v in stats.items()
+    }
 
 
 def jax_functions(stride: int, kernel: int, conv_general_dilated):
@@ -113,7 +148,9 @@ def torch_functions(stride: int, kernel: int):
     pad = kernel // 2
 
     def backward(x, w, g, mask):
-        return torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 2, [pad, pad], [1, 1], False, [0, 0], 1, mask)
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, [stride] * 2, [pad, pad], [1, 1], False, [0, 0], 1, mask
+        )
 
     return (
         lambda x, w: torch.nn.functional.conv2d(x, w, stride=stride, padding=pad),
@@ -132,16 +169,29 @@ def measure_layer(size: int, cin: int, cout: int, stride: int, kernel: int, batc
     w = (rng.standard_normal((kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)).astype(np.float32)
     g = rng.standard_normal((batch, out_size, out_size, cout), np.float32)
     jx, jw, jg = (jax.device_put(a) for a in (x, w, g))
-    tx, tw, tg = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(w.transpose(3, 2, 0, 1)), torch.tensor(g.transpose(0, 3, 1, 2))
+    tx, tw, tg = (
+        torch.tensor(x.transpose(0, 3, 1, 2)),
+        torch.tensor(w.transpose(3, 2, 0, 1)),
+        torch.tensor(g.transpose(0, 3, 1, 2)),
+    )
     theirs = torch_functions(stride, kernel)
     onednn.set_backend("onednn")  # read while the functions below are traced
-    sides = {"xla": jax_functions(stride, kernel, lax.conv_general_dilated), "onednn": jax_functions(stride, kernel, onednn.conv_general_dilated)}
-    to_nhwc = (lambda a: a.numpy().transpose(0, 2, 3, 1), lambda a: a.numpy().transpose(0, 2, 3, 1), lambda a: a.numpy().transpose(2, 3, 1, 0))
+    sides = {
+        "xla": jax_functions(stride, kernel, lax.conv_general_dilated),
+        "onednn": jax_functions(stride, kernel, onednn.conv_general_dilated),
+    }
+    to_nhwc = (
+        lambda a: a.numpy().transpose(0, 2, 3, 1),
+        lambda a: a.numpy().transpose(0, 2, 3, 1),
+        lambda a: a.numpy().transpose(2, 3, 1, 0),
+    )
     arguments = ((jx, jw), (jx, jw, jg), (jx, jw, jg))
     for ours in sides.values():
         for our_fn, their_fn, args, convert in zip(ours, theirs, arguments, to_nhwc):
             expected = convert(their_fn(*(tx, tw, tg)[: len(args)]))
-            np.testing.assert_allclose(np.asarray(our_fn(*args)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+            np.testing.assert_allclose(
+                np.asarray(our_fn(*args)), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max()
+            )
     row = {"spread": {}}
     for i, op in enumerate(("forward", "input_grad", "kernel_grad")):
         args, torch_args = arguments[i], (tx, tw, tg)[: len(arguments[i])]
@@ -179,34 +229,61 @@ def main() -> None:
         )
         lines.append(f"| {model} | {size}x{size} {cin}->{cout} {kernel}x{kernel} s{stride} | {cells} |")
         print(lines[-1], flush=True)
+
     def ratios(selected):
-        return {side: {op: sum(r[f"{op}_torch_ms"] for r in selected) / sum(r[f"{op}_{side}_ms"] for r in selected) for op in ops}
-                for side in ("xla", "onednn")}
+        return {
+            side: {
+                op: sum(r[f"{op}_torch_ms"] for r in selected) / sum(r[f"{op}_{side}_ms"] for r in selected)
+                for op in ops
+            }
+            for side in ("xla", "onednn")
+        }
 
     totals = ratios(rows)
-    per_model = {model: ratios([r for r in rows if r["model"] == model]) for model in dict.fromkeys(r["model"] for r in rows)}
+    per_model = {
+        model: ratios([r for r in rows if r["model"] == model]) for model in dict.fromkeys(r["model"] for r in rows)
+    }
     machine_state = guard.finish()
     worst = max(max(r["spread"].values()) for r in rows)
-    print(f"\nbatch {ARGS.batch}, 1 XLA:CPU device on {ARGS.threads} cores vs {ARGS.threads} torch threads; ratio = PyTorch time / our time (> 1: ours faster), "
-          f"XLA's convolution / our oneDNN custom call; median of {ARGS.repeats} rounds of {ARGS.calls} calls, largest spread {100 * worst:.0f}%; "
-          f"other processes used {machine_state['others_cores_mean']:.2f} cores on average\n")
+    print(
+        f"\nbatch {ARGS.batch}, 1 XLA:CPU device on {ARGS.threads} cores vs {ARGS.threads} torch threads; ratio = PyTorch time / our time (> 1: ours faster), "
+        f"XLA's convolution / our oneDNN custom call; median of {ARGS.repeats} rounds of {ARGS.calls} calls, largest spread {100 * worst:.0f}%; "
+        f"other processes used {machine_state['others_cores_mean']:.2f} cores on average\n"
+    )
     print("\n".join(lines))
     for side, side_totals in totals.items():
         print(f"\nall layers, {side}: " + ", ".join(f"{op} {ratio:.2f}x" for op, ratio in side_totals.items()))
     for model, sides_ratios in per_model.items():
-        print(f"{model}: " + "; ".join(f"{side} " + ", ".join(f"{op} {v:.2f}x" for op, v in r.items()) for side, r in sides_ratios.items()))
+        print(
+            f"{model}: "
+            + "; ".join(
+                f"{side} " + ", ".join(f"{op} {v:.2f}x" for op, v in r.items()) for side, r in sides_ratios.items()
+            )
+        )
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", hygiene.results_name("conv_layers", ARGS.isa))
     with open(out, "w") as f:
-        json.dump(dict(
-            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=torch.__version__, threads=ARGS.threads,
-                         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), **hygiene.cpu_record(ARGS.isa)),
-            machine_state=machine_state,
-            settings=dict(batch=ARGS.batch, calls=ARGS.calls, repeats=ARGS.repeats),
-            rows=rows,
-            total_ratio=totals,
-            per_model_ratio=per_model,
-        ), f, indent=2)
+        json.dump(
+            dict(
+                machine=dict(
+                    platform=platform.platform(),
+                    cpus=os.cpu_count(),
+                    cores_used=CORES,
+                    jax=jax.__version__,
+                    torch=torch.__version__,
+                    threads=ARGS.threads,
+                    torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                    **hygiene.cpu_record(ARGS.isa),
+                ),
+                machine_state=machine_state,
+                settings=dict(batch=ARGS.batch, calls=ARGS.calls, repeats=ARGS.repeats),
+                rows=rows,
+                total_ratio=totals,
+                per_model_ratio=per_model,
+            ),
+            f,
+            indent=2,
+        )
     print(f"\nwrote {out}")
 
 

@@ -29,7 +29,8 @@ import argparse
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 BUSY_CORES = 0.15  # mean CPU use by other processes, in cores, above which the machine is busy
 MIN_REPEATS = 3
@@ -37,8 +38,17 @@ MIN_REPEATS = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--allow-busy and --repeats (at least MIN_REPEATS) for a benchmark's command line."""
-    parser.add_argument("--allow-busy", action="store_true", help="write results even when other work ran on the machine (recorded in the JSON)")
-    parser.add_argument("--repeats", type=_repeats, default=MIN_REPEATS, help=f"timed repetitions of every figure (at least {MIN_REPEATS}; median reported)")
+    parser.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="write results even when other work ran on the machine (recorded in the JSON)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_repeats,
+        default=MIN_REPEATS,
+        help=f"timed repetitions of every figure (at least {MIN_REPEATS}; median reported)",
+    )
 
 
 # ---------------------------------------------------------------- instruction set
@@ -48,8 +58,12 @@ ISA_CAPS = ("native", "AVX2")
 
 def add_isa_argument(parser: argparse.ArgumentParser) -> None:
     """--isa for a benchmark that applies `cap_isa` before importing the libraries it times."""
-    parser.add_argument("--isa", choices=ISA_CAPS, default="native",
-                        help="cap every side's instruction set (see cap_isa): AVX2 runs an AVX-512 host's code paths as an AVX2 host's")
+    parser.add_argument(
+        "--isa",
+        choices=ISA_CAPS,
+        default="native",
+        help="cap every side's instruction set (see cap_isa): AVX2 runs an AVX-512 host's code paths as an AVX2 host's",
+    )
 
 
 def cap_isa(isa: str) -> None:
@@ -76,8 +90,17 @@ def cpu_record(isa: str) -> dict:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu_model": model, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "isa_cap": isa,
-            "isa_effective": "AVX-512" if "avx512f" in flags and isa == "native" else "AVX2" if "avx2" in flags else "below AVX2"}
+    return {
+        "cpu_model": model,
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "isa_cap": isa,
+        "isa_effective": "AVX-512"
+        if "avx512f" in flags and isa == "native"
+        else "AVX2"
+        if "avx2" in flags
+        else "below AVX2",
+    }
 
 
 def results_name(stem: str, isa: str) -> str:
@@ -192,7 +215,7 @@ class _Counters:
     def __init__(self):
         self.wall, self.busy, self.tree = time.perf_counter(), _machine_busy_seconds(), tree_cpu_seconds()
 
-    def others_cores(self, since: "_Counters") -> float:
+    def others_cores(self, since: _Counters) -> float:
         """Mean cores used by processes outside this benchmark between `since` and this sample."""
         wall = self.wall - since.wall
         return max((self.busy - since.busy) - (self.tree - since.tree), 0.0) / wall if wall > 0 else 0.0
@@ -230,10 +253,14 @@ class IdleGuard:
         self.others_at_start = self._last.others_cores(before)
         self.calibration_start = calibration()
         if self.others_at_start > BUSY_CORES:
-            message = (f"the machine is busy: other processes used {self.others_at_start:.2f} cores over the last {settle_s:.0f} s "
-                       f"(load average {self.load_average_start[0]:.2f}); timings taken now would not come back when re-run")
+            message = (
+                f"the machine is busy: other processes used {self.others_at_start:.2f} cores over the last {settle_s:.0f} s "
+                f"(load average {self.load_average_start[0]:.2f}); timings taken now would not come back when re-run"
+            )
             if not allow_busy:
-                raise SystemExit(f"{message}. Wait for the other work to end, or pass --allow-busy (recorded with the results).")
+                raise SystemExit(
+                    f"{message}. Wait for the other work to end, or pass --allow-busy (recorded with the results)."
+                )
             print(f"warning: {message}; going on (--allow-busy)", flush=True)
         self._start = self._last
         self.samples: list[float] = []
@@ -253,15 +280,22 @@ class IdleGuard:
         self._thread.join()
         others_mean = _Counters().others_cores(self._start)
         record = dict(
-            allow_busy=self.allow_busy, busy_threshold_cores=BUSY_CORES, others_cores_at_start=round(self.others_at_start, 3),
-            others_cores_mean=round(others_mean, 3), others_cores_max_1s=round(max(self.samples, default=0.0), 3),
-            seconds_watched=len(self.samples), load_average_start=self.load_average_start, load_average_end=os.getloadavg(),
+            allow_busy=self.allow_busy,
+            busy_threshold_cores=BUSY_CORES,
+            others_cores_at_start=round(self.others_at_start, 3),
+            others_cores_mean=round(others_mean, 3),
+            others_cores_max_1s=round(max(self.samples, default=0.0), 3),
+            seconds_watched=len(self.samples),
+            load_average_start=self.load_average_start,
+            load_average_end=os.getloadavg(),
             calibration_gflop_s=dict(start=round(self.calibration_start, 2), end=round(calibration(), 2)),
         )
         record["busy"] = others_mean > BUSY_CORES or self.others_at_start > BUSY_CORES
         if record["busy"] and not self.allow_busy:
-            raise SystemExit(f"not writing results: other processes used {others_mean:.2f} cores on average while the benchmark ran "
-                             f"(at most {record['others_cores_max_1s']:.2f} in one second). Re-run on an idle machine, or pass --allow-busy.")
+            raise SystemExit(
+                f"not writing results: other processes used {others_mean:.2f} cores on average while the benchmark ran "
+                f"(at most {record['others_cores_max_1s']:.2f} in one second). Re-run on an idle machine, or pass --allow-busy."
+            )
         return record
 
 
@@ -271,12 +305,26 @@ class IdleGuard:
 def summary(seconds: list[float]) -> dict:
     """{'median_s', 'best_s', 'spread', 'repeats'} of repeated wall times; spread = (max - min) / median."""
     ordered = sorted(seconds)
-    median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-    return dict(median_s=median, best_s=ordered[0], spread=(ordered[-1] - ordered[0]) / median if median else 0.0, repeats=len(ordered))
+    median = (
+        ordered[len(ordered) // 2]
+        if len(ordered) % 2
+        else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    )
+    return dict(
+        median_s=median,
+        best_s=ordered[0],
+        spread=(ordered[-1] - ordered[0]) / median if median else 0.0,
+        repeats=len(ordered),
+    )
 
 
-def take_turns(sides: dict[str, Callable[[], Any]], *, repeats: int, threads: dict[str, Callable[[], dict]],
-               block: Callable[[Any], Any] = lambda out: out) -> tuple[dict[str, dict], dict[str, Any]]:
+def take_turns(
+    sides: dict[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    threads: dict[str, Callable[[], dict]],
+    block: Callable[[Any], Any] = lambda out: out,
+) -> tuple[dict[str, dict], dict[str, Any]]:
     """Times every side once per round, the sides in turn, for `repeats` rounds.
 
     sides: name -> call to time (warmed up already). threads: name -> sets and checks
@@ -295,11 +343,17 @@ def take_turns(sides: dict[str, Callable[[], Any]], *, repeats: int, threads: di
             wall = time.perf_counter() - start
             seconds[name].append(wall)
             cores[name].append(round((tree_cpu_seconds() - before_cpu) / wall, 2))
-    stats = {name: summary(seconds[name]) | dict(seconds_all=seconds[name], cores_busy_all=cores[name], threads=records[name]) for name in sides}
+    stats = {
+        name: summary(seconds[name])
+        | dict(seconds_all=seconds[name], cores_busy_all=cores[name], threads=records[name])
+        for name in sides
+    }
     return stats, outputs
 
 
-def timed(call: Callable[[], Any], *, repeats: int, threads: Callable[[], dict], block: Callable[[Any], Any] = lambda out: out) -> tuple[dict, Any]:
+def timed(
+    call: Callable[[], Any], *, repeats: int, threads: Callable[[], dict], block: Callable[[Any], Any] = lambda out: out
+) -> tuple[dict, Any]:
     """`take_turns` with one side: (its stats, its last output)."""
     stats, outputs = take_turns({"side": call}, repeats=repeats, threads={"side": threads}, block=block)
     return stats["side"], outputs["side"]
@@ -308,5 +362,7 @@ def timed(call: Callable[[], Any], *, repeats: int, threads: Callable[[], dict],
 def describe(stats: dict) -> str:
     """'median 1.23 s (best 1.20, spread 4%, 3 runs, 1.9 cores busy)' for tables."""
     busy = stats.get("cores_busy_all") or [0.0]
-    return (f"median {stats['median_s']:.3g} s (best {stats['best_s']:.3g}, spread {100 * stats['spread']:.0f}%, "
-            f"{stats['repeats']} runs, {sorted(busy)[len(busy) // 2]:.1f} cores busy)")
+    return (
+        f"median {stats['median_s']:.3g} s (best {stats['best_s']:.3g}, spread {100 * stats['spread']:.0f}%, "
+        f"{stats['repeats']} runs, {sorted(busy)[len(busy) // 2]:.1f} cores busy)"
+    )

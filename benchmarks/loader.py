@@ -120,7 +120,10 @@ def warm_page_cache(paths: list[str]) -> None:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
-    print(f"page cache warmed: read {sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB in {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"page cache warmed: read {sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
 
 
 def start_emulator() -> tuple[subprocess.Popen, str]:
@@ -142,7 +145,10 @@ def upload(paths: list[str], bucket: str) -> list[str]:
     urls = [f"{bucket}/{os.path.basename(p)}" for p in paths]
     for path, url in zip(paths, urls):
         storage.filesystem(url).put_file(path, url)
-    print(f"uploaded {sum(os.path.getsize(p) for p in paths) / 2**30:.2f} GiB to the emulator in {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"uploaded {sum(os.path.getsize(p) for p in paths) / 2**30:.2f} GiB to the emulator in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     return urls
 
 
@@ -162,7 +168,10 @@ def timed_cache_copy(urls: list[str], directory: str) -> dict:
         size = sum(os.path.getsize(c) for c in copies)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    print(f"data.cache_dir copy: {size / 2**30:.2f} GiB in {seconds:.1f} s ({size / 2**20 / seconds:.0f} MiB/s)", flush=True)
+    print(
+        f"data.cache_dir copy: {size / 2**30:.2f} GiB in {seconds:.1f} s ({size / 2**20 / seconds:.0f} MiB/s)",
+        flush=True,
+    )
     return {"bytes": size, "seconds": round(seconds, 2), "mib_per_s": round(size / 2**20 / seconds, 1)}
 
 
@@ -185,7 +194,9 @@ def run_ours(paths: list[str], keep: float, batch: int, workers: int, steps: int
 
     pool = Pool([NpzPart(p, 10) for p in paths], num_original=NUM_ORIGINAL)
     mask = keep_mask(len(pool), keep)
-    plan = make_plan(mask, NUM_ORIGINAL, batch_size=batch, original_fraction=0.3, synthetic_with_replacement=True, seed=0)
+    plan = make_plan(
+        mask, NUM_ORIGINAL, batch_size=batch, original_fraction=0.3, synthetic_with_replacement=True, seed=0
+    )
     reader = BatchReader(pool, plan, np.full(len(pool), 8 / 255, np.float32), crop_padding=4, flip=True)
     iterator = batch_iterator(reader, warmup + steps, num_workers=workers)
     for _ in range(warmup):
@@ -218,7 +229,11 @@ def run_reference(paths: list[str], keep: float, batch: int, workers: int, steps
 
     kept = np.flatnonzero(keep_mask(len(labels), keep))
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(InMemory(), kept), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+        torch.utils.data.Subset(InMemory(), kept),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
         persistent_workers=workers > 0,
     )
     iterator = iter(loader)
@@ -249,7 +264,9 @@ def child(spec: dict) -> dict:
 
 
 def measure(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode:
         raise RuntimeError(f"{spec['loader']} with {spec['workers']} workers failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -258,14 +275,18 @@ def measure(spec: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1_000_000, help="pool images")
-    parser.add_argument("--dir", default="/tmp/jax_advprune_bench", help="where the generated pool lives (kept between runs)")
+    parser.add_argument(
+        "--dir", default="/tmp/jax_advprune_bench", help="where the generated pool lives (kept between runs)"
+    )
     parser.add_argument("--keep", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=200, help="timed batches per configuration")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores every configuration runs on")
     parser.add_argument("--skip-reference", action="store_true", help="skip the PyTorch in-RAM baseline")
-    parser.add_argument("--gcs", action="store_true", help="also read the pool from gs:// on a loopback Cloud Storage emulator")
+    parser.add_argument(
+        "--gcs", action="store_true", help="also read the pool from gs:// on a loopback Cloud Storage emulator"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     hygiene.add_arguments(parser)
     args = parser.parse_args()
@@ -279,7 +300,10 @@ def main():
     loaders = ["jax_advprune"] + ([] if args.skip_reference else ["reference (torch, in RAM)"])
     pool_bytes = sum(os.path.getsize(p) for p in paths)
     if len(loaders) > 1 and 2 * pool_bytes > 0.8 * psutil.virtual_memory().available:
-        print(f"reference skipped: it holds the pool twice at peak ({2 * pool_bytes / 2**30:.1f} GiB), more than this machine's free memory", flush=True)
+        print(
+            f"reference skipped: it holds the pool twice at peak ({2 * pool_bytes / 2**30:.1f} GiB), more than this machine's free memory",
+            flush=True,
+        )
         loaders = loaders[:1]
     warm_page_cache(paths)
     sources = {loader: paths for loader in loaders}
@@ -295,44 +319,88 @@ def main():
     for round_index in range(args.repeats):
         for loader, workers in configurations:
             steps = args.steps if loader.startswith("jax_advprune") else max(20, args.steps // 4)
-            spec = dict(loader=loader, paths=sources[loader], keep=args.keep, batch=args.batch, workers=workers, steps=steps, warmup=5, threads=args.threads)
+            spec = dict(
+                loader=loader,
+                paths=sources[loader],
+                keep=args.keep,
+                batch=args.batch,
+                workers=workers,
+                steps=steps,
+                warmup=5,
+                threads=args.threads,
+            )
             result = measure(spec)
             runs[(loader, workers)].append(result)
-            print(f"  round {round_index + 1}: {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, "
-                  f"{result['cores_busy']:.1f} cores busy, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB", flush=True)
+            print(
+                f"  round {round_index + 1}: {loader:28s} workers {workers}: {result['images_per_s']:9.0f} img/s, "
+                f"{result['cores_busy']:.1f} cores busy, peak PSS {result['peak_pss_bytes'] / 2**30:.2f} GiB",
+                flush=True,
+            )
     machine_state = guard.finish()
     rows = []
     for (loader, workers), results in runs.items():
         stats = hygiene.summary([r["seconds"] for r in results])
         steps = results[0]["timed_batches"]
-        rows.append(dict(
-            loader=loader, workers=workers, steps=steps, images_per_s=args.batch * steps / stats["median_s"],
-            spread=stats["spread"], images_per_s_all=[r["images_per_s"] for r in results], cores_busy_all=[r["cores_busy"] for r in results],
-            peak_pss_bytes=max(r["peak_pss_bytes"] for r in results), main_peak_rss_bytes=max(r["main_peak_rss_bytes"] for r in results),
-            threads=results[-1]["threads"],
-        ))
+        rows.append(
+            dict(
+                loader=loader,
+                workers=workers,
+                steps=steps,
+                images_per_s=args.batch * steps / stats["median_s"],
+                spread=stats["spread"],
+                images_per_s_all=[r["images_per_s"] for r in results],
+                cores_busy_all=[r["cores_busy"] for r in results],
+                peak_pss_bytes=max(r["peak_pss_bytes"] for r in results),
+                main_peak_rss_bytes=max(r["main_peak_rss_bytes"] for r in results),
+                threads=results[-1]["threads"],
+            )
+        )
     by = {(r["loader"], r["workers"]): r for r in rows}
-    print(f"\npool {args.size:,} images ({pool_bytes / 2**30:.1f} GiB on disk), keep {args.keep:.0%}, batch {args.batch}, crop+flip, "
-          f"{args.threads} cores; median of {args.repeats} fresh processes per configuration, taking turns; "
-          f"other processes used {machine_state['others_cores_mean']:.2f} cores on average\n")
-    print("| loader | workers | images/s (spread) | cores busy | peak PSS (GiB) | main peak RSS (GiB) | speed vs reference |")
+    print(
+        f"\npool {args.size:,} images ({pool_bytes / 2**30:.1f} GiB on disk), keep {args.keep:.0%}, batch {args.batch}, crop+flip, "
+        f"{args.threads} cores; median of {args.repeats} fresh processes per configuration, taking turns; "
+        f"other processes used {machine_state['others_cores_mean']:.2f} cores on average\n"
+    )
+    print(
+        "| loader | workers | images/s (spread) | cores busy | peak PSS (GiB) | main peak RSS (GiB) | speed vs reference |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = by.get(("reference (torch, in RAM)", r["workers"]))
-        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref and r["loader"].startswith("jax_advprune") else ""
+        ratio = (
+            f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref and r["loader"].startswith("jax_advprune") else ""
+        )
         busy = sorted(r["cores_busy_all"])[len(r["cores_busy_all"]) // 2]
-        print(f"| {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} ({100 * r['spread']:.0f}%) | {busy:.1f} | {r['peak_pss_bytes'] / 2**30:.2f} "
-              f"| {r['main_peak_rss_bytes'] / 2**30:.2f} | {ratio} |")
+        print(
+            f"| {r['loader']} | {r['workers']} | {r['images_per_s']:,.0f} ({100 * r['spread']:.0f}%) | {busy:.1f} | {r['peak_pss_bytes'] / 2**30:.2f} "
+            f"| {r['main_peak_rss_bytes'] / 2**30:.2f} | {ratio} |"
+        )
     if cache_copy:
-        print(f"\ngs:// rows: every batch's rows fetched as merged byte ranges from a loopback emulator on the same cores. "
-              f"data.cache_dir instead copies the parts once per host ({cache_copy['mib_per_s']:.0f} MiB/s here), then reads as the local rows.")
+        print(
+            f"\ngs:// rows: every batch's rows fetched as merged byte ranges from a loopback emulator on the same cores. "
+            f"data.cache_dir instead copies the parts once per host ({cache_copy['mib_per_s']:.0f} MiB/s here), then reads as the local rows."
+        )
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", f"loader_{args.size}{'_gcs' if args.gcs else ''}.json")
     with open(out, "w") as f:
-        json.dump({
-            "pool_size": args.size, "keep": args.keep, "gcs": "loopback emulator (gcp-storage-emulator + tests/gcs_emulator.py, in memory, same cores)" if args.gcs else None, "batch": args.batch, "augmentation": "crop 4 + flip", "repeats": args.repeats,
-            "machine": {"cpus": os.cpu_count(), "cores_used": cores, "platform": platform.platform()}, "machine_state": machine_state, "rows": rows, "cache_dir_copy": cache_copy,
-        }, f, indent=2)
+        json.dump(
+            {
+                "pool_size": args.size,
+                "keep": args.keep,
+                "gcs": "loopback emulator (gcp-storage-emulator + tests/gcs_emulator.py, in memory, same cores)"
+                if args.gcs
+                else None,
+                "batch": args.batch,
+                "augmentation": "crop 4 + flip",
+                "repeats": args.repeats,
+                "machine": {"cpus": os.cpu_count(), "cores_used": cores, "platform": platform.platform()},
+                "machine_state": machine_state,
+                "rows": rows,
+                "cache_dir_copy": cache_copy,
+            },
+            f,
+            indent=2,
+        )
     print(f"\nwrote {out}")
 
 

@@ -66,8 +66,16 @@ METHODS = [
 SCORES = {"margin": {}, "du": DU_SCORING, "el2n": {}}
 
 
-def study_config(strategy: str, score: str | None, scoring: dict, keep_ratio: float, seed: int, epochs: float, balanced: bool,
-                 train_epochs: float | None = None):
+def study_config(
+    strategy: str,
+    score: str | None,
+    scoring: dict,
+    keep_ratio: float,
+    seed: int,
+    epochs: float,
+    balanced: bool,
+    train_epochs: float | None = None,
+):
     """configs/default.py in the study's setting; `train_epochs` (default `epochs`) for the final model only."""
     from configs import default
 
@@ -136,9 +144,13 @@ class Study:
         source = os.path.join(self.args.workdir, f"seed{seed}", f"scores_{score}")
         timing = os.path.join(source, "score_seconds.json")
         if not os.path.exists(timing):
-            shutil.rmtree(source, ignore_errors=True)  # an interrupted score phase restarts clean: its seconds must be whole
+            shutil.rmtree(
+                source, ignore_errors=True
+            )  # an interrupted score phase restarts clean: its seconds must be whole
             os.makedirs(source)
-            config = study_config("keep_top" if score != "margin" else "puma", score, SCORES[score], 0.5, seed, self.args.epochs, False)
+            config = study_config(
+                "keep_top" if score != "margin" else "puma", score, SCORES[score], 0.5, seed, self.args.epochs, False
+            )
             begin = time.perf_counter()
             score_phase.run(config, source, load_data(config, run_dir.data_dir(source)), self.mesh)
             with open(timing, "w") as f:
@@ -162,14 +174,32 @@ class Study:
         timings = json.load(open(os.path.join(workdir, "timings.json")))
         ema = results["results"]["ema"]
         compute = score_s + timings.get("select", 0.0) + timings["train"]
-        row = dict(method=label, kind=kind, score=score, keep_ratio=config.pruning.keep_ratio, class_balanced=bool(config.pruning.class_balanced),
-                   seed=config.seed, epochs=config.train.epochs, kept=results["kept"], clean=ema["clean_accuracy"], pgd=ema["pgd_accuracy"],
-                   score_s=round(score_s, 2), select_s=timings.get("select", 0.0), train_s=timings["train"], compute_s=round(compute, 2),
-                   device_s=round(compute * self.mesh.size, 2), devices=self.mesh.size,
-                   others_cores=round(sum(others) / len(others), 3) if others else None, **extra)
+        row = dict(
+            method=label,
+            kind=kind,
+            score=score,
+            keep_ratio=config.pruning.keep_ratio,
+            class_balanced=bool(config.pruning.class_balanced),
+            seed=config.seed,
+            epochs=config.train.epochs,
+            kept=results["kept"],
+            clean=ema["clean_accuracy"],
+            pgd=ema["pgd_accuracy"],
+            score_s=round(score_s, 2),
+            select_s=timings.get("select", 0.0),
+            train_s=timings["train"],
+            compute_s=round(compute, 2),
+            device_s=round(compute * self.mesh.size, 2),
+            devices=self.mesh.size,
+            others_cores=round(sum(others) / len(others), 3) if others else None,
+            **extra,
+        )
         self.rows.append(row)
-        print(f"== {name}: clean {row['clean']:.4f} PGD-20 {row['pgd']:.4f} compute {compute:.1f}s "
-              f"({(time.perf_counter() - self.start) / 60:.1f} min)", flush=True)
+        print(
+            f"== {name}: clean {row['clean']:.4f} PGD-20 {row['pgd']:.4f} compute {compute:.1f}s "
+            f"({(time.perf_counter() - self.start) / 60:.1f} min)",
+            flush=True,
+        )
         return row
 
     def warm_up(self) -> None:
@@ -185,18 +215,35 @@ class Study:
         run(study_config("random", None, {}, 1.0, 0, 1.0, False), os.path.join(workdir, "full_pool"))
         for score, scoring in SCORES.items():
             config = study_config("keep_top", score, scoring, 0.5, 0, 2.0, False)
-            score_phase.run(config, os.path.join(workdir, score), load_data(config, run_dir.data_dir(os.path.join(workdir, score))), self.mesh)
+            score_phase.run(
+                config,
+                os.path.join(workdir, score),
+                load_data(config, run_dir.data_dir(os.path.join(workdir, score))),
+                self.mesh,
+            )
         shutil.rmtree(workdir)
 
     def seed(self, seed: int) -> None:
         args = self.args
-        full = self.run(f"seed{seed}/full_pool", "full pool", study_config("random", None, {}, 1.0, seed, args.epochs, False), score=None, kind="full")
+        full = self.run(
+            f"seed{seed}/full_pool",
+            "full pool",
+            study_config("random", None, {}, 1.0, seed, args.epochs, False),
+            score=None,
+            kind="full",
+        )
         for balanced in (False, True):
             for ratio in args.ratios:
                 for label, strategy, score, scoring in METHODS:
                     slug = label.replace(" ", "_").replace("(", "").replace(")", "")
                     name = f"seed{seed}/{'balanced' if balanced else 'plain'}/{slug}_keep{ratio}"
-                    self.run(name, label, study_config(strategy, score, scoring, ratio, seed, args.epochs, balanced), score=score, kind="pruned")
+                    self.run(
+                        name,
+                        label,
+                        study_config(strategy, score, scoring, ratio, seed, args.epochs, balanced),
+                        score=score,
+                        kind="pruned",
+                    )
         points = [(full["epochs"], full["train_s"])]
         for score in SCORES:
             runs = [r for r in self.rows if r["seed"] == seed and r["kind"] == "pruned" and r["score"] == score]
@@ -205,8 +252,15 @@ class Study:
             for ratio in (1.0, *args.ratios):
                 label = f"{'full pool' if ratio == 1.0 else 'random'} (compute of {score} runs)"
                 config = study_config("random", None, {}, ratio, seed, args.epochs, False, train_epochs=epochs)
-                row = self.run(f"seed{seed}/matched_{score}/random_keep{ratio}", label, config, score=None, kind="matched",
-                               matched_to=score, target_compute_s=round(target, 2))
+                row = self.run(
+                    f"seed{seed}/matched_{score}/random_keep{ratio}",
+                    label,
+                    config,
+                    score=None,
+                    kind="matched",
+                    matched_to=score,
+                    target_compute_s=round(target, 2),
+                )
                 row["compute_vs_target"] = round(row["compute_s"] / target, 3)
                 if ratio == 1.0:
                     points.append((epochs, row["train_s"]))
@@ -218,8 +272,11 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "study_v2"))
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the table and plot from benchmarks/results/pruning_study.json without running anything")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the table and plot from benchmarks/results/pruning_study.json without running anything",
+    )
     hygiene.add_arguments(parser)
     args = parser.parse_args()
     if args.report_only:
@@ -253,9 +310,22 @@ def summarise(rows: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["method"], r["class_balanced"], r["keep_ratio"], r.get("matched_to")) for r in rows))
     table = []
     for method, balanced, ratio, matched in keys:
-        sel = [r for r in rows if (r["method"], r["class_balanced"], r["keep_ratio"], r.get("matched_to")) == (method, balanced, ratio, matched)]
-        line = dict(method=method, kind=sel[0]["kind"], class_balanced=balanced, keep_ratio=ratio, matched_to=matched, seeds=len(sel),
-                    kept=int(round(sum(r["kept"] for r in sel) / len(sel))), epochs=round(sum(r["epochs"] for r in sel) / len(sel), 2))
+        sel = [
+            r
+            for r in rows
+            if (r["method"], r["class_balanced"], r["keep_ratio"], r.get("matched_to"))
+            == (method, balanced, ratio, matched)
+        ]
+        line = dict(
+            method=method,
+            kind=sel[0]["kind"],
+            class_balanced=balanced,
+            keep_ratio=ratio,
+            matched_to=matched,
+            seeds=len(sel),
+            kept=int(round(sum(r["kept"] for r in sel) / len(sel))),
+            epochs=round(sum(r["epochs"] for r in sel) / len(sel), 2),
+        )
         for metric in ("clean", "pgd", "compute_s", "device_s"):
             line[f"{metric}_mean"], line[f"{metric}_min"], line[f"{metric}_max"] = _spread([r[metric] for r in sel])
         if matched:
@@ -280,9 +350,15 @@ def write_outputs(rows: list[dict], args, machine: dict) -> None:
     ]
     for t in table:
         balanced = ("yes" if t["class_balanced"] else "no") if t["kind"] == "pruned" else "-"
-        lines.append(f"| {t['method']} | {balanced} | {t['keep_ratio']:g} | {t['kept']:,} | {t['epochs']:g} "
-                     f"| {pct(t, 'clean')} | {pct(t, 'pgd')} | {t['compute_s_mean']:.0f} | {t['compute_s_mean'] / full['compute_s_mean']:.2f}x |")
-    lines += ["", "By method: PGD-20 accuracy, mean over seeds, at each keep ratio; compute relative to the full pool's.", ""] + by_method(table, args)
+        lines.append(
+            f"| {t['method']} | {balanced} | {t['keep_ratio']:g} | {t['kept']:,} | {t['epochs']:g} "
+            f"| {pct(t, 'clean')} | {pct(t, 'pgd')} | {t['compute_s_mean']:.0f} | {t['compute_s_mean'] / full['compute_s_mean']:.2f}x |"
+        )
+    lines += [
+        "",
+        "By method: PGD-20 accuracy, mean over seeds, at each keep ratio; compute relative to the full pool's.",
+        "",
+    ] + by_method(table, args)
     out_dir = os.path.join(REPO, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pruning_study.md"), "w") as f:
@@ -300,15 +376,22 @@ def by_method(table: list[dict], args) -> list[str]:
     full = next(t for t in table if t["kind"] == "full")
     ratios = sorted(args.ratios, reverse=True)
     head = " / ".join(f"{r:g}" for r in ratios)
-    lines = [f"| method | compute vs full | PGD-20 at keep {head}, not balanced | class-balanced |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        f"| method | compute vs full | PGD-20 at keep {head}, not balanced | class-balanced |",
+        "| --- | --- | --- | --- |",
+    ]
     cell = lambda rows: " / ".join(f"{100 * r['pgd_mean']:.1f}" if r else "-" for r in rows)  # noqa: E731
     lines.append(f"| full pool | 1.00x | {100 * full['pgd_mean']:.1f} (keep 1) | |")
     for label in [m[0] for m in METHODS]:
         rows = [t for t in table if t["kind"] == "pruned" and t["method"] == label]
-        find = lambda balanced, ratio: next((t for t in rows if t["class_balanced"] == balanced and t["keep_ratio"] == ratio), None)  # noqa: E731
+
+        def find(balanced, ratio, rows=rows):
+            return next((t for t in rows if t["class_balanced"] == balanced and t["keep_ratio"] == ratio), None)
+
         compute = sum(t["compute_s_mean"] for t in rows) / len(rows) / full["compute_s_mean"]
-        lines.append(f"| {label} | {compute:.2f}x | {cell([find(False, r) for r in ratios])} | {cell([find(True, r) for r in ratios])} |")
+        lines.append(
+            f"| {label} | {compute:.2f}x | {cell([find(False, r) for r in ratios])} | {cell([find(True, r) for r in ratios])} |"
+        )
     for score in SCORES:
         rows = [t for t in table if t["kind"] == "matched" and t["matched_to"] == score]
         if not rows:
@@ -316,8 +399,10 @@ def by_method(table: list[dict], args) -> list[str]:
         whole = next((t for t in rows if t["keep_ratio"] == 1.0), None)
         compute = sum(t["compute_s_mean"] for t in rows) / len(rows) / full["compute_s_mean"]
         random_cells = cell([next((t for t in rows if t["keep_ratio"] == r), None) for r in ratios])
-        lines.append(f"| full pool; random, {rows[0]['epochs']:.0f} epochs (compute of the {score} runs) | {compute:.2f}x "
-                     f"| full {100 * whole['pgd_mean']:.1f}; random {random_cells} | |")
+        lines.append(
+            f"| full pool; random, {rows[0]['epochs']:.0f} epochs (compute of the {score} runs) | {compute:.2f}x "
+            f"| full {100 * whole['pgd_mean']:.1f}; random {random_cells} | |"
+        )
     return lines
 
 
@@ -334,18 +419,43 @@ def plot(table: list[dict], args, path: str) -> None:
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     markers = {0.75: "o", 0.5: "s", 0.25: "^"}
     for ax, balanced in zip(axes, (False, True)):
-        baselines = sorted([t for t in table if t["kind"] in ("full", "matched") and t["keep_ratio"] == 1.0], key=lambda t: t["compute_s_mean"])
-        ax.plot([t["compute_s_mean"] for t in baselines], [100 * t["pgd_mean"] for t in baselines], "k--", label="full pool, more epochs")
+        baselines = sorted(
+            [t for t in table if t["kind"] in ("full", "matched") and t["keep_ratio"] == 1.0],
+            key=lambda t: t["compute_s_mean"],
+        )
+        ax.plot(
+            [t["compute_s_mean"] for t in baselines],
+            [100 * t["pgd_mean"] for t in baselines],
+            "k--",
+            label="full pool, more epochs",
+        )
         for ratio in args.ratios:
-            matched = sorted([t for t in table if t["kind"] == "matched" and t["keep_ratio"] == ratio], key=lambda t: t["compute_s_mean"])
-            ax.plot([t["compute_s_mean"] for t in matched], [100 * t["pgd_mean"] for t in matched], ":", color="grey",
-                    marker=markers.get(ratio, "o"), markersize=4, label=f"random {ratio:g}, more epochs")
+            matched = sorted(
+                [t for t in table if t["kind"] == "matched" and t["keep_ratio"] == ratio],
+                key=lambda t: t["compute_s_mean"],
+            )
+            ax.plot(
+                [t["compute_s_mean"] for t in matched],
+                [100 * t["pgd_mean"] for t in matched],
+                ":",
+                color="grey",
+                marker=markers.get(ratio, "o"),
+                markersize=4,
+                label=f"random {ratio:g}, more epochs",
+            )
         for t in table:
             if t["kind"] != "pruned" or t["class_balanced"] != balanced:
                 continue
             y = 100 * t["pgd_mean"]
-            ax.errorbar(t["compute_s_mean"], y, yerr=[[y - 100 * t["pgd_min"]], [100 * t["pgd_max"] - y]], color=colors[t["method"]],
-                        marker=markers.get(t["keep_ratio"], "o"), capsize=2, linestyle="none")
+            ax.errorbar(
+                t["compute_s_mean"],
+                y,
+                yerr=[[y - 100 * t["pgd_min"]], [100 * t["pgd_max"] - y]],
+                color=colors[t["method"]],
+                marker=markers.get(t["keep_ratio"], "o"),
+                capsize=2,
+                linestyle="none",
+            )
         for m in methods:
             ax.plot([], [], color=colors[m], marker="o", linestyle="none", label=m)
         ax.set_xlabel("compute: score + select + train (s, this machine)")
@@ -353,7 +463,9 @@ def plot(table: list[dict], args, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PGD-20 accuracy (%)")
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"Robust accuracy against compute, embedded default, scope='synthetic' (mean, min..max over seeds {args.seeds})")
+    fig.suptitle(
+        f"Robust accuracy against compute, embedded default, scope='synthetic' (mean, min..max over seeds {args.seeds})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

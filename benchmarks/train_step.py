@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hygiene  # noqa: E402
@@ -39,10 +39,17 @@ import hygiene  # noqa: E402
 if __name__ == "__main__":
     _args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _args.add_argument("--devices", type=int, default=2 * (os.cpu_count() or 1), help="virtual XLA:CPU devices")
-    _args.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for every side: XLA's pool and PyTorch's threads")
+    _args.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="cores for every side: XLA's pool and PyTorch's threads",
+    )
     _args.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
     _args.add_argument("--skip-wrn", action="store_true")
-    _args.add_argument("--models", default="small_cnn,preact_resnet18,wide_resnet", help="registry names to time, comma-separated")
+    _args.add_argument(
+        "--models", default="small_cnn,preact_resnet18,wide_resnet", help="registry names to time, comma-separated"
+    )
     _args.add_argument("--bf16", action="store_true", help="also time our step with bfloat16 compute")
     hygiene.add_arguments(_args)
     hygiene.add_isa_argument(_args)
@@ -68,17 +75,32 @@ from jax_advprune.models.torch_export import to_torch  # noqa: E402
 EPS, STEP, ATTACK_STEPS, BETA, SMOOTHING, LR = 8 / 255, 2 / 255, 10, 5.0, 0.1, 0.1
 
 MODELS = [  # (label, registry name, kwargs, batch)
-    ("small CNN (32/64/128)", "small_cnn", dict(widths=(32, 64, 128), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), 128),
+    (
+        "small CNN (32/64/128)",
+        "small_cnn",
+        dict(widths=(32, 64, 128), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        128,
+    ),
     ("PreAct ResNet-18", "preact_resnet18", {}, 32),
     ("WRN-16-4 (Swish)", "wide_resnet", dict(depth=16, width=4, activation="swish"), 32),
 ]
 
 
 def train_config():
-    cfg = ml_collections.ConfigDict(dict(
-        loss="trades", trades_beta=BETA, label_smoothing=SMOOTHING, lr=LR, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, warmup_steps=0, ema_decay=0.995, ema_warmup_steps=0,
-    ))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            loss="trades",
+            trades_beta=BETA,
+            label_smoothing=SMOOTHING,
+            lr=LR,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=5e-4,
+            warmup_steps=0,
+            ema_decay=0.995,
+            ema_warmup_steps=0,
+        )
+    )
     attack = ml_collections.ConfigDict(dict(norm="linf", eps=EPS, step_size=STEP, steps=ATTACK_STEPS))
     return cfg, attack
 
@@ -88,8 +110,11 @@ def our_stepper(model, variables, batch: dict, conv_backend: str) -> tuple[Calla
     cfg, attack = train_config()
     tx = training.make_optimizer(cfg, 1000)
     state = training.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]), ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]),
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]),
         rng=jax.random.PRNGKey(0),
     )
     onednn.set_backend(conv_backend)  # read while the step is traced, i.e. on its first call
@@ -113,7 +138,12 @@ def reference_stepper(torch_model, batch: dict) -> tuple[Callable[[], float], fl
     batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=LR, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        momentum=0.9,
+        nesterov=True,
+    )
     kl = torch.nn.KLDivLoss(reduction="batchmean")
     x = torch.tensor(batch["image"].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     y = torch.tensor(batch["label"], dtype=torch.long)
@@ -132,7 +162,9 @@ def reference_stepper(torch_model, batch: dict) -> tuple[Callable[[], float], fl
             bn.momentum = 0.1
         optimizer.zero_grad()
         logits_natural, logits_adv = model(x), model(x_adv)
-        loss = F.cross_entropy(logits_natural, y, label_smoothing=SMOOTHING) + BETA * kl(F.log_softmax(logits_adv, dim=1), F.softmax(logits_natural, dim=1))
+        loss = F.cross_entropy(logits_natural, y, label_smoothing=SMOOTHING) + BETA * kl(
+            F.log_softmax(logits_adv, dim=1), F.softmax(logits_natural, dim=1)
+        )
         loss.backward()
         optimizer.step()
         return float(loss)
@@ -155,7 +187,9 @@ def reference_worker(conn, name: str, kwargs: dict, batch: dict, threads: int) -
     torch_model = to_torch(model, variables, (32, 32, 3))
     x = batch["image"][:4].astype(np.float32) / 255.0
     with torch.no_grad():
-        diff = np.abs(torch_model(torch.tensor(x.transpose(0, 3, 1, 2))).numpy() - np.asarray(model.apply(variables, x))).max()
+        diff = np.abs(
+            torch_model(torch.tensor(x.transpose(0, 3, 1, 2))).numpy() - np.asarray(model.apply(variables, x))
+        ).max()
     if diff >= 1e-3:
         conn.send(("error", f"{name}: exported model differs by {diff}"))
         return
@@ -179,7 +213,9 @@ def reference_worker(conn, name: str, kwargs: dict, batch: dict, threads: int) -
         conn.send((time.perf_counter() - start, record))
 
 
-def start_reference(name: str, kwargs: dict, batch: dict) -> tuple[Callable[[int], float], float, Callable[[], None], Callable[[], dict]]:
+def start_reference(
+    name: str, kwargs: dict, batch: dict
+) -> tuple[Callable[[int], float], float, Callable[[], None], Callable[[], dict]]:
     """(seconds for n reference steps, first loss, stop, the threads record of the last turn) with the
     reference in a spawned process (which inherits this process's cores)."""
     import multiprocessing
@@ -248,37 +284,78 @@ def main() -> None:
         stats["ref"]["threads"] = reference_record()
         stop_reference()
         median = {k: batch_size * ARGS.steps / v["median_s"] for k, v in stats.items()}
-        row = dict(model=label, batch=batch_size, ours_img_s=median["onednn"], ours_xla_conv_img_s=median["xla"], ref_img_s=median["ref"],
-                   speedup=median["onednn"] / median["ref"], speedup_xla_conv=median["xla"] / median["ref"],
-                   spread=dict(ours=stats["onednn"]["spread"], ours_xla_conv=stats["xla"]["spread"], ref=stats["ref"]["spread"]),
-                   timings=stats, first_losses=first_losses)
+        row = dict(
+            model=label,
+            batch=batch_size,
+            ours_img_s=median["onednn"],
+            ours_xla_conv_img_s=median["xla"],
+            ref_img_s=median["ref"],
+            speedup=median["onednn"] / median["ref"],
+            speedup_xla_conv=median["xla"] / median["ref"],
+            spread=dict(
+                ours=stats["onednn"]["spread"], ours_xla_conv=stats["xla"]["spread"], ref=stats["ref"]["spread"]
+            ),
+            timings=stats,
+            first_losses=first_losses,
+        )
         if ARGS.bf16:
             row["ours_bf16_img_s"] = median["bf16"]
         rows.append(row)
-        print(f"{label:24s} batch {batch_size:4d}: ours {row['ours_img_s']:7.1f} img/s (XLA convolutions {row['ours_xla_conv_img_s']:.1f}), "
-              f"PyTorch {row['ref_img_s']:7.1f} img/s, {row['speedup']:.2f}x ({row['speedup_xla_conv']:.2f}x); spreads "
-              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["spread"].items()) + "; first losses "
-              + ", ".join(f"{k} {v:.4f}" for k, v in first_losses.items()), flush=True)
+        print(
+            f"{label:24s} batch {batch_size:4d}: ours {row['ours_img_s']:7.1f} img/s (XLA convolutions {row['ours_xla_conv_img_s']:.1f}), "
+            f"PyTorch {row['ref_img_s']:7.1f} img/s, {row['speedup']:.2f}x ({row['speedup_xla_conv']:.2f}x); spreads "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["spread"].items())
+            + "; first losses "
+            + ", ".join(f"{k} {v:.4f}" for k, v in first_losses.items()),
+            flush=True,
+        )
 
     machine_state = guard.finish()
-    print(f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices on {ARGS.threads} cores vs {ARGS.threads} torch threads, "
-          f"median of {ARGS.repeats} rounds of {ARGS.steps} steps; other processes used {machine_state['others_cores_mean']:.2f} cores on average\n")
-    print("| model | batch | ours img/s | PyTorch img/s | speedup | ours, XLA convolutions | speedup |" + (" ours bf16 img/s |" if ARGS.bf16 else ""))
+    print(
+        f"\nTRADES-10 train step, {ARGS.devices} XLA:CPU devices on {ARGS.threads} cores vs {ARGS.threads} torch threads, "
+        f"median of {ARGS.repeats} rounds of {ARGS.steps} steps; other processes used {machine_state['others_cores_mean']:.2f} cores on average\n"
+    )
+    print(
+        "| model | batch | ours img/s | PyTorch img/s | speedup | ours, XLA convolutions | speedup |"
+        + (" ours bf16 img/s |" if ARGS.bf16 else "")
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if ARGS.bf16 else ""))
     for r in rows:
         extra = f" {r['ours_bf16_img_s']:.1f} |" if ARGS.bf16 else ""
-        print(f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x "
-              f"| {r['ours_xla_conv_img_s']:.1f} | {r['speedup_xla_conv']:.2f}x |{extra}")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['ours_xla_conv_img_s']:.1f} | {r['speedup_xla_conv']:.2f}x |{extra}"
+        )
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(REPO, "benchmarks", "results", hygiene.results_name("train_step", ARGS.isa))
     with open(out, "w") as f:
-        json.dump(dict(
-            machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=CORES, jax=jax.__version__, torch=importlib.metadata.version("torch"),
-                         devices=ARGS.devices, threads=ARGS.threads, **hygiene.cpu_record(ARGS.isa)),
-            machine_state=machine_state,
-            settings=dict(eps=EPS, step=STEP, attack_steps=ATTACK_STEPS, beta=BETA, label_smoothing=SMOOTHING, steps_per_round=ARGS.steps, rounds=ARGS.repeats),
-            rows=rows,
-        ), f, indent=2)
+        json.dump(
+            dict(
+                machine=dict(
+                    platform=platform.platform(),
+                    cpus=os.cpu_count(),
+                    cores_used=CORES,
+                    jax=jax.__version__,
+                    torch=importlib.metadata.version("torch"),
+                    devices=ARGS.devices,
+                    threads=ARGS.threads,
+                    **hygiene.cpu_record(ARGS.isa),
+                ),
+                machine_state=machine_state,
+                settings=dict(
+                    eps=EPS,
+                    step=STEP,
+                    attack_steps=ATTACK_STEPS,
+                    beta=BETA,
+                    label_smoothing=SMOOTHING,
+                    steps_per_round=ARGS.steps,
+                    rounds=ARGS.repeats,
+                ),
+                rows=rows,
+            ),
+            f,
+            indent=2,
+        )
     print(f"\nwrote {out}")
 
 

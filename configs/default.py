@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_devices = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # 'digits' (embedded), 'npz' (DM-Improves-AT files), 'cifar_tarball' or 'tfds'; README "Data"
+    c.data.name = (
+        "digits"  # 'digits' (embedded), 'npz' (DM-Improves-AT files), 'cifar_tarball' or 'tfds'; README "Data"
+    )
     c.data.num_classes = 10
     c.data.image_size = 16  # digits only
     c.data.synthetic_size = 20_000  # digits only
@@ -113,7 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.init_from = ""
     c.scoring.train_epochs = 25.0  # the scoring model: adversarial training on the scored rows
     c.scoring.num_models = 2  # el2n / grand: scores averaged over this many seeds
-    c.scoring.history_inputs = "clean"  # forgetting / du / fp: true-class probability on 'clean' or 'pgd' inputs, every epoch
+    c.scoring.history_inputs = (
+        "clean"  # forgetting / du / fp: true-class probability on 'clean' or 'pgd' inputs, every epoch
+    )
     # forgetting / du / fp: 'mixed' (one run, originals + scored synthetic rows mixed as in training, a record per
     # epoch of ceil(originals / batch) steps) or 'reference' (Nieth et al.'s code: a run per group on that group
     # alone, originals and synthetic rows apart, a record per full pass); README "Pruning: scores, ..."
@@ -146,7 +150,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.deepfool.candidates = 3
 
     c.pruning = ml_collections.ConfigDict()
-    c.pruning.strategy = "puma"  # random | prune_easy | prune_hard | puma (margins) | keep_top | keep_bottom (any score)
+    c.pruning.strategy = (
+        "puma"  # random | prune_easy | prune_hard | puma (margins) | keep_top | keep_bottom (any score)
+    )
     c.pruning.keep_ratio = 0.5
     c.pruning.scope = "all"  # 'all' or 'synthetic' (originals always kept)
     c.pruning.class_balanced = False

@@ -36,8 +36,16 @@ class Checkpointer:
         # asynchronously; orbax synchronises the processes with named barriers, which must differ between
         # managers that save concurrently ("Barrier ... is already ongoing" otherwise).
         multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix(self.directory))
-        best = {} if best_metric is None else dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max", keep_checkpoints_without_metrics=False)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, multiprocessing_options=multiprocessing, **best)
+        best = (
+            {}
+            if best_metric is None
+            else dict(
+                best_fn=lambda metrics: metrics[best_metric], best_mode="max", keep_checkpoints_without_metrics=False
+            )
+        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, multiprocessing_options=multiprocessing, **best
+        )
         self.manager = _Manager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -6,7 +6,7 @@ import ctypes
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def die_with_parent() -> Callable[[], None]:

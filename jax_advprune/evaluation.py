@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,9 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jax_advprune import parallel
-from jax_advprune.resume_log import ResumeLog
 from jax_advprune.attacks import autoattack, pgd
 from jax_advprune.attacks.common import to_unit_interval
+from jax_advprune.resume_log import ResumeLog
 
 ApplyFn = Callable[[dict, jax.Array], jax.Array]  # (variables, images in [0, 1]) -> logits, inference mode
 
@@ -41,7 +41,10 @@ def pgd_evaluator(
         base_key = jax.random.PRNGKey(seed)
         correct = parallel.map_rows(
             lambda i, x, y: {"correct": batch_correct(variables, jax.random.fold_in(base_key, i), x, y)},
-            lambda rows: (images[rows], labels[rows].astype(np.int32)), len(labels), batch_size, mesh,
+            lambda rows: (images[rows], labels[rows].astype(np.int32)),
+            len(labels),
+            batch_size,
+            mesh,
         )["correct"]
         n = len(labels)
         return {"clean_accuracy": int(correct[:, 0].sum()) / n, "pgd_accuracy": int(correct[:, 1].sum()) / n, "n": n}
@@ -90,9 +93,15 @@ def autoattack_evaluator(
     parallel.check_divisible(batch_size, mesh, "eval batch size")
     aa_version = {"autoattack": "standard", "autoattack_lite": "lite"}[version]
 
-    def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0, resume_dir: str | None = None) -> dict[str, float]:
-        logits_fn = Partial(apply_fn, jax.device_put(variables, parallel.replicated(mesh)))  # placed once, not per batch
-        passes = ResumeLog(resume_dir, "pass_", 3) if resume_dir else None  # opened once: every process reuses the same passes
+    def evaluate(
+        variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0, resume_dir: str | None = None
+    ) -> dict[str, float]:
+        logits_fn = Partial(
+            apply_fn, jax.device_put(variables, parallel.replicated(mesh))
+        )  # placed once, not per batch
+        passes = (
+            ResumeLog(resume_dir, "pass_", 3) if resume_dir else None
+        )  # opened once: every process reuses the same passes
 
         def on_pass(k: int, hits: dict) -> None:
             if passes is not None:
@@ -100,9 +109,23 @@ def autoattack_evaluator(
                 passes.stop_if_preempted(f"{k + 1} AutoAttack passes")
 
         done = [passes.load(k) for k in range(passes.consecutive())] if passes is not None else []
-        result = autoattack(logits_fn, images, labels, jax.random.PRNGKey(seed), eps=eps, norm=norm, version=aa_version,
-                            apgd_steps=apgd_steps, num_targets=num_targets, fab_steps=fab_steps, square_queries=square_queries,
-                            batch_size=batch_size, mesh=mesh, on_pass=on_pass, done_passes=done)
+        result = autoattack(
+            logits_fn,
+            images,
+            labels,
+            jax.random.PRNGKey(seed),
+            eps=eps,
+            norm=norm,
+            version=aa_version,
+            apgd_steps=apgd_steps,
+            num_targets=num_targets,
+            fab_steps=fab_steps,
+            square_queries=square_queries,
+            batch_size=batch_size,
+            mesh=mesh,
+            on_pass=on_pass,
+            done_passes=done,
+        )
         accuracies = {"clean_accuracy": result.clean_accuracy}
         for name, accuracy in zip(result.attacks[:-1], result.robust_accuracy[:-1]):
             accuracies[name.replace("-", "_") + "_accuracy"] = accuracy

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -36,9 +37,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     state = state_dict_from_variables(model, variables)
     save_state_dict(state, args.out)
-    print(f"wrote {args.out}: {type(model).__name__} {args.weights} weights of step {step}, {len(state)} tensors, "
-          f"{sum(int(np.prod(v.shape)) for v in state.values() if v.dtype != np.int64):,} parameters and statistics; "
-          f"inputs in [0, 1] normalised with mean {tuple(model.mean)} and std {tuple(model.std)}")
+    print(
+        f"wrote {args.out}: {type(model).__name__} {args.weights} weights of step {step}, {len(state)} tensors, "
+        f"{sum(int(np.prod(v.shape)) for v in state.values() if v.dtype != np.int64):,} parameters and statistics; "
+        f"inputs in [0, 1] normalised with mean {tuple(model.mean)} and std {tuple(model.std)}"
+    )
 
 
 if __name__ == "__main__":

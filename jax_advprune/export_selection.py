@@ -36,10 +36,13 @@ def _pool(workdir: str):
 
     path = run_dir.settings_file(workdir, "select")
     if not storage.exists(path) or not run_dir.is_complete(workdir, "select"):
-        raise UserError(f"{workdir} holds no complete selection (selection/meta.json, {path}): run the select phase first")
+        raise UserError(
+            f"{workdir} holds no complete selection (selection/meta.json, {path}): run the select phase first"
+        )
     settings = storage.read_json(path)
-    config = ml_collections.ConfigDict({"data": settings["data"], "seed": settings["seed"],
-                                        "train": {"validation_size": settings["validation_size"]}})
+    config = ml_collections.ConfigDict(
+        {"data": settings["data"], "seed": settings["seed"], "train": {"validation_size": settings["validation_size"]}}
+    )
     return load_data(config, run_dir.data_dir(workdir)).pool, settings
 
 
@@ -75,8 +78,11 @@ def export(workdir: str, out_dir: str, part_size: int = 0) -> dict:
         "num_original": int(pool.num_original),
         "kept_original_not_exported": int((keep & ~pool.is_synthetic).sum()),
         "image_shape": list(pool.image_shape),
-        "eps": {"attack": settings["eps"], "min": float(eps[rows].min()) if len(rows) else None,
-                "lowered": int((eps[rows] < settings["eps"]).sum())},
+        "eps": {
+            "attack": settings["eps"],
+            "min": float(eps[rows].min()) if len(rows) else None,
+            "lowered": int((eps[rows] < settings["eps"]).sum()),
+        },
     }
     write_json(os.path.join(out_dir, "selection.json"), summary)
     return summary
@@ -97,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({k: summary[k] for k in ("rows", "pool_size", "kept_original_not_exported", "eps")}), "->", args.out)
+    print(
+        json.dumps({k: summary[k] for k in ("rows", "pool_size", "kept_original_not_exported", "eps")}), "->", args.out
+    )
 
 
 if __name__ == "__main__":

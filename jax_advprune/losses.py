@@ -20,12 +20,16 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing
     return optax.losses.softmax_cross_entropy(logits, targets)
 
 
-def trades_loss(clean_logits: jax.Array, adv_logits: jax.Array, labels: jax.Array, beta: float, label_smoothing: float = 0.0) -> jax.Array:
+def trades_loss(
+    clean_logits: jax.Array, adv_logits: jax.Array, labels: jax.Array, beta: float, label_smoothing: float = 0.0
+) -> jax.Array:
     """TRADES (Zhang et al. 2019) per sample (B,): CE_s(clean, y) + beta * KL(softmax(clean) || softmax(adv)).
 
     CE_s is the label-smoothed cross-entropy; gradients flow through both logits,
     as in the reference implementation (its `reduction='batchmean'` is the mean
     of this vector).
     """
-    kl = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(adv_logits, axis=-1), jax.nn.log_softmax(clean_logits, axis=-1))
+    kl = optax.losses.kl_divergence_with_log_targets(
+        jax.nn.log_softmax(adv_logits, axis=-1), jax.nn.log_softmax(clean_logits, axis=-1)
+    )
     return smoothed_cross_entropy(clean_logits, labels, label_smoothing) + beta * kl

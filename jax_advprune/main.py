@@ -17,19 +17,24 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file, optionally ':variant'.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml-collections config file, optionally ':variant'."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory holding every phase's outputs; rerunning resumes.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "Virtual XLA:CPU devices to split batches over when running on a CPU; 0 = two per core."
 )
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
     "Multi-host: 'auto' calls jax.distributed.initialize when JAX_COORDINATOR_ADDRESS or JAX_NUM_PROCESSES "
     "is set (with JAX_PROCESS_ID), 'on' always (SLURM, Open MPI, Cloud TPU and Kubernetes are detected), 'off' never.",
 )
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "Show the traceback of a user error (a bad setting or input) too.")
 _PHASES = flags.DEFINE_list(
-    "phases", "score,select,train,evaluate",
+    "phases",
+    "score,select,train,evaluate",
     "The phases to run, an ordered subset of score,select,train,evaluate (e.g. score,select; or evaluate with "
     "--config.eval.init_from=PATH to evaluate any checkpoint). A phase whose outputs are complete is skipped anyway.",
 )
@@ -97,8 +102,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "--verbose" in argv:
             raise
         overrides = [a for a in argv if a.startswith("--config.")]
-        _exit(f"cannot apply the config or its overrides {overrides}: {type(error).__name__}: {str(error).strip(chr(34))}\n"
-              "Check each key against the config file (every key must already exist there) and the value's type.")
+        _exit(
+            f"cannot apply the config or its overrides {overrides}: {type(error).__name__}: {str(error).strip(chr(34))}\n"
+            "Check each key against the config file (every key must already exist there) and the value's type."
+        )
 
 
 def _exit(message: str) -> None:
@@ -110,13 +117,21 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     """Checks everything, locks the work directory and runs the pipeline's `phases`."""
     import jax
 
-    from jax_advprune import parallel, pipeline, preemption, provenance, validate
-    from jax_advprune import run_dir, run_lock, storage
+    from jax_advprune import parallel, pipeline, preemption, provenance, run_dir, run_lock, storage, validate
     from jax_advprune.models import layers
 
     platform, available = jax.devices()[0].platform, len(jax.devices())
-    validate.check_run(config, workdir, available_devices=available, process_count=jax.process_count(), platform=platform, phases=tuple(phases))
-    mesh = parallel.make_mesh(validate.mesh_size(config, available, process_count=jax.process_count(), platform=platform))
+    validate.check_run(
+        config,
+        workdir,
+        available_devices=available,
+        process_count=jax.process_count(),
+        platform=platform,
+        phases=tuple(phases),
+    )
+    mesh = parallel.make_mesh(
+        validate.mesh_size(config, available, process_count=jax.process_count(), platform=platform)
+    )
     lock = run_lock.run_lock(workdir)
     locked = None
     if storage.is_writer():
@@ -127,12 +142,25 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
     parallel.agree_or_raise(locked, run_lock.WorkdirLockedError(f"process 0 could not lock {workdir}"))
     handler = log_to_file(run_dir.log_file(workdir)) if storage.is_writer() else None
     try:
-        log.info("jax_advprune %s; devices: %d x %s %s (process %d of %d)", provenance.code_version(), mesh.size,
-                 mesh.devices.flat[0].platform, mesh.devices.flat[0].device_kind, jax.process_index(), jax.process_count())
+        log.info(
+            "jax_advprune %s; devices: %d x %s %s (process %d of %d)",
+            provenance.code_version(),
+            mesh.size,
+            mesh.devices.flat[0].platform,
+            mesh.devices.flat[0].device_kind,
+            jax.process_index(),
+            jax.process_count(),
+        )
         if mesh.size < available:
             sizes = ", ".join(f"{k} {v}" for k, v in validate.split_sizes(config).items())
-            log.info("the mesh spans %d of the %d %s devices: the largest count that divides every size split over it (%s); "
-                     "set num_devices, or sizes that divide, to use more", mesh.size, available, platform, sizes)
+            log.info(
+                "the mesh spans %d of the %d %s devices: the largest count that divides every size split over it (%s); "
+                "set num_devices, or sizes that divide, to use more",
+                mesh.size,
+                available,
+                platform,
+                sizes,
+            )
         log.info("convolutions: %s", layers.choose_convolutions(config.model.name))
         preemption.install()
         pipeline.run(config, workdir, mesh, tuple(phases))
@@ -152,7 +180,8 @@ def run(config, workdir: str, phases: tuple[str, ...] = ("score", "select", "tra
 
 def main(argv) -> None:
     from jax_advprune.errors import UserError
-    from jax_advprune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS, Preempted
+    from jax_advprune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
+    from jax_advprune.preemption import Preempted
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

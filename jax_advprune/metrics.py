@@ -59,8 +59,14 @@ class Progress:
     """
 
     def __init__(
-        self, phase: str, total: int, items_per_step: int, jsonl_path: str | None = None, every_s: float = 10.0,
-        first_step: int = 0, tensorboard_dir: str | None = None,
+        self,
+        phase: str,
+        total: int,
+        items_per_step: int,
+        jsonl_path: str | None = None,
+        every_s: float = 10.0,
+        first_step: int = 0,
+        tensorboard_dir: str | None = None,
     ):
         self.phase, self.total, self.items_per_step = phase, total, items_per_step
         self.jsonl_path, self.every_s = jsonl_path, every_s
@@ -108,8 +114,15 @@ class Progress:
         shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
         log.info(
             "[%s] %s %d/%d (%.0f%%) %.0f img/s elapsed %s ETA %s %s",
-            self.phase, progress_bar(step / max(self.total, 1)), step, self.total, 100.0 * step / max(self.total, 1), rate,
-            format_duration(elapsed), format_duration(eta), shown,
+            self.phase,
+            progress_bar(step / max(self.total, 1)),
+            step,
+            self.total,
+            100.0 * step / max(self.total, 1),
+            rate,
+            format_duration(elapsed),
+            format_duration(eta),
+            shown,
         )
 
 

@@ -9,7 +9,8 @@ chunks, sharded over the mesh, results brought back to the host.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,7 +46,9 @@ def make_mesh(num_devices: int | None = None, local: bool = False) -> Mesh:
     if num_devices:
         processes = jax.process_count()
         if num_devices > len(devices) or num_devices % processes:
-            raise ValueError(f"asked for {num_devices} devices: needs at most the {len(devices)} that exist and a multiple of the {processes} processes")
+            raise ValueError(
+                f"asked for {num_devices} devices: needs at most the {len(devices)} that exist and a multiple of the {processes} processes"
+            )
         per_process = num_devices // processes
         by_process: dict[int, list] = {}
         for device in devices:
@@ -210,7 +213,10 @@ def map_rows(
             done = log.load(index)
         else:
             result = compute(index, *shared_batch(read(rows), mesh))
-            done = {name: np.asarray(to_host(value) if isinstance(value, jax.Array) else value)[valid] for name, value in result.items()}
+            done = {
+                name: np.asarray(to_host(value) if isinstance(value, jax.Array) else value)[valid]
+                for name, value in result.items()
+            }
             if log is not None:
                 log.save(index, **done)
         for name, value in done.items():

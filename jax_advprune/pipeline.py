@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from jax_advprune import parallel, preemption
-from jax_advprune import run_dir
+from jax_advprune import parallel, preemption, run_dir
 from jax_advprune.data.splits import input_files, load_data
 from jax_advprune.phases import evaluate, score, select, train, weights
 
@@ -26,8 +25,11 @@ def run(config, workdir: str, mesh, phases: tuple[str, ...] = PHASES) -> None:
     data = load_data(config, run_dir.data_dir(workdir))
     files = list(dict.fromkeys(data.files + input_files(config)))  # data and checkpoint files
     run_dir.record_inputs(workdir, run_dir.check_inputs(workdir, files))
-    given = {key: weights.load_variables(config[key].init_from, config, data.pool.image_shape)
-             for key in ("scoring", "train", "eval") if config[key].init_from}
+    given = {
+        key: weights.load_variables(config[key].init_from, config, data.pool.image_shape)
+        for key in ("scoring", "train", "eval")
+        if config[key].init_from
+    }
 
     def timed(phase, *args):
         start = time.perf_counter()

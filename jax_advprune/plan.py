@@ -54,7 +54,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +102,23 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 918e12, 32e9, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
-                "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 
 
 class PlanError(RuntimeError):
@@ -125,8 +141,10 @@ def topology_mesh(name: str) -> tuple[Mesh, Chip, int]:
 
         description = topologies.get_topology_desc(topology_name=name, platform="tpu")
     except Exception as error:  # no libtpu, or a shape the runtime does not know
-        raise PlanError(f"cannot describe TPU topology {name!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                        "(plan needs libtpu: pip install -e '.[plan]')") from error
+        raise PlanError(
+            f"cannot describe TPU topology {name!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+            "(plan needs libtpu: pip install -e '.[plan]')"
+        ) from error
     devices = list(description.devices)
     hosts = len({d.process_index for d in devices})
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))  # parallel.make_mesh's order: process by process
@@ -223,9 +241,17 @@ def compile_program(jitted, args: tuple, effort: float = 0.0) -> Compiled:
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     hlo = compiled.as_text()
-    _COMPILED[key] = Compiled(True, seconds, argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-                              temp_bytes=int(memory.temp_size_in_bytes), flops=float(cost.get("flops", 0.0)),
-                              bytes_accessed=float(cost.get("bytes accessed", 0.0)), collectives=collectives_of(hlo), hygiene=hygiene_of(hlo))
+    _COMPILED[key] = Compiled(
+        True,
+        seconds,
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        collectives=collectives_of(hlo),
+        hygiene=hygiene_of(hlo),
+    )
     return _COMPILED[key]
 
 
@@ -236,9 +262,17 @@ def _compile_key(lowered, args: tuple, effort: float) -> tuple:
     """What decides a compile's result: the lowered module's text, the devices its arguments are placed on (id, kind
     and host of each, in mesh order) and the effort. A program compiled twice in one process (a cost probe of a
     program without a loop is the program itself; configs share their evaluation programs) is compiled once."""
-    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(args) if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
-    placement = tuple(sorted((m.axis_names, m.devices.shape, tuple((d.id, d.device_kind, d.process_index) for d in m.devices.flat))
-                             for m in meshes))
+    meshes = {
+        leaf.sharding.mesh
+        for leaf in jax.tree.leaves(args)
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)
+    }
+    placement = tuple(
+        sorted(
+            (m.axis_names, m.devices.shape, tuple((d.id, d.device_kind, d.process_index) for d in m.devices.flat))
+            for m in meshes
+        )
+    )
     return hashlib.sha256(lowered.as_text().encode()).hexdigest(), placement, effort
 
 
@@ -312,7 +346,10 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
     pool = original + synthetic
     programs: list[Program] = []
     eval_model = build_model(config)
-    variables = _placed(jax.eval_shape(lambda: eval_model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)), replicated)
+    variables = _placed(
+        jax.eval_shape(lambda: eval_model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)),
+        replicated,
+    )
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
 
     def images(batch, dtype=jnp.uint8):
@@ -329,13 +366,23 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
         model = build_model(config, tcfg.compute_dtype)
         tx = training.make_optimizer(tcfg, 1000)
         step = training.make_train_step(model, tx, tcfg, attack, mesh)
-        state = _placed(jax.eval_shape(lambda: training.init_train_state(model, tx, image_shape, config.seed)), replicated)
-        batch_args = {"image": images(batch), "label": labels(batch), "eps": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=split)}
+        state = _placed(
+            jax.eval_shape(lambda: training.init_train_state(model, tx, image_shape, config.seed)), replicated
+        )
+        batch_args = {
+            "image": images(batch),
+            "label": labels(batch),
+            "eps": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=split),
+        }
         return _Unrolled(step.jitted, loop is not None), (state, batch_args)
 
     epochs_steps = math.ceil(tcfg.epochs * _steps_per_epoch(config, original, pool))
     validation_size = int(tcfg.validation_size)
-    validations = math.ceil(epochs_steps / max(1, round(tcfg.validation_every_epochs * _steps_per_epoch(config, original, pool)))) if validation_size else 0
+    validations = (
+        math.ceil(epochs_steps / max(1, round(tcfg.validation_every_epochs * _steps_per_epoch(config, original, pool))))
+        if validation_size
+        else 0
+    )
     calls = {"train": epochs_steps}
     scored = min(int(scfg.extrapolation.subset_size), synthetic) if scfg.extrapolation.enabled else synthetic + original
     needs_model = score_phase.needed(config) and scfg.score not in ("random",) and not scfg.init_from
@@ -347,18 +394,41 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
     # Validation PGD (model selection) and the evaluation's PGD.
     def pgd_build(steps):
         def build(batch, loop=None):
-            jitted = pgd_program(apply_fn(eval_model), eps=config.attack.eps, step_size=config.attack.eps * ecfg.step_fraction,
-                                 steps=loop or steps, norm=config.attack.norm, mesh=mesh)
+            jitted = pgd_program(
+                apply_fn(eval_model),
+                eps=config.attack.eps,
+                step_size=config.attack.eps * ecfg.step_fraction,
+                steps=loop or steps,
+                norm=config.attack.norm,
+                mesh=mesh,
+            )
             return _Unrolled(jitted, loop is not None), (variables, key, images(batch), labels(batch))
+
         return build
 
     if validations:
-        programs.append(Program(f"validation PGD-{tcfg.validation_pgd_steps}", "train", ecfg.batch_size, pgd_build(tcfg.validation_pgd_steps),
-                                {"train": validations * -(-validation_size // ecfg.batch_size)}, loop_count=tcfg.validation_pgd_steps))
+        programs.append(
+            Program(
+                f"validation PGD-{tcfg.validation_pgd_steps}",
+                "train",
+                ecfg.batch_size,
+                pgd_build(tcfg.validation_pgd_steps),
+                {"train": validations * -(-validation_size // ecfg.batch_size)},
+                loop_count=tcfg.validation_pgd_steps,
+            )
+        )
     weight_sets = 3 if validation_size else 2  # raw, EMA (and the best validation checkpoint)
     eval_batches = weight_sets * -(-test // ecfg.batch_size)
-    programs.append(Program(f"evaluation PGD-{ecfg.pgd_steps}", "evaluate", ecfg.batch_size, pgd_build(ecfg.pgd_steps), {"evaluate": eval_batches},
-                            loop_count=ecfg.pgd_steps))
+    programs.append(
+        Program(
+            f"evaluation PGD-{ecfg.pgd_steps}",
+            "evaluate",
+            ecfg.batch_size,
+            pgd_build(ecfg.pgd_steps),
+            {"evaluate": eval_batches},
+            loop_count=ecfg.pgd_steps,
+        )
+    )
 
     # AutoAttack's components, each on at most the whole test split (an upper bound: a pass runs on the survivors).
     if ecfg.attack in ("autoattack", "autoattack_lite"):
@@ -366,8 +436,13 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
         targets = min(ecfg.apgd_targets, config.data.num_classes - 1)
         logits_tree = Partial(apply_fn(eval_model), variables)
         for name in names:
-            impl, static = component(name, norm=config.attack.norm, apgd_steps=ecfg.apgd_steps, fab_steps=ecfg.fab_steps,
-                                                    square_queries=ecfg.square_queries)
+            impl, static = component(
+                name,
+                norm=config.attack.norm,
+                apgd_steps=ecfg.apgd_steps,
+                fab_steps=ecfg.fab_steps,
+                square_queries=ecfg.square_queries,
+            )
             dynamic = {"eps": config.attack.eps} | ({"rank": 2} if name in TARGETED else {})
             loops = {"apgd-ce": ecfg.apgd_steps, "apgd-t": ecfg.apgd_steps, "fab-t": ecfg.fab_steps}.get(name, 0)
 
@@ -377,16 +452,34 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
                     settings.update(steps=loop, unroll=True)
                 shared_names, batched_names = split_dynamic(dynamic)
                 jitted = attack_program(impl, mesh, shared_names, batched_names, tuple(sorted(settings.items())))
-                shared = [jax.ShapeDtypeStruct((), jnp.asarray(dynamic[n]).dtype, sharding=replicated) for n in shared_names]
+                shared = [
+                    jax.ShapeDtypeStruct((), jnp.asarray(dynamic[n]).dtype, sharding=replicated) for n in shared_names
+                ]
                 return jitted, (logits_tree, key, *shared, images(batch, jnp.float32), labels(batch))
 
             passes = targets if name in TARGETED else 1
-            programs.append(Program(f"AutoAttack {name}", "evaluate", ecfg.batch_size, aa_build, {"evaluate": passes * eval_batches},
-                                    loop_count=loops, notes="upper bound: every pass on every test image"))
+            programs.append(
+                Program(
+                    f"AutoAttack {name}",
+                    "evaluate",
+                    ecfg.batch_size,
+                    aa_build,
+                    {"evaluate": passes * eval_batches},
+                    loop_count=loops,
+                    notes="upper bound: every pass on every test image",
+                )
+            )
         if "square" in names:  # its while loop is costed as one forward pass of the chunk per query
-            programs.append(Program("Square queries (as forward passes)", "evaluate", ecfg.batch_size,
-                                    _forward_build(eval_model, variables, mesh, images, labels), {"evaluate": ecfg.square_queries * eval_batches},
-                                    notes=f"{ecfg.square_queries} queries per pass, each one forward pass"))
+            programs.append(
+                Program(
+                    "Square queries (as forward passes)",
+                    "evaluate",
+                    ecfg.batch_size,
+                    _forward_build(eval_model, variables, mesh, images, labels),
+                    {"evaluate": ecfg.square_queries * eval_batches},
+                    notes=f"{ecfg.square_queries} queries per pass, each one forward pass",
+                )
+            )
 
     # Scoring: DeepFool margins, history predictions, embedding + kNN.
     if score_phase.needed(config) and scfg.score == "margin":
@@ -397,27 +490,50 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
 
         def deepfool_build(batch, loop=None):
             if loop is None:  # the run's program: the queue inside one while loop over a chunk
-                jitted = attack_program(_deepfool_loop, mesh, (), (), tuple(sorted(dict(settings, slots=per_chip_slots).items())))
+                jitted = attack_program(
+                    _deepfool_loop, mesh, (), (), tuple(sorted(dict(settings, slots=per_chip_slots).items()))
+                )
                 return jitted, (logits_tree, None, images(batch), labels(batch))
             start, advance, _ = queue_programs(mesh, per_chip_slots, loop, **settings)
             queue = jax.eval_shape(start, logits_tree, images(batch))
             return advance, (logits_tree, images(batch), _placed(queue, split))
 
         steps_per_chunk = math.ceil(scfg.chunk_size * (deepfool_iterations + 1) / scfg.slots)
-        programs.append(Program("DeepFool (chunk: while loop; cost: queue steps)", "score", scfg.chunk_size, deepfool_build,
-                                {"score": math.ceil(scored / scfg.chunk_size)}, loop_count=-1, per_call_scale=steps_per_chunk,
-                                images_per_call=scfg.chunk_size,
-                                notes=f"{deepfool_iterations:g} DeepFool iterations per sample assumed (+1 step to finish); "
-                                      f"{scfg.slots} slots; max_iter {d.max_iter}"))
-    if score_phase.needed(config) and (scfg.score in score_phase.HISTORY_SCORES or scfg.extrapolation.enabled or scfg.score in ("el2n",)):
+        programs.append(
+            Program(
+                "DeepFool (chunk: while loop; cost: queue steps)",
+                "score",
+                scfg.chunk_size,
+                deepfool_build,
+                {"score": math.ceil(scored / scfg.chunk_size)},
+                loop_count=-1,
+                per_call_scale=steps_per_chunk,
+                images_per_call=scfg.chunk_size,
+                notes=f"{deepfool_iterations:g} DeepFool iterations per sample assumed (+1 step to finish); "
+                f"{scfg.slots} slots; max_iter {d.max_iter}",
+            )
+        )
+    if score_phase.needed(config) and (
+        scfg.score in score_phase.HISTORY_SCORES or scfg.extrapolation.enabled or scfg.score in ("el2n",)
+    ):
         predict = predictions.predict_program(features_fn(eval_model), mesh, None)
         history_epochs = math.ceil(scfg.train_epochs) if scfg.score in score_phase.HISTORY_SCORES else 0
         embed_calls = math.ceil(pool / scfg.chunk_size) if scfg.extrapolation.enabled else 0
-        programs.append(Program("predictions / embedding", "score", scfg.chunk_size,
-                                lambda batch, loop=None: (predict, (variables, key, images(batch), labels(batch))),
-                                {"score": history_epochs * math.ceil(scored / scfg.chunk_size) + embed_calls}))
+        programs.append(
+            Program(
+                "predictions / embedding",
+                "score",
+                scfg.chunk_size,
+                lambda batch, loop=None: (predict, (variables, key, images(batch), labels(batch))),
+                {"score": history_epochs * math.ceil(scored / scfg.chunk_size) + embed_calls},
+            )
+        )
         if scfg.extrapolation.enabled:
-            dim = jax.eval_shape(lambda v, x: features_fn(eval_model)(v, x)[1], variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)).shape[-1]
+            dim = jax.eval_shape(
+                lambda v, x: features_fn(eval_model)(v, x)[1],
+                variables,
+                jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+            ).shape[-1]
             ext = scfg.extrapolation
             ref_chunk = min(16384, scored)
             blocks = -(-scored // ref_chunk)
@@ -425,15 +541,25 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
             def knn_build(batch, loop=None):
                 n_blocks = loop or blocks
                 jitted = knn_lib.search_program(k=ext.k, ref_chunk=ref_chunk, metric=ext.metric, mesh=mesh)
-                refs = (jax.ShapeDtypeStruct((n_blocks, ref_chunk, dim), jnp.float32, sharding=replicated),
-                        jax.ShapeDtypeStruct((n_blocks, ref_chunk), jnp.float32, sharding=replicated),
-                        jax.ShapeDtypeStruct((n_blocks, ref_chunk), jnp.bool_, sharding=replicated),
-                        jax.ShapeDtypeStruct((n_blocks,), jnp.int32, sharding=replicated))
+                refs = (
+                    jax.ShapeDtypeStruct((n_blocks, ref_chunk, dim), jnp.float32, sharding=replicated),
+                    jax.ShapeDtypeStruct((n_blocks, ref_chunk), jnp.float32, sharding=replicated),
+                    jax.ShapeDtypeStruct((n_blocks, ref_chunk), jnp.bool_, sharding=replicated),
+                    jax.ShapeDtypeStruct((n_blocks,), jnp.int32, sharding=replicated),
+                )
                 return jitted, (*refs, jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=split))
 
             query_chunk = 4096 - 4096 % mesh.size or mesh.size
-            programs.append(Program(f"kNN (JAX engine, k={ext.k}, {scored:,} references)", "score", query_chunk, knn_build,
-                                    {"score": math.ceil(pool / query_chunk)}, loop_count=blocks))
+            programs.append(
+                Program(
+                    f"kNN (JAX engine, k={ext.k}, {scored:,} references)",
+                    "score",
+                    query_chunk,
+                    knn_build,
+                    {"score": math.ceil(pool / query_chunk)},
+                    loop_count=blocks,
+                )
+            )
     return programs
 
 
@@ -452,6 +578,7 @@ def _forward_build(model, variables, mesh, images, labels):
     def build(batch, loop=None):
         jitted = attack_program(_predict, mesh, (), (), ())
         return jitted, (Partial(apply_fn(model), variables), None, images(batch, jnp.float32), labels(batch))
+
     return build
 
 
@@ -496,7 +623,10 @@ def _probe_costs(program: Program, batch: int, effort: float = 0.0) -> tuple[flo
         raise PlanError(f"cost probes of {program.name} did not compile: {one.error or two.error}")
     if program.loop_count < 0:  # DeepFool: queue steps, counted by per_call_scale
         per_step = (two.flops - one.flops, two.bytes_accessed - one.bytes_accessed)
-        collectives = {k: [v[0] * program.per_call_scale, v[1] * program.per_call_scale] for k, v in _difference(two.collectives, one.collectives).items()}
+        collectives = {
+            k: [v[0] * program.per_call_scale, v[1] * program.per_call_scale]
+            for k, v in _difference(two.collectives, one.collectives).items()
+        }
         return per_step[0] * program.per_call_scale, per_step[1] * program.per_call_scale, collectives
     n = program.loop_count
     flops = one.flops + (n - 1) * (two.flops - one.flops)
@@ -509,13 +639,18 @@ def _probe_costs(program: Program, batch: int, effort: float = 0.0) -> tuple[flo
 
 
 def _difference(b: dict, a: dict) -> dict:
-    return {k: [b.get(k, [0, 0])[0] - a.get(k, [0, 0])[0], b.get(k, [0, 0])[1] - a.get(k, [0, 0])[1]] for k in set(a) | set(b)}
+    return {
+        k: [b.get(k, [0, 0])[0] - a.get(k, [0, 0])[0], b.get(k, [0, 0])[1] - a.get(k, [0, 0])[1]]
+        for k in set(a) | set(b)
+    }
 
 
 MAX_PER_CHIP_BATCH = 2048  # the search stops here: a larger per-chip batch is not a CIFAR training setting
 
 
-def largest_fitting_batch(program: Program, chips: int, chip: Chip, known: dict[int, Compiled], effort: float = 0.0) -> int | None:
+def largest_fitting_batch(
+    program: Program, chips: int, chip: Chip, known: dict[int, Compiled], effort: float = 0.0
+) -> int | None:
     """The largest per-chip batch up to MAX_PER_CHIP_BATCH (or below a batch known not to fit) whose program compiles
     and fits the chip's HBM, within about 6%; None when even 1 does not. Memory is close to linear in the batch, so
     two batches that fit give a line and the line a candidate; the candidate and 6% above it are compiled, and
@@ -564,7 +699,9 @@ def largest_fitting_batch(program: Program, chips: int, chip: Chip, known: dict[
     return low
 
 
-def report_program(program: Program, mesh: Mesh, chip: Chip, bisect: bool, costs: bool = True, effort: float = 0.0) -> ProgramReport:
+def report_program(
+    program: Program, mesh: Mesh, chip: Chip, bisect: bool, costs: bool = True, effort: float = 0.0
+) -> ProgramReport:
     """Compiles `program` at its batch (and, with `bisect`, at others), and with `costs` its cost probes, at the
     compiler's `effort` (see `compile_program`)."""
     chips = mesh.size
@@ -583,12 +720,30 @@ def report_program(program: Program, mesh: Mesh, chip: Chip, bisect: bool, costs
     roofline = max(flops / chip.bf16_flops, accessed / chip.hbm_bandwidth)
     hours = {phase: calls * roofline / 3600 for phase, calls in program.calls.items()}
     return ProgramReport(
-        name=program.name, phase=program.phase, global_batch=program.batch, per_chip_batch=per_chip, compiled=main.ok, error=main.error,
-        compile_seconds=main.seconds, hbm_bytes=main.hbm_bytes, hbm_capacity=chip.hbm_bytes, fits=fits,
-        max_per_chip_batch=largest, flops_per_call=flops, bytes_per_call=accessed, flops_per_image=flops * chips / images,
-        bytes_per_image=accessed * chips / images, collectives_per_call=collectives, roofline_seconds_per_call=roofline,
-        bound="compute" if flops / chip.bf16_flops >= accessed / chip.hbm_bandwidth else "memory", calls=program.calls,
-        hours_roofline=hours, hygiene=main.hygiene, gpu_lowering=gpu, notes=program.notes)
+        name=program.name,
+        phase=program.phase,
+        global_batch=program.batch,
+        per_chip_batch=per_chip,
+        compiled=main.ok,
+        error=main.error,
+        compile_seconds=main.seconds,
+        hbm_bytes=main.hbm_bytes,
+        hbm_capacity=chip.hbm_bytes,
+        fits=fits,
+        max_per_chip_batch=largest,
+        flops_per_call=flops,
+        bytes_per_call=accessed,
+        flops_per_image=flops * chips / images,
+        bytes_per_image=accessed * chips / images,
+        collectives_per_call=collectives,
+        roofline_seconds_per_call=roofline,
+        bound="compute" if flops / chip.bf16_flops >= accessed / chip.hbm_bandwidth else "memory",
+        calls=program.calls,
+        hours_roofline=hours,
+        hygiene=main.hygiene,
+        gpu_lowering=gpu,
+        notes=program.notes,
+    )
 
 
 # ---------------------------------------------------------------- calibration on this CPU
@@ -632,12 +787,17 @@ def calibrate_utilisation(config, per_device_batch: int = 2, steps: int = 3) -> 
         model = build_model(config, "float32")
         tx = training.make_optimizer(tcfg, 1000)
         image_shape = image_shape_of(config)
-        state = jax.device_put(training.init_train_state(model, tx, image_shape, config.seed), parallel.replicated(mesh))
+        state = jax.device_put(
+            training.init_train_state(model, tx, image_shape, config.seed), parallel.replicated(mesh)
+        )
         step = training.make_train_step(model, tx, tcfg, config.attack, mesh)
         batch = per_device_batch * mesh.size
         rng = np.random.default_rng(0)
-        host_batch = {"image": rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8), "label": rng.integers(0, 10, batch).astype(np.int32),
-                      "eps": np.full(batch, config.attack.eps, np.float32)}
+        host_batch = {
+            "image": rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8),
+            "label": rng.integers(0, 10, batch).astype(np.int32),
+            "eps": np.full(batch, config.attack.eps, np.float32),
+        }
         placed = parallel.global_batch(host_batch, mesh)
         started = time.perf_counter()
         compiled = step.jitted.lower(state, placed).compile()
@@ -658,16 +818,37 @@ def calibrate_utilisation(config, per_device_batch: int = 2, steps: int = 3) -> 
     flops, accessed = float(cost.get("flops", 0.0)) * mesh.size, float(cost.get("bytes accessed", 0.0)) * mesh.size
     roofline = max(flops / peaks["flops"], accessed / peaks["bytes"])
     measured = float(np.median(times))
-    return {"utilisation": roofline / measured, "measured_seconds": measured, "roofline_seconds": roofline, "flops": flops,
-            "bytes": accessed, "cpu_flops_per_s": peaks["flops"], "cpu_bytes_per_s": peaks["bytes"], "devices": mesh.size,
-            "batch": batch, "compile_seconds": compile_seconds, "model": config.model.name}
+    return {
+        "utilisation": roofline / measured,
+        "measured_seconds": measured,
+        "roofline_seconds": roofline,
+        "flops": flops,
+        "bytes": accessed,
+        "cpu_flops_per_s": peaks["flops"],
+        "cpu_bytes_per_s": peaks["bytes"],
+        "devices": mesh.size,
+        "batch": batch,
+        "compile_seconds": compile_seconds,
+        "model": config.model.name,
+    }
 
 
 # ---------------------------------------------------------------- the command
 
 
-def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float, utilisation: float | str, bisect: str,
-              costs: bool = True, only: tuple[str, ...] = (), effort: float = 0.0, report: Callable[[str], None] = print) -> dict:
+def make_plan(
+    config,
+    topology: str,
+    *,
+    sizes: dict,
+    deepfool_iterations: float,
+    utilisation: float | str,
+    bisect: str,
+    costs: bool = True,
+    only: tuple[str, ...] = (),
+    effort: float = 0.0,
+    report: Callable[[str], None] = print,
+) -> dict:
     """The plan of `config` on `topology` (see the module docstring) as a JSON-able dict; without `costs` the cost
     probes are not compiled (FLOPs, bytes and hours are then 0). `only`: keep the programs whose name contains one of
     these words (case-insensitive; the hours then cover those programs only, and the plan says so). `effort`: the
@@ -677,7 +858,9 @@ def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float,
     mesh, chip, hosts = topology_mesh(topology)
     problems = validate.config_problems(config, available_devices=mesh.size, process_count=hosts, platform="tpu")
     if problems:
-        raise PlanError(f"the config does not run on {topology} ({mesh.size} chips, {hosts} hosts): " + "; ".join(problems))
+        raise PlanError(
+            f"the config does not run on {topology} ({mesh.size} chips, {hosts} hosts): " + "; ".join(problems)
+        )
     calibration = None
     if utilisation == "auto":
         report("calibrating the utilisation on this CPU (the configured train step at a small batch) ...")
@@ -689,12 +872,22 @@ def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float,
         if only:
             kept = [p for p in programs if any(word.lower() in p.name.lower() for word in only)]
             if not kept:
-                raise PlanError(f"--programs {','.join(only)} matches none of this run's programs: {[p.name for p in programs]}")
+                raise PlanError(
+                    f"--programs {','.join(only)} matches none of this run's programs: {[p.name for p in programs]}"
+                )
             programs = kept
         for program in programs:
             report(f"compiling {program.name} for {topology} (global batch {program.batch}) ...")
-            reports.append(report_program(program, mesh, chip, bisect == "all" or (bisect == "train" and program.name == "train step"), costs,
-                                          effort))
+            reports.append(
+                report_program(
+                    program,
+                    mesh,
+                    chip,
+                    bisect == "all" or (bisect == "train" and program.name == "train step"),
+                    costs,
+                    effort,
+                )
+            )
     phases: dict[str, dict] = {}
     for r in reports:
         for phase, hours in r.hours_roofline.items():
@@ -704,21 +897,46 @@ def make_plan(config, topology: str, *, sizes: dict, deepfool_iterations: float,
         entry["hours_at_utilisation"] = entry["hours_roofline"] / utilisation
         entry["chip_hours_at_utilisation"] = entry["hours_at_utilisation"] * mesh.size
     return {
-        "topology": topology, "chips": mesh.size, "hosts": hosts, "chip": dataclasses.asdict(chip), "sizes": sizes,
-        "deepfool_iterations": deepfool_iterations, "utilisation": utilisation, "calibration": calibration, "only": list(only),
+        "topology": topology,
+        "chips": mesh.size,
+        "hosts": hosts,
+        "chip": dataclasses.asdict(chip),
+        "sizes": sizes,
+        "deepfool_iterations": deepfool_iterations,
+        "utilisation": utilisation,
+        "calibration": calibration,
+        "only": list(only),
         "compile_effort": effort,
-        "config": {"model": config.model.name, "loss": config.train.loss, "batch": config.train.batch_size, "epochs": config.train.epochs,
-                   "compute_dtype": str(np.dtype(backends.COMPUTE_DTYPES.get(config.train.compute_dtype, jnp.bfloat16)))
-                   if config.train.compute_dtype != "auto" else "bfloat16 (auto)", "strategy": config.pruning.strategy, "score": config.scoring.score},
+        "config": {
+            "model": config.model.name,
+            "loss": config.train.loss,
+            "batch": config.train.batch_size,
+            "epochs": config.train.epochs,
+            "compute_dtype": str(np.dtype(backends.COMPUTE_DTYPES.get(config.train.compute_dtype, jnp.bfloat16)))
+            if config.train.compute_dtype != "auto"
+            else "bfloat16 (auto)",
+            "strategy": config.pruning.strategy,
+            "score": config.scoring.score,
+        },
         "programs": [dataclasses.asdict(r) for r in reports],
         "phases": phases,
-        "total": {"hours_roofline": sum(p["hours_roofline"] for p in phases.values()),
-                  "hours_at_utilisation": sum(p["hours_at_utilisation"] for p in phases.values()),
-                  "chip_hours_at_utilisation": sum(p["chip_hours_at_utilisation"] for p in phases.values())},
+        "total": {
+            "hours_roofline": sum(p["hours_roofline"] for p in phases.values()),
+            "hours_at_utilisation": sum(p["hours_at_utilisation"] for p in phases.values()),
+            "chip_hours_at_utilisation": sum(p["chip_hours_at_utilisation"] for p in phases.values()),
+        },
         "estimate": "compiled by the TPU compiler on a CPU host; times from published peaks (roofline) and "
-                    + ("a utilisation calibrated on this CPU" if calibration else f"a utilisation of {utilisation:g} given on the command line")
-                    + "; not measured on a TPU"
-                    + ("" if not effort else f"; compiled at optimisation effort {effort:g}, not the run's: memory and costs are not the run's"),
+        + (
+            "a utilisation calibrated on this CPU"
+            if calibration
+            else f"a utilisation of {utilisation:g} given on the command line"
+        )
+        + "; not measured on a TPU"
+        + (
+            ""
+            if not effort
+            else f"; compiled at optimisation effort {effort:g}, not the run's: memory and costs are not the run's"
+        ),
     }
 
 
@@ -728,28 +946,44 @@ def _gib(n: float) -> str:
 
 def program_table(plan: dict) -> list[str]:
     """The plan's programs as a Markdown table, one row each (README and docs tables come from here too)."""
-    lines = ["| program | global batch (per chip) | compiled | compile s | HBM per chip | largest per-chip batch that fits | GFLOP / image | MB / image "
-             "| collectives per call | roofline ms per call | bound | CUDA lowering |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| program | global batch (per chip) | compiled | compile s | HBM per chip | largest per-chip batch that fits | GFLOP / image | MB / image "
+        "| collectives per call | roofline ms per call | bound | CUDA lowering |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for p in plan["programs"]:
-        collectives = ", ".join(f"{k} {v[0]:.0f} ({v[1] / 2**20:.1f} MiB)" for k, v in sorted(p["collectives_per_call"].items()) if v[0]) or "none"
+        collectives = (
+            ", ".join(
+                f"{k} {v[0]:.0f} ({v[1] / 2**20:.1f} MiB)" for k, v in sorted(p["collectives_per_call"].items()) if v[0]
+            )
+            or "none"
+        )
         compiled = "yes" if p["compiled"] else f"no: {p['error'][:160]}"
         largest = "" if p["max_per_chip_batch"] is None else str(p["max_per_chip_batch"])
-        lines.append(f"| {p['name']} | {p['global_batch']} ({p['per_chip_batch']}) | {compiled} | {p['compile_seconds']:.0f} "
-                     f"| {_gib(p['hbm_bytes'])} of {_gib(p['hbm_capacity'])}{'' if p['fits'] else ' (does not fit)'} | {largest} "
-                     f"| {p['flops_per_image'] / 1e9:.2f} | {p['bytes_per_image'] / 1e6:.2f} | {collectives} | {p['roofline_seconds_per_call'] * 1e3:.2f} "
-                     f"| {p['bound']} | {p['gpu_lowering'][:120]} |")
+        lines.append(
+            f"| {p['name']} | {p['global_batch']} ({p['per_chip_batch']}) | {compiled} | {p['compile_seconds']:.0f} "
+            f"| {_gib(p['hbm_bytes'])} of {_gib(p['hbm_capacity'])}{'' if p['fits'] else ' (does not fit)'} | {largest} "
+            f"| {p['flops_per_image'] / 1e9:.2f} | {p['bytes_per_image'] / 1e6:.2f} | {collectives} | {p['roofline_seconds_per_call'] * 1e3:.2f} "
+            f"| {p['bound']} | {p['gpu_lowering'][:120]} |"
+        )
     return lines
 
 
 def phase_table(plan: dict) -> list[str]:
     """The plan's hours per phase, at roofline and at its utilisation, as a Markdown table."""
     u = plan["utilisation"]
-    lines = [f"| phase | hours at roofline | hours at utilisation {u:.2f} | chip-hours at utilisation {u:.2f} |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"| phase | hours at roofline | hours at utilisation {u:.2f} | chip-hours at utilisation {u:.2f} |",
+        "| --- | --- | --- | --- |",
+    ]
     for phase, entry in plan["phases"].items():
-        lines.append(f"| {phase} | {entry['hours_roofline']:.2f} | {entry['hours_at_utilisation']:.1f} | {entry['chip_hours_at_utilisation']:.0f} |")
+        lines.append(
+            f"| {phase} | {entry['hours_roofline']:.2f} | {entry['hours_at_utilisation']:.1f} | {entry['chip_hours_at_utilisation']:.0f} |"
+        )
     total = plan["total"]
-    lines.append(f"| total | {total['hours_roofline']:.2f} | {total['hours_at_utilisation']:.1f} | {total['chip_hours_at_utilisation']:.0f} |")
+    lines.append(
+        f"| total | {total['hours_roofline']:.2f} | {total['hours_at_utilisation']:.1f} | {total['chip_hours_at_utilisation']:.0f} |"
+    )
     return lines
 
 
@@ -757,16 +991,31 @@ def format_plan(plan: dict) -> str:
     """The plan as Markdown: the chip, one row per program, the hours per phase, then notes."""
     chip = plan["chip"]
     u = plan["utilisation"]
-    lines = [f"## {plan['config']['model']} {plan['config']['loss']} on {plan['topology']}: {plan['chips']} x {chip['name']} "
-             f"({plan['hosts']} hosts), {_gib(chip['hbm_bytes'])} HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
-             f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']})", ""] + program_table(plan) + [""] + phase_table(plan)
+    lines = (
+        [
+            f"## {plan['config']['model']} {plan['config']['loss']} on {plan['topology']}: {plan['chips']} x {chip['name']} "
+            f"({plan['hosts']} hosts), {_gib(chip['hbm_bytes'])} HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+            f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']})",
+            "",
+        ]
+        + program_table(plan)
+        + [""]
+        + phase_table(plan)
+    )
     notes = [f"- {p['name']}: {p['notes']}" for p in plan["programs"] if p["notes"]]
-    bad = [f"- {p['name']}: {k} {v}" for p in plan["programs"] for k, v in p["hygiene"].items() if k != "custom_call_targets" and v]
+    bad = [
+        f"- {p['name']}: {k} {v}"
+        for p in plan["programs"]
+        for k, v in p["hygiene"].items()
+        if k != "custom_call_targets" and v
+    ]
     if plan["calibration"]:
         c = plan["calibration"]
-        notes.append(f"- utilisation {u:.3f} calibrated on this CPU: the train step ({c['model']}, batch {c['batch']} on {c['devices']} devices, "
-                     f"XLA convolutions) took {c['measured_seconds']:.2f} s against a roofline of {c['roofline_seconds']:.3f} s here "
-                     f"({c['cpu_flops_per_s'] / 1e9:.0f} GFLOP/s, {c['cpu_bytes_per_s'] / 1e9:.1f} GB/s measured)")
+        notes.append(
+            f"- utilisation {u:.3f} calibrated on this CPU: the train step ({c['model']}, batch {c['batch']} on {c['devices']} devices, "
+            f"XLA convolutions) took {c['measured_seconds']:.2f} s against a roofline of {c['roofline_seconds']:.3f} s here "
+            f"({c['cpu_flops_per_s'] / 1e9:.0f} GFLOP/s, {c['cpu_bytes_per_s'] / 1e9:.1f} GB/s measured)"
+        )
     if plan.get("only"):
         notes.append(f"- only the programs matching {', '.join(plan['only'])}: the hours leave the others out")
     notes.append(f"- {plan['estimate']}")
@@ -782,23 +1031,49 @@ def main(argv=None) -> int:
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:variant]", flag_values=flag_values, lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "configs/<x>.py[:variant]", flag_values=flag_values, lock_config=True
+    )
     flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v5p:2x2x1, v5e:8x8", flag_values=flag_values)
-    flags.DEFINE_integer("synthetic_size", None, "generated images in the pool (default: the config's generated data, else 1,000,000)",
-                         flag_values=flag_values)
+    flags.DEFINE_integer(
+        "synthetic_size",
+        None,
+        "generated images in the pool (default: the config's generated data, else 1,000,000)",
+        flag_values=flag_values,
+    )
     flags.DEFINE_integer("original_size", 50_000, "images of the original training split", flag_values=flag_values)
     flags.DEFINE_integer("test_size", 10_000, "images of the test split", flag_values=flag_values)
-    flags.DEFINE_float("deepfool_iterations", 5.0, "mean DeepFool iterations per sample (an assumption; the score phase logs the "
-                       "measured mean)", flag_values=flag_values)
-    flags.DEFINE_string("utilisation", "auto", "'auto' (calibrated on this CPU) or a fraction of the roofline", flag_values=flag_values)
-    flags.DEFINE_enum("bisect", "train", ["train", "all", "none"], "which programs get the largest per-chip batch that fits",
-                      flag_values=flag_values)
+    flags.DEFINE_float(
+        "deepfool_iterations",
+        5.0,
+        "mean DeepFool iterations per sample (an assumption; the score phase logs the measured mean)",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "utilisation", "auto", "'auto' (calibrated on this CPU) or a fraction of the roofline", flag_values=flag_values
+    )
+    flags.DEFINE_enum(
+        "bisect",
+        "train",
+        ["train", "all", "none"],
+        "which programs get the largest per-chip batch that fits",
+        flag_values=flag_values,
+    )
     flags.DEFINE_string("out", "plan.json", "where to write the plan", flag_values=flag_values)
-    flags.DEFINE_list("programs", [], "only the programs whose name contains one of these words, e.g. 'train step,DeepFool' "
-                      "(default: every program of the run)", flag_values=flag_values)
-    flags.DEFINE_float("compile_effort", 0.0, "the TPU compiler's optimisation effort, -1 to 1 (0: what the run gets; -1 compiles "
-                       "about twice as fast, to check that every program compiles, but its memory and cost figures are not the run's)",
-                       flag_values=flag_values)
+    flags.DEFINE_list(
+        "programs",
+        [],
+        "only the programs whose name contains one of these words, e.g. 'train step,DeepFool' "
+        "(default: every program of the run)",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "compile_effort",
+        0.0,
+        "the TPU compiler's optimisation effort, -1 to 1 (0: what the run gets; -1 compiles "
+        "about twice as fast, to check that every program compiles, but its memory and cost figures are not the run's)",
+        flag_values=flag_values,
+    )
     try:
         flag_values(argv or sys.argv)
     except flags.Error as error:  # a typo in a flag: one line, no traceback
@@ -811,14 +1086,26 @@ def main(argv=None) -> int:
         return 2
     config = flag_values.config
     generated = getattr(config.data, "generated_sizes", None) if config.data.name == "generated" else None
-    sizes = {"original": int(generated[0]) if generated else flag_values.original_size,
-             "synthetic": flag_values.synthetic_size or (int(generated[2]) if generated else 1_000_000),
-             "test": int(generated[1]) if generated else flag_values.test_size}
-    utilisation: float | str = flag_values.utilisation if flag_values.utilisation == "auto" else float(flag_values.utilisation)
+    sizes = {
+        "original": int(generated[0]) if generated else flag_values.original_size,
+        "synthetic": flag_values.synthetic_size or (int(generated[2]) if generated else 1_000_000),
+        "test": int(generated[1]) if generated else flag_values.test_size,
+    }
+    utilisation: float | str = (
+        flag_values.utilisation if flag_values.utilisation == "auto" else float(flag_values.utilisation)
+    )
     try:
-        plan = make_plan(config, flag_values.topology, sizes=sizes, deepfool_iterations=flag_values.deepfool_iterations,
-                         utilisation=utilisation, bisect=flag_values.bisect, only=tuple(flag_values.programs),
-                         effort=flag_values.compile_effort, report=_report)
+        plan = make_plan(
+            config,
+            flag_values.topology,
+            sizes=sizes,
+            deepfool_iterations=flag_values.deepfool_iterations,
+            utilisation=utilisation,
+            bisect=flag_values.bisect,
+            only=tuple(flag_values.programs),
+            effort=flag_values.compile_effort,
+            report=_report,
+        )
     except PlanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -830,9 +1117,11 @@ def main(argv=None) -> int:
     if train is not None and not train["fits"]:
         largest = train["max_per_chip_batch"]
         why = train["error"] or f"{_gib(train['hbm_bytes'])} per chip, {_gib(train['hbm_capacity'])} available"
-        print(f"\nrefused: the train step at batch {train['global_batch']} ({train['per_chip_batch']} per chip) does not fit "
-              f"{plan['topology']}: {why}. Largest per-chip batch that fits: {largest} (global {None if largest is None else largest * plan['chips']})",
-              file=sys.stderr)
+        print(
+            f"\nrefused: the train step at batch {train['global_batch']} ({train['per_chip_batch']} per chip) does not fit "
+            f"{plan['topology']}: {why}. Largest per-chip batch that fits: {largest} (global {None if largest is None else largest * plan['chips']})",
+            file=sys.stderr,
+        )
         return EXIT_DOES_NOT_FIT
     return 0
 

@@ -12,7 +12,7 @@ import jax
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_version() -> dict:
     """{'version': the installed package version, 'git_commit': HEAD of the checkout (None outside one),
     'git_dirty': whether tracked files differ from it}."""
@@ -23,8 +23,16 @@ def code_version() -> dict:
     commit, dirty = None, None
     try:
         git = ["git", "-C", PACKAGE_DIR]
-        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(
+            git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            git + ["status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
         dirty = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -34,4 +42,9 @@ def code_version() -> dict:
 def device_summary(mesh) -> dict:
     """The devices a run computed on: platform, kind, how many in the mesh, processes."""
     device = mesh.devices.flat[0]
-    return {"platform": device.platform, "kind": device.device_kind, "count": int(mesh.size), "processes": jax.process_count()}
+    return {
+        "platform": device.platform,
+        "kind": device.device_kind,
+        "count": int(mesh.size),
+        "processes": jax.process_count(),
+    }

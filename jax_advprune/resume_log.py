@@ -42,8 +42,11 @@ class ResumeLog:
         """The complete records in the directory once every process has got here (the '.tmp' files of atomic writes
         left out)."""
         _sync(f"listing {self.directory}")
-        return {name for name in storage.listdir(self.directory) if name.startswith(self.prefix) and name.endswith(".npz")
-                and ".tmp" not in name}
+        return {
+            name
+            for name in storage.listdir(self.directory)
+            if name.startswith(self.prefix) and name.endswith(".npz") and ".tmp" not in name
+        }
 
     def name(self, index: int) -> str:
         return f"{self.prefix}{index:0{self.width}d}.npz"
@@ -65,7 +68,7 @@ class ResumeLog:
         """The saved records' indices, sorted: those listed when the log was opened, or with `relist` those in the
         directory now, this run's included (every process must call it at the same point)."""
         names = self._listing() if relist else self.names
-        return sorted(int(name[len(self.prefix):-len(".npz")]) for name in names)
+        return sorted(int(name[len(self.prefix) : -len(".npz")]) for name in names)
 
     def consecutive(self) -> int:
         """How many records 0, 1, 2, ... were saved without a gap when the log was opened."""
@@ -77,4 +80,6 @@ class ResumeLog:
     def stop_if_preempted(self, saved: str) -> None:
         """After a save: on a preemption notice, stops the run (`saved` says what is in the log)."""
         if preemption.stop_requested():
-            raise preemption.Preempted(f"preempted (SIGTERM): {saved} saved in {self.directory}; rerun the same command to resume from there")
+            raise preemption.Preempted(
+                f"preempted (SIGTERM): {saved} saved in {self.directory}; rerun the same command to resume from there"
+            )

@@ -163,7 +163,11 @@ def settings_differences(workdir: str, phase: str, settings: dict) -> list[str]:
     if not storage.exists(path):
         return []
     old, new = flatten(storage.read_json(path)), flatten(storage.to_json_types(settings))
-    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def check_settings(workdir: str, phase: str, settings: dict, has_outputs: bool) -> None:
@@ -225,7 +229,8 @@ def check_inputs(workdir: str, paths: list[str]) -> dict[str, str]:
         if changed:
             raise InputChangedError(
                 f"{len(changed)} input file(s) changed since this work directory's outputs were made from them "
-                f"(size and sampled content differ from {inputs_file(workdir)}):\n  " + "\n  ".join(changed)
+                f"(size and sampled content differ from {inputs_file(workdir)}):\n  "
+                + "\n  ".join(changed)
                 + "\nFix: restore the original files, or use a new --workdir for the new data."
             )
     return current

@@ -61,11 +61,23 @@ class RunLock:
         holder = self._holder(fd)
         if holder and holder.get("host") != host:
             os.close(fd)
-            raise WorkdirLockedError(self._refusal(holder) + " (on another host: if that run is gone, delete the lock file)")
+            raise WorkdirLockedError(
+                self._refusal(holder) + " (on another host: if that run is gone, delete the lock file)"
+            )
         if holder:  # we hold the flock, so its writer died without releasing it
-            log.info("taking over %s left by process %s on %s, no longer running (started %s)", self.path, holder.get("pid"), host, holder.get("started"))
+            log.info(
+                "taking over %s left by process %s on %s, no longer running (started %s)",
+                self.path,
+                holder.get("pid"),
+                host,
+                holder.get("started"),
+            )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps({"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(),
+            0,
+        )
         os.fsync(fd)
         self._fd = fd
 
@@ -81,13 +93,17 @@ class RunLock:
             return {}
 
     def _refusal(self, holder: dict) -> str:
-        who = f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {holder.get('started', '?')})"
+        who = (
+            f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {holder.get('started', '?')})"
+        )
         return f"{os.path.dirname(self.path)} is in use by another run: {who} holds {self.path}. Wait for it, or stop it, or use another --workdir"
 
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # the flock goes with the descriptor; the empty file stays (removing it would race a new holder)
+            os.close(
+                self._fd
+            )  # the flock goes with the descriptor; the empty file stays (removing it would race a new holder)
             self._fd = None
 
     def __enter__(self):
@@ -135,21 +151,41 @@ class ObjectRunLock:
     def acquire(self) -> None:
         holder = self._holder()
         if holder and self.holder_is_live(holder):
-            where = "this host, still running" if holder.get("host") == socket.gethostname() else \
-                f"another host, last heartbeat {time.time() - float(holder.get('heartbeat', 0)):.0f} s ago; taken over after {self.stale_after_s:.0f} s without one"
-            raise WorkdirLockedError(f"{self.path.rsplit('/', 1)[0]} is in use by another run: process {holder.get('pid', '?')} on host "
-                                     f"{holder.get('host', '?')} (started {holder.get('started', '?')}; {where}) holds {self.path}. "
-                                     "Wait for it, or stop it, or use another --workdir")
+            where = (
+                "this host, still running"
+                if holder.get("host") == socket.gethostname()
+                else f"another host, last heartbeat {time.time() - float(holder.get('heartbeat', 0)):.0f} s ago; taken over after {self.stale_after_s:.0f} s without one"
+            )
+            raise WorkdirLockedError(
+                f"{self.path.rsplit('/', 1)[0]} is in use by another run: process {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (started {holder.get('started', '?')}; {where}) holds {self.path}. "
+                "Wait for it, or stop it, or use another --workdir"
+            )
         if holder:
-            log.info("taking over %s left by process %s on %s, no longer running (started %s)", self.path, holder.get("pid"), holder.get("host"), holder.get("started"))
-        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start_ticks(os.getpid()),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+            log.info(
+                "taking over %s left by process %s on %s, no longer running (started %s)",
+                self.path,
+                holder.get("pid"),
+                holder.get("host"),
+                holder.get("started"),
+            )
+        self._record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_started": process_start_ticks(os.getpid()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": uuid.uuid4().hex,
+        }
         try:
             self._write("overwrite" if holder else "create")
         except FileExistsError:  # another run created it between our read and our write
-            raise WorkdirLockedError(f"{self.path} was just created by another run: {self._holder()}; use another --workdir") from None
+            raise WorkdirLockedError(
+                f"{self.path} was just created by another run: {self._holder()}; use another --workdir"
+            ) from None
         if self._holder().get("token") != self._record["token"]:
-            raise WorkdirLockedError(f"{self.path} was just taken by another run: {self._holder()}; use another --workdir")
+            raise WorkdirLockedError(
+                f"{self.path} was just taken by another run: {self._holder()}; use another --workdir"
+            )
         self._stop = threading.Event()
         threading.Thread(target=self._beat, args=(self._stop,), name="lock-heartbeat", daemon=True).start()
 
@@ -157,7 +193,9 @@ class ObjectRunLock:
         while not stop.wait(self.heartbeat_s):
             try:
                 if self._holder().get("token") != self._record["token"]:
-                    log.warning("%s is no longer ours (another run took it over); this run goes on without it", self.path)
+                    log.warning(
+                        "%s is no longer ours (another run took it over); this run goes on without it", self.path
+                    )
                     return
                 self._write("overwrite")
             except Exception as error:  # a failed heartbeat must not stop training; the next one retries

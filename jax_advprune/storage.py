@@ -33,7 +33,7 @@ def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filesystem(protocol: str):
     import fsspec
 
@@ -42,8 +42,10 @@ def _filesystem(protocol: str):
     try:
         return fsspec.filesystem(protocol, use_listings_cache=False)
     except (ImportError, ValueError) as error:  # its package is not installed; a protocol fsspec does not know
-        raise UserError(f"{protocol}:// paths need an fsspec filesystem for {protocol}:// ({error}); for gs:// "
-                        "install the [gcs] extra: pip install -e '.[gcs]'") from None
+        raise UserError(
+            f"{protocol}:// paths need an fsspec filesystem for {protocol}:// ({error}); for gs:// "
+            "install the [gcs] extra: pip install -e '.[gcs]'"
+        ) from None
 
 
 def filesystem(path: str):
@@ -239,7 +241,14 @@ def local_copy(path: str, cache_dir: str, log=None) -> str:
                 raise OSError(f"copying {path} to {local}: got {os.path.getsize(tmp)} of {remote_bytes} bytes")
         if log is not None:
             seconds = time.perf_counter() - start
-            log.info("copied %s (%.1f MB) to %s in %.1f s (%.0f MB/s)", path, remote_bytes / 1e6, local, seconds, remote_bytes / 1e6 / max(seconds, 1e-9))
+            log.info(
+                "copied %s (%.1f MB) to %s in %.1f s (%.0f MB/s)",
+                path,
+                remote_bytes / 1e6,
+                local,
+                seconds,
+                remote_bytes / 1e6 / max(seconds, 1e-9),
+            )
     return local
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,15 +73,21 @@ def ema_decay(step: jax.Array, tau: float, warmup_steps: int = 0) -> jax.Array:
     return jnp.where(step > warmup_steps, jnp.minimum(tau, (1.0 + delta) / (10.0 + delta)), 0.0)
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple, seed: int, initial: dict | None = None) -> TrainState:
+def init_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple, seed: int, initial: dict | None = None
+) -> TrainState:
     """Initialises params and BatchNorm statistics from `seed` on a dummy batch of `image_shape`, or takes them
     from `initial` ({'params', 'batch_stats'}, checked to have the model's structure and shapes); the optimizer
     state is fresh and the EMA starts at the parameters."""
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
     if initial is not None:
-        expected = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), {k: variables.get(k, {}) for k in ("params", "batch_stats")})
-        given = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype), {k: initial.get(k, {}) for k in ("params", "batch_stats")})
+        expected = jax.tree_util.tree_map(
+            lambda a: (a.shape, a.dtype), {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+        )
+        given = jax.tree_util.tree_map(
+            lambda a: (jnp.shape(a), jnp.asarray(a).dtype), {k: initial.get(k, {}) for k in ("params", "batch_stats")}
+        )
         if given != expected:
             raise ValueError("initial variables do not have the model's structure and shapes")
         variables = jax.tree_util.tree_map(jnp.asarray, {k: initial[k] for k in ("params", "batch_stats")})
@@ -108,7 +115,9 @@ def batch_stat_logits_fn(model: nn.Module, variables: dict) -> Callable[[jax.Arr
 TRAINING_LOSSES = ("pgd_at", "trades")
 
 
-def _adversarial_examples(attack_logits_fn, x, labels, eps, key, attack: ml_collections.ConfigDict, trades: bool) -> jax.Array:
+def _adversarial_examples(
+    attack_logits_fn, x, labels, eps, key, attack: ml_collections.ConfigDict, trades: bool
+) -> jax.Array:
     """The training attack's inputs: PGD on KL(clean || adv) for TRADES, on cross-entropy for PGD-AT.
 
     eps (B,) per sample; the step scales with it: alpha_i = eps_i * attack.step_size / attack.eps.
@@ -116,7 +125,17 @@ def _adversarial_examples(attack_logits_fn, x, labels, eps, key, attack: ml_coll
     step_size = eps * (attack.step_size / attack.eps)
     if trades:
         clean_probs = jax.lax.stop_gradient(jax.nn.softmax(attack_logits_fn(x), axis=-1))
-        return pgd(attack_logits_fn, x, clean_probs, key, eps=eps, step_size=step_size, steps=attack.steps, norm=attack.norm, loss="kl")
+        return pgd(
+            attack_logits_fn,
+            x,
+            clean_probs,
+            key,
+            eps=eps,
+            step_size=step_size,
+            steps=attack.steps,
+            norm=attack.norm,
+            loss="kl",
+        )
     return pgd(attack_logits_fn, x, labels, key, eps=eps, step_size=step_size, steps=attack.steps, norm=attack.norm)
 
 
@@ -173,8 +192,12 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         x, labels, eps = to_unit_interval(batch["image"]), batch["label"], batch["eps"]
         attack_logits_fn = batch_stat_logits_fn(model, state.variables())
-        x_adv = _adversarial_examples(attack_logits_fn, x, labels, eps, jax.random.fold_in(state.rng, state.step), attack, trades)
-        loss_fn = functools.partial(_training_loss, model, cfg, trades, state.batch_stats, x, x_adv, labels, attack_logits_fn)
+        x_adv = _adversarial_examples(
+            attack_logits_fn, x, labels, eps, jax.random.fold_in(state.rng, state.step), attack, trades
+        )
+        loss_fn = functools.partial(
+            _training_loss, model, cfg, trades, state.batch_stats, x, x_adv, labels, attack_logits_fn
+        )
         (loss, (logits, clean_logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -226,7 +249,12 @@ def _all_finite(tree) -> jax.Array:
 
 def non_finite_parts(state: TrainState) -> list[str]:
     """Which of params, EMA params, BatchNorm statistics and optimizer state hold a NaN or Inf ([] when none)."""
-    parts = {"params": state.params, "ema_params": state.ema_params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    parts = {
+        "params": state.params,
+        "ema_params": state.ema_params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
     return [name for name, tree in parts.items() if not bool(_all_finite(tree))]
 
 
@@ -268,7 +296,9 @@ class Validation:
     def __call__(self, state: TrainState, step: int, progress: Progress) -> None:
         metrics = self.evaluate(state.variables(ema=self.use_ema))
         progress.log(step, **{f"val_{k}": v for k, v in metrics.items()})
-        self.checkpointer.save(step, state, metrics={k: float(v) for k, v in metrics.items()})  # the caller checked it finite
+        self.checkpointer.save(
+            step, state, metrics={k: float(v) for k, v in metrics.items()}
+        )  # the caller checked it finite
 
     def stops(self, step: int) -> bool:
         """Early stopping, as the reference's `--early-stop-diff`: True at a validation step (a multiple of `every`,
@@ -343,8 +373,10 @@ def fit(
             break
         if stop:
             checkpointer.wait()
-            raise preemption.Preempted(f"preempted (SIGTERM): saved step {step} of {num_steps} in {checkpointer.directory}; "
-                                       "rerun the same command to resume from there")
+            raise preemption.Preempted(
+                f"preempted (SIGTERM): saved step {step} of {num_steps} in {checkpointer.directory}; "
+                "rerun the same command to resume from there"
+            )
     checkpointer.wait()
     if validation is not None:
         validation.checkpointer.wait()

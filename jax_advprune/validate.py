@@ -32,7 +32,10 @@ class ConfigError(UserError):
 
     def __init__(self, problems: list[str], source: str = "the config"):
         self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) with {source}; nothing was computed or written:\n  - " + "\n  - ".join(problems))
+        super().__init__(
+            f"{len(problems)} problem(s) with {source}; nothing was computed or written:\n  - "
+            + "\n  - ".join(problems)
+        )
 
 
 class _Problems(list):
@@ -48,14 +51,23 @@ class _Problems(list):
     def within(self, key: str, value, low=None, high=None, *, low_open=False, high_open=False) -> bool:
         """low <= value <= high (strict where open), value a finite number."""
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or (value < high if high_open else value <= high))
-        left, right = ("(" if low_open else "[") + ("-inf" if low is None else f"{low}"), ("inf" if high is None else f"{high}") + (")" if high_open else "]")
+        ok = (
+            ok
+            and (low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high))
+        )
+        left, right = (
+            ("(" if low_open else "[") + ("-inf" if low is None else f"{low}"),
+            ("inf" if high is None else f"{high}") + (")" if high_open else "]"),
+        )
         return self.need(ok, key, value, f"a number in {left}, {right}")
 
 
 def split_sizes(config) -> dict[str, int]:
     """Every size the run splits over the mesh's devices: {setting: size} (the valid ones; bad ones are reported elsewhere)."""
-    keys = ["train.batch_size", "eval.batch_size"] + (["scoring.slots", "scoring.chunk_size"] if score.needed(config) else [])
+    keys = ["train.batch_size", "eval.batch_size"] + (
+        ["scoring.slots", "scoring.chunk_size"] if score.needed(config) else []
+    )
     sizes = {}
     for key in keys:
         section, name = key.split(".")
@@ -92,8 +104,12 @@ def config_problems(config, *, available_devices: int, process_count: int, platf
     over `process_count` processes."""
     p = _Problems()
     if p.within("num_devices", config.num_devices, 0, available_devices) and config.num_devices:
-        p.need(config.num_devices % process_count == 0, "num_devices", config.num_devices,
-               f"0 (automatic) or a multiple of the {process_count} processes (each process contributes the same number of devices)")
+        p.need(
+            config.num_devices % process_count == 0,
+            "num_devices",
+            config.num_devices,
+            f"0 (automatic) or a multiple of the {process_count} processes (each process contributes the same number of devices)",
+        )
     num_devices = mesh_size(config, available_devices, process_count=process_count, platform=platform)
     p.one_of("data.name", config.data.name, splits.DATA_SOURCES)
     p.within("data.num_classes", config.data.num_classes, 2)
@@ -101,9 +117,17 @@ def config_problems(config, *, available_devices: int, process_count: int, platf
     _attack_and_train_problems(p, config, process_count)
     if score.needed(config):
         _scoring_problems(p, config)
-    p.extend(strategies.problems(config.pruning.strategy, keep_ratio=config.pruning.keep_ratio, base_eps=config.attack.eps,
-                                 score=config.scoring.score if config.pruning.strategy != "random" else None,
-                                 score_norm=config.scoring.deepfool.norm, attack_norm=config.attack.norm, puma=config.pruning.puma.to_dict()))
+    p.extend(
+        strategies.problems(
+            config.pruning.strategy,
+            keep_ratio=config.pruning.keep_ratio,
+            base_eps=config.attack.eps,
+            score=config.scoring.score if config.pruning.strategy != "random" else None,
+            score_norm=config.scoring.deepfool.norm,
+            attack_norm=config.attack.norm,
+            puma=config.pruning.puma.to_dict(),
+        )
+    )
     p.one_of("pruning.scope", config.pruning.scope, select.SCOPES)
     ecfg = config.eval
     p.within("eval.pgd_steps", ecfg.pgd_steps, 1)
@@ -126,16 +150,27 @@ def _model_problems(p: _Problems, config) -> None:
     try:
         model = create_model(name, num_classes=config.data.num_classes, **kwargs)
     except TypeError as error:
-        fields = sorted(f.name for f in dataclasses.fields(create_model(name)) if f.name not in ("parent", "name", "num_classes", "dtype"))
+        fields = sorted(
+            f.name
+            for f in dataclasses.fields(create_model(name))
+            if f.name not in ("parent", "name", "num_classes", "dtype")
+        )
         unknown = sorted(set(kwargs) - set(fields))
-        p.append(f"model.kwargs={kwargs!r}: {', '.join(unknown) or error} not accepted by model {name!r}, whose settings are {', '.join(fields)}; "
-                 "model.kwargs belong to the config's model: use a config written for this model (configs/cifar10_trades.py uses wide_resnet) "
-                 "or set model.kwargs in a config file")
+        p.append(
+            f"model.kwargs={kwargs!r}: {', '.join(unknown) or error} not accepted by model {name!r}, whose settings are {', '.join(fields)}; "
+            "model.kwargs belong to the config's model: use a config written for this model (configs/cifar10_trades.py uses wide_resnet) "
+            "or set model.kwargs in a config file"
+        )
         return
     if "activation" in kwargs:
         p.one_of("model.kwargs.activation", kwargs["activation"], sorted(ACTIVATIONS))
     if hasattr(model, "depth"):
-        p.need(model.depth >= 10 and (model.depth - 4) % 6 == 0, "model.kwargs.depth", model.depth, "6n + 4 with n >= 1 (10, 16, 28, 34, 70, ...)")
+        p.need(
+            model.depth >= 10 and (model.depth - 4) % 6 == 0,
+            "model.kwargs.depth",
+            model.depth,
+            "6n + 4 with n >= 1 (10, 16, 28, 34, 70, ...)",
+        )
 
 
 def _attack_and_train_problems(p: _Problems, config, process_count: int) -> None:
@@ -150,11 +185,20 @@ def _attack_and_train_problems(p: _Problems, config, process_count: int) -> None
     p.within("train.trades_beta", t.trades_beta, 0)
     p.within("train.epochs", t.epochs, 0, low_open=True)
     if p.within("train.batch_size", t.batch_size, 1):
-        p.need(t.batch_size % process_count == 0, "train.batch_size", t.batch_size, f"a multiple of the {process_count} processes")
+        p.need(
+            t.batch_size % process_count == 0,
+            "train.batch_size",
+            t.batch_size,
+            f"a multiple of the {process_count} processes",
+        )
         if p.within("train.original_fraction", t.original_fraction, 0, 1, high_open=True) and t.original_fraction > 0:
             per_batch = int(round(t.original_fraction * t.batch_size))
-            p.need(0 < per_batch < t.batch_size, "train.original_fraction", t.original_fraction,
-                   f"a share that leaves originals and synthetic samples in each batch of {t.batch_size} (it gives {per_batch} originals)")
+            p.need(
+                0 < per_batch < t.batch_size,
+                "train.original_fraction",
+                t.original_fraction,
+                f"a share that leaves originals and synthetic samples in each batch of {t.batch_size} (it gives {per_batch} originals)",
+            )
     p.within("train.lr", t.lr, 0, low_open=True)
     p.within("train.momentum", t.momentum, 0, 1, high_open=True)
     p.within("train.weight_decay", t.weight_decay, 0)
@@ -179,32 +223,62 @@ def _scoring_problems(p: _Problems, config) -> None:
     p.within("scoring.num_models", s.num_models, 1)
     p.one_of("scoring.history_inputs", s.history_inputs, ("clean", "pgd"))
     p.one_of("scoring.history_protocol", s.history_protocol, score.HISTORY_PROTOCOLS)
-    if p.within("scoring.history_early_stop", s.history_early_stop, 0) and s.history_early_stop and s.score in score.HISTORY_SCORES:
-        p.need(config.train.validation_size > 0, "scoring.history_early_stop", s.history_early_stop,
-               "0 with train.validation_size=0: early stopping follows the validation robust accuracy")
+    if (
+        p.within("scoring.history_early_stop", s.history_early_stop, 0)
+        and s.history_early_stop
+        and s.score in score.HISTORY_SCORES
+    ):
+        p.need(
+            config.train.validation_size > 0,
+            "scoring.history_early_stop",
+            s.history_early_stop,
+            "0 with train.validation_size=0: early stopping follows the validation robust accuracy",
+        )
     if s.score == "du" and p.within("scoring.du_window", s.du_window, 2):
-        p.need(s.du_window <= math.floor(s.train_epochs), "scoring.du_window", s.du_window,
-               f"at most the {math.floor(s.train_epochs)} epochs the scoring run records (scoring.train_epochs={s.train_epochs})")
+        p.need(
+            s.du_window <= math.floor(s.train_epochs),
+            "scoring.du_window",
+            s.du_window,
+            f"at most the {math.floor(s.train_epochs)} epochs the scoring run records (scoring.train_epochs={s.train_epochs})",
+        )
     for key in ("slots", "chunk_size"):
         p.within(f"scoring.{key}", s[key], 1)
     p.one_of("scoring.deepfool.norm", s.deepfool.norm, NORMS)
     p.within("scoring.deepfool.max_iter", s.deepfool.max_iter, 1)
     p.within("scoring.deepfool.overshoot", s.deepfool.overshoot, 0)
     candidates = s.deepfool.candidates
-    p.need(candidates is None or 0 <= candidates <= config.data.num_classes - 1, "scoring.deepfool.candidates", candidates,
-           f"0 (all classes) or a number of candidate classes in [1, {config.data.num_classes - 1}]")
+    p.need(
+        candidates is None or 0 <= candidates <= config.data.num_classes - 1,
+        "scoring.deepfool.candidates",
+        candidates,
+        f"0 (all classes) or a number of candidate classes in [1, {config.data.num_classes - 1}]",
+    )
     if ext.enabled:
-        p.need(s.score != "random", "scoring.extrapolation.enabled", True, "False with scoring.score='random' (extrapolation embeds with the scoring model)")
+        p.need(
+            s.score != "random",
+            "scoring.extrapolation.enabled",
+            True,
+            "False with scoring.score='random' (extrapolation embeds with the scoring model)",
+        )
         p.within("scoring.extrapolation.k", ext.k, 1)
         p.one_of("scoring.extrapolation.metric", ext.metric, METRICS)
         p.one_of("scoring.extrapolation.weighting", ext.weighting, ("uniform", "distance"))
         if p.one_of("scoring.extrapolation.engine", ext.engine, KNN_ENGINES) and ext.engine == "faiss":
-            p.need(knn_engine_available(), "scoring.extrapolation.engine", ext.engine, "'auto' or 'jax': faiss is not installed (pip install faiss-cpu)")
+            p.need(
+                knn_engine_available(),
+                "scoring.extrapolation.engine",
+                ext.engine,
+                "'auto' or 'jax': faiss is not installed (pip install faiss-cpu)",
+            )
         p.within("scoring.extrapolation.holdout_fraction", ext.holdout_fraction, 0, 1, high_open=True)
         if ext.embedding_model:
             p.one_of("scoring.extrapolation.embedding_model", ext.embedding_model, sorted(MODELS))
-            p.need(bool(ext.embedding_from), "scoring.extrapolation.embedding_model", ext.embedding_model,
-                   "'' without scoring.extrapolation.embedding_from (the scoring model embeds)")
+            p.need(
+                bool(ext.embedding_from),
+                "scoring.extrapolation.embedding_model",
+                ext.embedding_model,
+                "'' without scoring.extrapolation.embedding_from (the scoring model embeds)",
+            )
 
 
 def input_problems(config) -> tuple[list[str], splits.DataShape | None]:
@@ -214,11 +288,21 @@ def input_problems(config) -> tuple[list[str], splits.DataShape | None]:
         if p.need(storage.exists(path), "data file", path, "an existing file (check the path)"):
             p.need(storage.isfile(path), "data file", path, "a regular file, not a directory")
     cache_dir = config.data.cache_dir
-    if cache_dir and p.need(not storage.is_remote(cache_dir), "data.cache_dir", cache_dir, "a local directory (each host copies remote data files there)"):
+    if cache_dir and p.need(
+        not storage.is_remote(cache_dir),
+        "data.cache_dir",
+        cache_dir,
+        "a local directory (each host copies remote data files there)",
+    ):
         p.extend(_writable_place(cache_dir, "data.cache_dir"))
     needed = {"npz": ("original", "test"), "cifar_tarball": ("tarball",)}.get(config.data.name, ())
     for key in needed:
-        p.need(bool(config.data[key]), f"data.{key}", config.data[key], f"a file path (data.name={config.data.name!r} reads it)")
+        p.need(
+            bool(config.data[key]),
+            f"data.{key}",
+            config.data[key],
+            f"a file path (data.name={config.data.name!r} reads it)",
+        )
     if p or config.data.name not in splits.DATA_SOURCES:
         return p, None
     try:
@@ -237,13 +321,25 @@ def data_problems(config, shape: splits.DataShape) -> list[str]:
         value = config.model.kwargs.to_dict().get(key)
         if value is not None:
             allowed = "1 value" if channels == 1 else f"1 or {channels} values"
-            p.need(len(value) in (1, channels), f"model.kwargs.{key}", value, f"{allowed}, one per image channel ({channels})")
+            p.need(
+                len(value) in (1, channels),
+                f"model.kwargs.{key}",
+                value,
+                f"{allowed}, one per image channel ({channels})",
+            )
     ext = config.scoring.extrapolation
     if score.needed(config) and ext.enabled:
         synthetic = sum(shape.num_synthetic)
         if p.within("scoring.extrapolation.subset_size", ext.subset_size, 1, synthetic):
-            references = (shape.num_original - config.train.validation_size + ext.subset_size) * (1 - ext.holdout_fraction)
-            p.need(references >= ext.k, "scoring.extrapolation.k", ext.k, f"at most the about {int(references)} scored reference rows")
+            references = (shape.num_original - config.train.validation_size + ext.subset_size) * (
+                1 - ext.holdout_fraction
+            )
+            p.need(
+                references >= ext.k,
+                "scoring.extrapolation.k",
+                ext.k,
+                f"at most the about {int(references)} scored reference rows",
+            )
     return p
 
 
@@ -274,7 +370,9 @@ def workdir_problems(config, workdir: str) -> list[str]:
         if phase is score and not score.needed(config):
             continue
         try:
-            run_dir.check_settings(workdir, phase.NAME, phase.settings(config), run_dir.has_outputs(workdir, phase.NAME))
+            run_dir.check_settings(
+                workdir, phase.NAME, phase.settings(config), run_dir.has_outputs(workdir, phase.NAME)
+            )
         except UserError as error:
             found.append(str(error))
     try:
@@ -288,16 +386,29 @@ def phase_problems(config, workdir: str, phases: tuple[str, ...]) -> list[str]:
     """The phases asked for are an ordered subset, and what each needs from the phases left out is in the work dir."""
     from jax_advprune.pipeline import PHASES
 
-    if not phases or any(p not in PHASES for p in phases) or list(phases) != sorted(phases, key=PHASES.index) or len(set(phases)) != len(phases):
+    if (
+        not phases
+        or any(p not in PHASES for p in phases)
+        or list(phases) != sorted(phases, key=PHASES.index)
+        or len(set(phases)) != len(phases)
+    ):
         return [f"--phases={','.join(phases)}: an ordered subset of {','.join(PHASES)}"]
     found = []
-    missing = lambda phase, path: found.append(f"--phases={','.join(phases)}: {phase} needs {path} (run the phase before it first)")  # noqa: E731
+
+    def missing(phase: str, path: str) -> None:
+        found.append(f"--phases={','.join(phases)}: {phase} needs {path} (run the phase before it first)")
+
     if "select" in phases and "score" not in phases and score.needed(config):
         if not run_dir.is_complete(workdir, "score"):
             missing("select", run_dir.scores_dir(workdir))
     if "train" in phases and "select" not in phases and not run_dir.is_complete(workdir, "select"):
         missing("train", run_dir.selection_dir(workdir))
-    if "evaluate" in phases and "train" not in phases and not config.eval.init_from and not run_dir.is_complete(workdir, "train"):
+    if (
+        "evaluate" in phases
+        and "train" not in phases
+        and not config.eval.init_from
+        and not run_dir.is_complete(workdir, "train")
+    ):
         missing("evaluate", run_dir.final_checkpoint_dir(workdir) + " or eval.init_from")
     return found
 
@@ -311,10 +422,18 @@ def init_from_problems(config) -> list[str]:
         problem = path_problem(path)
         p.need(problem is None, key, path, problem or "")
     if config.scoring.init_from and score.needed(config):
-        p.need(config.scoring.score not in score.HISTORY_SCORES, "scoring.init_from", config.scoring.init_from,
-               f"'' with scoring.score={config.scoring.score!r}: a history score needs a training run to record")
-        p.need(config.scoring.num_models == 1 or config.scoring.score not in ("el2n", "grand"), "scoring.num_models", config.scoring.num_models,
-               "1 with scoring.init_from (one given model)")
+        p.need(
+            config.scoring.score not in score.HISTORY_SCORES,
+            "scoring.init_from",
+            config.scoring.init_from,
+            f"'' with scoring.score={config.scoring.score!r}: a history score needs a training run to record",
+        )
+        p.need(
+            config.scoring.num_models == 1 or config.scoring.score not in ("el2n", "grand"),
+            "scoring.num_models",
+            config.scoring.num_models,
+            "1 with scoring.init_from (one given model)",
+        )
     return p
 
 
@@ -336,16 +455,27 @@ def _weights_fit(config, image_shape: tuple) -> list[str]:
     found = []
     for key, path in weight_paths(config):
         try:
-            load_variables(path, embedding_config(config) if key.startswith("scoring.extrapolation") else config, image_shape)
+            load_variables(
+                path, embedding_config(config) if key.startswith("scoring.extrapolation") else config, image_shape
+            )
         except (UserError, ValueError, OSError, TypeError) as error:
             found.append(f"{key}={path!r}: {error}")
     return found
 
 
-def check_run(config, workdir: str, *, available_devices: int, process_count: int = 1, platform: str = "cpu",
-              phases: tuple[str, ...] | None = None) -> None:
+def check_run(
+    config,
+    workdir: str,
+    *,
+    available_devices: int,
+    process_count: int = 1,
+    platform: str = "cpu",
+    phases: tuple[str, ...] | None = None,
+) -> None:
     """Raises ConfigError listing every problem of the config, its inputs and the work directory; writes nothing."""
-    problems = config_problems(config, available_devices=available_devices, process_count=process_count, platform=platform)
+    problems = config_problems(
+        config, available_devices=available_devices, process_count=process_count, platform=platform
+    )
     problems += init_from_problems(config)
     if phases is not None:
         problems += phase_problems(config, workdir, phases)

@@ -106,8 +106,8 @@ def gcs_bucket():
     behaviours tests/gcs_emulator.py adds), started for the session and stopped after it; gcsfs and tensorstore,
     here and in the subprocesses the tests start, are pointed at it."""
     import fsspec
-
     import gcs_emulator
+
     from jax_advprune import storage
 
     server, url = gcs_emulator.start("test-bucket")
@@ -132,7 +132,16 @@ def gcs_bucket():
 
 def main_command(workdir, *overrides) -> list[str]:
     """The README's command on the :smoke variant of the default config."""
-    return [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "jax_advprune.main",
+        "--config",
+        os.path.join(REPO, "configs/default.py:smoke"),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
 
 
 def run_main(workdir, *overrides):

@@ -31,11 +31,11 @@ from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 
 from gcp_storage_emulator import __main__ as emulator_main
-
-from jax_advprune.children import die_with_parent
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
+
+from jax_advprune.children import die_with_parent
 
 _original_download, _original_insert, _original_handle = objects.download, objects.insert, server.Router.handle
 _one_request_at_a_time = threading.Lock()
@@ -66,7 +66,9 @@ def insert(request, response, storage, *args, **kwargs):
     # Requests run one at a time (handle below): the check and the write cannot interleave with another upload.
     if name is not None and _current_generation(storage, request.params["bucket_name"], name) != str(wanted):
         response.status = HTTPStatus.PRECONDITION_FAILED
-        response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}})
+        response.json(
+            {"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}}
+        )
         return
     return _original_insert(request, response, storage, *args, **kwargs)
 
@@ -105,7 +107,12 @@ def patch() -> None:
 def client_environment(url: str) -> dict[str, str]:
     """What gcsfs and tensorstore (orbax) need to use the emulator at `url`, inherited by subprocesses: gcsfs
     anonymous (no credential lookup) and without its gRPC bucket-type probe (which waits 60 s on an emulator)."""
-    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon"}
+    return {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "FSSPEC_GS_TOKEN": "anon",
+    }
 
 
 def start(bucket: str, timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
@@ -114,9 +121,23 @@ def start(bucket: str, timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server_process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "start", "--host", "127.0.0.1", "--port", str(port),
-                                       "--in-memory", "--default-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      preexec_fn=die_with_parent())
+    server_process = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            bucket,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while True:
@@ -126,7 +147,9 @@ def start(bucket: str, timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
         except OSError:
             if server_process.poll() is not None or time.time() > deadline:
                 server_process.kill()
-                raise RuntimeError("the GCS emulator did not start (gcp-storage-emulator is in the [test] extra)") from None
+                raise RuntimeError(
+                    "the GCS emulator did not start (gcp-storage-emulator is in the [test] extra)"
+                ) from None
             time.sleep(0.1)
 
 

@@ -70,7 +70,9 @@ def test_apgd_is_at_least_as_strong_as_pgd_on_a_trained_model(digits_mlp):
     mesh = make_mesh(2)
     common = dict(eps=0.08, norm="linf", batch_size=128, mesh=mesh)
     pgd_acc = pgd_evaluator(apply_fn, step_size=0.02, steps=10, **common)(params, images, y)["pgd_accuracy"]
-    aa = autoattack_evaluator(apply_fn, version="autoattack_lite", apgd_steps=25, num_targets=2, fab_steps=1, square_queries=1, **common)(params, images, y)
+    aa = autoattack_evaluator(
+        apply_fn, version="autoattack_lite", apgd_steps=25, num_targets=2, fab_steps=1, square_queries=1, **common
+    )(params, images, y)
     assert 0.0 < aa["autoattack_lite_accuracy"] <= aa["apgd_ce_accuracy"] <= aa["clean_accuracy"]
     assert aa["apgd_ce_accuracy"] <= pgd_acc
     assert aa["autoattack_lite_accuracy"] < pgd_acc

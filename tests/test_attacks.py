@@ -44,7 +44,9 @@ def analytic_distance(x, weights, bias, dual_ord):
     return np.array(out), pred
 
 
-@pytest.mark.parametrize("norm,dual_ord,num_classes", [("l2", 2, NUM_CLASSES), ("linf", 1, NUM_CLASSES), ("l2", 2, 100)])
+@pytest.mark.parametrize(
+    "norm,dual_ord,num_classes", [("l2", 2, NUM_CLASSES), ("linf", 1, NUM_CLASSES), ("l2", 2, 100)]
+)
 def test_deepfool_matches_analytic_distance_on_affine_classifier(norm, dual_ord, num_classes):
     logits_fn, weights, bias = affine_classifier(seed=0, num_classes=num_classes)
     rng = np.random.default_rng(1)
@@ -63,7 +65,9 @@ def test_deepfool_matches_analytic_distance_on_affine_classifier(norm, dual_ord,
     np.testing.assert_allclose(result.distance, expected, rtol=1e-3, atol=STEP_SLACK)
     misclassified = labels != pred
     assert np.all(np.asarray(result.margin)[misclassified] < 0)
-    np.testing.assert_allclose(np.asarray(result.margin)[~misclassified], expected[~misclassified], rtol=1e-3, atol=STEP_SLACK)
+    np.testing.assert_allclose(
+        np.asarray(result.margin)[~misclassified], expected[~misclassified], rtol=1e-3, atol=STEP_SLACK
+    )
     # the prediction at x_adv really changed, and x_adv is (1 + overshoot) r_total away
     assert np.all(np.asarray(logits_fn(x_adv)).argmax(1) != pred)
     np.testing.assert_allclose(flat_norm(jnp.asarray(x_adv - x), norm), 1.02 * np.asarray(result.distance), rtol=1e-4)
@@ -71,7 +75,9 @@ def test_deepfool_matches_analytic_distance_on_affine_classifier(norm, dual_ord,
 
 def test_deepfool_candidates_restrict_to_top_classes():
     logits_fn, weights, bias = affine_classifier(seed=2)
-    x = np.full((8,) + IMAGE_SHAPE, 0.5, np.float32) + np.random.default_rng(3).uniform(-0.05, 0.05, (8,) + IMAGE_SHAPE).astype(np.float32)
+    x = np.full((8,) + IMAGE_SHAPE, 0.5, np.float32) + np.random.default_rng(3).uniform(
+        -0.05, 0.05, (8,) + IMAGE_SHAPE
+    ).astype(np.float32)
     labels = np.asarray(logits_fn(x)).argmax(1)
     full = deepfool(logits_fn, x, labels, norm="l2")
     top2 = deepfool(logits_fn, x, labels, norm="l2", candidates=2)
@@ -167,7 +173,9 @@ def test_pgd_finds_the_closed_form_optimum_of_a_linear_binary_model(norm, random
     x = np.full((3,) + IMAGE_SHAPE, 0.5, np.float32)
     y = np.zeros(3, np.int32)
     eps = 0.2
-    x_adv = pgd(logits_fn, x, y, jax.random.key(2), eps=eps, step_size=eps / 4, steps=12, norm=norm, random_start=random_start)
+    x_adv = pgd(
+        logits_fn, x, y, jax.random.key(2), eps=eps, step_size=eps / 4, steps=12, norm=norm, random_start=random_start
+    )
     direction = np.sign(w) if norm == "linf" else w / np.linalg.norm(w)
     expected = x.reshape(3, -1) + eps * direction
     np.testing.assert_allclose(np.asarray(x_adv).reshape(3, -1), expected, atol=1e-5)
@@ -188,7 +196,9 @@ def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
     y = np.asarray(logits_fn(x)).argmax(1)
 
     key = jax.random.key(3)
-    kwargs = dict(eps=0.05, step_size=0.0125, steps=5, loss="cw_margin", mesh=None)  # one device: the restarts' keys are the caller's
+    kwargs = dict(
+        eps=0.05, step_size=0.0125, steps=5, loss="cw_margin", mesh=None
+    )  # one device: the restarts' keys are the caller's
     single = pgd(logits_fn, x, y, jax.random.fold_in(key, 0), **kwargs)  # the first restart's own run
     best = pgd(logits_fn, x, y, key, restarts=4, **kwargs)
     gain = np.asarray(cw_margin(logits_fn(best), y)) - np.asarray(cw_margin(logits_fn(single), y))
@@ -210,7 +220,10 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
         return jnp.tanh(x.reshape(x.shape[0], -1) @ variables["w1"] - 1.0) @ variables["w2"]
 
     variables = {"w1": w1, "w2": w2}
-    results = [margin_scores(apply_fn, variables, pool, slots=16, chunk_size=64, mesh=make_mesh(devices), **DEEPFOOL_L2) for devices in (1, 4)]
+    results = [
+        margin_scores(apply_fn, variables, pool, slots=16, chunk_size=64, mesh=make_mesh(devices), **DEEPFOOL_L2)
+        for devices in (1, 4)
+    ]
     assert len(np.unique(results[0]["n_iter"])) > 1
     np.testing.assert_array_equal(results[0]["n_iter"], results[1]["n_iter"])
     np.testing.assert_array_equal(results[0]["converged"], results[1]["converged"])
@@ -220,7 +233,9 @@ def test_margins_over_a_pool_on_four_devices_equal_one_device(small_pool):
 DEEPFOOL_L2 = dict(norm="l2", max_iter=30, overshoot=0.02, candidates=None)
 
 
-def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished_chunks(small_pool, tmp_path, monkeypatch):
+def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished_chunks(
+    small_pool, tmp_path, monkeypatch
+):
     from jax_advprune.parallel import make_mesh
     from jax_advprune.pruning import margins
 
@@ -233,7 +248,9 @@ def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished
         return x.reshape(x.shape[0], -1) @ v["w"]
 
     def scores(**kwargs):
-        return margins.margin_scores(apply_fn, variables, pool, slots=16, chunk_size=48, mesh=mesh, **DEEPFOOL_L2, **kwargs)
+        return margins.margin_scores(
+            apply_fn, variables, pool, slots=16, chunk_size=48, mesh=mesh, **DEEPFOOL_L2, **kwargs
+        )
 
     straight = scores()
     calls = []
@@ -263,7 +280,11 @@ def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished
         preemption.uninstall()
     assert len(os.listdir(tmp_path / "chunks")) == 3
     calls.clear()
-    monkeypatch.setattr(margins, "deepfool", lambda logits_fn, x, y, **kwargs: calls.append(len(x)) or deepfool(logits_fn, x, y, **kwargs))
+    monkeypatch.setattr(
+        margins,
+        "deepfool",
+        lambda logits_fn, x, y, **kwargs: calls.append(len(x)) or deepfool(logits_fn, x, y, **kwargs),
+    )
     resumed = scores(resume_dir=str(tmp_path / "chunks"))
     assert len(calls) == 2  # chunks 4 and 5 of ceil(200 / 48) = 5
     for name in straight:

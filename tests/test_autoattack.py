@@ -32,7 +32,9 @@ def plain_cnn(params, x):
     """(B, 16, 16, 3) in [0, 1] -> (B, 10): conv 3x3 (8) relu, conv 3x3 stride 2 (16) relu, dense."""
     dn = ("NHWC", "HWIO", "NHWC")
     h = jax.nn.relu(jax.lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME", dimension_numbers=dn) + params["b1"])
-    h = jax.nn.relu(jax.lax.conv_general_dilated(h, params["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn) + params["b2"])
+    h = jax.nn.relu(
+        jax.lax.conv_general_dilated(h, params["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn) + params["b2"]
+    )
     return h.reshape(h.shape[0], -1) @ params["w"] + params["b"]
 
 
@@ -71,12 +73,19 @@ def trained():
 
     def draw(n):
         y = rng.integers(0, CLASSES, n)
-        return np.clip(templates[y] + rng.normal(0, 0.2, (n, SIDE, SIDE, 3)), 0, 1).astype(np.float32), y.astype(np.int32)
+        return np.clip(templates[y] + rng.normal(0, 0.2, (n, SIDE, SIDE, 3)), 0, 1).astype(np.float32), y.astype(
+            np.int32
+        )
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    params = {"c1": jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3, "b1": jnp.zeros(8),
-              "c2": jax.random.normal(keys[1], (3, 3, 8, 16)) * 0.15, "b2": jnp.zeros(16),
-              "w": jax.random.normal(keys[2], (16 * 8 * 8, CLASSES)) * 0.03, "b": jnp.zeros(CLASSES)}
+    params = {
+        "c1": jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3,
+        "b1": jnp.zeros(8),
+        "c2": jax.random.normal(keys[1], (3, 3, 8, 16)) * 0.15,
+        "b2": jnp.zeros(16),
+        "w": jax.random.normal(keys[2], (16 * 8 * 8, CLASSES)) * 0.03,
+        "b": jnp.zeros(CLASSES),
+    }
     tx = optax.adam(3e-3)
 
     @jax.jit
@@ -128,30 +137,62 @@ def test_each_component_matches_torchattacks_on_a_trained_model(trained, norm):
     clean = float(np.mean(np.asarray(jnp.argmax(logits_fn(x), -1)) == y))
     searched = square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES)
     figures = {
-        "APGD-CE": (apgd(logits_fn, x, y, key, eps=eps, steps=STEPS, norm=norm),
-                    torchattacks.APGD(twin, norm=torch_norm, eps=eps, steps=STEPS, loss="ce")),
-        "FAB-T": (fab(logits_fn, x, y, key, eps=eps, norm=norm, steps=STEPS).x_adv,
-                  torchattacks.FAB(twin, norm=torch_norm, eps=eps, steps=STEPS, multi_targeted=True, n_classes=CLASSES)),
+        "APGD-CE": (
+            apgd(logits_fn, x, y, key, eps=eps, steps=STEPS, norm=norm),
+            torchattacks.APGD(twin, norm=torch_norm, eps=eps, steps=STEPS, loss="ce"),
+        ),
+        "FAB-T": (
+            fab(logits_fn, x, y, key, eps=eps, norm=norm, steps=STEPS).x_adv,
+            torchattacks.FAB(twin, norm=torch_norm, eps=eps, steps=STEPS, multi_targeted=True, n_classes=CLASSES),
+        ),
         "Square": (searched.x_adv, torchattacks.Square(twin, norm=torch_norm, eps=eps, n_queries=QUERIES)),
     }
-    targeted = autoattack(logits_fn, x, y, key, eps=eps, norm=norm, version="custom", attacks=["apgd-t"], apgd_steps=STEPS)
-    rows = [("APGD-T", targeted.robust_accuracy[0], torch_robust_accuracy(twin, torchattacks.APGDT(twin, norm=torch_norm, eps=eps, steps=STEPS, n_classes=CLASSES), x, y, eps, norm))]
+    targeted = autoattack(
+        logits_fn, x, y, key, eps=eps, norm=norm, version="custom", attacks=["apgd-t"], apgd_steps=STEPS
+    )
+    rows = [
+        (
+            "APGD-T",
+            targeted.robust_accuracy[0],
+            torch_robust_accuracy(
+                twin,
+                torchattacks.APGDT(twin, norm=torch_norm, eps=eps, steps=STEPS, n_classes=CLASSES),
+                x,
+                y,
+                eps,
+                norm,
+            ),
+        )
+    ]
     # Square's budget counts every forward pass a sample gets; a sample never fooled spends all of it. Same key, same result.
     spent = np.asarray(searched.queries)
     assert spent.max() <= QUERIES and spent.min() >= 1 and np.all(spent[~np.asarray(searched.fooled)] == QUERIES)
-    np.testing.assert_array_equal(searched.x_adv, square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES).x_adv)
+    np.testing.assert_array_equal(
+        searched.x_adv, square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES).x_adv
+    )
     minimal = fab(logits_fn, x, y, key, eps=eps, norm=norm, steps=STEPS)
     np.testing.assert_array_equal(figures["FAB-T"][0], minimal.x_adv)
     found = np.isfinite(np.asarray(minimal.distance))
-    np.testing.assert_allclose(np.asarray(minimal.distance)[found], np.asarray(flat_norm(minimal.x_adv - x, norm))[found], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(minimal.distance)[found], np.asarray(flat_norm(minimal.x_adv - x, norm))[found], rtol=1e-5, atol=1e-7
+    )
     misclassified = np.asarray(jnp.argmax(logits_fn(minimal.x_adv), -1)) != y
     np.testing.assert_array_equal(np.asarray(minimal.fooled), misclassified & (np.asarray(minimal.distance) <= eps))
     for name, (x_adv, attack) in figures.items():
         assert float(np.min(x_adv)) >= 0 and float(np.max(x_adv)) <= 1
         if name != "FAB-T":  # FAB returns its smallest adversarial point, which may lie beyond eps
             assert np.all(np.asarray(flat_norm(jnp.asarray(x_adv - x), norm)) <= eps + 1e-5), name
-        rows.append((name, robust_accuracy(logits_fn, x, np.asarray(x_adv), y, eps, norm), torch_robust_accuracy(twin, attack, x, y, eps, norm)))
-    print(f"\n{norm} eps {eps:.4f}, clean {clean:.3f}: " + ", ".join(f"{n} ours {a:.3f} torchattacks {b:.3f}" for n, a, b in rows))
+        rows.append(
+            (
+                name,
+                robust_accuracy(logits_fn, x, np.asarray(x_adv), y, eps, norm),
+                torch_robust_accuracy(twin, attack, x, y, eps, norm),
+            )
+        )
+    print(
+        f"\n{norm} eps {eps:.4f}, clean {clean:.3f}: "
+        + ", ".join(f"{n} ours {a:.3f} torchattacks {b:.3f}" for n, a, b in rows)
+    )
     assert 0.15 < rows[0][2] < clean - 0.15, "eps must leave the comparison informative"
     for name, ours, theirs in rows:
         assert within_noise(ours, theirs), (name, ours, theirs)
@@ -162,7 +203,9 @@ def test_standard_autoattack_matches_torchattacks_autoattack(trained, norm="linf
     defaults), same weights; ours checks every candidate and keeps the first success per sample."""
     logits_fn, twin, x, y = trained
     eps = EPS[norm]
-    ours = autoattack(logits_fn, x, y, jax.random.PRNGKey(2), eps=eps, norm=norm, apgd_steps=10, fab_steps=10, batch_size=N)
+    ours = autoattack(
+        logits_fn, x, y, jax.random.PRNGKey(2), eps=eps, norm=norm, apgd_steps=10, fab_steps=10, batch_size=N
+    )
     assert ours.attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
     assert np.all(np.diff(ours.robust_accuracy) <= 0) and ours.robust_accuracy[0] <= ours.clean_accuracy
     broken = ~ours.robust & ours.clean_correct
@@ -171,8 +214,14 @@ def test_standard_autoattack_matches_torchattacks_autoattack(trained, norm="linf
     assert np.all(np.asarray(flat_norm(jnp.asarray(ours.x_adv - x), norm)) <= eps + 1e-5)
     assert robust_accuracy(logits_fn, x, ours.x_adv, y, eps, norm) == pytest.approx(ours.robust_accuracy[-1])
     torch.manual_seed(0)
-    theirs = torch_robust_accuracy(twin, torchattacks.AutoAttack(twin, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_classes=CLASSES, seed=0),
-                                   x, y, eps, norm)
+    theirs = torch_robust_accuracy(
+        twin,
+        torchattacks.AutoAttack(twin, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_classes=CLASSES, seed=0),
+        x,
+        y,
+        eps,
+        norm,
+    )
     print(f"\n{norm}: ours {ours.robust_accuracy} torchattacks.AutoAttack {theirs:.3f}")
     assert within_noise(ours.robust_accuracy[-1], theirs)
 
@@ -188,7 +237,9 @@ def test_fab_projections_equal_the_reference_ones():
     w[:, :5] *= rng.uniform(size=(64, 1)) > 0.5  # zero weights on some rows
     b = (rng.normal(size=64) * np.abs(w).sum(1) * 0.3 + (w * t).sum(1)).astype(np.float32)
     for ours, reference in ((project_linf, projection_linf), (project_l2, projection_l2)):
-        np.testing.assert_allclose(np.asarray(ours(t, w, b)), reference(torch.tensor(t), torch.tensor(w), torch.tensor(b)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(ours(t, w, b)), reference(torch.tensor(t), torch.tensor(w), torch.tensor(b)).numpy(), atol=1e-5
+        )
 
 
 def test_the_public_attacks_compile_once_per_shape_when_called_directly(trained):
@@ -203,7 +254,9 @@ def test_the_public_attacks_compile_once_per_shape_when_called_directly(trained)
         "deepfool": lambda: deepfool(logits_fn, x, y, norm="linf", max_iter=5),
         "fab": lambda: fab(logits_fn, x, y, key, eps=0.03, steps=2, num_targets=1),
         "square": lambda: square(logits_fn, x, y, key, eps=0.03, queries=5),
-        "autoattack": lambda: autoattack(logits_fn, x, y, key, eps=0.03, apgd_steps=2, num_targets=1, fab_steps=2, square_queries=5),
+        "autoattack": lambda: autoattack(
+            logits_fn, x, y, key, eps=0.03, apgd_steps=2, num_targets=1, fab_steps=2, square_queries=5
+        ),
     }
     compiles = []
 
@@ -221,7 +274,9 @@ def test_the_public_attacks_compile_once_per_shape_when_called_directly(trained)
             with jax.log_compiles():
                 again = jax.block_until_ready(call())
             assert compiles == [], (name, compiles[:3])
-            for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)):  # and the same key gives the same result
+            for a, b in zip(
+                jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)
+            ):  # and the same key gives the same result
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         new_weights = Partial(plain_cnn, jax.tree_util.tree_map(lambda a: a * 1.01, logits_fn.args[0]))
         with jax.log_compiles():  # a Partial's weights are arguments: new weights, same program

@@ -9,13 +9,19 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import make_npz
 
 from jax_advprune.data.generate import write_embedded_default
-from jax_advprune.data.loader import BatchReader, EmptySelectionError, apply_augmentation, batch_iterator, draw_augmentation, make_plan
+from jax_advprune.data.loader import (
+    BatchReader,
+    EmptySelectionError,
+    apply_augmentation,
+    batch_iterator,
+    draw_augmentation,
+    make_plan,
+)
 from jax_advprune.data.npz_format import open_npz_member
 from jax_advprune.data.sources import NpzPart, PoolFormatError
-
-from conftest import make_npz
 
 
 def test_npz_member_is_memory_mapped_and_round_trips(tmp_path):
@@ -113,7 +119,10 @@ def test_process_shares_are_disjoint_and_cover_the_global_batch(small_pool):
     pool, _, _ = small_pool
     keep = np.ones(200, bool)
     plan = make_plan(keep, 60, batch_size=20, original_fraction=None, synthetic_with_replacement=False, seed=0)
-    shares = [BatchReader(pool, plan, np.zeros(200, np.float32), process_index=i, process_count=2)(5)["index"] for i in range(2)]
+    shares = [
+        BatchReader(pool, plan, np.zeros(200, np.float32), process_index=i, process_count=2)(5)["index"]
+        for i in range(2)
+    ]
     np.testing.assert_array_equal(np.concatenate(shares), plan.indices(5))
 
 
@@ -224,10 +233,14 @@ def test_two_worker_processes_yield_the_same_batches_as_none_and_leave_sigterm_t
 
 def test_keep_and_eps_arrays_must_match_the_pool(small_pool):
     pool, _, _ = small_pool
-    plan = make_plan(np.ones(150, bool), 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    plan = make_plan(
+        np.ones(150, bool), 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0
+    )
     with pytest.raises(ValueError, match="keep mask has 150 entries.*pool of 200 samples.*orig.npz"):
         BatchReader(pool, plan, np.zeros(200, np.float32))
-    plan = make_plan(np.ones(200, bool), 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0)
+    plan = make_plan(
+        np.ones(200, bool), 60, batch_size=8, original_fraction=None, synthetic_with_replacement=False, seed=0
+    )
     with pytest.raises(ValueError, match=r"eps array has shape \(199,\).*\(200,\) expected"):
         BatchReader(pool, plan, np.zeros(199, np.float32))
 
@@ -243,7 +256,11 @@ def test_a_run_on_a_bad_pool_fails_before_touching_anything(tmp_path):
     before = {p: (tmp_path / p).read_bytes() for p in ("orig.npz", "test.npz", "syn.npz")}
     config = default.get_config("smoke")
     config.data.name, config.num_devices = "npz", 1
-    config.data.original, config.data.test, config.data.synthetic = str(tmp_path / "orig.npz"), str(tmp_path / "test.npz"), [str(tmp_path / "syn.npz")]
+    config.data.original, config.data.test, config.data.synthetic = (
+        str(tmp_path / "orig.npz"),
+        str(tmp_path / "test.npz"),
+        [str(tmp_path / "syn.npz")],
+    )
     with pytest.raises(ConfigError, match=r"syn.npz: 'label' values span \[0, 12\]"):
         run(config, str(tmp_path / "work"))
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
@@ -252,8 +269,15 @@ def test_a_run_on_a_bad_pool_fails_before_touching_anything(tmp_path):
 
 def test_augmented_batches_do_not_depend_on_the_process_count(small_pool):
     pool, _, _ = small_pool
-    plan = make_plan(np.ones(200, bool), 60, batch_size=20, original_fraction=0.3, synthetic_with_replacement=True, seed=4)
+    plan = make_plan(
+        np.ones(200, bool), 60, batch_size=20, original_fraction=0.3, synthetic_with_replacement=True, seed=4
+    )
     whole = BatchReader(pool, plan, np.zeros(200, np.float32), crop_padding=2, flip=True)(3)
-    halves = [BatchReader(pool, plan, np.zeros(200, np.float32), crop_padding=2, flip=True, process_index=i, process_count=2)(3) for i in range(2)]
+    halves = [
+        BatchReader(pool, plan, np.zeros(200, np.float32), crop_padding=2, flip=True, process_index=i, process_count=2)(
+            3
+        )
+        for i in range(2)
+    ]
     for key in whole:
         np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])

@@ -18,7 +18,11 @@ from jax_advprune.data.sources import NpzPart, PoolFormatError, open_pool
 def _write_cifar_tarball(path, layout, rng):
     """A tarball with the official layout and pickle format; returns {split: (images NHWC, labels)}."""
     if layout == "cifar10":
-        top, members, key = "cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, b"labels"
+        top, members, key = (
+            "cifar-10-batches-py",
+            {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+            b"labels",
+        )
         num_classes, per_member = 10, 7
     else:
         top, members, key = "cifar-100-python", {"train": ["train"], "test": ["test"]}, b"fine_labels"
@@ -104,7 +108,9 @@ def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
 
 
 def test_make_pool_writes_a_valid_deterministic_multi_part_pool(tmp_path):
-    make_pool_lib.main(["--size", "1001", "--parts", "3", "--out", str(tmp_path / "a" / "pool.npz"), "--image-shape", "8,8,3"])
+    make_pool_lib.main(
+        ["--size", "1001", "--parts", "3", "--out", str(tmp_path / "a" / "pool.npz"), "--image-shape", "8,8,3"]
+    )
     paths = [str(tmp_path / "a" / f"pool_part{i}.npz") for i in (1, 2, 3)]
     pool = open_pool(paths[0], paths[1:], 10)  # validates every part
     assert len(pool) == 1001 and pool.image_shape == (8, 8, 3)

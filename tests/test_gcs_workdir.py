@@ -9,6 +9,7 @@ import subprocess
 import time
 
 from conftest import REPO, main_command
+
 from jax_advprune import storage
 from jax_advprune.children import die_with_parent
 
@@ -26,11 +27,17 @@ def test_a_gs_workdir_with_gs_data_locks_resumes_after_kill_and_matches_a_local_
     for name in ("train", "test", "synthetic"):  # the smoke run's own data, as the npz source reads it
         fs.put_file(str(local_dir / "data" / f"{name}.npz"), f"{root}/data/{name}.npz")
     work = f"{root}/run"
-    data = ["--config.data.name=npz", f"--config.data.original={root}/data/train.npz", f"--config.data.test={root}/data/test.npz",
-            f"--config.data.synthetic=('{root}/data/synthetic.npz',)"]
+    data = [
+        "--config.data.name=npz",
+        f"--config.data.original={root}/data/train.npz",
+        f"--config.data.test={root}/data/test.npz",
+        f"--config.data.synthetic=('{root}/data/synthetic.npz',)",
+    ]
     command = main_command(work, *data, *CHECKPOINT_EVERY)
 
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
+    first = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent()
+    )
     deadline = time.time() + 300
     while not (storage.exists(f"{work}/lock") and storage.read_text(f"{work}/lock")):
         assert first.poll() is None and time.time() < deadline, "the first run ended before taking the lock"
@@ -54,7 +61,9 @@ def test_a_gs_workdir_with_gs_data_locks_resumes_after_kill_and_matches_a_local_
     assert not storage.exists(f"{work}/results.json")
 
     cache = tmp_path / "cache"
-    resumed = subprocess.run(command + [f"--config.data.cache_dir={cache}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command + [f"--config.data.cache_dir={cache}"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"taking over {work}/lock left by process {first.pid}" in resumed.stdout
     assert f"resumed from {work}/checkpoints at step" in resumed.stdout
@@ -67,6 +76,8 @@ def test_a_gs_workdir_with_gs_data_locks_resumes_after_kill_and_matches_a_local_
     remote = json.loads(storage.read_text(f"{work}/results.json"))
     assert _without_wall_times(remote) == _without_wall_times(local)
     records = [json.loads(line) for line in storage.read_text(f"{work}/metrics.jsonl").splitlines()]
-    assert len({(r["phase"], r["step"], "loss" in r) for r in records}) == len(records)  # each step once, after the kill too
+    assert len({(r["phase"], r["step"], "loss" in r) for r in records}) == len(
+        records
+    )  # each step once, after the kill too
     assert "done (score, select, train, evaluate)" in storage.read_text(f"{work}/run.log")
     assert {"evaluate", "train"} <= set(storage.listdir(f"{work}/tensorboard"))

@@ -35,12 +35,15 @@ def test_grand_last_layer_equals_the_autodiff_gradient_norm_of_a_dense_head():
 
 
 def test_forgetting_counts_events_on_a_scripted_history():
-    correct = np.array([
-        [1, 0, 1, 0],
-        [0, 1, 1, 0],
-        [1, 0, 1, 0],
-        [0, 1, 1, 0],
-    ], bool)
+    correct = np.array(
+        [
+            [1, 0, 1, 0],
+            [0, 1, 1, 0],
+            [1, 0, 1, 0],
+            [0, 1, 1, 0],
+        ],
+        bool,
+    )
     # sample 0: 1->0, 1->0 = 2; sample 1: 1->0 once = 1; sample 2: never forgotten; sample 3: never learned
     np.testing.assert_array_equal(importance.forgetting_events(correct), [2, 1, 0, 4])
     np.testing.assert_array_equal(importance.forgetting_events(correct, never_learned=-1), [2, 1, 0, -1])
@@ -64,9 +67,14 @@ def test_random_scores_are_reproducible():
     assert not np.array_equal(importance.random_scores(5, 1), importance.random_scores(5, 2))
 
 
-@pytest.mark.parametrize("protocol,scope,groups", [
-    ("mixed", "synthetic", None), ("reference", "all", ["original", "synthetic"]), ("reference", "synthetic", ["synthetic"]),
-])
+@pytest.mark.parametrize(
+    "protocol,scope,groups",
+    [
+        ("mixed", "synthetic", None),
+        ("reference", "all", ["original", "synthetic"]),
+        ("reference", "synthetic", ["synthetic"]),
+    ],
+)
 def test_history_protocols_score_the_groups_the_reference_trains(protocol, scope, groups):
     """The reference protocol trains originals and synthetic rows in separate runs, and with scope 'synthetic'
     (originals never pruned) none on the originals; the mixed protocol scores originals and subset together."""
@@ -90,4 +98,8 @@ def test_history_protocols_score_the_groups_the_reference_trains(protocol, scope
         assert [name for name, _ in split] == groups
         np.testing.assert_array_equal(np.sort(np.concatenate([rows for _, rows in split])), scored)
     run_config = score.pass_config(config)
-    assert run_config.train.original_fraction == 0 and run_config.train.validation_every_epochs == 1 and config.train.original_fraction == 0.3
+    assert (
+        run_config.train.original_fraction == 0
+        and run_config.train.validation_every_epochs == 1
+        and config.train.original_fraction == 0.3
+    )

@@ -3,7 +3,6 @@ uninterrupted run; the run lock refuses a second run on the same work directory 
 metrics hold each step once."""
 
 import json
-
 import os
 import signal
 import subprocess
@@ -11,15 +10,18 @@ import time
 
 import jax
 import numpy as np
-
 from conftest import REPO, main_command
+
 from jax_advprune.children import die_with_parent
 from jax_advprune.phases.weights import saved_state
 
 # Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
 OVERRIDES = [
-    "--config.pruning.strategy=random", "--config.train.checkpoint_every=8", "--config.train.log_every_steps=1",
-    "--config.eval.pgd_steps=1", "--config.eval.attack=pgd",
+    "--config.pruning.strategy=random",
+    "--config.train.checkpoint_every=8",
+    "--config.train.log_every_steps=1",
+    "--config.eval.pgd_steps=1",
+    "--config.eval.attack=pgd",
 ]
 
 
@@ -29,7 +31,9 @@ def _command(workdir):
 
 def _final_state(workdir):
     _, state, step = saved_state(str(workdir))
-    return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    return step, {
+        jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    }
 
 
 def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_bitwise(tmp_path):
@@ -37,7 +41,13 @@ def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
+    proc = subprocess.Popen(
+        _command(killed_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
+    )
     deadline = time.time() + 300
     while not (killed_dir / "lock").exists() or not (killed_dir / "lock").read_text():  # the first run holds the lock
         assert proc.poll() is None and time.time() < deadline, "the first run ended before taking the lock"
@@ -62,8 +72,14 @@ def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_
 
     # Rerun, then a preemption (SIGTERM) once training has resumed: the step in progress is saved, status 143.
     log_size = (killed_dir / "run.log").stat().st_size
-    preempted = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 preexec_fn=die_with_parent())
+    preempted = subprocess.Popen(
+        _command(killed_dir),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=die_with_parent(),
+    )
     while "[train] resumed from" not in (killed_dir / "run.log").read_text()[log_size:]:
         assert preempted.poll() is None and time.time() < deadline, "the rerun ended before resuming training"
         time.sleep(0.05)
@@ -79,7 +95,9 @@ def test_sigkill_then_sigterm_mid_training_then_rerun_matches_uninterrupted_run_
     assert f"resumed from {killed_dir / 'checkpoints'} at step {saved}" in resumed.stdout
     records = [json.loads(line) for line in open(killed_dir / "metrics.jsonl")]
     train_steps = [r["step"] for r in records if r["phase"] == "train" and "loss" in r]
-    assert train_steps == list(range(1, 49))  # logged every step, each once, although steps after the checkpoint ran twice
+    assert train_steps == list(
+        range(1, 49)
+    )  # logged every step, each once, although steps after the checkpoint ran twice
     assert len({(r["phase"], r["step"], "loss" in r) for r in records}) == len(records)
     step_a, state_a = _final_state(tmp_path / "straight")
     step_b, state_b = _final_state(killed_dir)

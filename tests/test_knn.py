@@ -41,7 +41,9 @@ def test_extrapolation_recovers_a_smooth_score_and_weights_by_distance():
     dist, idx = knn(queries, refs, k=12, query_chunk=100, ref_chunk=512, mesh=make_mesh(1))
     predicted = extrapolate(score(refs), dist, idx)
     assert spearmanr(predicted, score(queries)).statistic > 0.95
-    np.testing.assert_allclose(extrapolate(np.array([1.0, 3.0]), np.array([[0.0, 1.0]]), np.array([[0, 1]]), "uniform"), [2.0])
+    np.testing.assert_allclose(
+        extrapolate(np.array([1.0, 3.0]), np.array([[0.0, 1.0]]), np.array([[0, 1]]), "uniform"), [2.0]
+    )
     weighted = extrapolate(np.array([1.0, 3.0]), np.array([[1.0, 3.0]]), np.array([[0, 1]]), "distance")
     assert weighted[0] == pytest.approx((1.0 + 3.0 / 3.0) / (1.0 + 1.0 / 3.0), rel=1e-5)
 
@@ -72,14 +74,20 @@ def test_streamed_extrapolation_equals_knn_then_extrapolate_and_holds_one_chunk(
     dist, idx = knn(queries, refs, k=k, query_chunk=chunk, mesh=mesh, engine=engine)
     want = extrapolate(ref_scores, dist, idx, "distance")
     out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float32, shape=(num_queries,))
-    extrapolate_knn(queries, refs, ref_scores, k=k, weighting="distance", query_chunk=chunk, mesh=mesh, engine=engine, out=out)  # compiled
+    extrapolate_knn(
+        queries, refs, ref_scores, k=k, weighting="distance", query_chunk=chunk, mesh=mesh, engine=engine, out=out
+    )  # compiled
     tracemalloc.start()
-    got = extrapolate_knn(queries, refs, ref_scores, k=k, weighting="distance", query_chunk=chunk, mesh=mesh, engine=engine, out=out)
+    got = extrapolate_knn(
+        queries, refs, ref_scores, k=k, weighting="distance", query_chunk=chunk, mesh=mesh, engine=engine, out=out
+    )
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert got is out
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), want)
     neighbours_bytes = num_queries * k * 8
-    assert peak < 1024 * chunk < neighbours_bytes / 5, f"{peak} bytes held at once; the neighbours of all queries take {neighbours_bytes}"
+    assert peak < 1024 * chunk < neighbours_bytes / 5, (
+        f"{peak} bytes held at once; the neighbours of all queries take {neighbours_bytes}"
+    )
     with pytest.raises(ValueError, match="reference scores for 500 references"):
         extrapolate_knn(queries, refs, ref_scores[:-1], k=k, mesh=mesh, engine=engine)

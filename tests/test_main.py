@@ -12,8 +12,18 @@ from conftest import REPO, main_command, run_main
 
 def test_smoke_run_writes_every_phase_output(smoke_run):
     workdir, first = smoke_run
-    for rel in ["data/synthetic.npz", "scores/margin.npy", "scores/converged.npy", "scores/meta.json",
-                "selection/keep.npy", "selection/eps.npy", "selection/meta.json", "metrics.jsonl", "results.json", "report.md"]:
+    for rel in [
+        "data/synthetic.npz",
+        "scores/margin.npy",
+        "scores/converged.npy",
+        "scores/meta.json",
+        "selection/keep.npy",
+        "selection/eps.npy",
+        "selection/meta.json",
+        "metrics.jsonl",
+        "results.json",
+        "report.md",
+    ]:
         assert os.path.exists(workdir / rel), rel
     assert os.listdir(workdir / "checkpoints")
     pool_size = 1528 + 2000
@@ -33,7 +43,9 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard" / "train"))
     results = json.load(open(workdir / "results.json"))
     for weights in ("raw", "ema", "best_ema"):
-        assert 0.0 <= results["results"][weights]["pgd_accuracy"] <= results["results"][weights]["clean_accuracy"] <= 1.0
+        assert (
+            0.0 <= results["results"][weights]["pgd_accuracy"] <= results["results"][weights]["clean_accuracy"] <= 1.0
+        )
     # The evaluated best checkpoint is the one with the highest validation PGD accuracy of the final training run.
     train_validation = {v["step"]: v["val_pgd_accuracy"] for v in validation if v["phase"] == "train"}
     assert train_validation[results["best_validation_step"]] == max(train_validation.values())
@@ -50,8 +62,18 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
                 assert abs(r[name + "_se"] - np.sqrt(value * (1 - value) / n)) < 1e-12
     assert "±" in open(workdir / "report.md").read()
     assert "[evaluate] ema weights" in open(workdir / "run.log").read()
-    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(workdir / "tensorboard" / "evaluate") for name in files)
-    assert sorted(os.listdir(workdir / "settings")) == ["evaluate.json", "inputs.json", "score.json", "select.json", "train.json"]
+    assert any(
+        name.startswith("events.out.tfevents")
+        for _, _, files in os.walk(workdir / "tensorboard" / "evaluate")
+        for name in files
+    )
+    assert sorted(os.listdir(workdir / "settings")) == [
+        "evaluate.json",
+        "inputs.json",
+        "score.json",
+        "select.json",
+        "train.json",
+    ]
     phases = {json.loads(line)["phase"] for line in open(workdir / "metrics.jsonl")}
     assert {"score/train", "score/deepfool", "train"} <= phases
     assert "img/s" in first.stdout and "ETA" in first.stdout
@@ -59,7 +81,10 @@ def test_smoke_run_writes_every_phase_output(smoke_run):
 
 def test_second_invocation_skips_finished_phases_and_keeps_outputs(smoke_run):
     workdir, _ = smoke_run
-    before = {rel: os.path.getmtime(workdir / rel) for rel in ["scores/margin.npy", "selection/keep.npy", "results.json", "data/synthetic.npz"]}
+    before = {
+        rel: os.path.getmtime(workdir / rel)
+        for rel in ["scores/margin.npy", "selection/keep.npy", "results.json", "data/synthetic.npz"]
+    }
     metrics_lines = len(open(workdir / "metrics.jsonl").readlines())
     second = run_main(workdir)
     assert second.returncode == 0, second.stdout + second.stderr
@@ -71,7 +96,11 @@ def test_second_invocation_skips_finished_phases_and_keeps_outputs(smoke_run):
 
 
 def _tree_bytes(root) -> dict:
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 def test_the_selection_exports_for_pytorch_trainers_row_by_row(smoke_run, tmp_path):
@@ -81,21 +110,42 @@ def test_the_selection_exports_for_pytorch_trainers_row_by_row(smoke_run, tmp_pa
     workdir, _ = smoke_run
     keep, eps = np.load(workdir / "selection/keep.npy"), np.load(workdir / "selection/eps.npy")
     kept_synthetic = np.flatnonzero(keep & (np.arange(len(keep)) >= 1528))
-    proc = subprocess.run([sys.executable, "-m", "jax_advprune.export_selection", "--workdir", str(workdir), "--out", str(tmp_path / "sel"),
-                           "--part-size", "400"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_advprune.export_selection",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(tmp_path / "sel"),
+            "--part-size",
+            "400",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.load(open(tmp_path / "sel" / "selection.json"))
-    assert summary["rows"] == len(kept_synthetic) and [p["rows"] for p in summary["parts"]][:-1] == [400] * (len(summary["parts"]) - 1)
+    assert summary["rows"] == len(kept_synthetic) and [p["rows"] for p in summary["parts"]][:-1] == [400] * (
+        len(summary["parts"]) - 1
+    )
     assert summary["kept_original_not_exported"] == int(keep[:1528].sum())
     synthetic = NpzPart(str(workdir / "data/synthetic.npz"), 10)
     index = np.concatenate([np.load(tmp_path / "sel" / p["pool_index"]) for p in summary["parts"]])
     np.testing.assert_array_equal(index, kept_synthetic)
-    images = np.concatenate([NpzPart(str(tmp_path / "sel" / p["images"]), 10).read(np.arange(p["rows"]))[0] for p in summary["parts"]])
+    images = np.concatenate(
+        [NpzPart(str(tmp_path / "sel" / p["images"]), 10).read(np.arange(p["rows"]))[0] for p in summary["parts"]]
+    )
     labels = np.concatenate([np.load(tmp_path / "sel" / p["images"])["label"] for p in summary["parts"]])
     expected_images, expected_labels = synthetic.read(kept_synthetic - 1528)
     np.testing.assert_array_equal(images, expected_images)
     np.testing.assert_array_equal(labels, expected_labels)
-    np.testing.assert_array_equal(np.concatenate([np.load(tmp_path / "sel" / p["eps"]) for p in summary["parts"]]), eps[kept_synthetic])
+    np.testing.assert_array_equal(
+        np.concatenate([np.load(tmp_path / "sel" / p["eps"]) for p in summary["parts"]]), eps[kept_synthetic]
+    )
     assert summary["eps"]["lowered"] == int((eps[kept_synthetic] < 0.05).sum()) > 0
 
 
@@ -111,11 +161,19 @@ def test_any_weights_can_be_evaluated_alone_and_training_can_start_from_them(smo
     assert "given weights" in open(tmp_path / "eval" / "report.md").read()
     assert not (tmp_path / "eval" / "checkpoints").exists() and not (tmp_path / "eval" / "selection").exists()
     step = source["checkpoint_step"]
-    started = run_main(tmp_path / "warm", "--config.pruning.strategy=random", f"--config.train.init_from={workdir / 'checkpoints' / str(step)}",
-                       "--config.train.epochs=0.1", "--config.train.lr=1e-4", "--config.eval.attack=pgd")
+    started = run_main(
+        tmp_path / "warm",
+        "--config.pruning.strategy=random",
+        f"--config.train.init_from={workdir / 'checkpoints' / str(step)}",
+        "--config.train.epochs=0.1",
+        "--config.train.lr=1e-4",
+        "--config.eval.attack=pgd",
+    )
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     warm = json.load(open(tmp_path / "warm" / "results.json"))["results"]["raw"]
-    assert warm["clean_accuracy"] > 0.3  # the source's weights, barely moved (a fresh model after 2 steps is near chance, 0.1)
+    assert (
+        warm["clean_accuracy"] > 0.3
+    )  # the source's weights, barely moved (a fresh model after 2 steps is near chance, 0.1)
 
 
 def test_changed_or_bad_settings_on_an_existing_workdir_are_refused_and_a_corrected_rerun_succeeds(smoke_run):
@@ -141,8 +199,18 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config, devices):
 
     from jax_advprune.validate import mesh_size
 
-    cmd = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, f"configs/{config}.py:smoke"), "--workdir", str(tmp_path)]
-    if config != "cifar10_trades":  # standard AutoAttack runs in the TRADES variant; APGD-CE + APGD-T here, for the suite's time
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_advprune.main",
+        "--config",
+        os.path.join(REPO, f"configs/{config}.py:smoke"),
+        "--workdir",
+        str(tmp_path),
+    ]
+    if (
+        config != "cifar10_trades"
+    ):  # standard AutoAttack runs in the TRADES variant; APGD-CE + APGD-T here, for the suite's time
         cmd.append("--config.eval.attack=autoattack_lite")
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -150,11 +218,18 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config, devices):
     assert "[train] trades" in proc.stdout and "best validation checkpoint" in proc.stdout
     results = json.load(open(tmp_path / "results.json"))
     mesh = mesh_size(importlib.import_module(f"configs.{config}").get_config("smoke"), devices)
-    assert results["devices"]["count"] == mesh < devices and f"the mesh spans {mesh} of the {devices} cpu devices" in proc.stdout
+    assert (
+        results["devices"]["count"] == mesh < devices
+        and f"the mesh spans {mesh} of the {devices} cpu devices" in proc.stdout
+    )
     assert results["checkpoint_step"] == 16
     for weights in ("raw", "ema", "best_ema"):
         r = results["results"][weights]
-        chain = (["autoattack_accuracy", "fab_t_accuracy", "apgd_t_accuracy"] if config == "cifar10_trades" else ["autoattack_lite_accuracy"])
+        chain = (
+            ["autoattack_accuracy", "fab_t_accuracy", "apgd_t_accuracy"]
+            if config == "cifar10_trades"
+            else ["autoattack_lite_accuracy"]
+        )
         chain += ["apgd_ce_accuracy", "clean_accuracy"]
         assert 0.0 <= r[chain[0]] and all(r[a] <= r[b] for a, b in zip(chain, chain[1:])) and r["clean_accuracy"] <= 1.0
     if config == "cifar10_trades":
@@ -184,8 +259,23 @@ def _check_export_loads_into_the_reference_wide_resnet(workdir):
     from jax_advprune.phases.weights import build_saved_model, saved_variables
 
     out = workdir / "model.pt"
-    proc = subprocess.run([sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir), "--weights", "best_ema", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_advprune.export",
+            "--workdir",
+            str(workdir),
+            "--weights",
+            "best_ema",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reference = RefWideResNet(depth=10, width=1, act=torch.nn.SiLU).eval()
     reference.load_state_dict(torch.load(out))  # strict: the same keys, no more, no fewer
@@ -195,24 +285,37 @@ def _check_export_loads_into_the_reference_wide_resnet(workdir):
     with torch.no_grad():
         expected = reference(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(np.asarray(model.apply(variables, x)), expected, atol=1e-4, rtol=1e-4)
-    refused = subprocess.run([sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir / "nothing"), "--out", str(out)],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir / "nothing"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and "holds no trained model" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_extrapolated_dynamic_uncertainty_prunes_the_synthetic_pool(tmp_path):
     """Nieth et al.'s setup at smoke size: DU from a per-epoch history on a subset, kNN-extrapolated, keep_top."""
     proc = run_main(
-        tmp_path, "--config.scoring.score=du", "--config.scoring.extrapolation.enabled=True",
-        "--config.scoring.extrapolation.subset_size=500", "--config.scoring.train_epochs=6", "--config.scoring.du_window=5",
-        "--config.pruning.strategy=keep_top", "--config.pruning.scope=synthetic", "--config.pruning.class_balanced=True",
+        tmp_path,
+        "--config.scoring.score=du",
+        "--config.scoring.extrapolation.enabled=True",
+        "--config.scoring.extrapolation.subset_size=500",
+        "--config.scoring.train_epochs=6",
+        "--config.scoring.du_window=5",
+        "--config.pruning.strategy=keep_top",
+        "--config.pruning.scope=synthetic",
+        "--config.pruning.class_balanced=True",
         "--phases=score,select",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "scores/meta.json"))
     assert meta["score"] == "du" and meta["history_epochs"] == 6 and meta["scored"] == 1528 - 32 + 500
     assert -1.0 <= meta["extrapolation"]["spearman_held_out"] <= 1.0 and meta["extrapolation"]["k"] == 12
-    assert meta["extrapolation"]["knn_engine_used"] == "faiss" and "[score] kNN engine: faiss" in proc.stdout  # faiss: [test] extra
+    assert (
+        meta["extrapolation"]["knn_engine_used"] == "faiss" and "[score] kNN engine: faiss" in proc.stdout
+    )  # faiss: [test] extra
     assert meta["extrapolation"]["spearman_held_out"] > 0.5  # neighbours predict held-out scores (0.93 measured)
     assert len(os.listdir(tmp_path / "scores/history")) == 6
     du = np.load(tmp_path / "scores/du.npy")
@@ -243,21 +346,41 @@ def get_config():
 """
 
 
-def test_reference_history_protocol_scores_the_subset_alone_once_per_pass_in_another_models_embedding(smoke_run, tmp_path):
+def test_reference_history_protocol_scores_the_subset_alone_once_per_pass_in_another_models_embedding(
+    smoke_run, tmp_path
+):
     """scoring.history_protocol='reference': the synthetic subset trains alone (plain epochs of ceil(300 / 64) = 5 steps,
     a record after each, early stopping); the originals are not scored (scope 'synthetic'); the kNN runs in the
     penultimate features of other weights (embedding_from, another model), not the scoring model's."""
     config = tmp_path / "embedding.py"
     config.write_text(EMBEDDING_CONFIG.format(embedding=str(smoke_run[0])))
-    proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", str(config), "--workdir", str(tmp_path / "run"),
-                           "--phases=score,select"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_advprune.main",
+            "--config",
+            str(config),
+            "--workdir",
+            str(tmp_path / "run"),
+            "--phases=score,select",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "run/scores/meta.json"))
     assert meta["scored"] == 300 and list(meta["history_runs"]) == ["synthetic"]  # no originals run
     run = meta["history_runs"]["synthetic"]
     assert run["rows"] == 300 and run["steps_per_record"] == 5
-    assert 2 <= run["records"] <= 6 and run["steps"] == 5 * run["records"]  # one record per full pass; early stopping may end it
-    assert sorted(os.listdir(tmp_path / "run/scores/history/synthetic")) == [f"epoch_{k:05d}.npz" for k in range(1, run["records"] + 1)]
+    assert (
+        2 <= run["records"] <= 6 and run["steps"] == 5 * run["records"]
+    )  # one record per full pass; early stopping may end it
+    assert sorted(os.listdir(tmp_path / "run/scores/history/synthetic")) == [
+        f"epoch_{k:05d}.npz" for k in range(1, run["records"] + 1)
+    ]
     if run["records"] < 6:
         assert "[score/train_synthetic] stopped early" in proc.stdout
     assert meta["extrapolation"]["embedding"] == str(smoke_run[0]) and meta["extrapolation"]["embedding_dim"] == 64
@@ -267,8 +390,13 @@ def test_reference_history_protocol_scores_the_subset_alone_once_per_pass_in_ano
 
 def test_el2n_over_two_scoring_models_feeds_keep_bottom(tmp_path):
     proc = run_main(
-        tmp_path, "--config.scoring.score=el2n", "--config.scoring.num_models=2", "--config.scoring.train_epochs=1",
-        "--config.pruning.strategy=keep_bottom", "--config.pruning.keep_ratio=0.25", "--config.eval.attack=pgd",
+        tmp_path,
+        "--config.scoring.score=el2n",
+        "--config.scoring.num_models=2",
+        "--config.scoring.train_epochs=1",
+        "--config.pruning.strategy=keep_bottom",
+        "--config.pruning.keep_ratio=0.25",
+        "--config.eval.attack=pgd",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(tmp_path / "scores/meta.json"))
@@ -290,8 +418,13 @@ def test_the_smoke_command_finishes_on_any_number_of_cpu_devices(tmp_path, devic
     run and the one-process runs on 4 and 8 devices of test_multihost, the counts 1, 3, 4, 8 and 24. (48 devices,
     a mesh of 32, ran here until the suite's time needed its 40 s for the AutoAttack checks.)"""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = main_command(tmp_path / "run", "--config.train.epochs=0.5", "--config.scoring.train_epochs=0.5", "--config.train.validation_every_epochs=0.5",
-                       "--config.eval.apgd_steps=2")
+    cmd = main_command(
+        tmp_path / "run",
+        "--config.train.epochs=0.5",
+        "--config.scoring.train_epochs=0.5",
+        "--config.train.validation_every_epochs=0.5",
+        "--config.eval.apgd_steps=2",
+    )
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.load(open(tmp_path / "run" / "results.json"))

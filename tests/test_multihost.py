@@ -27,9 +27,15 @@ def _free_port() -> int:
 
 
 # The smoke config, shorter: 24 training steps per model, validated twice, DeepFool on a pool of 1,828.
-CLI_OVERRIDES = ["--config.train.epochs=1", "--config.scoring.train_epochs=1", "--config.train.validation_every_epochs=0.5",
-                 "--config.data.synthetic_size=300", "--config.scoring.deepfool.max_iter=4", "--config.eval.pgd_steps=2",
-                 "--config.eval.apgd_steps=1"]
+CLI_OVERRIDES = [
+    "--config.train.epochs=1",
+    "--config.scoring.train_epochs=1",
+    "--config.train.validation_every_epochs=0.5",
+    "--config.data.synthetic_size=300",
+    "--config.scoring.deepfool.max_iter=4",
+    "--config.eval.pgd_steps=2",
+    "--config.eval.apgd_steps=1",
+]
 
 
 def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str, logs=None) -> list[subprocess.Popen]:
@@ -37,14 +43,33 @@ def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str, l
     devices, with their output in <logs or workdir>.<log_name>.p<i>.log. One process is started the same way (through
     jax.distributed, so that its cross-device sums go through gloo as a multi-process run's do)."""
     port = _free_port()
-    command = [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir),
-               f"--cpu_devices={devices}", *CLI_OVERRIDES, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "jax_advprune.main",
+        "--config",
+        os.path.join(REPO, "configs/default.py:smoke"),
+        "--workdir",
+        str(workdir),
+        f"--cpu_devices={devices}",
+        *CLI_OVERRIDES,
+        *extra,
+    ]
     procs = []
     for pid in range(processes):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(pid))
+        env = dict(
+            os.environ,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES=str(processes),
+            JAX_PROCESS_ID=str(pid),
+        )
         env.pop("XLA_FLAGS", None)  # --cpu_devices decides, as in the README's command
         log = open(f"{logs or workdir}.{log_name}.p{pid}.log", "w")
-        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()))
+        procs.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+            )
+        )
         log.close()
     return procs
 
@@ -68,7 +93,10 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
 def _logs(workdir, log_name: str, processes: int, tail: int | None = 3000) -> str:
     """The processes' logs, each cut to its last `tail` characters (None: whole; the run log names every convolution
     shape's route, so a line from early in a phase may be far from the end)."""
-    return "\n".join(f"--- process {pid}\n" + open(f"{workdir}.{log_name}.p{pid}.log").read()[-(tail or 0):] for pid in range(processes))
+    return "\n".join(
+        f"--- process {pid}\n" + open(f"{workdir}.{log_name}.p{pid}.log").read()[-(tail or 0) :]
+        for pid in range(processes)
+    )
 
 
 def _run(workdir, processes: int, devices: int, *extra: str, logs=None) -> None:
@@ -85,9 +113,17 @@ def _outcome(workdir) -> dict:
     results["devices"].pop("processes")
     _, state, step = saved_state(workdir)
     assert step == results["checkpoint_step"]
-    arrays = {name: storage.load_npy(f"{workdir}/{name}") for name in ("scores/margin.npy", "selection/keep.npy", "selection/eps.npy")
-              if storage.exists(f"{workdir}/{name}")}
-    arrays.update({"ema" + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state["ema_params"])})
+    arrays = {
+        name: storage.load_npy(f"{workdir}/{name}")
+        for name in ("scores/margin.npy", "selection/keep.npy", "selection/eps.npy")
+        if storage.exists(f"{workdir}/{name}")
+    }
+    arrays.update(
+        {
+            "ema" + jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state["ema_params"])
+        }
+    )
     return {"results": results, "arrays": arrays}
 
 
@@ -107,7 +143,9 @@ def _wait_for(condition, procs, what: str, timeout: float = 300) -> None:
 
 
 def _has_step(directory, at_least: int = 1):
-    return lambda: directory.is_dir() and any(name.isdigit() and int(name) >= at_least for name in os.listdir(directory))
+    return lambda: (
+        directory.is_dir() and any(name.isdigit() and int(name) >= at_least for name in os.listdir(directory))
+    )
 
 
 def test_two_processes_killed_preempted_and_restarted_end_with_the_outcome_of_one_process(tmp_path):
@@ -119,7 +157,9 @@ def test_two_processes_killed_preempted_and_restarted_end_with_the_outcome_of_on
     barriers; the first best-validation save hung before the managers got distinct barrier names)."""
     workdir = tmp_path / "two"
     procs = _launch(workdir, 2, 2, "first")
-    _wait_for(_has_step(workdir / "scoring_model" / "checkpoints", 20), procs, "the scoring model's checkpoint at step 20")
+    _wait_for(
+        _has_step(workdir / "scoring_model" / "checkpoints", 20), procs, "the scoring model's checkpoint at step 20"
+    )
     procs[1].kill()
     # The survivor stops by itself, at once when its next collective fails, or when JAX's coordination service
     # misses the dead process's heartbeats (100 s); a scheduler stops it sooner, as this does after 10 s.
@@ -143,7 +183,12 @@ def test_two_processes_killed_preempted_and_restarted_end_with_the_outcome_of_on
     assert f"resumed from {workdir / 'checkpoints'} at step {saved}" in _logs(workdir, "third", 2, tail=None)
     results = json.load(open(workdir / "results.json"))
     assert results["devices"] == {"count": 4, "kind": "cpu", "platform": "cpu", "processes": 2}
-    for checkpoints in ("scoring_model/checkpoints", "scoring_model/checkpoints_best", "checkpoints", "checkpoints_best"):
+    for checkpoints in (
+        "scoring_model/checkpoints",
+        "scoring_model/checkpoints_best",
+        "checkpoints",
+        "checkpoints_best",
+    ):
         assert any(name.isdigit() for name in os.listdir(workdir / checkpoints)), checkpoints
 
     _run(tmp_path / "one", 1, 4)
@@ -156,8 +201,15 @@ def test_four_processes_of_two_devices_on_a_bucket_give_the_outcome_of_one_proce
     every process its share of each checkpoint), and of one process on a local disk."""
     four = f"{gcs_bucket}/{tmp_path.name}/four"
     _run(four, 4, 2, "--config.pruning.strategy=random", logs=tmp_path / "four")
-    assert json.loads(storage.read_text(f"{four}/results.json"))["devices"] == {"count": 8, "kind": "cpu", "platform": "cpu", "processes": 4}
+    assert json.loads(storage.read_text(f"{four}/results.json"))["devices"] == {
+        "count": 8,
+        "kind": "cpu",
+        "platform": "cpu",
+        "processes": 4,
+    }
     assert any(name.isdigit() for name in storage.listdir(f"{four}/checkpoints_best"))
-    assert not storage.exists(f"{four}/lock") and "done (score, select, train, evaluate)" in storage.read_text(f"{four}/run.log")
+    assert not storage.exists(f"{four}/lock") and "done (score, select, train, evaluate)" in storage.read_text(
+        f"{four}/run.log"
+    )
     _run(tmp_path / "one", 1, 8, "--config.pruning.strategy=random")
     _assert_same_outcome(_outcome(four), _outcome(tmp_path / "one"))

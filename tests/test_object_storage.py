@@ -11,11 +11,10 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import make_npz
-from jax_advprune import storage
+
+from jax_advprune import run_dir, run_lock, storage
 from jax_advprune.data import remote
-from jax_advprune import run_dir, run_lock
 from jax_advprune.data.sources import open_pool
 
 
@@ -27,7 +26,9 @@ def test_coalesced_ranges_cover_every_range_and_merge_only_small_gaps():
         gap = int(rng.integers(0, 500))
         merged_starts, merged_ends = remote.coalesce(starts, ends, gap)
         which = np.searchsorted(merged_starts, starts, side="right") - 1
-        assert np.all(merged_starts[which] <= starts) and np.all(ends <= merged_ends[which])  # each range inside one merged range
+        assert np.all(merged_starts[which] <= starts) and np.all(
+            ends <= merged_ends[which]
+        )  # each range inside one merged range
         assert np.all(merged_starts[1:] - merged_ends[:-1] > gap)  # what stays apart is farther than the gap
         assert len(merged_starts) <= len(starts) and merged_starts[0] == starts[0] and merged_ends[-1] == ends[-1]
 
@@ -75,19 +76,25 @@ def test_storage_functions_do_in_a_bucket_what_they_do_on_disk(gcs_bucket, tmp_p
     storage.filesystem(remote_big).pipe_file(remote_big, data)
     assert run_dir.fingerprint(remote_big) == run_dir.fingerprint(str(tmp_path / "big"))
     with caplog.at_level("INFO", logger="jax_advprune"):
-        copies = [storage.local_copy(remote_big, str(tmp_path / "cache"), logging.getLogger("jax_advprune")) for _ in range(2)]
+        copies = [
+            storage.local_copy(remote_big, str(tmp_path / "cache"), logging.getLogger("jax_advprune")) for _ in range(2)
+        ]
     assert copies[0] == copies[1] and open(copies[0], "rb").read() == data
     assert caplog.text.count("copied ") == 1  # the second call finds the copy
     assert storage.local_copy(str(tmp_path / "big"), str(tmp_path / "cache")) == str(tmp_path / "big")
 
 
-def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or_silent_one(gcs_bucket, tmp_path, caplog):
+def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or_silent_one(
+    gcs_bucket, tmp_path, caplog
+):
     workdir = f"{gcs_bucket}/{tmp_path.name}"
     lock_path = f"{workdir}/lock"
     holder = run_lock.run_lock(workdir)
     assert isinstance(holder, run_lock.ObjectRunLock)
     holder.acquire()
-    with pytest.raises(run_lock.WorkdirLockedError, match=f"process {os.getpid()} on host {socket.gethostname()}.*still running"):
+    with pytest.raises(
+        run_lock.WorkdirLockedError, match=f"process {os.getpid()} on host {socket.gethostname()}.*still running"
+    ):
         run_lock.run_lock(workdir).acquire()
     # Two runs that both read "no lock" before either wrote: the create precondition refuses the later one.
     racing = run_lock.ObjectRunLock(workdir)
@@ -98,7 +105,10 @@ def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or
     assert not storage.exists(lock_path)
 
     fs = storage.filesystem(lock_path)
-    fs.pipe_file(lock_path, json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": "x", "heartbeat": time.time()}).encode())
+    fs.pipe_file(
+        lock_path,
+        json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "started": "x", "heartbeat": time.time()}).encode(),
+    )
     with caplog.at_level("INFO", logger="jax_advprune"):  # a killed holder on this host: taken over at once
         with run_lock.run_lock(workdir):
             assert json.loads(storage.read_text(lock_path))["pid"] == os.getpid()
@@ -108,7 +118,9 @@ def test_the_run_lock_of_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_or
     fs.pipe_file(lock_path, json.dumps({**other, "heartbeat": time.time() - 30}).encode())
     with pytest.raises(run_lock.WorkdirLockedError, match="process 1 on host other-host.*last heartbeat 30 s ago"):
         run_lock.run_lock(workdir).acquire()
-    fs.pipe_file(lock_path, json.dumps({**other, "heartbeat": time.time() - 601}).encode())  # silent for longer than 600 s
+    fs.pipe_file(
+        lock_path, json.dumps({**other, "heartbeat": time.time() - 601}).encode()
+    )  # silent for longer than 600 s
     beating = run_lock.ObjectRunLock(workdir, heartbeat_s=0.2)
     beating.acquire()
     first = json.loads(storage.read_text(lock_path))["heartbeat"]
@@ -135,9 +147,13 @@ def test_the_emulator_dies_with_the_process_that_started_it_even_on_kill_9():
     import subprocess
     import sys
 
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import gcs_emulator; "
-            "server, url = gcs_emulator.start('b'); print(server.pid, flush=True); time.sleep(600)")
-    starter = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import gcs_emulator; "
+        "server, url = gcs_emulator.start('b'); print(server.pid, flush=True); time.sleep(600)"
+    )
+    starter = subprocess.Popen(
+        [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], stdout=subprocess.PIPE, text=True
+    )
     server_pid = int(starter.stdout.readline())
     assert _alive(server_pid)
     os.kill(starter.pid, signal.SIGKILL)

@@ -25,7 +25,9 @@ DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 ONEDNN_PLATFORM = platform.system() == "Linux" and platform.machine() == "x86_64"
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
 pytestmark = [
-    pytest.mark.skipif(not ONEDNN_PLATFORM, reason="oneDNN's wheels are for Linux x86-64 only; convolutions are XLA's here"),
+    pytest.mark.skipif(
+        not ONEDNN_PLATFORM, reason="oneDNN's wheels are for Linux x86-64 only; convolutions are XLA's here"
+    ),
     pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the custom call"),
 ]
 
@@ -34,7 +36,9 @@ pytestmark = [
 GROUPS = [(1, "native"), (4, "native"), (1, "AVX2"), (4, "AVX2")]
 _SUBSET = check.fixed_subset()
 _KNOWN = len(check.KNOWN_OVERRUNS)
-FUZZ = [(group, case) for i, case in enumerate(_SUBSET) for group in (GROUPS if i < _KNOWN else [GROUPS[i % len(GROUPS)]])]
+FUZZ = [
+    (group, case) for i, case in enumerate(_SUBSET) for group in (GROUPS if i < _KNOWN else [GROUPS[i % len(GROUPS)]])
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +90,9 @@ def test_an_inconsistent_call_is_an_error_not_a_crash():
     """The custom call given paddings that do not match its buffers returns an error at run time (nothing written)."""
     assert onednn.available(), onednn._register()
     x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
-    wrong = jax.jit(lambda x, w: onednn._ffi_conv(0, x, w, (2, 4, 4, 4), (2, 2), ((0, 2), (0, 1))))  # floor: 4 rows either way
+    wrong = jax.jit(
+        lambda x, w: onednn._ffi_conv(0, x, w, (2, 4, 4, 4), (2, 2), ((0, 2), (0, 1)))
+    )  # floor: 4 rows either way
     with pytest.raises(Exception, match="onednn_conv: bottom/right paddings"):
         jax.block_until_ready(wrong(x, w))
     mismatched = jax.jit(lambda x, w: onednn._ffi_conv(0, x, w, (2, 8, 8, 5), (1, 1), ((1, 1), (1, 1))))
@@ -98,23 +104,37 @@ def test_an_inconsistent_call_is_an_error_not_a_crash():
 def test_routes_are_logged_per_shape_and_refusals_go_to_xla(caplog):
     x, w = jnp.ones((2, 9, 9, 3)), jnp.ones((1, 1, 3, 4))
     with caplog.at_level("INFO", logger=onednn.__name__):
-        text = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=DIMENSIONS)).lower(x, w).as_text()
-        negative = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), ((-1, 0), (0, 0)), dimension_numbers=DIMENSIONS))
+        text = (
+            jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=DIMENSIONS))
+            .lower(x, w)
+            .as_text()
+        )
+        negative = jax.jit(
+            lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), ((-1, 0), (0, 0)), dimension_numbers=DIMENSIONS)
+        )
         assert onednn.TARGET not in negative.lower(x, w).as_text()
     assert onednn.TARGET in text
     strided = onednn.ROUTES[((2, 9, 9, 3), (1, 1, 3, 4), (2, 2), ((0, 0), (0, 0)))]
     assert strided.backend == "oneDNN" and strided.subsampled and strided.strides == (1, 1)
-    assert onednn.ROUTES[((2, 9, 9, 3), (1, 1, 3, 4), (1, 1), ((-1, 0), (0, 0)))] == onednn.Route("XLA", "negative padding")
-    assert "x (2, 9, 9, 3) * w (1, 1, 3, 4), strides (2, 2)" in caplog.text and "-> XLA: negative padding" in caplog.text
+    assert onednn.ROUTES[((2, 9, 9, 3), (1, 1, 3, 4), (1, 1), ((-1, 0), (0, 0)))] == onednn.Route(
+        "XLA", "negative padding"
+    )
+    assert (
+        "x (2, 9, 9, 3) * w (1, 1, 3, 4), strides (2, 2)" in caplog.text and "-> XLA: negative padding" in caplog.text
+    )
 
 
 def test_checked_build_sees_the_known_overrun_and_reports_nothing_on_the_fixed_shapes():
     """The memory checker: the known overrun let through must be reported (positive control), and the kernel as built
     must give no sanitizer report or guard-page fault on the known shapes and a few others, AVX2 kernels, 4 devices."""
     control = check.positive_control()
-    assert control.status in ("crash", "report") and ("AddressSanitizer" in control.message or "SEGV" in control.message), control
+    assert control.status in ("crash", "report") and (
+        "AddressSanitizer" in control.message or "SEGV" in control.message
+    ), control
     results = check.run_cases(_SUBSET[: _KNOWN + 3], devices=4, isa="AVX2", extra_env=check.sanitizer_environment())
-    assert [r.status for r in results] == ["ok"] * (_KNOWN + 3), [(r.case.name, r.status, r.message) for r in results if r.status != "ok"]
+    assert [r.status for r in results] == ["ok"] * (_KNOWN + 3), [
+        (r.case.name, r.status, r.message) for r in results if r.status != "ok"
+    ]
 
 
 @pytest.mark.native
@@ -163,9 +183,16 @@ def test_sharded_jit_runs_per_device_and_equals_lax():
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
     # Rows that do not divide over the 4 devices (6 of the 8) are gathered and convolved whole: the same numbers.
     mesh = parallel.make_mesh(4)
-    sliced = lambda conv: jax.jit(lambda x, w: conv(x[:6], w, (1, 1), "SAME", dimension_numbers=DIMENSIONS),  # noqa: E731
-                                  in_shardings=(parallel.batch_sharding(mesh), parallel.replicated(mesh)))
-    np.testing.assert_allclose(sliced(onednn.conv_general_dilated)(x, w1), sliced(lax.conv_general_dilated)(x, w1), rtol=1e-5, atol=1e-6)
+
+    def sliced(conv):
+        return jax.jit(
+            lambda x, w: conv(x[:6], w, (1, 1), "SAME", dimension_numbers=DIMENSIONS),
+            in_shardings=(parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+        )
+
+    np.testing.assert_allclose(
+        sliced(onednn.conv_general_dilated)(x, w1), sliced(lax.conv_general_dilated)(x, w1), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.native
@@ -178,13 +205,18 @@ def test_what_onednn_does_not_cover_goes_to_lax():
     plain = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DIMENSIONS)  # noqa: E731
     assert onednn.TARGET in hlo(plain, x, w)
     assert onednn.TARGET not in hlo(plain, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # float32 only
-    dilated = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMENSIONS)  # noqa: E731
+
+    def dilated(x, w):
+        return onednn.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMENSIONS)
+
     assert onednn.TARGET not in hlo(dilated, x, w)
     nchw = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))  # noqa: E731
     assert onednn.TARGET not in hlo(nchw, jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3)))
     try:
         onednn.set_backend("xla")  # read when a function is traced: a new function, not `plain` (its trace is cached)
-        assert onednn.TARGET not in hlo(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DIMENSIONS), x, w)
+        assert onednn.TARGET not in hlo(
+            lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DIMENSIONS), x, w
+        )
     finally:
         onednn.set_backend("auto")
     with pytest.raises(ValueError, match="must be one of"):
@@ -208,8 +240,12 @@ def test_vmapped_vjps_and_batched_kernels_equal_lax():
     for name, conv in (("lax", lax.conv_general_dilated), ("onednn", onednn.conv_general_dilated)):
         strided = lambda x, k: conv(x, k, (2, 2), "SAME", dimension_numbers=DIMENSIONS)  # noqa: E731
         _, vjp = jax.vjp(lambda x_: jnp.tanh(strided(x_, w)), x)
-        input_grads = jax.jit(jax.vmap(lambda c: vjp(c)[0]))(cotangents)  # images mapped, kernel not: folded into the batch
-        per_kernel = jax.jit(jax.vmap(lambda k: strided(x, k)))(jnp.stack([w, -2 * w]))  # kernel mapped: one call per kernel
+        input_grads = jax.jit(jax.vmap(lambda c: vjp(c)[0]))(
+            cotangents
+        )  # images mapped, kernel not: folded into the batch
+        per_kernel = jax.jit(jax.vmap(lambda k: strided(x, k)))(
+            jnp.stack([w, -2 * w])
+        )  # kernel mapped: one call per kernel
         kernel_grads = jax.jit(jax.vmap(lambda c: jax.grad(lambda k: jnp.sum(strided(x, k) * c))(w)))(cotangents)
         results[name] = (input_grads, per_kernel, kernel_grads)
     for got, expected in zip(results["onednn"], results["lax"]):
@@ -224,12 +260,17 @@ def test_a_users_lax_conv_function_is_routed_to_onednn_with_equal_values_and_gra
 
     def user_model(params, x):
         h = jax.nn.relu(lax.conv_general_dilated(x, params["a"], (1, 1), "SAME", dimension_numbers=DIMENSIONS))
-        h = jax.jit(lambda z: lax.conv_general_dilated(z, params["b"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS))(h)
+        h = jax.jit(
+            lambda z: lax.conv_general_dilated(z, params["b"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS)
+        )(h)
         h = lax.conv_general_dilated(h, params["c"], (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DIMENSIONS)
         return {"logits": h.mean(axis=(1, 2))}
 
     rng = np.random.default_rng(0)
-    params = {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in (("a", (3, 3, 3, 8)), ("b", (3, 3, 8, 8)), ("c", (3, 3, 8, 5)))}
+    params = {
+        k: rng.normal(size=s).astype(np.float32) * 0.3
+        for k, s in (("a", (3, 3, 3, 8)), ("b", (3, 3, 8, 8)), ("c", (3, 3, 8, 5)))
+    }
     x = rng.uniform(size=(4, 10, 10, 3)).astype(np.float32)
     routed = with_onednn_convolutions(user_model)
     assert routed is with_onednn_convolutions(user_model)  # one wrapper per function: jit caches keep hitting
@@ -254,7 +295,10 @@ def test_the_per_model_choice_follows_the_measured_train_step_gains():
         assert result["machine"]["isa_effective"] == isa
         for row in result["rows"]:
             family = next(v for k, v in families.items() if row["model"].startswith(k))
-            assert layers.MEASURED_GAIN[isa][family] == round(row["ours_img_s"] / row["ours_xla_conv_img_s"], 2), (isa, family)
+            assert layers.MEASURED_GAIN[isa][family] == round(row["ours_img_s"] / row["ours_xla_conv_img_s"], 2), (
+                isa,
+                family,
+            )
 
 
 def test_choose_convolutions_gives_xla_where_onednn_gains_under_ten_percent(monkeypatch):
@@ -265,7 +309,9 @@ def test_choose_convolutions_gives_xla_where_onednn_gains_under_ten_percent(monk
     monkeypatch.setattr(layers, "describe_convolutions", lambda: "oneDNN custom call")  # nothing native in this process
     try:
         onednn.set_backend("auto")
-        assert layers.choose_convolutions("wrn28_10").startswith("XLA (oneDNN's gain for wide_resnet on an AVX2 host was 0.75x")
+        assert layers.choose_convolutions("wrn28_10").startswith(
+            "XLA (oneDNN's gain for wide_resnet on an AVX2 host was 0.75x"
+        )
         assert onednn.get_backend() == "xla"
         onednn.set_backend("onednn")  # an explicit choice is kept
         assert layers.choose_convolutions("wrn28_10") == "oneDNN custom call"
@@ -312,7 +358,9 @@ def test_denormals_are_flushed_as_xla_does_even_on_threads_pytorch_started():
     import sys
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _DENORMAL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DENORMAL_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = dict(line.rsplit(" ", 1) for line in proc.stdout.strip().splitlines())
     assert counts == {"jax_advprune.kernels.onednn": "0", "jax._src.lax.convolution": "0"}, proc.stdout

@@ -11,14 +11,16 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 from ml_collections import config_flags  # noqa: F401  (the configs' loader)
 
-from conftest import REPO
 from jax_advprune import backends, parallel, plan, training
 from jax_advprune.phases.common import build_model
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[plan]'); plan compiles for TPU topologies with it")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[plan]'); plan compiles for TPU topologies with it",
+)
 
 CONFIGS = ["default.py:smoke", "cifar10_trades.py:smoke", "cifar10_puma.py:smoke", "cifar10_extrapolation.py:smoke"]
 
@@ -43,17 +45,32 @@ def test_every_smoke_config_compiles_for_a_topology_with_nothing_cpu_only_in_it(
     topologies took 117 s on 2 idle cores (one topology took 152 s at the default effort without sharing). The memory
     figures at effort -1 are not the run's; the test below checks them at the default effort."""
     for name in CONFIGS:
-        result = plan.make_plan(load_config(name), topology, sizes={"original": 512, "synthetic": 1024, "test": 128}, deepfool_iterations=2,
-                                utilisation=0.3, bisect="none", costs=False, effort=-1.0, report=lambda line: None)
+        result = plan.make_plan(
+            load_config(name),
+            topology,
+            sizes={"original": 512, "synthetic": 1024, "test": 128},
+            deepfool_iterations=2,
+            utilisation=0.3,
+            bisect="none",
+            costs=False,
+            effort=-1.0,
+            report=lambda line: None,
+        )
         assert result["compile_effort"] == -1.0 and "not the run's" in result["estimate"]
-        assert result["chips"] == (4 if topology == "v5e:2x2" else 8) and result["hosts"] == (1 if topology == "v5e:2x2" else 2)
+        assert result["chips"] == (4 if topology == "v5e:2x2" else 8) and result["hosts"] == (
+            1 if topology == "v5e:2x2" else 2
+        )
         names = [p["name"] for p in result["programs"]]
         assert "train step" in names and any(n.startswith("evaluation PGD") for n in names), names
         for program in result["programs"]:
             assert program["compiled"], (name, program["name"], program["error"])
             assert program["fits"], (name, program["name"])
             hygiene = program["hygiene"]
-            assert not hygiene["cpu_custom_calls"] and not hygiene["host_callbacks"] and not hygiene["f64"], (name, program["name"], hygiene)
+            assert not hygiene["cpu_custom_calls"] and not hygiene["host_callbacks"] and not hygiene["f64"], (
+                name,
+                program["name"],
+                hygiene,
+            )
             assert program["gpu_lowering"] == "ok", (name, program["name"], program["gpu_lowering"])
         if name.startswith("cifar10_puma"):
             assert any(n.startswith("DeepFool") for n in names)
@@ -66,7 +83,11 @@ def test_costs_come_from_probes_and_memory_grows_with_the_batch():
     config = load_config("cifar10_trades.py:smoke")
     mesh, chip, _ = plan.topology_mesh("v5e:2x2")
     with backends.building_for("tpu"):
-        program = next(p for p in plan.run_programs(config, mesh, {"original": 512, "synthetic": 1024, "test": 128}, 2) if p.name == "train step")
+        program = next(
+            p
+            for p in plan.run_programs(config, mesh, {"original": 512, "synthetic": 1024, "test": 128}, 2)
+            if p.name == "train step"
+        )
         small, large = (plan.compile_program(*program.build(per_chip * mesh.size)) for per_chip in (4, 32))
         flops, _, collectives = plan._probe_costs(program, program.batch)
         one = plan.compile_program(*program.build(program.batch, loop=1))
@@ -82,10 +103,30 @@ def test_costs_come_from_probes_and_memory_grows_with_the_batch():
 def test_an_oversized_batch_is_refused_with_the_largest_that_fits(tmp_path):
     """The README's command with a batch no v5e chip holds: exit status 3, the compiler's reason, and a batch that fits."""
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "jax_advprune.plan", "--config", os.path.join(REPO, "configs/default.py:smoke"),
-                           "--topology", "v5e:2x2", "--config.train.batch_size=4194304", "--programs", "train step",
-                           "--utilisation", "0.3", "--bisect", "none", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_advprune.plan",
+            "--config",
+            os.path.join(REPO, "configs/default.py:smoke"),
+            "--topology",
+            "v5e:2x2",
+            "--config.train.batch_size=4194304",
+            "--programs",
+            "train step",
+            "--utilisation",
+            "0.3",
+            "--bisect",
+            "none",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == plan.EXIT_DOES_NOT_FIT, proc.stdout + proc.stderr
     assert "does not fit" in proc.stderr and "Largest per-chip batch that fits" in proc.stderr, proc.stderr
     largest = int(re.search(r"Largest per-chip batch that fits: (\d+)", proc.stderr).group(1))
@@ -104,7 +145,12 @@ def _operations(jaxpr) -> list:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in PLACEMENT_ONLY:
             continue
-        found.append((eqn.primitive.name, tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars if hasattr(v.aval, "shape"))))
+        found.append(
+            (
+                eqn.primitive.name,
+                tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars if hasattr(v.aval, "shape")),
+            )
+        )
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
@@ -126,19 +172,30 @@ def test_the_train_step_plan_compiles_is_the_run_s_on_the_cpu_mesh():
     cpu_mesh = parallel.make_mesh(4)
     texts = []
     with backends.building_for("tpu"):
-        tpu_program = next(p for p in plan.run_programs(config, tpu_mesh, {"original": 512, "synthetic": 1024, "test": 128}, 2) if p.name == "train step")
+        tpu_program = next(
+            p
+            for p in plan.run_programs(config, tpu_mesh, {"original": 512, "synthetic": 1024, "test": 128}, 2)
+            if p.name == "train step"
+        )
         unrolled, (state, batch) = tpu_program.build(64)
         texts.append(_step_operations(_Step(unrolled.jitted), state, batch))
         model = build_model(config, config.train.compute_dtype)
         tx = training.make_optimizer(config.train, 1000)
         run_step = training.make_train_step(model, tx, config.train, config.attack, cpu_mesh)
         cpu_state = jax.eval_shape(lambda: training.init_train_state(model, tx, (32, 32, 3), config.seed))
-        cpu_batch = {"image": jax.ShapeDtypeStruct((64, 32, 32, 3), np.uint8), "label": jax.ShapeDtypeStruct((64,), np.int32),
-                     "eps": jax.ShapeDtypeStruct((64,), np.float32)}
+        cpu_batch = {
+            "image": jax.ShapeDtypeStruct((64, 32, 32, 3), np.uint8),
+            "label": jax.ShapeDtypeStruct((64,), np.int32),
+            "eps": jax.ShapeDtypeStruct((64,), np.float32),
+        }
         texts.append(_step_operations(run_step, cpu_state, cpu_batch))
     assert len(texts[0]) > 100 and texts[0] == texts[1]
     names = {name for name, _ in texts[0]}
-    assert names & {"scan", "while"} and "conv_general_dilated" in names and not names & {"ffi_call", "custom_partitioning"}, names
+    assert (
+        names & {"scan", "while"}
+        and "conv_general_dilated" in names
+        and not names & {"ffi_call", "custom_partitioning"}
+    ), names
     # the accelerator form: a loop body, XLA's convolutions (no oneDNN custom call)
 
 
@@ -153,8 +210,12 @@ def test_the_largest_fitting_batch_search_on_a_known_memory_line(monkeypatch):
     configured batch (a million per chip) is known not to fit (the refusal's path: the line, not a bisection from
     a million), and on one that fits nothing."""
     chip = plan.Chip("test chip", 1e12, 16e9, 1e11, "none")
-    cases = ((100e6, 3e6, None, plan.MAX_PER_CHIP_BATCH), (100e6, 30e6, None, int((16e9 - 100e6) / 30e6)),
-             (100e6, 30e6, 2**20, int((16e9 - 100e6) / 30e6)), (17e9, 1e6, None, None))
+    cases = (
+        (100e6, 3e6, None, plan.MAX_PER_CHIP_BATCH),
+        (100e6, 30e6, None, int((16e9 - 100e6) / 30e6)),
+        (100e6, 30e6, 2**20, int((16e9 - 100e6) / 30e6)),
+        (17e9, 1e6, None, None),
+    )
     for fixed, per_image, failed, expected in cases:
         compiles = []
 
@@ -189,7 +250,9 @@ def test_collectives_and_what_an_accelerator_must_not_run_are_read_from_hlo_text
 """
     assert plan.collectives_of(hlo) == {"all-reduce": [2, 64 * 10 * 4 + 4 * 2], "all-gather": [1, 8 * 3 * 2 + 2 * 4]}
     hygiene = plan.hygiene_of(hlo)
-    assert hygiene["cpu_custom_calls"] == ["jax_advprune_onednn_conv"] and hygiene["host_callbacks"] == ["xla_python_cpu_callback"]
+    assert hygiene["cpu_custom_calls"] == ["jax_advprune_onednn_conv"] and hygiene["host_callbacks"] == [
+        "xla_python_cpu_callback"
+    ]
     assert hygiene["f64"]
     clean = plan.hygiene_of("%a = bf16[2]{0} add(bf16[2]{0} %x, bf16[2]{0} %x)")
     assert not clean["cpu_custom_calls"] and not clean["host_callbacks"] and not clean["f64"]

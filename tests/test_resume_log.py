@@ -35,8 +35,10 @@ def test_a_preemption_notice_stops_after_the_save_and_names_what_is_saved(tmp_pa
         preemption._notice.clear()
 
 
-@pytest.mark.parametrize("n,chunk,shrink,sizes", [(10, 4, False, [4, 4, 4]), (10, 64, True, [16]), (130, 64, True, [64, 64, 8]),
-                                                  (64, 64, True, [64])])
+@pytest.mark.parametrize(
+    "n,chunk,shrink,sizes",
+    [(10, 4, False, [4, 4, 4]), (10, 64, True, [16]), (130, 64, True, [64, 64, 8]), (64, 64, True, [64])],
+)
 def test_chunks_cover_every_row_once_and_pad_with_row_0(n, chunk, shrink, sizes):
     seen = []
     chunks = list(parallel.padded_chunks(n, chunk, shrink_last=shrink))

@@ -47,7 +47,9 @@ def test_a_lock_file_naming_another_host_is_refused(tmp_path):
 def test_settings_of_a_phase_with_outputs_are_guarded_and_of_one_without_replaced(tmp_path):
     workdir = str(tmp_path)
     run_dir.record_settings(workdir, "select", {"pruning": {"keep_ratio": 0.5}})
-    run_dir.check_settings(workdir, "select", {"pruning": {"keep_ratio": 0.75}}, has_outputs=False)  # failed before writing: free
+    run_dir.check_settings(
+        workdir, "select", {"pruning": {"keep_ratio": 0.75}}, has_outputs=False
+    )  # failed before writing: free
     with pytest.raises(run_dir.SettingsMismatchError, match=r"pruning.keep_ratio: 0.5 -> 0.75"):
         run_dir.check_settings(workdir, "select", {"pruning": {"keep_ratio": 0.75}}, has_outputs=True)
     run_dir.record_settings(workdir, "select", {"pruning": {"keep_ratio": 0.75}})
@@ -104,7 +106,9 @@ def test_a_phase_is_complete_only_once_its_last_file_is_written(tmp_path):
     complete with their meta.json (written after their arrays), evaluate with results.json, train with a checkpoint."""
     workdir = str(tmp_path)
     assert not any(run_dir.is_complete(workdir, p) or run_dir.has_outputs(workdir, p) for p in run_dir.PHASES)
-    storage.save_npy(run_dir.score_file(workdir, "margin"), np.zeros(3, np.float32))  # a score phase cut off before its meta.json
+    storage.save_npy(
+        run_dir.score_file(workdir, "margin"), np.zeros(3, np.float32)
+    )  # a score phase cut off before its meta.json
     assert run_dir.has_outputs(workdir, "score") and not run_dir.is_complete(workdir, "score")
     storage.write_json(os.path.join(run_dir.scores_dir(workdir), "meta.json"), {})
     assert run_dir.is_complete(workdir, "score")

@@ -32,7 +32,9 @@ class RefBlock(nn.Module):
         self.relu_1 = act()
         self.conv_1 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.has_shortcut = in_planes != out_planes
-        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False) if self.has_shortcut else None
+        self.shortcut = (
+            nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False) if self.has_shortcut else None
+        )
         self._stride = stride
 
     def forward(self, x):
@@ -49,7 +51,9 @@ class RefBlock(nn.Module):
 class RefGroup(nn.Module):
     def __init__(self, n, in_planes, out_planes, stride, act):
         super().__init__()
-        self.block = nn.Sequential(*[RefBlock(i == 0 and in_planes or out_planes, out_planes, i == 0 and stride or 1, act) for i in range(n)])
+        self.block = nn.Sequential(
+            *[RefBlock(i == 0 and in_planes or out_planes, out_planes, i == 0 and stride or 1, act) for i in range(n)]
+        )
 
     def forward(self, x):
         return self.block(x)
@@ -62,7 +66,9 @@ class RefWideResNet(nn.Module):
         c = [16, 16 * width, 32 * width, 64 * width]
         n = (depth - 4) // 6
         self.init_conv = nn.Conv2d(3, c[0], 3, stride=1, padding=1, bias=False)
-        self.layer = nn.Sequential(RefGroup(n, c[0], c[1], 1, act), RefGroup(n, c[1], c[2], 2, act), RefGroup(n, c[2], c[3], 2, act))
+        self.layer = nn.Sequential(
+            RefGroup(n, c[0], c[1], 1, act), RefGroup(n, c[1], c[2], 2, act), RefGroup(n, c[2], c[3], 2, act)
+        )
         self.batchnorm = nn.BatchNorm2d(c[3], momentum=0.01)
         self.relu = act()
         self.logits = nn.Linear(c[3], num_classes)
@@ -121,7 +127,11 @@ def randomised(module: nn.Module, seed: int) -> nn.Module:
         for name, tensor in module.state_dict().items():
             if tensor.dtype.is_floating_point:
                 noise = torch.randn(tensor.shape, generator=generator) * 0.1
-                tensor.copy_(noise.abs() + 0.5 if name.endswith("running_var") else noise + (1.0 if name.endswith(".weight") and tensor.ndim == 1 else 0.0))
+                tensor.copy_(
+                    noise.abs() + 0.5
+                    if name.endswith("running_var")
+                    else noise + (1.0 if name.endswith(".weight") and tensor.ndim == 1 else 0.0)
+                )
     return module.eval()
 
 
@@ -141,7 +151,9 @@ X = np.random.default_rng(0).uniform(0, 1, (4, 3, 32, 32)).astype(np.float32)
 def test_a_dm_improves_at_wide_resnet_checkpoint_imports_with_equal_logits(tmp_path, depth, width, act, activation):
     reference = randomised(RefWideResNet(depth=depth, width=width, act=act), seed=depth)
     saved_like_dm_improves_at(reference, tmp_path / "model.pt")
-    model, variables = import_torch(str(tmp_path / "model.pt"), name="wide_resnet", depth=depth, width=width, activation=activation)
+    model, variables = import_torch(
+        str(tmp_path / "model.pt"), name="wide_resnet", depth=depth, width=width, activation=activation
+    )
     with torch.no_grad():
         expected = reference(torch.tensor(X)).numpy()
     np.testing.assert_allclose(flax_logits(model, variables, X), expected, atol=1e-4, rtol=1e-4)
@@ -157,7 +169,9 @@ def test_a_preact_resnet18_checkpoint_imports_with_equal_logits(tmp_path):
 
 
 def test_wrappers_safetensors_and_normalisation_by_dataset(tmp_path):
-    reference = randomised(RefWideResNet(depth=10, width=1, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)), seed=5)
+    reference = randomised(
+        RefWideResNet(depth=10, width=1, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)), seed=5
+    )
     state = {f"module.1.{k}": v for k, v in reference.state_dict().items()}  # Sequential(Normalization, backbone)
     state["module.0.mean"] = torch.zeros(3)
     torch.save({"state_dict": state}, tmp_path / "wrapped.pt")
@@ -176,7 +190,9 @@ def test_wrappers_safetensors_and_normalisation_by_dataset(tmp_path):
         import_torch(reference.state_dict(), name="wide_resnet", depth=10, width=2)
 
 
-@pytest.mark.parametrize("name,kwargs", [("wide_resnet", dict(depth=10, width=2, activation="relu")), ("preact_resnet18", dict(width=8))])
+@pytest.mark.parametrize(
+    "name,kwargs", [("wide_resnet", dict(depth=10, width=2, activation="relu")), ("preact_resnet18", dict(width=8))]
+)
 def test_export_then_import_is_bitwise_and_to_torch_pickles(tmp_path, name, kwargs):
     model = create_model(name, num_classes=10, **kwargs)
     x = jnp.asarray(X.transpose(0, 2, 3, 1))
@@ -185,7 +201,9 @@ def test_export_then_import_is_bitwise_and_to_torch_pickles(tmp_path, name, kwar
     variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
     for suffix in (".pt", ".safetensors"):
         save_state_dict(state_dict_from_variables(model, variables), str(tmp_path / f"model{suffix}"))
-        _, imported = import_torch(str(tmp_path / f"model{suffix}"), name=name, mean=model.mean, std=model.std, **kwargs)
+        _, imported = import_torch(
+            str(tmp_path / f"model{suffix}"), name=name, mean=model.mean, std=model.std, **kwargs
+        )
         for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(imported)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     module = to_torch(model, variables)
@@ -194,13 +212,17 @@ def test_export_then_import_is_bitwise_and_to_torch_pickles(tmp_path, name, kwar
     buffer.seek(0)
     restored = torch.load(buffer, weights_only=False)
     with torch.no_grad():
-        np.testing.assert_allclose(restored(torch.tensor(X)).numpy(), flax_logits(model, variables, X), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            restored(torch.tensor(X)).numpy(), flax_logits(model, variables, X), atol=1e-4, rtol=1e-4
+        )
     assert {"mean", "std"} <= dict(restored.named_buffers()).keys() and "mean" not in restored.state_dict()
     if name == "wide_resnet":  # the exported keys load strictly into the reference architecture
         reference = RefWideResNet(depth=10, width=2, act=nn.ReLU, mean=model.mean, std=model.std).eval()
         reference.load_state_dict(torch.load(tmp_path / "model.pt"))
         with torch.no_grad():
-            np.testing.assert_allclose(reference(torch.tensor(X)).numpy(), flax_logits(model, variables, X), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(
+                reference(torch.tensor(X)).numpy(), flax_logits(model, variables, X), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_puma_scores_with_an_imported_dm_improves_at_checkpoint_without_training_a_scoring_model(tmp_path):
@@ -214,9 +236,23 @@ def test_puma_scores_with_an_imported_dm_improves_at_checkpoint_without_training
     reference = randomised(RefWideResNet(depth=10, width=1, act=nn.SiLU), seed=11)
     saved_like_dm_improves_at(reference, tmp_path / "robust.pt")
     workdir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(repo, "configs/cifar10_puma.py:smoke"),
-                           "--workdir", str(workdir), "--phases=score,select", f"--config.scoring.init_from={tmp_path / 'robust.pt'}"],
-                          cwd=repo, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_advprune.main",
+            "--config",
+            os.path.join(repo, "configs/cifar10_puma.py:smoke"),
+            "--workdir",
+            str(workdir),
+            "--phases=score,select",
+            f"--config.scoring.init_from={tmp_path / 'robust.pt'}",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.load(open(workdir / "scores" / "meta.json"))
     assert meta["init_from"] == str(tmp_path / "robust.pt") and "model_checkpoints" not in meta
@@ -224,4 +260,6 @@ def test_puma_scores_with_an_imported_dm_improves_at_checkpoint_without_training
     margin = np.load(workdir / "scores" / "margin.npy")
     assert np.isfinite(margin).sum() == len(margin) - 64  # every trainable row scored (64 held out for validation)
     assert (workdir / "selection" / "keep.npy").exists() and not (workdir / "results.json").exists()
-    assert str(tmp_path / "robust.pt") in json.load(open(workdir / "settings" / "inputs.json"))  # fingerprinted like the data
+    assert str(tmp_path / "robust.pt") in json.load(
+        open(workdir / "settings" / "inputs.json")
+    )  # fingerprinted like the data

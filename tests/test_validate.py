@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import make_npz
+
 from configs import default
 from jax_advprune.main import run
 from jax_advprune.validate import ConfigError, check_run
@@ -46,18 +46,34 @@ BAD_SETTINGS = [
     ({"pruning.puma.rule": "below"}, "pruning.puma.rule='below'"),
     ({"pruning.puma.misclassified": "zero"}, "pruning.puma.misclassified='zero'; allowed: eps_min, eps_zero, drop"),
     ({"scoring.history_protocol": "nieth"}, "scoring.history_protocol='nieth': one of mixed, reference"),
-    ({"scoring.score": "du", "pruning.strategy": "keep_top", "scoring.history_early_stop": 3, "train.validation_size": 0},
-     "scoring.history_early_stop=3: 0 with train.validation_size=0"),
-    ({"scoring.extrapolation.enabled": True, "scoring.extrapolation.embedding_model": "resnet"},
-     "scoring.extrapolation.embedding_model='resnet': one of preact_resnet18"),
-    ({"scoring.extrapolation.enabled": True, "scoring.extrapolation.embedding_model": "small_cnn"},
-     "scoring.extrapolation.embedding_model='small_cnn': '' without scoring.extrapolation.embedding_from"),
-    ({"scoring.extrapolation.enabled": True, "scoring.extrapolation.embedding_from": "/nonexistent/sscd.pt"},
-     "scoring.extrapolation.embedding_from='/nonexistent/sscd.pt': no such file or directory"),
+    (
+        {
+            "scoring.score": "du",
+            "pruning.strategy": "keep_top",
+            "scoring.history_early_stop": 3,
+            "train.validation_size": 0,
+        },
+        "scoring.history_early_stop=3: 0 with train.validation_size=0",
+    ),
+    (
+        {"scoring.extrapolation.enabled": True, "scoring.extrapolation.embedding_model": "resnet"},
+        "scoring.extrapolation.embedding_model='resnet': one of preact_resnet18",
+    ),
+    (
+        {"scoring.extrapolation.enabled": True, "scoring.extrapolation.embedding_model": "small_cnn"},
+        "scoring.extrapolation.embedding_model='small_cnn': '' without scoring.extrapolation.embedding_from",
+    ),
+    (
+        {"scoring.extrapolation.enabled": True, "scoring.extrapolation.embedding_from": "/nonexistent/sscd.pt"},
+        "scoring.extrapolation.embedding_from='/nonexistent/sscd.pt': no such file or directory",
+    ),
     ({"scoring.deepfool.norm": "l2"}, "scoring.deepfool.norm ('l2') must equal attack.norm ('linf')"),
     ({"scoring.score": "el2n"}, "pruning.strategy='puma' ranks DeepFool margins, but scoring.score='el2n'"),
     ({"scoring.score": "el2"}, "scoring.score='el2': one of margin, el2n"),
-    ({"scoring.deepfool.candidates": 10}, "scoring.deepfool.candidates=10: 0 (all classes) or a number of candidate classes in [1, 9]"),
+    (
+        {"scoring.deepfool.candidates": 10},
+        "scoring.deepfool.candidates=10: 0 (all classes) or a number of candidate classes in [1, 9]",
+    ),
     ({"scoring.slots": 6, "num_devices": 4}, "scoring.slots=6: a multiple of the 4 devices"),
     ({"train.batch_size": 7, "num_devices": 4}, "train.batch_size=7: a multiple of the 4 devices of the mesh"),
     ({"num_devices": 3}, "train.batch_size=64: a multiple of the 3 devices of the mesh"),
@@ -73,11 +89,18 @@ BAD_SETTINGS = [
     ({"model.name": "preact_resnet18"}, "widths not accepted by model 'preact_resnet18', whose settings are"),
     ({"model.kwargs.mean": (0.5, 0.5, 0.5)}, "model.kwargs.mean=(0.5, 0.5, 0.5): 1 value, one per image channel (1)"),
     ({"data.name": "cifar"}, "data.name='cifar': one of digits, npz"),
-    ({"scoring.score": "du", "pruning.strategy": "keep_top", "scoring.du_window": 20}, "scoring.du_window=20: at most the 2 epochs"),
-    ({"scoring.extrapolation.enabled": True, "scoring.extrapolation.subset_size": 10**6},
-     "scoring.extrapolation.subset_size=1000000: a number in [1, 2000]"),
-    ({"scoring.extrapolation.enabled": True, "scoring.score": "random", "pruning.strategy": "keep_top"},
-     "scoring.extrapolation.enabled=True: False with scoring.score='random'"),
+    (
+        {"scoring.score": "du", "pruning.strategy": "keep_top", "scoring.du_window": 20},
+        "scoring.du_window=20: at most the 2 epochs",
+    ),
+    (
+        {"scoring.extrapolation.enabled": True, "scoring.extrapolation.subset_size": 10**6},
+        "scoring.extrapolation.subset_size=1000000: a number in [1, 2000]",
+    ),
+    (
+        {"scoring.extrapolation.enabled": True, "scoring.score": "random", "pruning.strategy": "keep_top"},
+        "scoring.extrapolation.enabled=True: False with scoring.score='random'",
+    ),
 ]
 
 
@@ -91,7 +114,15 @@ def test_a_bad_setting_is_refused_with_key_value_and_what_is_allowed(tmp_path, o
 
 
 def test_every_problem_is_reported_at_once_and_quickly():
-    config = smoke_config(**{"attack.eps": -1.0, "pruning.strategy": "pumaa", "train.batch_size": 7, "eval.apgd_targets": 20, "num_devices": 4})
+    config = smoke_config(
+        **{
+            "attack.eps": -1.0,
+            "pruning.strategy": "pumaa",
+            "train.batch_size": 7,
+            "eval.apgd_targets": 20,
+            "num_devices": 4,
+        }
+    )
     start = time.perf_counter()
     with pytest.raises(ConfigError) as error:
         check_run(config, "/nonexistent/workdir", available_devices=4)
@@ -105,7 +136,9 @@ def test_the_configs_of_the_repository_pass(tmp_path):
     for module in (default, cifar10_trades, cifar10_puma, cifar10_extrapolation):
         check_run(module.get_config("smoke"), str(tmp_path / "none"), available_devices=4)
     check_run(default.get_config(), str(tmp_path / "none"), available_devices=4)
-    check_run(smoke_config(**{"scoring.deepfool.candidates": 0}), str(tmp_path / "none"), available_devices=4)  # all classes
+    check_run(
+        smoke_config(**{"scoring.deepfool.candidates": 0}), str(tmp_path / "none"), available_devices=4
+    )  # all classes
 
 
 @pytest.mark.parametrize("available", [1, 3, 5, 8, 24, 48])
@@ -121,7 +154,9 @@ def test_on_the_cpu_the_mesh_is_the_largest_count_that_divides_every_split_size(
             assert 1 <= chosen <= available and all(size % chosen == 0 for size in sizes)
             assert not any(all(size % larger == 0 for size in sizes) for larger in range(chosen + 1, available + 1))
             if variant == "smoke" or module is default:  # the others read CIFAR-10 files that are not here
-                check_run(config, str(tmp_path / "none"), available_devices=available)  # no device-count problem on the CPU
+                check_run(
+                    config, str(tmp_path / "none"), available_devices=available
+                )  # no device-count problem on the CPU
     smoke = default.get_config("smoke")  # batches of 64 and 256, slots 256, chunks of 4096
     assert mesh_size(smoke, available) == {1: 1, 3: 2, 5: 4, 8: 8, 24: 16, 48: 32}[available]
     # Two processes contribute the same number of devices each: 2 x 16 of 2 x 24.
@@ -137,7 +172,9 @@ def test_on_the_cpu_the_mesh_is_the_largest_count_that_divides_every_split_size(
 def test_data_files_that_are_missing_or_directories_are_named(tmp_path):
     make_npz(tmp_path / "orig.npz", 40)
     os.mkdir(tmp_path / "test_dir.npz")
-    config = smoke_config(**{"data.name": "npz", "data.original": str(tmp_path / "orig.npz"), "data.test": str(tmp_path / "test_dir.npz")})
+    config = smoke_config(
+        **{"data.name": "npz", "data.original": str(tmp_path / "orig.npz"), "data.test": str(tmp_path / "test_dir.npz")}
+    )
     config.data.synthetic = (str(tmp_path / "missing.npz"),)
     with pytest.raises(ConfigError) as error:
         run(config, str(tmp_path / "run"))
@@ -146,13 +183,16 @@ def test_data_files_that_are_missing_or_directories_are_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("phases,message", [
-    (("select", "score"), "an ordered subset of score,select,train,evaluate"),
-    (("score", "trian"), "an ordered subset"),
-    (("train",), "train needs"),
-    (("evaluate",), "evaluate needs"),
-    (("select",), "select needs"),
-])
+@pytest.mark.parametrize(
+    "phases,message",
+    [
+        (("select", "score"), "an ordered subset of score,select,train,evaluate"),
+        (("score", "trian"), "an ordered subset"),
+        (("train",), "train needs"),
+        (("evaluate",), "evaluate needs"),
+        (("select",), "select needs"),
+    ],
+)
 def test_phase_subsets_are_ordered_and_have_their_inputs(tmp_path, phases, message):
     with pytest.raises(ConfigError, match=message):
         check_run(smoke_config(), str(tmp_path / "run"), available_devices=4, phases=phases)
@@ -161,8 +201,13 @@ def test_phase_subsets_are_ordered_and_have_their_inputs(tmp_path, phases, messa
 
 def test_init_from_paths_and_pairings_are_checked(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    config = smoke_config(**{"scoring.init_from": str(tmp_path / "missing.pt"), "train.init_from": str(tmp_path / "notes.txt"),
-                             "eval.init_from": str(tmp_path)})
+    config = smoke_config(
+        **{
+            "scoring.init_from": str(tmp_path / "missing.pt"),
+            "train.init_from": str(tmp_path / "notes.txt"),
+            "eval.init_from": str(tmp_path),
+        }
+    )
     with pytest.raises(ConfigError) as error:
         check_run(config, str(tmp_path / "run"), available_devices=4)
     text = str(error.value)
@@ -176,13 +221,20 @@ def test_init_from_paths_and_pairings_are_checked(tmp_path):
     from jax_advprune.models.torch_keys import state_dict_from_variables
 
     wrn = create_model("wide_resnet", depth=10, width=1)
-    save_state_dict(state_dict_from_variables(wrn, wrn.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1), np.float32))),
-                    str(tmp_path / "wrn.safetensors"))
-    with pytest.raises(ConfigError, match=r"does not fit SmallCNN: missing conv0.weight.*Its top-level keys are batchnorm, init_conv, layer, logits"):
+    save_state_dict(
+        state_dict_from_variables(wrn, wrn.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1), np.float32))),
+        str(tmp_path / "wrn.safetensors"),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"does not fit SmallCNN: missing conv0.weight.*Its top-level keys are batchnorm, init_conv, layer, logits",
+    ):
         run(smoke_config(**{"scoring.init_from": str(tmp_path / "wrn.safetensors")}), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # refused before the work directory exists
     (tmp_path / "model.pt").write_bytes(b"")
-    history = smoke_config(**{"scoring.init_from": str(tmp_path / "model.pt"), "scoring.score": "du", "pruning.strategy": "keep_top"})
+    history = smoke_config(
+        **{"scoring.init_from": str(tmp_path / "model.pt"), "scoring.score": "du", "pruning.strategy": "keep_top"}
+    )
     with pytest.raises(ConfigError, match="a history score needs a training run"):
         check_run(history, str(tmp_path / "run"), available_devices=4)
 
@@ -213,17 +265,43 @@ def test_a_replaced_pool_file_is_refused_naming_it(tmp_path):
 
 
 def _command(workdir, *overrides):
-    return [sys.executable, "-m", "jax_advprune.main", "--config", os.path.join(REPO, "configs/default.py:smoke"), "--workdir", str(workdir), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "jax_advprune.main",
+        "--config",
+        os.path.join(REPO, "configs/default.py:smoke"),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
 
 
 def test_the_command_line_prints_one_message_without_traceback_and_exits_2(tmp_path):
-    bad = subprocess.run(_command(tmp_path / "run", "--config.attack.eps=-1", "--config.pruning.strategy=pumaa"),
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        _command(tmp_path / "run", "--config.attack.eps=-1", "--config.pruning.strategy=pumaa"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "error: 2 problem(s)" in bad.stderr and "attack.eps=-1.0" in bad.stderr and "pruning.strategy='pumaa'" in bad.stderr
+    assert (
+        "error: 2 problem(s)" in bad.stderr
+        and "attack.eps=-1.0" in bad.stderr
+        and "pruning.strategy='pumaa'" in bad.stderr
+    )
     assert not (tmp_path / "run").exists()
-    verbose = subprocess.run(_command(tmp_path / "run", "--config.attack.eps=-1", "--verbose"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    verbose = subprocess.run(
+        _command(tmp_path / "run", "--config.attack.eps=-1", "--verbose"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
-    typo = subprocess.run(_command(tmp_path / "run", "--config.train.bacth_size=8"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    typo = subprocess.run(
+        _command(tmp_path / "run", "--config.train.bacth_size=8"), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert typo.returncode == 2 and "Traceback" not in typo.stderr and "bacth_size" in typo.stderr
     assert not (tmp_path / "run").exists()

@@ -14,7 +14,18 @@ from jax_advprune.attacks.pgd import pgd
 from jax_advprune.attacks.square import SquareResult, square
 
 __all__ = [
-    "pgd", "apgd", "deepfool", "fab", "fab_target", "square", "autoattack",
-    "DeepFoolResult", "FabResult", "SquareResult", "AutoAttackResult",
-    "cross_entropy", "kl_to_clean", "cw_margin",
+    "pgd",
+    "apgd",
+    "deepfool",
+    "fab",
+    "fab_target",
+    "square",
+    "autoattack",
+    "DeepFoolResult",
+    "FabResult",
+    "SquareResult",
+    "AutoAttackResult",
+    "cross_entropy",
+    "kl_to_clean",
+    "cw_margin",
 ]

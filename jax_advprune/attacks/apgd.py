@@ -14,13 +14,13 @@ Losses: cross-entropy (APGD-CE) and the difference of logits ratio, untargeted
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.common import check_norm, flat_norm, per_sample, project, steepest_ascent
+from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.objectives import cross_entropy
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -91,8 +91,16 @@ def apgd(
       else the iterate of highest loss; always inside the eps-ball and [0, 1].
     """
     check_norm(norm)
-    return run_attack(_apgd, logits_fn, x, y, key, dynamic=dict(eps=eps, targets=targets), mesh=mesh,
-                      static=dict(steps=steps, norm=norm, loss=loss, unroll=unroll))
+    return run_attack(
+        _apgd,
+        logits_fn,
+        x,
+        y,
+        key,
+        dynamic=dict(eps=eps, targets=targets),
+        mesh=mesh,
+        static=dict(steps=steps, norm=norm, loss=loss, unroll=unroll),
+    )
 
 
 def _apgd(logits_fn, x, y, key, *, eps, steps, norm, loss, targets, unroll):
@@ -131,12 +139,20 @@ def _apgd(logits_fn, x, y, key, *, eps, steps, norm, loss, targets, unroll):
     check_at = jnp.asarray(checkpoints(steps), jnp.int32)
 
     state = {
-        "x": x_adv, "x_prev": x_adv, "grad": grad0, "loss": loss0,
-        "x_best": x_adv, "grad_best": grad0, "loss_best": loss0,
-        "x_found": x_adv, "found": fooled0,
+        "x": x_adv,
+        "x_prev": x_adv,
+        "grad": grad0,
+        "loss": loss0,
+        "x_best": x_adv,
+        "grad_best": grad0,
+        "loss_best": loss0,
+        "x_found": x_adv,
+        "found": fooled0,
         "step": 2.0 * jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (batch,)),
         "increases": jnp.zeros((batch,), jnp.int32),
-        "best_at_check": loss0, "halved_at_check": jnp.ones((batch,), bool), "since_check": jnp.zeros((), jnp.int32),
+        "best_at_check": loss0,
+        "halved_at_check": jnp.ones((batch,), bool),
+        "since_check": jnp.zeros((), jnp.int32),
     }
 
     def body(i, s):
@@ -148,8 +164,12 @@ def _apgd(logits_fn, x, y, key, *, eps, steps, norm, loss, targets, unroll):
         improved = loss_new > s["loss_best"]
         s = dict(
             s,
-            x=x_new, x_prev=s["x"], grad=grad, loss=loss_new,
-            x_found=jnp.where(per_sample(first_found, x), x_new, s["x_found"]), found=s["found"] | fooled,
+            x=x_new,
+            x_prev=s["x"],
+            grad=grad,
+            loss=loss_new,
+            x_found=jnp.where(per_sample(first_found, x), x_new, s["x_found"]),
+            found=s["found"] | fooled,
             x_best=jnp.where(per_sample(improved, x), x_new, s["x_best"]),
             grad_best=jnp.where(per_sample(improved, x), grad, s["grad_best"]),
             loss_best=jnp.where(improved, loss_new, s["loss_best"]),

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,9 @@ def components(version: str, attacks: tuple | list | None = None) -> tuple[str, 
     if version not in VERSIONS:
         raise ValueError(f"autoattack version must be one of {sorted(VERSIONS) + ['custom']}, got {version!r}")
     if attacks:
-        raise ValueError(f"autoattack attacks are only for version='custom' (version {version!r} runs {VERSIONS[version]})")
+        raise ValueError(
+            f"autoattack attacks are only for version='custom' (version {version!r} runs {VERSIONS[version]})"
+        )
     return VERSIONS[version]
 
 
@@ -91,7 +94,9 @@ def _predict(logits_fn, x, y, key):
 def _check(logits_fn, x, y, key, *, x_adv, eps, norm):
     """True where x_adv (B, ...) is misclassified, in [0, 1] and within eps (+ EPS_SLACK) of x."""
     del key
-    inside = (flat_norm(x_adv - x, norm) <= eps + EPS_SLACK) & jnp.all((x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim)))
+    inside = (flat_norm(x_adv - x, norm) <= eps + EPS_SLACK) & jnp.all(
+        (x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim))
+    )
     return inside & (jnp.argmax(logits_fn(x_adv), -1) != y)
 
 
@@ -168,7 +173,12 @@ def autoattack(
     names = components(version, attacks)
     if not eps > 0:
         raise ValueError(f"autoattack needs eps > 0, got {eps}")
-    for setting, value in (("apgd_steps", apgd_steps), ("num_targets", num_targets), ("fab_steps", fab_steps), ("square_queries", square_queries)):
+    for setting, value in (
+        ("apgd_steps", apgd_steps),
+        ("num_targets", num_targets),
+        ("fab_steps", fab_steps),
+        ("square_queries", square_queries),
+    ):
         if int(value) < 1:
             raise ValueError(f"autoattack {setting} must be >= 1, got {value}")
     images = np.asarray(x)
@@ -176,15 +186,21 @@ def autoattack(
     labels = np.asarray(y).astype(np.int32)
     n = len(labels)
     if images.shape[0] != n or n == 0:
-        raise ValueError(f"autoattack needs x (N, H, W, C) and y (N,) with N >= 1, got {images.shape} and {labels.shape}")
+        raise ValueError(
+            f"autoattack needs x (N, H, W, C) and y (N,) with N >= 1, got {images.shape} and {labels.shape}"
+        )
     mesh = resolve_mesh(mesh)
     batch = int(batch_size or min(n, 256))
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((batch,) + images.shape[1:], jnp.float32)).shape[-1]
     targets = range(2, min(num_targets, num_classes - 1) + 2)
     report = report or log.info
     if labels.min() < 0 or labels.max() >= num_classes:  # checked before any compute is spent
-        raise ValueError(f"autoattack labels must lie in [0, {num_classes}) for a {num_classes}-class model, got {labels.min()}..{labels.max()}")
-    if "square" in names and (images.ndim != 4 or images.shape[1] != images.shape[2] or (norm == "l2" and images.shape[1] < 5)):
+        raise ValueError(
+            f"autoattack labels must lie in [0, {num_classes}) for a {num_classes}-class model, got {labels.min()}..{labels.max()}"
+        )
+    if "square" in names and (
+        images.ndim != 4 or images.shape[1] != images.shape[2] or (norm == "l2" and images.shape[1] < 5)
+    ):
         raise ValueError(f"autoattack's Square needs square images (and H >= 5 for L2), got {images.shape[1:]}")
 
     def on_chunks(impl, rows, dynamic, static, run_key):
@@ -195,8 +211,16 @@ def autoattack(
         outputs = []
         for index, (positions, valid) in enumerate(parallel.padded_chunks(len(rows), batch, shrink_last=True)):
             chunk = rows[positions]
-            out = run_attack(impl, logits_fn, images[chunk], labels[chunk], jax.random.fold_in(run_key, index),
-                             dynamic=dynamic(positions), static=static, mesh=mesh)
+            out = run_attack(
+                impl,
+                logits_fn,
+                images[chunk],
+                labels[chunk],
+                jax.random.fold_in(run_key, index),
+                dynamic=dynamic(positions),
+                static=static,
+                mesh=mesh,
+            )
             outputs.append(jax.tree_util.tree_map(lambda a: parallel.to_host(a)[valid], out))
         return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *outputs)
 
@@ -206,11 +230,15 @@ def autoattack(
         if not len(todo):
             return todo, np.zeros((0,) + images.shape[1:], np.float32)
         run_key = jax.random.fold_in(jax.random.fold_in(key, index), target or 0)
-        impl, static = component(name, norm=norm, apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries)
+        impl, static = component(
+            name, norm=norm, apgd_steps=apgd_steps, fab_steps=fab_steps, square_queries=square_queries
+        )
         rank = {} if target is None else {"rank": target}
         candidates = on_chunks(impl, todo, lambda positions: dict(eps=eps, **rank), static, run_key)
         candidates = candidates if isinstance(candidates, np.ndarray) else candidates.x_adv
-        broken = on_chunks(_check, todo, lambda positions: dict(x_adv=candidates[positions], eps=eps), dict(norm=norm), key)
+        broken = on_chunks(
+            _check, todo, lambda positions: dict(x_adv=candidates[positions], eps=eps), dict(norm=norm), key
+        )
         return todo[broken], candidates[broken]
 
     every = np.arange(n)
@@ -223,7 +251,7 @@ def autoattack(
     done = list(done_passes or [])
     passes = 0
     for index, name in enumerate(names):
-        for target in (targets if name in TARGETED else [None]):
+        for target in targets if name in TARGETED else [None]:
             if passes < len(done):  # finished by an earlier, interrupted call
                 hit, hit_x = np.asarray(done[passes]["rows"], np.int64), np.asarray(done[passes]["x_adv"], np.float32)
             else:
@@ -235,6 +263,10 @@ def autoattack(
             robust[hit] = False
             broken_by[hit] = index
         robust_accuracy.append(float(robust.mean()))
-        report(f"[autoattack] after {name}: robust accuracy {robust_accuracy[-1]:.2%} ({int(robust.sum())}/{n}), "
-               f"{time.perf_counter() - started:.1f} s")
-    return AutoAttackResult(x_adv, robust, clean_correct, broken_by, names, tuple(robust_accuracy), float(clean_correct.mean()))
+        report(
+            f"[autoattack] after {name}: robust accuracy {robust_accuracy[-1]:.2%} ({int(robust.sum())}/{n}), "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+    return AutoAttackResult(
+        x_adv, robust, clean_correct, broken_by, names, tuple(robust_accuracy), float(clean_correct.mean())
+    )

@@ -17,7 +17,8 @@ scoring (`pruning.margins`) calls the same function.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +168,9 @@ def queue_result(queue: DeepFoolQueue, y: jax.Array) -> DeepFoolResult:
     """DeepFoolResult of a drained queue; y (B,) int labels set the margins' sign."""
     out = queue.out
     distance = out["r_norm"]
-    return DeepFoolResult(out["x_adv"], distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"])
+    return DeepFoolResult(
+        out["x_adv"], distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
+    )
 
 
 def num_candidates(logits_fn: LogitsFn, x: jax.Array, slots: int, candidates: int | None) -> int:
@@ -247,16 +250,22 @@ def deepfool(
     settings = dict(norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
     if is_traced((logits_fn, x, y)):  # inside the caller's jit: the while loop, in its fastest form for the platform
         if backends.target_platform() == "cpu":
-            logits_fn = as_function_tree(logits_fn)  # the caller's lax.conv convolutions through oneDNN, as outside a trace
+            logits_fn = as_function_tree(
+                logits_fn
+            )  # the caller's lax.conv convolutions through oneDNN, as outside a trace
             slots = HOST_DRIVEN_SLOTS_PER_DEVICE if slots is None else slots  # few samples per step stay in cache
-        return _deepfool_loop(logits_fn, x, y, None, slots=slots, steps_per_iteration=in_trace_steps(steps_per_check), **settings)
+        return _deepfool_loop(
+            logits_fn, x, y, None, slots=slots, steps_per_iteration=in_trace_steps(steps_per_check), **settings
+        )
     logits_fn = as_function_tree(logits_fn)
     if host_driven is None:
         host_driven = backends.host_driven_deepfool()
     mesh = resolve_mesh(mesh)
     if not host_driven:
         per_device = None if slots is None else -(-int(slots) // (mesh.size if mesh else 1))
-        return run_attack(_deepfool_loop, logits_fn, x, y, None, dynamic={}, static=dict(settings, slots=per_device), mesh=mesh)
+        return run_attack(
+            _deepfool_loop, logits_fn, x, y, None, dynamic={}, static=dict(settings, slots=per_device), mesh=mesh
+        )
     mesh = mesh or Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))
     batch = x.shape[0]
     (x, y), extra = pad_rows((x, y), mesh.size)
@@ -280,7 +289,9 @@ def in_trace_steps(steps_per_check: int) -> int:
     return max(1, int(steps_per_check)) if backends.target_platform() == "cpu" else 1
 
 
-def _deepfool_loop(logits_fn, x, y, key, *, norm, max_iter, overshoot, candidates, slots, steps_per_iteration: int = 1) -> DeepFoolResult:
+def _deepfool_loop(
+    logits_fn, x, y, key, *, norm, max_iter, overshoot, candidates, slots, steps_per_iteration: int = 1
+) -> DeepFoolResult:
     """DeepFool with the queue inside one `lax.while_loop`, `steps_per_iteration` queue steps per iteration
     (traceable; `key` is unused)."""
     del key
@@ -297,8 +308,10 @@ def _deepfool_loop(logits_fn, x, y, key, *, norm, max_iter, overshoot, candidate
     return queue_result(queue, y)
 
 
-@functools.lru_cache(maxsize=None)
-def queue_programs(mesh: Mesh, slots: int, steps_per_check: int, *, norm: str, max_iter: int, overshoot: float, candidates: int | None):
+@functools.cache
+def queue_programs(
+    mesh: Mesh, slots: int, steps_per_check: int, *, norm: str, max_iter: int, overshoot: float, candidates: int | None
+):
     """(start, advance, finish): the host-driven queue's jitted programs, sharded over `mesh`, `slots` per device."""
 
     def start_shard(logits_fn, x):

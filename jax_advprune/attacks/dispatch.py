@@ -21,7 +21,8 @@ An attack is written as a pure, traceable function `impl(logits_fn, x, y, key,
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ def is_traced(tree: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def local_mesh() -> Mesh | None:
     """A DATA_AXIS mesh over this process's devices when it has several, else None."""
     return parallel.make_mesh(local=True) if len(jax.local_devices()) > 1 else None
@@ -67,10 +68,14 @@ def pad_rows(tree: Any, multiple: int) -> tuple[Any, int]:
     extra = -batch % multiple
     if not extra:
         return tree, 0
-    return jax.tree_util.tree_map(lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], extra, 0)]), tree), extra
+    return jax.tree_util.tree_map(
+        lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], extra, 0)]), tree
+    ), extra
 
 
-def attack_program(impl: Callable, mesh: Mesh | None, shared_names: tuple, batched_names: tuple, static_items: tuple) -> Callable:
+def attack_program(
+    impl: Callable, mesh: Mesh | None, shared_names: tuple, batched_names: tuple, static_items: tuple
+) -> Callable:
     """The jitted program of `impl` that `run_attack` calls (cached): (logits_fn tree, key, *shared values, x, y,
     *batched values) -> impl's outputs, split over `mesh`'s DATA_AXIS when there is one (the first 2 + len(shared)
     arguments replicated, the rest split along axis 0). `static_items`: sorted (name, value) pairs."""
@@ -81,7 +86,7 @@ def attack_program(impl: Callable, mesh: Mesh | None, shared_names: tuple, batch
 
         def flat(logits_fn, key, *values):
             shared = dict(zip(shared_names, values[: len(shared_names)]))
-            x, y, *rest = values[len(shared_names):]
+            x, y, *rest = values[len(shared_names) :]
             if mesh is not None and key is not None:
                 key = parallel.shard_key(key)
             return impl(logits_fn, x, y, key, **shared, **dict(zip(batched_names, rest)), **static)
@@ -99,7 +104,9 @@ def split_dynamic(dynamic: dict) -> tuple[tuple, tuple]:
     return tuple(name for name in dynamic if name not in batched), batched
 
 
-def run_attack(impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict, static: dict, mesh: Mesh | str | None = AUTO):
+def run_attack(
+    impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict, static: dict, mesh: Mesh | str | None = AUTO
+):
     """impl(logits_fn, x, y, key, **dynamic, **static), compiled once and cached (see the module docstring).
 
     x (B, ...) and y (B, ...) are split over the mesh; so is every `dynamic` value
@@ -123,6 +130,10 @@ def run_attack(impl: Callable, logits_fn: Callable, x, y, key, *, dynamic: dict,
     # Scalars as arrays first: on several processes, device_put checks that a value is the same everywhere,
     # and its check mistakes a Python float for a different value.
     shared = [None if value is None else jnp.asarray(value) for value in shared]
-    out = compiled(jax.device_put(logits_fn, replicated), jax.device_put(key, replicated), *jax.device_put(shared, replicated),
-                   *parallel.shared_batch(batched, mesh))
+    out = compiled(
+        jax.device_put(logits_fn, replicated),
+        jax.device_put(key, replicated),
+        *jax.device_put(shared, replicated),
+        *parallel.shared_batch(batched, mesh),
+    )
     return jax.tree_util.tree_map(lambda a: a[:batch], out) if extra else out

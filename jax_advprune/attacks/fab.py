@@ -18,7 +18,8 @@ the smallest adversarial perturbation.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,9 @@ PROJECTIONS = {"linf": project_linf, "l2": project_l2}
 def target_classes(clean_logits: jax.Array, rank) -> jax.Array:
     """The `rank`-th most likely class per sample (rank 1 = the top one) from logits (B, K) -> (B,)."""
     ranked = jnp.argsort(-clean_logits, axis=-1)
-    return jnp.take_along_axis(ranked, jnp.broadcast_to(jnp.asarray(rank, jnp.int32) - 1, (clean_logits.shape[0], 1)), 1)[:, 0]
+    return jnp.take_along_axis(
+        ranked, jnp.broadcast_to(jnp.asarray(rank, jnp.int32) - 1, (clean_logits.shape[0], 1)), 1
+    )[:, 0]
 
 
 def fab_target(
@@ -170,11 +173,21 @@ def fab_target(
       FabResult. Per iteration: two forward passes and one input gradient.
     """
     check_norm(norm)
-    return run_attack(_fab_target, logits_fn, x, y, key, dynamic=dict(eps=eps, rank=rank), mesh=mesh,
-                      static=dict(norm=norm, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta))
+    return run_attack(
+        _fab_target,
+        logits_fn,
+        x,
+        y,
+        key,
+        dynamic=dict(eps=eps, rank=rank),
+        mesh=mesh,
+        static=dict(norm=norm, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta),
+    )
 
 
-def _fab_target(logits_fn, x, y, key, *, eps, rank, norm, steps, restarts, alpha_max, eta, beta, unroll: int | bool = 1) -> FabResult:
+def _fab_target(
+    logits_fn, x, y, key, *, eps, rank, norm, steps, restarts, alpha_max, eta, beta, unroll: int | bool = 1
+) -> FabResult:
     """The traceable FAB-T of `fab_target` (same arguments; `unroll` of the steps loop, for cost probes)."""
     project = PROJECTIONS[norm]
     x = jnp.asarray(x, jnp.float32)
@@ -214,7 +227,11 @@ def _fab_target(logits_fn, x, y, key, *, eps, rank, norm, steps, restarts, alpha
 
     def one_run(i, carry):
         best, distance = carry
-        noise = jax.random.uniform(jax.random.fold_in(key, i), x.shape, x.dtype, -1.0, 1.0) if norm == "linf" else jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        noise = (
+            jax.random.uniform(jax.random.fold_in(key, i), x.shape, x.dtype, -1.0, 1.0)
+            if norm == "linf"
+            else jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        )
         radius = jnp.broadcast_to(jnp.asarray(eps, x.dtype), (batch,))
         start = x + per_sample(radius / flat_norm(noise, norm), x) * noise * 0.5
         start = jnp.where(i > 0, jnp.clip(start, 0.0, 1.0), x)
@@ -252,8 +269,18 @@ def fab(
     Arguments as in `fab_target`; x (B, H, W, C) float32 in [0, 1], y (B,) int.
     """
     check_norm(norm)
-    return run_attack(_fab, logits_fn, x, y, key, dynamic=dict(eps=eps), mesh=mesh,
-                      static=dict(norm=norm, num_targets=num_targets, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta))
+    return run_attack(
+        _fab,
+        logits_fn,
+        x,
+        y,
+        key,
+        dynamic=dict(eps=eps),
+        mesh=mesh,
+        static=dict(
+            norm=norm, num_targets=num_targets, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta
+        ),
+    )
 
 
 def _fab(logits_fn, x, y, key, *, eps, norm, num_targets, steps, restarts, alpha_max, eta, beta) -> FabResult:
@@ -262,11 +289,28 @@ def _fab(logits_fn, x, y, key, *, eps, norm, num_targets, steps, restarts, alpha
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[-1]
 
     def one_target(rank, best: FabResult) -> FabResult:
-        run = _fab_target(logits_fn, x, y, jax.random.fold_in(key, rank), eps=eps, rank=rank, norm=norm, steps=steps, restarts=restarts,
-                          alpha_max=alpha_max, eta=eta, beta=beta)
+        run = _fab_target(
+            logits_fn,
+            x,
+            y,
+            jax.random.fold_in(key, rank),
+            eps=eps,
+            rank=rank,
+            norm=norm,
+            steps=steps,
+            restarts=restarts,
+            alpha_max=alpha_max,
+            eta=eta,
+            beta=beta,
+        )
         better = run.distance < best.distance
-        return FabResult(jnp.where(per_sample(better, x), run.x_adv, best.x_adv), jnp.where(better, run.distance, best.distance),
-                         best.fooled | run.fooled)
+        return FabResult(
+            jnp.where(per_sample(better, x), run.x_adv, best.x_adv),
+            jnp.where(better, run.distance, best.distance),
+            best.fooled | run.fooled,
+        )
 
     nothing_yet = FabResult(x, jnp.full((x.shape[0],), jnp.inf, x.dtype), jnp.zeros((x.shape[0],), bool))
-    return jax.lax.fori_loop(2, min(num_targets, num_classes - 1) + 2, one_target, nothing_yet)  # one compiled body for every target
+    return jax.lax.fori_loop(
+        2, min(num_targets, num_classes - 1) + 2, one_target, nothing_yet
+    )  # one compiled body for every target

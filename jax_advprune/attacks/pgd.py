@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jax_advprune import backends
-from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.common import check_norm, per_sample, project, random_in_ball, steepest_ascent
+from jax_advprune.attacks.dispatch import AUTO, run_attack
 from jax_advprune.attacks.objectives import AttackLoss, get_attack_loss
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -68,8 +68,24 @@ def pgd(
     """
     check_norm(norm)
     unroll = backends.unroll_loops() if unroll is None else unroll
-    return run_attack(_pgd, logits_fn, x, y, key, dynamic=dict(eps=eps, step_size=step_size), mesh=mesh,
-                      static=dict(steps=steps, norm=norm, random_start=random_start, loss=loss, targeted=targeted, restarts=restarts, unroll=unroll))
+    return run_attack(
+        _pgd,
+        logits_fn,
+        x,
+        y,
+        key,
+        dynamic=dict(eps=eps, step_size=step_size),
+        mesh=mesh,
+        static=dict(
+            steps=steps,
+            norm=norm,
+            random_start=random_start,
+            loss=loss,
+            targeted=targeted,
+            restarts=restarts,
+            unroll=unroll,
+        ),
+    )
 
 
 def _pgd(logits_fn, x, y, key, *, eps, step_size, steps, norm, random_start, loss, targeted, restarts, unroll):

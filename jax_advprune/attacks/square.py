@@ -21,7 +21,8 @@ allows queries + 1).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,9 @@ def _rectangles(rows: int, cols: int) -> np.ndarray:
     delta = np.zeros((rows, cols), np.float32)
     top, left = rows // 2, cols // 2
     for k in range(max(rows // 2 + 1, cols // 2 + 1)):
-        delta[max(top, 0):min(top + 2 * k + 1, rows), max(left, 0):min(left + 2 * k + 1, cols)] += 1.0 / (k + 1) ** 2
+        delta[max(top, 0) : min(top + 2 * k + 1, rows), max(left, 0) : min(left + 2 * k + 1, cols)] += (
+            1.0 / (k + 1) ** 2
+        )
         top, left = top - 1, left - 1
     return delta / np.sqrt(np.sum(delta**2))
 
@@ -70,7 +73,7 @@ def window_pattern(s: int) -> np.ndarray:
     """The reference L2 window `eta(s)` (s, s): + rectangles above, - below, unit L2 norm (before its random transpose)."""
     delta = np.zeros((s, s), np.float32)
     delta[: s // 2] = _rectangles(s // 2, s)
-    delta[s // 2:] = -_rectangles(s - s // 2, s)
+    delta[s // 2 :] = -_rectangles(s - s // 2, s)
     return delta / np.sqrt(np.sum(delta**2))
 
 
@@ -139,7 +142,16 @@ def square(
         raise ValueError(f"square's L2 start tiles the image in 5 x 5 windows: needs H >= 5, got {height}")
     if queries < 1:
         raise ValueError(f"square needs a budget of at least 1 query, got {queries}")
-    return run_attack(_square, logits_fn, x, y, key, dynamic=dict(eps=eps), mesh=mesh, static=dict(norm=norm, queries=queries, p_init=p_init))
+    return run_attack(
+        _square,
+        logits_fn,
+        x,
+        y,
+        key,
+        dynamic=dict(eps=eps),
+        mesh=mesh,
+        static=dict(norm=norm, queries=queries, p_init=p_init),
+    )
 
 
 def _square(logits_fn, x, y, key, *, eps, norm, queries, p_init) -> SquareResult:
@@ -162,7 +174,7 @@ def _square(logits_fn, x, y, key, *, eps, norm, queries, p_init) -> SquareResult
                 pattern = jnp.asarray(window_pattern(side))
                 pattern = jnp.where(jax.random.uniform(jax.random.fold_in(key_tile, 0)) > 0.5, pattern.T, pattern)
                 signs = _random_signs(jax.random.fold_in(key_tile, 1), (batch, 1, 1, channels))
-                delta = delta.at[:, top:top + side, left:left + side, :].add(pattern[None, :, :, None] * signs)
+                delta = delta.at[:, top : top + side, left : left + side, :].add(pattern[None, :, :, None] * signs)
                 tile += 1
         start = x + delta / per_sample(flat_norm(delta, "l2") + 1e-12, x) * eps_b
     best = jnp.clip(start, 0.0, 1.0)
@@ -184,7 +196,9 @@ def _square(logits_fn, x, y, key, *, eps, norm, queries, p_init) -> SquareResult
         k_top, k_left, k_top2, k_left2, k_flip, k_sign = jax.random.split(k, 6)
         top, left = _random_corner(k_top, height, side), _random_corner(k_left, width, side)
         window = _window(height, width, top, left, side)[None]
-        window2 = _window(height, width, _random_corner(k_top2, height, side), _random_corner(k_left2, width, side), side)[None]
+        window2 = _window(
+            height, width, _random_corner(k_top2, height, side), _random_corner(k_left2, width, side), side
+        )[None]
         delta = best - x
 
         def l2_over(v, axes):
@@ -218,5 +232,7 @@ def _square(logits_fn, x, y, key, *, eps, norm, queries, p_init) -> SquareResult
         best = jnp.where(per_sample(accept, x), candidate, best)
         return i + 1, best, jnp.where(accept, new_margin, margin), spent + active.astype(jnp.int32)
 
-    _, best, margin, spent = jax.lax.while_loop(go_on, query, (jnp.zeros((), jnp.int32), best, margin, jnp.ones((batch,), jnp.int32)))
+    _, best, margin, spent = jax.lax.while_loop(
+        go_on, query, (jnp.zeros((), jnp.int32), best, margin, jnp.ones((batch,), jnp.int32))
+    )
     return SquareResult(jax.lax.stop_gradient(best), margin <= 0, spent)

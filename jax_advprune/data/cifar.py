@@ -48,13 +48,17 @@ def detect_layout(tarball: str) -> str:
     )
 
 
-def _read_batches(archive: tarfile.TarFile, members: list[str], label_key: bytes, tarball: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_batches(
+    archive: tarfile.TarFile, members: list[str], label_key: bytes, tarball: str
+) -> tuple[np.ndarray, np.ndarray]:
     by_name = _members_by_basename(archive)
     images, labels = [], []
     for member in members:
         batch = pickle.load(archive.extractfile(by_name[member]), encoding="bytes")
         if b"data" not in batch or label_key not in batch:
-            raise ValueError(f"{tarball}: member {member!r} has keys {sorted(batch)}, expected b'data' and {label_key!r}")
+            raise ValueError(
+                f"{tarball}: member {member!r} has keys {sorted(batch)}, expected b'data' and {label_key!r}"
+            )
         data = np.asarray(batch[b"data"], np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{tarball}: member {member!r} holds data of shape {data.shape}, expected (N, 3072)")

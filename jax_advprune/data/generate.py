@@ -127,7 +127,9 @@ def write_embedded_default(
     if storage.exists(meta_path):
         existing = json.loads(storage.read_text(meta_path))["settings"]
         if existing != settings:
-            raise ValueError(f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir")
+            raise ValueError(
+                f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir"
+            )
         if all(storage.exists(p) for p in paths.values()):
             return paths
     storage.makedirs(data_dir)
@@ -137,5 +139,9 @@ def write_embedded_default(
     pixels, labels = sample_synthetic(x_train, y_train, synthetic_size, seed)
     write_npz(paths["synthetic"], to_uint8_images(pixels, image_size), labels)
     with atomic_output(meta_path) as tmp, open(tmp, "w") as f:
-        json.dump({"settings": settings, "num_train": len(y_train), "num_test": len(y_test), "num_synthetic": len(labels)}, f, indent=2)
+        json.dump(
+            {"settings": settings, "num_train": len(y_train), "num_test": len(y_test), "num_synthetic": len(labels)},
+            f,
+            indent=2,
+        )
     return paths

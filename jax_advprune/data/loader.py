@@ -21,12 +21,11 @@ import functools
 import signal
 
 import grain
-from absl import flags
 import numpy as np
-
-from jax_advprune.errors import UserError
+from absl import flags
 
 from jax_advprune.data.sources import Pool
+from jax_advprune.errors import UserError
 
 
 class EmptySelectionError(UserError, ValueError):
@@ -131,7 +130,16 @@ def make_plan(
         raise EmptySelectionError("the keep mask selects no sample: nothing to train on")
     original, synthetic = kept[kept < num_original], kept[kept >= num_original]
     if original_fraction is None or len(keep) == num_original:
-        return BatchPlan(original, synthetic, batch_size, None, synthetic_with_replacement, -(-len(kept) // batch_size), seed, len(keep))
+        return BatchPlan(
+            original,
+            synthetic,
+            batch_size,
+            None,
+            synthetic_with_replacement,
+            -(-len(kept) // batch_size),
+            seed,
+            len(keep),
+        )
     if not 0.0 < original_fraction < 1.0:
         raise ValueError(f"original_fraction must be in (0, 1) or None, got {original_fraction}")
     original_per_batch = int(round(original_fraction * batch_size))
@@ -143,7 +151,16 @@ def make_plan(
             "set original_fraction=None for plain epochs"
         )
     steps_per_epoch = -(-num_original // batch_size)
-    return BatchPlan(original, synthetic, batch_size, original_per_batch, synthetic_with_replacement, steps_per_epoch, seed, len(keep))
+    return BatchPlan(
+        original,
+        synthetic,
+        batch_size,
+        original_per_batch,
+        synthetic_with_replacement,
+        steps_per_epoch,
+        seed,
+        len(keep),
+    )
 
 
 def draw_augmentation(rng: np.random.Generator, batch: int, *, crop_padding: int, flip: bool) -> dict[str, np.ndarray]:
@@ -187,9 +204,13 @@ class BatchReader:
     def __post_init__(self):
         where = f"a pool of {len(self.pool)} samples ({', '.join(p.name for p in self.pool.parts)})"
         if self.plan.pool_size != len(self.pool):
-            raise ValueError(f"the keep mask has {self.plan.pool_size} entries but it selects from {where}: one entry per pool sample expected")
+            raise ValueError(
+                f"the keep mask has {self.plan.pool_size} entries but it selects from {where}: one entry per pool sample expected"
+            )
         if np.shape(self.eps) != (len(self.pool),):
-            raise ValueError(f"the eps array has shape {np.shape(self.eps)} but it applies to {where}: shape ({len(self.pool)},) expected")
+            raise ValueError(
+                f"the eps array has shape {np.shape(self.eps)} but it applies to {where}: shape ({len(self.pool)},) expected"
+            )
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         share = self.plan.batch_size // self.process_count
@@ -225,5 +246,7 @@ def batch_iterator(reader: BatchReader, num_steps: int, *, num_workers: int = 0)
         # absl.app.run they are unparsed and the workers crash.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_leave_sigterm_to_the_parent)
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_leave_sigterm_to_the_parent
+        )
     return iter(iter_dataset)

@@ -40,7 +40,13 @@ def part_labels(num_rows: int, num_classes: int, seed: int, part: int) -> np.nda
 
 
 def write_part(
-    path: str, num_rows: int, image_shape: tuple[int, int, int], num_classes: int, seed: int, part: int, template_seed: int | None = None,
+    path: str,
+    num_rows: int,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    seed: int,
+    part: int,
+    template_seed: int | None = None,
 ) -> None:
     """Writes one part chunk by chunk (memory: one chunk of CHUNK_ROWS images).
 
@@ -54,7 +60,9 @@ def write_part(
     with NpzStreamWriter(path, num_rows, image_shape) as writer:
         for start in range(0, num_rows, CHUNK_ROWS):
             chunk_labels = labels[start : start + CHUNK_ROWS]
-            images = np.frombuffer(bytearray(rng.bytes(len(chunk_labels) * row_bytes)), np.uint8).reshape((-1,) + image_shape)
+            images = np.frombuffer(bytearray(rng.bytes(len(chunk_labels) * row_bytes)), np.uint8).reshape(
+                (-1,) + image_shape
+            )
             np.right_shift(images, 1, out=images)  # noise in [0, 127] + template in [0, 127]
             run_starts = np.flatnonzero(np.diff(chunk_labels, prepend=-1))  # labels are sorted: one run per class
             for lo, hi in zip(run_starts, np.append(run_starts[1:], len(chunk_labels))):
@@ -71,7 +79,14 @@ def part_paths(out: str, parts: int) -> list[str]:
 
 
 def make_pool(
-    out: str, size: int, *, parts: int = 1, image_shape=(32, 32, 3), num_classes: int = 10, seed: int = 0, template_seed: int | None = None,
+    out: str,
+    size: int,
+    *,
+    parts: int = 1,
+    image_shape=(32, 32, 3),
+    num_classes: int = 10,
+    seed: int = 0,
+    template_seed: int | None = None,
 ) -> list[str]:
     """Writes `size` images split evenly over `parts` files; returns their paths."""
     if size < 1 or parts < 1 or parts > size:
@@ -84,7 +99,9 @@ def make_pool(
     return paths
 
 
-def write_generated_dataset(data_dir: str, *, train: int, test: int, synthetic: int, image_shape, num_classes: int, seed: int) -> dict[str, str]:
+def write_generated_dataset(
+    data_dir: str, *, train: int, test: int, synthetic: int, image_shape, num_classes: int, seed: int
+) -> dict[str, str]:
     """A whole offline data set in the pool format (train, test, synthetic splits sharing class
     patterns), written into data_dir once; returns the three paths. For smoke runs of the
     paper-sized configs, not for measuring accuracy."""
@@ -92,7 +109,14 @@ def write_generated_dataset(data_dir: str, *, train: int, test: int, synthetic: 
     for stream, (name, size) in enumerate((("train", train), ("test", test), ("synthetic", synthetic))):
         paths[name] = os.path.join(data_dir, f"generated_{name}.npz")
         if not storage.exists(paths[name]):
-            make_pool(paths[name], size, image_shape=image_shape, num_classes=num_classes, seed=seed * 3 + stream + 1, template_seed=seed)
+            make_pool(
+                paths[name],
+                size,
+                image_shape=image_shape,
+                num_classes=num_classes,
+                seed=seed * 3 + stream + 1,
+                template_seed=seed,
+            )
     return paths
 
 
@@ -109,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(shape) != 3:
         parser.error(f"--image-shape must be H,W,C, got {args.image_shape!r}")
     start = time.perf_counter()
-    paths = make_pool(args.out, args.size, parts=args.parts, image_shape=shape, num_classes=args.num_classes, seed=args.seed)
+    paths = make_pool(
+        args.out, args.size, parts=args.parts, image_shape=shape, num_classes=args.num_classes, seed=args.seed
+    )
     gib = sum(storage.getsize(p) for p in paths) / 2**30
     print(f"wrote {args.size} images ({gib:.2f} GiB) in {time.perf_counter() - start:.1f}s: {' '.join(paths)}")
 

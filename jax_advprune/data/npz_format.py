@@ -65,12 +65,16 @@ def _locate_in(handle, path: str, key: str, member: str) -> NpzMember:
     try:
         archive = zipfile.ZipFile(handle)
     except zipfile.BadZipFile as error:
-        raise PoolFormatError(f"{path}: not a readable npz (zip) file ({error}); truncated or not written by np.savez?") from error
+        raise PoolFormatError(
+            f"{path}: not a readable npz (zip) file ({error}); truncated or not written by np.savez?"
+        ) from error
     with archive:  # closing the ZipFile leaves the caller's handle open
         names = archive.namelist()
         if member not in names:
             stored = sorted(n[:-4] if n.endswith(".npy") else n for n in names)
-            raise PoolFormatError(f"{path}: no array {key!r} in the npz (it holds {stored}); expected keys 'image' and 'label'")
+            raise PoolFormatError(
+                f"{path}: no array {key!r} in the npz (it holds {stored}); expected keys 'image' and 'label'"
+            )
         info = archive.getinfo(member)
         if info.compress_type != zipfile.ZIP_STORED:
             raise PoolFormatError(
@@ -94,8 +98,10 @@ def _locate_in(handle, path: str, key: str, member: str) -> NpzMember:
         raise PoolFormatError(f"{path}: array {key!r} uses .npy format {version}, expected 1.0 or 2.0")
     offset = handle.tell()
     if fortran_order or dtype.hasobject:
-        raise PoolFormatError(f"{path}: array {key!r} is Fortran-ordered or of object dtype; expected a C-ordered numeric array "
-            "(rewrite it with np.ascontiguousarray)")
+        raise PoolFormatError(
+            f"{path}: array {key!r} is Fortran-ordered or of object dtype; expected a C-ordered numeric array "
+            "(rewrite it with np.ascontiguousarray)"
+        )
     return NpzMember(path, key, offset, tuple(shape), np.dtype(dtype))
 
 
@@ -125,7 +131,9 @@ def read_rows(fd: int, member: NpzMember, rows: np.ndarray) -> np.ndarray:
         while done < size:
             got = os.preadv(fd, [buffer[start * row_bytes + done : end * row_bytes]], position + done)
             if got <= 0:
-                raise PoolFormatError(f"{member.path}: array {member.key!r} ends before row {row + (done // row_bytes)} (truncated file?)")
+                raise PoolFormatError(
+                    f"{member.path}: array {member.key!r} ends before row {row + (done // row_bytes)} (truncated file?)"
+                )
             done += got
     return out
 
@@ -146,13 +154,19 @@ class NpzStreamWriter:
         self._labels: list[np.ndarray] = []
         self._written = 0
         self._images = self._archive.open(f"{IMAGE_KEY}.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (self.num_rows,) + self.image_shape}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": (self.num_rows,) + self.image_shape,
+        }
         np.lib.format.write_array_header_1_0(self._images, header)
 
     def write(self, images: np.ndarray, labels: np.ndarray) -> None:
         """Appends images (m, *image_shape) uint8 and labels (m,) integer."""
         if images.dtype != np.uint8 or images.shape[1:] != self.image_shape or len(labels) != len(images):
-            raise ValueError(f"expected uint8 images (m, {self.image_shape}) and m labels, got {images.dtype} {images.shape} and {len(labels)} labels")
+            raise ValueError(
+                f"expected uint8 images (m, {self.image_shape}) and m labels, got {images.dtype} {images.shape} and {len(labels)} labels"
+            )
         if self._written + len(images) > self.num_rows:
             raise ValueError(f"{self.path}: more than the announced {self.num_rows} rows")
         self._images.write(memoryview(np.ascontiguousarray(images)).cast("B"))
@@ -172,7 +186,11 @@ class NpzStreamWriter:
         if exc_type is None and not short:
             self._atomic.__exit__(None, None, None)  # renamed into place
             return False
-        error = exc if exc is not None else ValueError(f"{self.path}: {self._written} rows written, {self.num_rows} announced")
+        error = (
+            exc
+            if exc is not None
+            else ValueError(f"{self.path}: {self._written} rows written, {self.num_rows} announced")
+        )
         self._atomic.__exit__(type(error), error, None)  # the partial file removed
         if short:
             raise error
@@ -195,13 +213,17 @@ def read_rows_ranged(member: NpzMember, rows: np.ndarray, gap_bytes: int = remot
     row_bytes = member.row_bytes
     row_starts = member.offset + rows * row_bytes
     range_starts, range_ends = remote.coalesce(row_starts, row_starts + row_bytes, gap_bytes)
-    blobs = storage.filesystem(member.path).cat_ranges([member.path] * len(range_starts), range_starts.tolist(), range_ends.tolist())
+    blobs = storage.filesystem(member.path).cat_ranges(
+        [member.path] * len(range_starts), range_starts.tolist(), range_ends.tolist()
+    )
     # Rows and ranges are both sorted, so the rows of range i are one slice of `rows`.
     bounds = np.searchsorted(row_starts, np.concatenate([range_starts, [np.iinfo(np.int64).max]]))
     flat = out.reshape(len(rows), -1).view(np.uint8)
     for i, blob in enumerate(blobs):
         if len(blob) != range_ends[i] - range_starts[i]:
-            raise PoolFormatError(f"{member.path}: array {member.key!r} ends before row {rows[bounds[i + 1] - 1]} (truncated file?)")
+            raise PoolFormatError(
+                f"{member.path}: array {member.key!r} ends before row {rows[bounds[i + 1] - 1]} (truncated file?)"
+            )
         members = slice(bounds[i], bounds[i + 1])
         local = (row_starts[members] - range_starts[i])[:, None] + np.arange(row_bytes)
         flat[members] = np.frombuffer(blob, np.uint8)[local]

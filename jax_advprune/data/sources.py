@@ -14,12 +14,21 @@ global position.
 from __future__ import annotations
 
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from jax_advprune import storage
-from jax_advprune.data.npz_format import IMAGE_KEY, LABEL_KEY, NpzMember, PoolFormatError, locate_npz_member, read_rows, read_rows_ranged
+from jax_advprune.data.npz_format import (
+    IMAGE_KEY,
+    LABEL_KEY,
+    NpzMember,
+    PoolFormatError,
+    locate_npz_member,
+    read_rows,
+    read_rows_ranged,
+)
 
 _LABEL_CHECK_ROWS = 1 << 20  # labels are range-checked this many at a time (flat memory)
 
@@ -79,13 +88,17 @@ class NpzPart:
         if len(image.shape) != 4:
             raise PoolFormatError(f"{self.path}: 'image' has shape {image.shape}, expected (N, H, W, C)")
         if not np.issubdtype(label.dtype, np.integer) or len(label.shape) != 1:
-            raise PoolFormatError(f"{self.path}: 'label' has dtype {label.dtype} and shape {label.shape}, expected integer (N,)")
+            raise PoolFormatError(
+                f"{self.path}: 'label' has dtype {label.dtype} and shape {label.shape}, expected integer (N,)"
+            )
         if label.shape[0] != image.shape[0]:
             raise PoolFormatError(f"{self.path}: {image.shape[0]} images but {label.shape[0]} labels")
         size = storage.getsize(self.path)
         for member in (image, label):
             if member.offset + member.shape[0] * member.row_bytes > size:
-                raise PoolFormatError(f"{self.path}: array {member.key!r} is truncated: the file ends before its {member.shape[0]} rows")
+                raise PoolFormatError(
+                    f"{self.path}: array {member.key!r} is truncated: the file ends before its {member.shape[0]} rows"
+                )
         for start in range(0, len(self), _LABEL_CHECK_ROWS):
             rows = np.arange(start, min(start + _LABEL_CHECK_ROWS, len(self)))
             check_labels(self.path, self._rows(label, rows), self.num_classes)
@@ -178,7 +191,6 @@ class Pool:
             images[where] = part_images[inverse]
             labels[where] = part_labels[inverse]
         return images, labels
-
 
 
 def open_pool(original: str | PoolPart, synthetic: Sequence[str], num_classes: int) -> Pool:

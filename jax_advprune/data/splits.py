@@ -73,7 +73,9 @@ def input_files(config) -> list[str]:
     cfg = config.data
     files = {"npz": [cfg.original, cfg.test], "cifar_tarball": [cfg.tarball]}.get(cfg.name, [])
     weights = [config[key].init_from for key in ("scoring", "train", "eval") if config[key].get("init_from")]
-    weights += [config.scoring.extrapolation.embedding_from] if config.scoring.extrapolation.get("embedding_from") else []
+    weights += (
+        [config.scoring.extrapolation.embedding_from] if config.scoring.extrapolation.get("embedding_from") else []
+    )
     return [f for f in files if f] + list(cfg.synthetic) + [w for w in weights if storage.isfile(w)]
 
 
@@ -84,14 +86,18 @@ def data_shape(config) -> DataShape:
     synthetic = tuple(len(NpzPart(p, cfg.num_classes)) for p in cfg.synthetic)
     if cfg.name == "digits":
         _, y_train, _, y_test = digits_split(cfg.test_fraction, cfg.seed)
-        return DataShape(len(y_train), (cfg.synthetic_size,) + synthetic, len(y_test), (cfg.image_size, cfg.image_size, 1))
+        return DataShape(
+            len(y_train), (cfg.synthetic_size,) + synthetic, len(y_test), (cfg.image_size, cfg.image_size, 1)
+        )
     if cfg.name == "generated":
         train, test, generated = cfg.generated_sizes
         return DataShape(train, (generated,) + synthetic, test, tuple(cfg.generated_image_shape))
     if cfg.name == "cifar_tarball":
         layout = detect_layout(cfg.tarball)
         if LAYOUTS[layout][3] != cfg.num_classes:
-            raise ValueError(f"{cfg.tarball} is {layout} ({LAYOUTS[layout][3]} classes) but data.num_classes is {cfg.num_classes}")
+            raise ValueError(
+                f"{cfg.tarball} is {layout} ({LAYOUTS[layout][3]} classes) but data.num_classes is {cfg.num_classes}"
+            )
         return DataShape(CIFAR_SIZES[0], synthetic, CIFAR_SIZES[1], CIFAR_SIZES[2])
     original, test = _original_and_test(config, {"train": cfg.original, "test": cfg.test})
     return DataShape(len(original), synthetic, len(test), tuple(original.image_shape))
@@ -102,8 +108,10 @@ def _original_and_test(config, paths: dict):
     if cfg.name == "tfds":
         from jax_advprune.data.tfds_source import TfdsPart
 
-        return (TfdsPart(cfg.tfds_name, "train", cfg.tfds_data_dir, cfg.num_classes),
-                TfdsPart(cfg.tfds_name, "test", cfg.tfds_data_dir, cfg.num_classes))
+        return (
+            TfdsPart(cfg.tfds_name, "train", cfg.tfds_data_dir, cfg.num_classes),
+            TfdsPart(cfg.tfds_name, "test", cfg.tfds_data_dir, cfg.num_classes),
+        )
     return NpzPart(paths["train"], cfg.num_classes), NpzPart(paths["test"], cfg.num_classes)
 
 
@@ -129,32 +137,60 @@ def load_data(config, data_dir: str) -> Data:
     `data_dir` once (smoke runs of the paper configs, offline).
     """
     cfg = config.data
-    cache_dir = cfg.get("cache_dir", "")  # operational, so not in recorded settings (export_selection reopens from those)
+    cache_dir = cfg.get(
+        "cache_dir", ""
+    )  # operational, so not in recorded settings (export_selection reopens from those)
     synthetic = list(cfg.synthetic)
     paths = {"train": cfg.original, "test": cfg.test}
     if cfg.name == "digits":
-        paths = _prepared_once("embedded default", lambda: write_embedded_default(
-            data_dir, image_size=cfg.image_size, synthetic_size=cfg.synthetic_size, test_fraction=cfg.test_fraction, seed=cfg.seed,
-        ))
+        paths = _prepared_once(
+            "embedded default",
+            lambda: write_embedded_default(
+                data_dir,
+                image_size=cfg.image_size,
+                synthetic_size=cfg.synthetic_size,
+                test_fraction=cfg.test_fraction,
+                seed=cfg.seed,
+            ),
+        )
         synthetic = [paths["synthetic"]] + synthetic
     elif cfg.name == "cifar_tarball":
         paths = _prepared_once("CIFAR conversion", lambda: convert_cifar_tarball(cfg.tarball, cache_dir or data_dir))
     elif cfg.name == "generated":
-        paths = _prepared_once("generated data", lambda: write_generated_dataset(
-            data_dir, train=cfg.generated_sizes[0], test=cfg.generated_sizes[1], synthetic=cfg.generated_sizes[2],
-            image_shape=tuple(cfg.generated_image_shape), num_classes=cfg.num_classes, seed=cfg.seed,
-        ))
+        paths = _prepared_once(
+            "generated data",
+            lambda: write_generated_dataset(
+                data_dir,
+                train=cfg.generated_sizes[0],
+                test=cfg.generated_sizes[1],
+                synthetic=cfg.generated_sizes[2],
+                image_shape=tuple(cfg.generated_image_shape),
+                num_classes=cfg.num_classes,
+                seed=cfg.seed,
+            ),
+        )
         synthetic = [paths["synthetic"]] + synthetic
     given = [p for p in (paths.get("train"), paths.get("test"), *synthetic) if p]  # fingerprinted under these names
     if cache_dir and cfg.name != "tfds":  # remote files read from a local copy, made once per host
-        paths = {**paths, **{k: storage.local_copy(paths[k], cache_dir, log) for k in ("train", "test") if paths.get(k)}}
+        paths = {
+            **paths,
+            **{k: storage.local_copy(paths[k], cache_dir, log) for k in ("train", "test") if paths.get(k)},
+        }
         synthetic = [storage.local_copy(p, cache_dir, log) for p in synthetic]
     original, test = _original_and_test(config, paths)
     pool = open_pool(original, synthetic, cfg.num_classes)
     test_images, test_labels = test.read(np.arange(len(test)))
     if test_images.shape[1:] != pool.image_shape:
-        raise ValueError(f"test split {test.name} has images of shape {test_images.shape[1:]}, the pool {pool.image_shape}")
-    log.info("pool: %d original + %d synthetic images of shape %s; test: %d", pool.num_original, len(pool) - pool.num_original, pool.image_shape, len(test_labels))
+        raise ValueError(
+            f"test split {test.name} has images of shape {test_images.shape[1:]}, the pool {pool.image_shape}"
+        )
+    log.info(
+        "pool: %d original + %d synthetic images of shape %s; test: %d",
+        pool.num_original,
+        len(pool) - pool.num_original,
+        pool.image_shape,
+        len(test_labels),
+    )
     trainable = trainable_mask(len(pool), pool.num_original, config.train.validation_size, config.seed)
     files = (given if cfg.name != "tfds" else []) + ([cfg.tarball] if cfg.name == "cifar_tarball" else [])
     return Data(pool, test_images, test_labels, trainable, files)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_advprune.errors import UserError
-
 from jax_advprune.data.sources import PoolFormatError, check_labels
+from jax_advprune.errors import UserError
 
 SUPPORTED = ("cifar10", "cifar100", "svhn_cropped")
 
@@ -85,7 +84,10 @@ class TfdsPart:
         return images, labels
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in ("dataset", "split", "data_dir", "num_classes", "name", "image_shape", "_labels")}
+        return {
+            k: getattr(self, k)
+            for k in ("dataset", "split", "data_dir", "num_classes", "name", "image_shape", "_labels")
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -41,7 +41,12 @@ from jax_advprune.children import die_with_parent
 
 KERNELS = (1, 3, 5, 7)
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: UndefinedBehaviorSanitizer", "ERROR: LeakSanitizer")
+SANITIZER_MARKERS = (
+    "ERROR: AddressSanitizer",
+    "runtime error:",
+    "ERROR: UndefinedBehaviorSanitizer",
+    "ERROR: LeakSanitizer",
+)
 # The shapes the overrun was seen on (1x1, stride 2, fewer input channels than a SIMD block): the fixed subset
 # always holds them.
 KNOWN_OVERRUNS = ((4, 8, 8, 5, 7), (4, 8, 8, 4, 6), (9, 20, 26, 2, 59))
@@ -63,14 +68,16 @@ class Case:
     @property
     def name(self) -> str:
         pad = self.padding if isinstance(self.padding, str) else "p" + "_".join(f"{lo}.{hi}" for lo, hi in self.padding)
-        return (f"n{self.batch}_{self.height}x{self.width}_c{self.cin}-{self.cout}_k{self.kernel}"
-                f"_s{self.strides[0]}x{self.strides[1]}_{pad}")
+        return (
+            f"n{self.batch}_{self.height}x{self.width}_c{self.cin}-{self.cout}_k{self.kernel}"
+            f"_s{self.strides[0]}x{self.strides[1]}_{pad}"
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Case":
+    def from_json(cls, d: dict) -> Case:
         padding = d["padding"] if isinstance(d["padding"], str) else tuple(tuple(p) for p in d["padding"])
         return cls(**{**d, "strides": tuple(d["strides"]), "padding": padding})
 
@@ -78,9 +85,15 @@ class Case:
 def _output_sizes(case: Case) -> tuple[int, int]:
     from jax import lax
 
-    pads = (lax.padtype_to_pads((case.height, case.width), (case.kernel,) * 2, case.strides, case.padding)
-            if isinstance(case.padding, str) else case.padding)
-    return tuple((size + lo + hi - case.kernel) // s + 1 for size, (lo, hi), s in zip((case.height, case.width), pads, case.strides))
+    pads = (
+        lax.padtype_to_pads((case.height, case.width), (case.kernel,) * 2, case.strides, case.padding)
+        if isinstance(case.padding, str)
+        else case.padding
+    )
+    return tuple(
+        (size + lo + hi - case.kernel) // s + 1
+        for size, (lo, hi), s in zip((case.height, case.width), pads, case.strides)
+    )
 
 
 def random_case(rng: np.random.Generator) -> Case:
@@ -95,8 +108,16 @@ def random_case(rng: np.random.Generator) -> Case:
             padding = tuple((int(rng.integers(-2, kernel)), int(rng.integers(-2, 1))) for _ in range(2))
         else:
             padding = str(kind)
-        case = Case(int(rng.integers(1, 10)), int(rng.integers(1, 34)), int(rng.integers(1, 34)), int(rng.integers(1, 68)),
-                    int(rng.integers(1, 68)), kernel, strides, padding)
+        case = Case(
+            int(rng.integers(1, 10)),
+            int(rng.integers(1, 34)),
+            int(rng.integers(1, 34)),
+            int(rng.integers(1, 68)),
+            int(rng.integers(1, 68)),
+            kernel,
+            strides,
+            padding,
+        )
         if min(_output_sizes(case)) >= 1:
             return case
 
@@ -132,16 +153,26 @@ def check_case(case: Case) -> str:
 
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     x = jnp.asarray(rng.standard_normal((case.batch, case.height, case.width, case.cin), np.float32))
-    w = jnp.asarray(rng.standard_normal((case.kernel, case.kernel, case.cin, case.cout), np.float32) / np.sqrt(case.kernel**2 * case.cin))
+    w = jnp.asarray(
+        rng.standard_normal((case.kernel, case.kernel, case.cin, case.cout), np.float32)
+        / np.sqrt(case.kernel**2 * case.cin)
+    )
     convs = (onednn.conv_general_dilated, lax.conv_general_dilated)
 
     def loss_of(conv, rows=None):
         """A nonlinear scalar of the convolution of x[:rows] (gradients then depend on every output)."""
-        return lambda x, w: jnp.sum(jnp.sin(conv(x[:rows], w, case.strides, case.padding, dimension_numbers=DIMENSIONS)))
+        return lambda x, w: jnp.sum(
+            jnp.sin(conv(x[:rows], w, case.strides, case.padding, dimension_numbers=DIMENSIONS))
+        )
 
     def both(x, w):
-        return [(conv(x, w, case.strides, case.padding, dimension_numbers=DIMENSIONS), jax.grad(loss_of(conv), (0, 1))(x, w))
-                for conv in convs]
+        return [
+            (
+                conv(x, w, case.strides, case.padding, dimension_numbers=DIMENSIONS),
+                jax.grad(loss_of(conv), (0, 1))(x, w),
+            )
+            for conv in convs
+        ]
 
     compiled = jax.jit(both).lower(x, w).compile()
     pads = onednn.explicit_padding(case.padding, (case.height, case.width), (case.kernel,) * 2, case.strides)
@@ -161,9 +192,14 @@ def check_case(case: Case) -> str:
         padded = jnp.concatenate([x, jnp.zeros((-case.batch % mesh.size, *x.shape[1:]), x.dtype)])
         shardings = (parallel.batch_sharding(mesh), parallel.replicated(mesh))
         (value, (gx, gw)), (value_ref, (gx_ref, gw_ref)) = [
-            jax.jit(jax.value_and_grad(loss_of(conv, case.batch), (0, 1)), in_shardings=shardings)(padded, w) for conv in convs]
-        for name, got, expected in (("sharded loss", value, value_ref), ("sharded input gradient", gx, gx_ref),
-                                    ("sharded kernel gradient", gw, gw_ref)):
+            jax.jit(jax.value_and_grad(loss_of(conv, case.batch), (0, 1)), in_shardings=shardings)(padded, w)
+            for conv in convs
+        ]
+        for name, got, expected in (
+            ("sharded loss", value, value_ref),
+            ("sharded input gradient", gx, gx_ref),
+            ("sharded kernel gradient", gw, gw_ref),
+        ):
             _close(name, got, expected)
     return f"{chosen.backend}: {chosen.detail}" + (" (subsampled)" if chosen.subsampled else "")
 
@@ -173,6 +209,7 @@ def _worker(cases_path: str, report_path: str, start: int) -> None:
     with open(cases_path) as f:
         cases = [Case.from_json(d) for d in json.load(f)]
     with open(report_path, "a") as report:
+
         def write(record):
             report.write(json.dumps(record) + "\n")
             report.flush()
@@ -185,8 +222,14 @@ def _worker(cases_path: str, report_path: str, start: int) -> None:
                 route = check_case(cases[index])
                 write({"index": index, "status": "ok", "route": route, "seconds": time.perf_counter() - began})
             except Exception as error:  # a wrong number or an error from the kernel: this case fails, the next runs
-                write({"index": index, "status": "fail", "message": f"{type(error).__name__}: {error}"[:2000],
-                       "seconds": time.perf_counter() - began})
+                write(
+                    {
+                        "index": index,
+                        "status": "fail",
+                        "message": f"{type(error).__name__}: {error}"[:2000],
+                        "seconds": time.perf_counter() - began,
+                    }
+                )
 
 
 # ---- in the parent --------------------------------------------------------------------------------------------
@@ -207,26 +250,44 @@ def sanitizer_environment() -> dict:
     intercepts) preloaded; leak checks off (CPython's arenas are not leaks); UBSan stops at its first report."""
     preload = []
     for name in ("libasan.so", "libstdc++.so.6"):
-        path = subprocess.run([os.environ.get("CXX", "g++"), f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        path = subprocess.run(
+            [os.environ.get("CXX", "g++"), f"-print-file-name={name}"], capture_output=True, text=True
+        ).stdout.strip()
         if not os.path.isabs(path) or not os.path.exists(path):
-            raise RuntimeError(f"{name} not found by {os.environ.get('CXX', 'g++')} -print-file-name (install the compiler's sanitizer runtime)")
+            raise RuntimeError(
+                f"{name} not found by {os.environ.get('CXX', 'g++')} -print-file-name (install the compiler's sanitizer runtime)"
+            )
         preload.append(os.path.realpath(path))
-    return {"LD_PRELOAD": " ".join(preload), "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-            "JAX_ADVPRUNE_ONEDNN_BUILD": "checked"}
+    return {
+        "LD_PRELOAD": " ".join(preload),
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        "JAX_ADVPRUNE_ONEDNN_BUILD": "checked",
+    }
 
 
 def _child_environment(devices: int, isa: str, extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "JAX_ADVPRUNE_CONV")}
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
-               JAX_ADVPRUNE_CONV="onednn", **extra)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+        JAX_ADVPRUNE_CONV="onednn",
+        **extra,
+    )
     if isa != "native":
         env["ONEDNN_MAX_CPU_ISA"] = isa
     return env
 
 
-def run_cases(cases: list[Case], *, devices: int, isa: str = "native", extra_env: dict | None = None,
-              seconds_per_case: float = 120.0) -> list[Result]:
+def run_cases(
+    cases: list[Case],
+    *,
+    devices: int,
+    isa: str = "native",
+    extra_env: dict | None = None,
+    seconds_per_case: float = 120.0,
+) -> list[Result]:
     """Every case in child processes (devices XLA:CPU devices, oneDNN capped at `isa`), restarting after a crash."""
     results: dict[int, Result] = {}
     with tempfile.TemporaryDirectory(prefix="onednn_check_") as tmp:
@@ -238,11 +299,20 @@ def run_cases(cases: list[Case], *, devices: int, isa: str = "native", extra_env
         while start < len(cases):
             cmd = [sys.executable, "-m", "jax_advprune.kernels.check", "--worker", cases_path, report_path, str(start)]
             try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60 + seconds_per_case * (len(cases) - start),
-                                      preexec_fn=die_with_parent())
+                proc = subprocess.run(
+                    cmd,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60 + seconds_per_case * (len(cases) - start),
+                    preexec_fn=die_with_parent(),
+                )
                 ended, output = proc.returncode, proc.stdout + proc.stderr
             except subprocess.TimeoutExpired as expired:
-                ended, output = None, (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+                ended, output = (
+                    None,
+                    (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace"),
+                )
             started = None
             with open(report_path) as f:
                 for line in f:
@@ -250,8 +320,14 @@ def run_cases(cases: list[Case], *, devices: int, isa: str = "native", extra_env
                     if record["status"] == "start":
                         started = record["index"]
                     else:
-                        results[record["index"]] = Result(cases[record["index"]], devices, isa, record["status"],
-                                                          record.get("message", ""), record.get("route", ""))
+                        results[record["index"]] = Result(
+                            cases[record["index"]],
+                            devices,
+                            isa,
+                            record["status"],
+                            record.get("message", ""),
+                            record.get("route", ""),
+                        )
                         started = None
             reports = sum(output.count(marker) for marker in SANITIZER_MARKERS)
             if started is None and ended == 0:
@@ -291,12 +367,16 @@ def positive_control() -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", type=int, default=500, help="random cases per (devices, isa) pair")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", default="1,4", help="comma-separated XLA:CPU device counts")
     parser.add_argument("--isa", default="native,AVX2", help="comma-separated oneDNN ISA caps (native = no cap)")
-    parser.add_argument("--checked", action="store_true", help="the sanitizer + guard-page build, after a positive control")
+    parser.add_argument(
+        "--checked", action="store_true", help="the sanitizer + guard-page build, after a positive control"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", nargs=3, metavar=("CASES", "REPORT", "START"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -308,8 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     control = None
     if args.checked:
         control = positive_control()
-        seen = control.status in ("crash", "report") and ("AddressSanitizer" in control.message or "SEGV" in control.message)
-        print(f"positive control (the known overrun let through): {'reported' if seen else 'NOT reported'} ({control.status})")
+        seen = control.status in ("crash", "report") and (
+            "AddressSanitizer" in control.message or "SEGV" in control.message
+        )
+        print(
+            f"positive control (the known overrun let through): {'reported' if seen else 'NOT reported'} ({control.status})"
+        )
         if not seen:
             print(control.message)
             return 1
@@ -324,17 +408,31 @@ def main(argv: list[str] | None = None) -> int:
             for r in group:
                 backend = r.route.split(":")[0] + (" subsampled" if "subsampled" in r.route else "") if r.route else "?"
                 routes[backend] = routes.get(backend, 0) + 1
-            print(f"{devices} device(s), ISA {isa:>7}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; routes {routes}")
+            print(
+                f"{devices} device(s), ISA {isa:>7}: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items())
+                + f"; routes {routes}"
+            )
     bad = [r for r in results if r.status != "ok"]
     for r in bad:
         print(f"FAILED {r.case.name} ({r.devices} devices, ISA {r.isa}): {r.status}: {r.message}")
     reports = sum(r.status == "report" for r in results)
-    print(f"{len(results)} case runs ({len(cases)} shapes x {len(results) // max(1, len(cases))} groups), {len(bad)} failed, "
-          f"{reports} sanitizer reports{' (checked build)' if args.checked else ''}, {time.perf_counter() - began:.0f} s")
+    print(
+        f"{len(results)} case runs ({len(cases)} shapes x {len(results) // max(1, len(cases))} groups), {len(bad)} failed, "
+        f"{reports} sanitizer reports{' (checked build)' if args.checked else ''}, {time.perf_counter() - began:.0f} s"
+    )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"checked": args.checked, "seed": args.seed, "positive_control": dataclasses.asdict(control) if control else None,
-                       "results": [dict(dataclasses.asdict(r), name=r.case.name) for r in results]}, f, indent=1)
+            json.dump(
+                {
+                    "checked": args.checked,
+                    "seed": args.seed,
+                    "positive_control": dataclasses.asdict(control) if control else None,
+                    "results": [dict(dataclasses.asdict(r), name=r.case.name) for r in results],
+                },
+                f,
+                indent=1,
+            )
     return 1 if bad else 0
 
 

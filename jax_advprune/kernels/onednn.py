@@ -50,7 +50,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,6 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_advprune import backends
-
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +76,14 @@ _backend = [os.environ.get("JAX_ADVPRUNE_CONV", "auto")]
 #   unsafe-strided-1x1  strided 1x1 convolutions reach oneDNN as they are (the overrun the default build refuses);
 #                       the checker's positive control, never for results
 BUILD_OPTIONS = {
-    "checked": ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                "-DADVPRUNE_GUARD_PAGES"),
+    "checked": (
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=undefined",
+        "-DADVPRUNE_GUARD_PAGES",
+    ),
     "unsafe-strided-1x1": ("-DADVPRUNE_ALLOW_STRIDED_1X1",),
 }
 
@@ -103,17 +108,27 @@ def build_options() -> tuple[str, ...]:
     asked = tuple(sorted({o.strip() for o in os.environ.get("JAX_ADVPRUNE_ONEDNN_BUILD", "").split(",") if o.strip()}))
     unknown = [o for o in asked if o not in BUILD_OPTIONS]
     if unknown:
-        raise OnednnUnavailableError(f"JAX_ADVPRUNE_ONEDNN_BUILD: unknown option(s) {unknown}; known: {sorted(BUILD_OPTIONS)}")
+        raise OnednnUnavailableError(
+            f"JAX_ADVPRUNE_ONEDNN_BUILD: unknown option(s) {unknown}; known: {sorted(BUILD_OPTIONS)}"
+        )
     return asked
 
 
 def onednn_prefix() -> str:
     """The installation prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so ($DNNL_ROOT or this Python's)."""
-    candidates = [os.environ["DNNL_ROOT"]] if os.environ.get("DNNL_ROOT") else [sys.prefix, sysconfig.get_config_var("prefix") or sys.prefix]
+    candidates = (
+        [os.environ["DNNL_ROOT"]]
+        if os.environ.get("DNNL_ROOT")
+        else [sys.prefix, sysconfig.get_config_var("prefix") or sys.prefix]
+    )
     for prefix in candidates:
         lib = os.path.join(prefix, "lib")
         header = os.path.join(prefix, "include", "oneapi", "dnnl", "dnnl.hpp")
-        if os.path.exists(header) and os.path.isdir(lib) and any(name.startswith("libdnnl.so") for name in os.listdir(lib)):
+        if (
+            os.path.exists(header)
+            and os.path.isdir(lib)
+            and any(name.startswith("libdnnl.so") for name in os.listdir(lib))
+        ):
             return prefix
     raise OnednnUnavailableError(
         f"oneDNN headers and library not found under {candidates} "
@@ -130,7 +145,9 @@ def build_library(options: tuple[str, ...] = ()) -> str:
         raise OnednnUnavailableError(f"C++ compiler {compiler!r} not found (set CXX)")
     flags = [flag for option in options for flag in BUILD_OPTIONS[option]]
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jax.__version__.encode() + prefix.encode() + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            f.read() + jax.__version__.encode() + prefix.encode() + compiler.encode() + " ".join(flags).encode()
+        ).hexdigest()[:16]
     cache = os.environ.get("JAX_ADVPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jax_advprune"))
     path = os.path.join(cache, f"libjax_advprune_onednn_{'_'.join(options) + '_' if options else ''}{key}.so")
     if os.path.exists(path):
@@ -139,9 +156,22 @@ def build_library(options: tuple[str, ...] = ()) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [
-        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", *flags,
-        f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", SOURCE,
-        f"-L{os.path.join(prefix, 'lib')}", "-ldnnl", f"-Wl,-rpath,{os.path.join(prefix, 'lib')}", "-o", tmp,
+        compiler,
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-fopenmp",
+        "-w",
+        *flags,
+        f"-I{jax.ffi.include_dir()}",
+        f"-I{os.path.join(prefix, 'include')}",
+        SOURCE,
+        f"-L{os.path.join(prefix, 'lib')}",
+        "-ldnnl",
+        f"-Wl,-rpath,{os.path.join(prefix, 'lib')}",
+        "-o",
+        tmp,
     ]
     log.info("building the oneDNN convolution: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -160,18 +190,25 @@ def _asan_preloaded() -> bool:
 _library: list = []  # the loaded library, once registered
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register() -> str | None:
     """Builds, loads and registers the custom call once per process; None when available, else why not."""
     try:
         options = build_options()
         if "checked" in options and not _asan_preloaded():
-            raise OnednnUnavailableError("the checked build needs the ASan runtime loaded first: "
-                                         "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...")
+            raise OnednnUnavailableError(
+                "the checked build needs the ASan runtime loaded first: "
+                "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ..."
+            )
         library = ctypes.cdll.LoadLibrary(build_library(options))
         plan = library.AdvpruneOnednnConvPlan
         plan.restype = ctypes.c_int
-        plan.argtypes = [ctypes.c_int64] + [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_char_p, ctypes.c_int64]
+        plan.argtypes = (
+            [ctypes.c_int64]
+            + [ctypes.POINTER(ctypes.c_int64)] * 3
+            + [ctypes.c_int64] * 7
+            + [ctypes.c_char_p, ctypes.c_int64]
+        )
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdvpruneOnednnConv), platform="cpu")
         _library.append(library)
     except (OnednnUnavailableError, OSError, AttributeError) as e:
@@ -229,7 +266,7 @@ def _use_onednn(lhs: jax.Array, rhs: jax.Array, plain: bool) -> bool:
     return plain and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(why_not: str) -> None:
     log.info("convolutions use XLA: %s", why_not)
 
@@ -239,8 +276,10 @@ def _threads_per_call() -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jax.local_device_count()))
 
 
-@functools.lru_cache(maxsize=None)
-def plan_call(mode: int, a_shape: tuple, b_shape: tuple, out_shape: tuple, strides: tuple, pads: tuple, threads: int) -> tuple[bool, str]:
+@functools.cache
+def plan_call(
+    mode: int, a_shape: tuple, b_shape: tuple, out_shape: tuple, strides: tuple, pads: tuple, threads: int
+) -> tuple[bool, str]:
     """(True, oneDNN's implementation) when a call of `mode` on these shapes would run, else (False, why not).
 
     The kernel's own checks (onednn_conv.cc: the buffers form one convolution, tight paddings, no strided 1x1,
@@ -269,10 +308,14 @@ class Route:
 ROUTES: dict = {}  # (x shape, kernel shape, strides, pads as asked) -> Route, for every convolution traced here
 
 
-def tight_padding(in_size: Sequence[int], out_size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: tuple) -> tuple:
+def tight_padding(
+    in_size: Sequence[int], out_size: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: tuple
+) -> tuple:
     """`pads` with the bottom/right side cut to what the last window reads, max(0, (out - 1) * s + k - in - lo): the
     same output (the rows cut are never read), and the paddings the kernel checks against."""
-    return tuple((lo, max(0, (o - 1) * s + k - i - lo)) for i, o, k, s, (lo, _) in zip(in_size, out_size, kernel, strides, pads))
+    return tuple(
+        (lo, max(0, (o - 1) * s + k - i - lo)) for i, o, k, s, (lo, _) in zip(in_size, out_size, kernel, strides, pads)
+    )
 
 
 def route(x_shape: tuple, kernel_shape: tuple, strides: tuple, pads: tuple) -> Route:
@@ -281,8 +324,16 @@ def route(x_shape: tuple, kernel_shape: tuple, strides: tuple, pads: tuple) -> R
     found = ROUTES.get(key)
     if found is None:
         found = ROUTES[key] = _choose_route(*key)
-        log.info("convolution x %s * w %s, strides %s, paddings %s -> %s: %s%s", key[0], key[1], key[2], key[3], found.backend,
-                 found.detail, " (strided 1x1 as a stride-1 convolution of the subsampled input)" if found.subsampled else "")
+        log.info(
+            "convolution x %s * w %s, strides %s, paddings %s -> %s: %s%s",
+            key[0],
+            key[1],
+            key[2],
+            key[3],
+            found.backend,
+            found.detail,
+            " (strided 1x1 as a stride-1 convolution of the subsampled input)" if found.subsampled else "",
+        )
     return found
 
 
@@ -299,12 +350,18 @@ def _choose_route(x_shape: tuple, kernel_shape: tuple, strides: tuple, pads: tup
         x_shape, strides, pads = (x_shape[0], *y_shape[1:3], x_shape[3]), (1, 1), ((0, 0), (0, 0))
     pads = tight_padding(x_shape[1:3], y_shape[1:3], kernel_shape[:2], strides, pads)
     threads = _threads_per_call()
-    calls = {0: (x_shape, kernel_shape, y_shape), 1: (y_shape, kernel_shape, x_shape), 2: (x_shape, y_shape, kernel_shape)}
+    calls = {
+        0: (x_shape, kernel_shape, y_shape),
+        1: (y_shape, kernel_shape, x_shape),
+        2: (x_shape, y_shape, kernel_shape),
+    }
     implementations = []
     for mode, shapes in calls.items():
         ok, message = plan_call(mode, *shapes, strides, pads, threads)
         if not ok:
-            return Route("XLA", f"oneDNN refuses the {('forward', 'input gradient', 'kernel gradient')[mode]}: {message}")
+            return Route(
+                "XLA", f"oneDNN refuses the {('forward', 'input gradient', 'kernel gradient')[mode]}: {message}"
+            )
         implementations.append(message.split(",")[0])
     return Route("oneDNN", " / ".join(implementations), subsampled, strides, pads)
 
@@ -322,10 +379,12 @@ def _ffi_conv(mode: int, a: jax.Array, b: jax.Array, out_shape: tuple, strides: 
     """One custom call on this device's arrays (mode 0 forward, 1 input gradient, 2 kernel gradient; see the .cc)."""
     (pt, pb), (pl, pr) = pads
     attrs = dict(mode=mode, sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr, threads=_threads_per_call())
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32))(a, b, **{k: np.int64(v) for k, v in attrs.items()})
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+        a, b, **{k: np.int64(v) for k, v in attrs.items()}
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_op(mode: int, strides: tuple, pads: tuple, shape: tuple):
     """(a, b) -> the custom call of `mode` on one device's arrays, with a vmap rule.
 
@@ -397,8 +456,13 @@ def _partitioned_call(mode: int, strides: tuple, pads: tuple, out_shape):
 
     rule = _SHARDING_RULES[mode]
     factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       reduction_factors=("b",) if mode == 2 else (), need_replication_factors=tuple(f for f in factors if f != "b"))
+    call.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        reduction_factors=("b",) if mode == 2 else (),
+        need_replication_factors=tuple(f for f in factors if f != "b"),
+    )
     return call
 
 
@@ -443,7 +507,9 @@ def _is_nhwc_hwio(dimension_numbers) -> bool:
     if dimension_numbers is None:
         return False
     ones = (1, 1, 1, 1)
-    return lax.conv_dimension_numbers(ones, ones, dimension_numbers) == lax.conv_dimension_numbers(ones, ones, ("NHWC", "HWIO", "NHWC"))
+    return lax.conv_dimension_numbers(ones, ones, dimension_numbers) == lax.conv_dimension_numbers(
+        ones, ones, ("NHWC", "HWIO", "NHWC")
+    )
 
 
 def conv_general_dilated(
@@ -471,14 +537,25 @@ def conv_general_dilated(
     )
     if not _use_onednn(lhs, rhs, plain):
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
         )
     strides = tuple(int(s) for s in window_strides)
     pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
     chosen = route(lhs.shape, rhs.shape, strides, pads)
     if chosen.backend == "XLA":
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, precision=precision)
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, precision=precision
+        )
     if chosen.subsampled:
         lhs = _subsample(lhs, strides, pads, _output_shape(lhs.shape, rhs.shape, strides, pads)[1:3])
     return onednn_conv(lhs, rhs, chosen.strides, chosen.pads)

@@ -15,7 +15,8 @@ on the original function. The attacks apply it on the CPU when oneDNN is availab
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax import lax
@@ -42,9 +43,21 @@ def _evaluate(jaxpr, consts, *args) -> list:
         values = [read(v) for v in eqn.invars]
         if eqn.primitive is lax.conv_general_dilated_p:
             p = eqn.params
-            outs = [onednn.conv_general_dilated(values[0], values[1], p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
-                                                p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"], p["precision"],
-                                                p["preferred_element_type"])]
+            outs = [
+                onednn.conv_general_dilated(
+                    values[0],
+                    values[1],
+                    p["window_strides"],
+                    p["padding"],
+                    p["lhs_dilation"],
+                    p["rhs_dilation"],
+                    p["dimension_numbers"],
+                    p["feature_group_count"],
+                    p["batch_group_count"],
+                    p["precision"],
+                    p["preferred_element_type"],
+                )
+            ]
         elif eqn.primitive.name in _NESTED_JIT:
             closed = eqn.params["jaxpr"]
             outs = _evaluate(closed.jaxpr, closed.consts, *values)

@@ -17,7 +17,10 @@ from jax import lax
 from jax_advprune.kernels import onednn
 
 conv_general_dilated, describe_convolutions = lax.conv_general_dilated, lambda: "XLA"
-conv_general_dilated, describe_convolutions = onednn.conv_general_dilated, onednn.describe  # oneDNN on XLA:CPU; delete for XLA only
+conv_general_dilated, describe_convolutions = (
+    onednn.conv_general_dilated,
+    onednn.describe,
+)  # oneDNN on XLA:CPU; delete for XLA only
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
@@ -45,11 +48,15 @@ def choose_convolutions(model_name: str) -> str:
         isa = onednn.host_isa()
         if isa not in MEASURED_GAIN:  # neither measured nor fuzzed on this instruction set
             onednn.set_backend("xla")
-            return (f"XLA (oneDNN was neither measured nor fuzzed on a host without AVX2; "
-                    "JAX_ADVPRUNE_CONV=onednn uses it anyway)")
+            return (
+                "XLA (oneDNN was neither measured nor fuzzed on a host without AVX2; "
+                "JAX_ADVPRUNE_CONV=onednn uses it anyway)"
+            )
         gain = MEASURED_GAIN[isa].get(family)
         if gain is not None and gain < MIN_GAIN:
             onednn.set_backend("xla")
-            return (f"XLA (oneDNN's gain for {family} on an {isa} host was {gain:.2f}x, below {MIN_GAIN:.2f}x; "
-                    "JAX_ADVPRUNE_CONV=onednn uses it anyway)")
+            return (
+                f"XLA (oneDNN's gain for {family} on an {isa} host was {gain:.2f}x, below {MIN_GAIN:.2f}x; "
+                "JAX_ADVPRUNE_CONV=onednn uses it anyway)"
+            )
     return describe_convolutions()

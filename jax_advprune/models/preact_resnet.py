@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -31,8 +32,18 @@ class PreActBlock(nn.Module):
         out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn1")(x))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            shortcut = Conv(self.planes, (1, 1), strides=self.stride, padding="VALID", use_bias=False, dtype=self.dtype, name="shortcut")(out)
-        out = Conv(self.planes, (3, 3), strides=self.stride, padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv1")(out)
+            shortcut = Conv(
+                self.planes,
+                (1, 1),
+                strides=self.stride,
+                padding="VALID",
+                use_bias=False,
+                dtype=self.dtype,
+                name="shortcut",
+            )(out)
+        out = Conv(
+            self.planes, (3, 3), strides=self.stride, padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv1"
+        )(out)
         out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn2")(out))
         out = Conv(self.planes, (3, 3), padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv2")(out)
         return out + shortcut
@@ -62,7 +73,9 @@ class PreActResNet(nn.Module):
         for stage, count in enumerate(self.blocks):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = PreActBlock(self.width * 2**stage, stride, self.activation, self.dtype, name=f"stage{stage}_block{i}")(x, train)
+                x = PreActBlock(
+                    self.width * 2**stage, stride, self.activation, self.dtype, name=f"stage{stage}_block{i}"
+                )(x, train)
         bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn_final")
         features = jnp.mean(ACTIVATIONS[self.activation](bn(x)), axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)

@@ -25,9 +25,15 @@ def to_torch(model, variables: dict, image_shape: tuple[int, ...] | None = None)
 
     from jax_advprune.models.torch_reference import reference_module
 
-    channels = image_shape[-1] if image_shape is not None else np.asarray(variables["params"][_first_conv(model)]["kernel"]).shape[2]
+    channels = (
+        image_shape[-1]
+        if image_shape is not None
+        else np.asarray(variables["params"][_first_conv(model)]["kernel"]).shape[2]
+    )
     module = reference_module(model, in_channels=channels)
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict_from_variables(model, variables).items()})
+    module.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state_dict_from_variables(model, variables).items()}
+    )
     return module.eval()
 
 

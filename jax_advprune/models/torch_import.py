@@ -32,7 +32,13 @@ NORMALIZATION = {
 # What the reference architectures do when no dataset is named: its WideResNets normalise
 # with the CIFAR-10 constants, its PreAct ResNet does not normalise (train.py's --normalize is off).
 # (This project's SmallCNN, exported by it, keeps its own defaults.)
-DEFAULT_DATASET = {"wide_resnet": "cifar10", "wrn28_10": "cifar10", "wrn34_10": "cifar10", "wrn70_16": "cifar10", "preact_resnet18": "none"}
+DEFAULT_DATASET = {
+    "wide_resnet": "cifar10",
+    "wrn28_10": "cifar10",
+    "wrn34_10": "cifar10",
+    "wrn70_16": "cifar10",
+    "preact_resnet18": "none",
+}
 IMPORTABLE = tuple(DEFAULT_DATASET) + ("small_cnn",)
 
 
@@ -68,8 +74,15 @@ def strip_wrappers(state: dict) -> dict:
     return state
 
 
-def import_torch(path_or_state_dict, *, name: str, num_classes: int = 10, dataset: str | None = None, image_shape=(32, 32, 3),
-                 **model_kwargs):
+def import_torch(
+    path_or_state_dict,
+    *,
+    name: str,
+    num_classes: int = 10,
+    dataset: str | None = None,
+    image_shape=(32, 32, 3),
+    **model_kwargs,
+):
     """(Flax module, variables) holding a PyTorch checkpoint's weights and BatchNorm statistics.
 
     name: 'wide_resnet' (with depth, width, activation 'relu' | 'swish'), 'wrn28_10',
@@ -82,7 +95,9 @@ def import_torch(path_or_state_dict, *, name: str, num_classes: int = 10, datase
         raise ValueError(f"cannot import PyTorch checkpoints into {name!r}; importable: {', '.join(IMPORTABLE)}")
     dataset = dataset or DEFAULT_DATASET.get(name)
     if dataset is not None and dataset not in NORMALIZATION:
-        raise ValueError(f"dataset {dataset!r} has no normalisation constants; known: {', '.join(NORMALIZATION)}, or pass mean= and std=")
+        raise ValueError(
+            f"dataset {dataset!r} has no normalisation constants; known: {', '.join(NORMALIZATION)}, or pass mean= and std="
+        )
     if dataset is not None:
         mean, std = NORMALIZATION[dataset]
         model_kwargs = {"mean": mean, "std": std} | model_kwargs

@@ -20,10 +20,14 @@ import numpy as np
 from jax_advprune.errors import UserError
 
 
-def _residual_block(ref: str, flax: str, ref_names: tuple[str, ...], flax_names: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], str]]:
+def _residual_block(
+    ref: str, flax: str, ref_names: tuple[str, ...], flax_names: tuple[str, ...]
+) -> list[tuple[str, tuple[str, ...], str]]:
     """The entries of one pre-activation block, layers (bn_a, conv_a, bn_b, conv_b, optional 1x1 shortcut) named
     `ref_names` under reference prefix `ref` and `flax_names` under Flax module `flax`."""
-    return [(f"{ref}.{r}", (flax, f), k) for r, f, k in zip(ref_names, flax_names, ("bn", "conv", "bn", "conv", "conv?"))]
+    return [
+        (f"{ref}.{r}", (flax, f), k) for r, f, k in zip(ref_names, flax_names, ("bn", "conv", "bn", "conv", "conv?"))
+    ]
 
 
 def layer_map(model) -> list[tuple[str, tuple[str, ...], str]]:
@@ -34,15 +38,23 @@ def layer_map(model) -> list[tuple[str, tuple[str, ...], str]]:
         out = [("init_conv", ("stem",), "conv")]
         for g in range(3):
             for b in range(per_group):
-                out += _residual_block(f"layer.{g}.block.{b}", f"group{g}_block{b}",
-                                       ("batchnorm_0", "conv_0", "batchnorm_1", "conv_1", "shortcut"), ("bn0", "conv0", "bn1", "conv1", "shortcut"))
+                out += _residual_block(
+                    f"layer.{g}.block.{b}",
+                    f"group{g}_block{b}",
+                    ("batchnorm_0", "conv_0", "batchnorm_1", "conv_1", "shortcut"),
+                    ("bn0", "conv0", "bn1", "conv1", "shortcut"),
+                )
         return out + [("batchnorm", ("bn_final",), "bn"), ("logits", ("head",), "dense")]
     if kind == "PreActResNet":
         out = [("conv1", ("stem",), "conv")]
         for s, count in enumerate(model.blocks):
             for b in range(count):
-                out += _residual_block(f"layer{s + 1}.{b}", f"stage{s}_block{b}",
-                                       ("bn1", "conv1", "bn2", "conv2", "shortcut.0"), ("bn1", "conv1", "bn2", "conv2", "shortcut"))
+                out += _residual_block(
+                    f"layer{s + 1}.{b}",
+                    f"stage{s}_block{b}",
+                    ("bn1", "conv1", "bn2", "conv2", "shortcut.0"),
+                    ("bn1", "conv1", "bn2", "conv2", "shortcut"),
+                )
         return out + [("bn", ("bn_final",), "bn"), ("linear", ("head",), "dense")]
     if kind == "SmallCNN":
         out = []
@@ -78,9 +90,15 @@ def state_dict_from_variables(model, variables: dict) -> dict[str, np.ndarray]:
             out[f"{prefix}.weight"] = np.ascontiguousarray(np.asarray(p["kernel"]).transpose(3, 2, 0, 1))
         elif kind == "bn":
             s = _get(stats, path)
-            out.update({f"{prefix}.weight": np.asarray(p["scale"]), f"{prefix}.bias": np.asarray(p["bias"]),
-                        f"{prefix}.running_mean": np.asarray(s["mean"]), f"{prefix}.running_var": np.asarray(s["var"]),
-                        f"{prefix}.num_batches_tracked": np.zeros((), np.int64)})
+            out.update(
+                {
+                    f"{prefix}.weight": np.asarray(p["scale"]),
+                    f"{prefix}.bias": np.asarray(p["bias"]),
+                    f"{prefix}.running_mean": np.asarray(s["mean"]),
+                    f"{prefix}.running_var": np.asarray(s["var"]),
+                    f"{prefix}.num_batches_tracked": np.zeros((), np.int64),
+                }
+            )
         else:
             out[f"{prefix}.weight"] = np.ascontiguousarray(np.asarray(p["kernel"]).T)
             out[f"{prefix}.bias"] = np.asarray(p["bias"])
@@ -113,7 +131,11 @@ def variables_from_state_dict(model, state: dict[str, np.ndarray], like: dict) -
                 problems.append(f"unexpected {prefix}.weight (the model has no such layer)")
             continue
         if kind.startswith("conv"):
-            _set(params, path + ("kernel",), take(f"{prefix}.weight", expected["kernel"].shape, lambda a: a.transpose(2, 3, 1, 0)))
+            _set(
+                params,
+                path + ("kernel",),
+                take(f"{prefix}.weight", expected["kernel"].shape, lambda a: a.transpose(2, 3, 1, 0)),
+            )
         elif kind == "bn":
             like_stats = _get(like["batch_stats"], path)
             _set(params, path + ("scale",), take(f"{prefix}.weight", expected["scale"].shape))
@@ -129,7 +151,9 @@ def variables_from_state_dict(model, state: dict[str, np.ndarray], like: dict) -
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         prefixes = sorted({key.split(".")[0] for key in state})
         raise StateDictMismatchError(
-            f"the state dict does not fit {type(model).__name__}: " + "; ".join(shown)
+            f"the state dict does not fit {type(model).__name__}: "
+            + "; ".join(shown)
             + f". Its top-level keys are {', '.join(prefixes[:12])}: set model.name and model.kwargs (depth, width, activation) to "
-            "describe the checkpoint's architecture (jax_advprune/models/torch_keys.py lists the keys of each)")
+            "describe the checkpoint's architecture (jax_advprune/models/torch_keys.py lists the keys of each)"
+        )
     return {"params": params, "batch_stats": stats}

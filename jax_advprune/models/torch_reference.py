@@ -68,8 +68,12 @@ class WideBlock(nn.Module):
 class WideBlockGroup(nn.Module):
     def __init__(self, blocks: int, in_planes: int, out_planes: int, stride: int, activation: str):
         super().__init__()
-        self.block = nn.Sequential(*[WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, activation)
-                                     for i in range(blocks)])
+        self.block = nn.Sequential(
+            *[
+                WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, activation)
+                for i in range(blocks)
+            ]
+        )
 
     def forward(self, x):
         return self.block(x)
@@ -84,8 +88,12 @@ class WideResNet(Normalized):
         channels = [16, 16 * width, 32 * width, 64 * width]
         blocks = (depth - 4) // 6
         self.init_conv = SameConv2d(in_channels, channels[0], 3, 1)
-        self.layer = nn.Sequential(*[WideBlockGroup(blocks, channels[g], channels[g + 1], stride, activation)
-                                     for g, stride in enumerate((1, 2, 2))])
+        self.layer = nn.Sequential(
+            *[
+                WideBlockGroup(blocks, channels[g], channels[g + 1], stride, activation)
+                for g, stride in enumerate((1, 2, 2))
+            ]
+        )
         self.batchnorm = nn.BatchNorm2d(channels[3], momentum=0.01)
         self.logits = nn.Linear(channels[3], num_classes)
 
@@ -117,7 +125,9 @@ class PreActBlock(nn.Module):
 class PreActResNet(Normalized):
     """The DM-Improves-AT PreAct ResNet (keys conv1, layer1..4, bn, linear); width 64 is the standard net."""
 
-    def __init__(self, num_classes=10, blocks=(2, 2, 2, 2), width=64, activation="relu", mean=(0.0,), std=(1.0,), in_channels=3):
+    def __init__(
+        self, num_classes=10, blocks=(2, 2, 2, 2), width=64, activation="relu", mean=(0.0,), std=(1.0,), in_channels=3
+    ):
         super().__init__(mean, std)
         self.activation = activation
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)

@@ -8,7 +8,8 @@ and the last layer's bias starts at zero, as the reference does.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,7 +37,14 @@ class WideBlock(nn.Module):
         act = ACTIVATIONS[self.activation]
         bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name=name)  # noqa: E731
         conv = lambda planes, k, stride, name: Conv(  # noqa: E731
-            planes, (k, k), strides=stride, padding="SAME", use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name=name
+            planes,
+            (k, k),
+            strides=stride,
+            padding="SAME",
+            use_bias=False,
+            kernel_init=_conv_init,
+            dtype=self.dtype,
+            name=name,
         )
         has_shortcut = x.shape[-1] != self.planes
         activated = act(bn("bn0")(x))
@@ -73,10 +81,16 @@ class WideResNet(nn.Module):
         x = Conv(16, (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name="stem")(x)
         for group, (planes, stride) in enumerate(zip((16 * self.width, 32 * self.width, 64 * self.width), (1, 2, 2))):
             for i in range(blocks):
-                x = WideBlock(planes, stride if i == 0 else 1, self.activation, self.dtype, name=f"group{group}_block{i}")(x, train)
-        x = ACTIVATIONS[self.activation](nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name="bn_final")(x))
+                x = WideBlock(
+                    planes, stride if i == 0 else 1, self.activation, self.dtype, name=f"group{group}_block{i}"
+                )(x, train)
+        x = ACTIVATIONS[self.activation](
+            nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name="bn_final")(x)
+        )
         features = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(features).astype(jnp.float32)
+        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(features).astype(
+            jnp.float32
+        )
         return (logits, features.astype(jnp.float32)) if return_features else logits
 
 

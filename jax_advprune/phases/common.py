@@ -16,7 +16,9 @@ def build_model(config, compute_dtype: str = "float32"):
     """The configured model; `compute_dtype` 'bfloat16' computes in bf16 with float32 parameters, 'auto' in bf16 on
     TPU and GPU and float32 on the CPU (`backends.compute_dtype`)."""
     kwargs = config.model.kwargs.to_dict()
-    return create_model(config.model.name, num_classes=config.data.num_classes, dtype=backends.compute_dtype(compute_dtype), **kwargs)
+    return create_model(
+        config.model.name, num_classes=config.data.num_classes, dtype=backends.compute_dtype(compute_dtype), **kwargs
+    )
 
 
 def apply_fn(model):

@@ -12,21 +12,26 @@ import math
 import os
 import time
 
-from jax_advprune import provenance, storage
-from jax_advprune import run_dir
-from jax_advprune.checkpoint import abstract_like
+from jax_advprune import provenance, run_dir, storage
+from jax_advprune.checkpoint import abstract_like, best_checkpoint_dir, best_checkpointer
 from jax_advprune.data.splits import Data
 from jax_advprune.evaluation import autoattack_evaluator, pgd_evaluator
 from jax_advprune.phases.common import apply_fn, build_model, section
 from jax_advprune.phases.weights import saved_state, saved_variables
-from jax_advprune.checkpoint import best_checkpoint_dir, best_checkpointer
 from jax_advprune.run_dir import final_checkpoint_dir
 
 log = logging.getLogger("jax_advprune")
 
 NAME = "evaluate"
-HEADERS = {"clean_accuracy": "clean", "pgd_accuracy": "PGD", "apgd_ce_accuracy": "APGD-CE", "autoattack_lite_accuracy": "APGD-CE + APGD-T",
-           "apgd_t_accuracy": "+ APGD-T", "fab_t_accuracy": "+ FAB-T", "autoattack_accuracy": "AutoAttack"}
+HEADERS = {
+    "clean_accuracy": "clean",
+    "pgd_accuracy": "PGD",
+    "apgd_ce_accuracy": "APGD-CE",
+    "autoattack_lite_accuracy": "APGD-CE + APGD-T",
+    "apgd_t_accuracy": "+ APGD-T",
+    "fab_t_accuracy": "+ FAB-T",
+    "autoattack_accuracy": "AutoAttack",
+}
 ATTACKS = ("pgd", "autoattack_lite", "autoattack")  # eval.attack: PGD is always reported; the others add AutoAttack
 
 
@@ -62,20 +67,39 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict, workdir:
     With a work directory, AutoAttack saves each pass under <workdir>/evaluate_passes/<weights>/ and resumes from them."""
     ecfg = config.eval
     common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
-    evaluate_pgd = pgd_evaluator(apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common)
+    evaluate_pgd = pgd_evaluator(
+        apply_fn(model), step_size=config.attack.eps * ecfg.step_fraction, steps=ecfg.pgd_steps, **common
+    )
     evaluate_aa = None
     if ecfg.attack != "pgd":
-        evaluate_aa = autoattack_evaluator(apply_fn(model), version=ecfg.attack, apgd_steps=ecfg.apgd_steps, num_targets=ecfg.apgd_targets,
-                                           fab_steps=ecfg.fab_steps, square_queries=ecfg.square_queries, **common)
+        evaluate_aa = autoattack_evaluator(
+            apply_fn(model),
+            version=ecfg.attack,
+            apgd_steps=ecfg.apgd_steps,
+            num_targets=ecfg.apgd_targets,
+            fab_steps=ecfg.fab_steps,
+            square_queries=ecfg.square_queries,
+            **common,
+        )
     n = len(data.test_labels)
     results = {}
     for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
-        accuracies = {k: v for k, v in evaluate_pgd(variables, data.test_images, data.test_labels, config.seed).items() if k != "n"}
+        accuracies = {
+            k: v
+            for k, v in evaluate_pgd(variables, data.test_images, data.test_labels, config.seed).items()
+            if k != "n"
+        }
         if evaluate_aa is not None:
             resume_dir = run_dir.evaluate_passes_dir(workdir, weights) if workdir else None
-            accuracies.update(evaluate_aa(variables, data.test_images, data.test_labels, config.seed, resume_dir=resume_dir))
+            accuracies.update(
+                evaluate_aa(variables, data.test_images, data.test_labels, config.seed, resume_dir=resume_dir)
+            )
         results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
-        log.info("[evaluate] %s weights: %s", weights, ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()))
+        log.info(
+            "[evaluate] %s weights: %s",
+            weights,
+            ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()),
+        )
     return results
 
 
@@ -84,26 +108,42 @@ def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
     ecfg, results = config.eval, summary["results"]
     columns = [c for c in HEADERS if c in next(iter(results.values()))]
     step, best = summary["checkpoint_step"], summary["best_validation_step"]
-    labels = {"raw": f"raw (step {step})", "ema": f"EMA (step {step})", "best_ema": f"EMA, best validation (step {best})",
-              "given": f"given weights ({config.eval.init_from})"}
+    labels = {
+        "raw": f"raw (step {step})",
+        "ema": f"EMA (step {step})",
+        "best_ema": f"EMA, best validation (step {best})",
+        "given": f"given weights ({config.eval.init_from})",
+    }
     header = {**HEADERS, "pgd_accuracy": f"PGD-{ecfg.pgd_steps}"}
-    kept = (f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps."
-            if selection else "Evaluation of given weights only (no selection or training in this work directory).")
-    title = f"{config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}" if selection else f"evaluation of {config.eval.init_from}"
+    kept = (
+        f"Kept {selection['kept']} of {selection['pool_size']} pool samples; {selection['lowered_eps']} trained with a lowered eps."
+        if selection
+        else "Evaluation of given weights only (no selection or training in this work directory)."
+    )
+    title = (
+        f"{config.pruning.strategy}, keep ratio {config.pruning.keep_ratio}"
+        if selection
+        else f"evaluation of {config.eval.init_from}"
+    )
     lines = [
         f"# {os.path.basename(storage.absolute(workdir))}: {title}",
         "",
         kept,
         f"Test split: {summary['test_size']} images; {config.attack.norm} eps {config.attack.eps:.4g}; PGD-{ecfg.pgd_steps} (CE, random start)"
-        + {"pgd": ". ",
-           "autoattack_lite": f"; APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, on the samples still robust. ",
-           "autoattack": f"; AutoAttack: APGD-CE, APGD-T ({ecfg.apgd_targets} targets, {ecfg.apgd_steps} steps), FAB-T ({ecfg.fab_steps} steps), "
-                         f"Square ({ecfg.square_queries} queries), each on the samples still robust (columns: robust after each). "}[ecfg.attack]
+        + {
+            "pgd": ". ",
+            "autoattack_lite": f"; APGD-CE then APGD-T ({ecfg.apgd_targets} targets) with {ecfg.apgd_steps} steps each, on the samples still robust. ",
+            "autoattack": f"; AutoAttack: APGD-CE, APGD-T ({ecfg.apgd_targets} targets, {ecfg.apgd_steps} steps), FAB-T ({ecfg.fab_steps} steps), "
+            f"Square ({ecfg.square_queries} queries), each on the samples still robust (columns: robust after each). ",
+        }[ecfg.attack]
         + "Each accuracy ± one binomial standard error.",
         "",
         "| weights | " + " | ".join(f"{header[c]} accuracy" for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
-    ] + [f"| {labels[w]} | " + " | ".join(f"{r[c]:.4f} ± {r[c + '_se']:.4f}" for c in columns) + " |" for w, r in results.items()]
+    ] + [
+        f"| {labels[w]} | " + " | ".join(f"{r[c]:.4f} ± {r[c + '_se']:.4f}" for c in columns) + " |"
+        for w, r in results.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -115,9 +155,15 @@ def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = N
         return {"given": given}, {"checkpoint_step": None, "best_validation_step": None}
     if trained_state is None:
         _, state, step = saved_state(workdir)  # restored once for both sets of weights
-        candidates = {name: {"params": state[key], "batch_stats": state["batch_stats"]} for name, key in (("raw", "params"), ("ema", "ema_params"))}
+        candidates = {
+            name: {"params": state[key], "batch_stats": state["batch_stats"]}
+            for name, key in (("raw", "params"), ("ema", "ema_params"))
+        }
     else:
-        candidates, step = {"raw": trained_state.variables(), "ema": trained_state.variables(ema=True)}, int(trained_state.step)
+        candidates, step = (
+            {"raw": trained_state.variables(), "ema": trained_state.variables(ema=True)},
+            int(trained_state.step),
+        )
     best_state, best_step = best_validation_state(workdir, trained_state) if trained_state is not None else (None, None)
     if best_state is not None:
         candidates["best_ema"] = best_state.variables(ema=True)
@@ -136,7 +182,9 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
     start = time.perf_counter()
     results = evaluate_weights(config, data, mesh, build_model(config), candidates, workdir)
     selection_path = run_dir.selection_file(workdir, "meta.json")
-    selection = storage.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
+    selection = (
+        storage.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
+    )
     timings = storage.read_json(run_dir.timings_file(workdir)) if storage.exists(run_dir.timings_file(workdir)) else {}
     summary = {
         "strategy": config.pruning.strategy if selection else None,
@@ -144,7 +192,12 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
         "kept": selection["kept"] if selection else None,
         "pool_size": selection["pool_size"] if selection else None,
         "init_from": config.eval.init_from or None,
-        "attack": {"norm": config.attack.norm, "eps": config.attack.eps, "pgd_steps": config.eval.pgd_steps, "robust_evaluation": config.eval.attack},
+        "attack": {
+            "norm": config.attack.norm,
+            "eps": config.attack.eps,
+            "pgd_steps": config.eval.pgd_steps,
+            "robust_evaluation": config.eval.attack,
+        },
         **steps,
         "test_size": len(data.test_labels),
         "seed": config.seed,
@@ -166,6 +219,8 @@ def _to_tensorboard(config, workdir: str, results: dict) -> None:
 
     flat = run_dir.flatten(config.to_dict())
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-    metrics = {f"test/{weights}/{k}": v for weights, r in results.items() for k, v in r.items() if not k.endswith("_se")}
+    metrics = {
+        f"test/{weights}/{k}": v for weights, r in results.items() for k, v in r.items() if not k.endswith("_se")
+    }
     with summary_writer(run_dir.tensorboard_dir(workdir, NAME)) as writer:
         writer.add_hparams(hparams, metrics, name="hparams")

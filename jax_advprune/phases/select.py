@@ -19,8 +19,12 @@ SCOPES = ("all", "synthetic")
 
 def settings(config) -> dict:
     """The pruning settings, and the data section: a selection is indexed by that pool (export_selection reopens it)."""
-    return section(config, "pruning", "data") | {"eps": config.attack.eps, "seed": config.seed, "validation_size": config.train.validation_size,
-                                                 "score": config.scoring.score}
+    return section(config, "pruning", "data") | {
+        "eps": config.attack.eps,
+        "seed": config.seed,
+        "validation_size": config.train.validation_size,
+        "score": config.scoring.score,
+    }
 
 
 def run(config, workdir: str, data: Data) -> None:
@@ -34,10 +38,19 @@ def run(config, workdir: str, data: Data) -> None:
     scores = None if pcfg.strategy == "random" else storage.load_npy(run_dir.score_file(workdir, config.scoring.score))
     labels = data.pool.labels()
     keep, eps = strategies.select(
-        pcfg.strategy, scores=scores, labels=labels, eligible=data.trainable,
+        pcfg.strategy,
+        scores=scores,
+        labels=labels,
+        eligible=data.trainable,
         prunable=data.pool.is_synthetic if pcfg.scope == "synthetic" else np.ones(len(labels), bool),
-        keep_ratio=pcfg.keep_ratio, base_eps=config.attack.eps, class_balanced=pcfg.class_balanced, seed=config.seed,
-        score=config.scoring.score, score_norm=config.scoring.deepfool.norm, attack_norm=config.attack.norm, puma=pcfg.puma.to_dict(),
+        keep_ratio=pcfg.keep_ratio,
+        base_eps=config.attack.eps,
+        class_balanced=pcfg.class_balanced,
+        seed=config.seed,
+        score=config.scoring.score,
+        score_norm=config.scoring.deepfool.norm,
+        attack_norm=config.attack.norm,
+        puma=pcfg.puma.to_dict(),
     )
     storage.save_npy(run_dir.selection_file(workdir, "keep.npy"), keep)
     storage.save_npy(run_dir.selection_file(workdir, "eps.npy"), eps)
@@ -55,5 +68,12 @@ def run(config, workdir: str, data: Data) -> None:
         "mean_eps_kept": float(eps[keep].mean()) if keep.any() else 0.0,
     }
     storage.write_json(run_dir.selection_file(workdir, "meta.json"), meta)
-    log.info("[select] %s kept %d / %d (%d original, %d synthetic), %d with lowered eps", pcfg.strategy, meta["kept"], len(keep),
-             meta["kept_original"], meta["kept_synthetic"], meta["lowered_eps"])
+    log.info(
+        "[select] %s kept %d / %d (%d original, %d synthetic), %d with lowered eps",
+        pcfg.strategy,
+        meta["kept"],
+        len(keep),
+        meta["kept_original"],
+        meta["kept_synthetic"],
+        meta["lowered_eps"],
+    )

@@ -47,14 +47,20 @@ def saved_variables(workdir: str, weights: str):
     if weights not in WEIGHTS:
         raise UserError(f"weights={weights!r}: one of {', '.join(WEIGHTS)}")
     model, state, step = saved_state(workdir, best=weights == "best_ema")
-    return model, {"params": state["ema_params" if weights != "raw" else "params"], "batch_stats": state["batch_stats"]}, step
+    return (
+        model,
+        {"params": state["ema_params" if weights != "raw" else "params"], "batch_stats": state["batch_stats"]},
+        step,
+    )
 
 
 def saved_state(workdir: str, best: bool = False):
     """(model settings, the restored train state as a dict, step) of `workdir`'s final checkpoint, or with `best`
     of its best-validation checkpoint (the final one when the run had no validation)."""
     if not storage.exists(settings_file(workdir, "train")):
-        raise UserError(f"{workdir} holds no trained model ({settings_file(workdir, 'train')} is missing): run the train phase first")
+        raise UserError(
+            f"{workdir} holds no trained model ({settings_file(workdir, 'train')} is missing): run the train phase first"
+        )
     settings = read_json(settings_file(workdir, "train"))
     ckpt_dir, step = final_checkpoint_dir(workdir), None
     if best and storage.isdir(best_checkpoint_dir(ckpt_dir)):
@@ -70,7 +76,11 @@ def saved_state(workdir: str, best: bool = False):
         checkpointer.close()
     if step is None:
         raise UserError(f"{workdir} has no checkpoint in {ckpt_dir}")
-    model = {"name": settings["model"]["name"], "kwargs": settings["model"]["kwargs"], "num_classes": settings["data"]["num_classes"]}
+    model = {
+        "name": settings["model"]["name"],
+        "kwargs": settings["model"]["kwargs"],
+        "num_classes": settings["data"]["num_classes"],
+    }
     return model, _restore(os.path.join(ckpt_dir, str(step))), int(step)
 
 
@@ -104,15 +114,21 @@ def path_problem(path: str) -> str | None:
 
 def load_variables(path: str, config, image_shape: tuple) -> dict:
     """Variables {'params', 'batch_stats'} for config.model from `path` (see the module docstring)."""
-    model = build_saved_model({"name": config.model.name, "kwargs": config.model.kwargs.to_dict(), "num_classes": config.data.num_classes})
+    model = build_saved_model(
+        {"name": config.model.name, "kwargs": config.model.kwargs.to_dict(), "num_classes": config.data.num_classes}
+    )
     if storage.isfile(path):
         kwargs = config.model.kwargs.to_dict() | {"mean": tuple(model.mean), "std": tuple(model.std)}
-        return import_torch(path, name=config.model.name, num_classes=config.data.num_classes, image_shape=image_shape, **kwargs)[1]
+        return import_torch(
+            path, name=config.model.name, num_classes=config.data.num_classes, image_shape=image_shape, **kwargs
+        )[1]
     if storage.isdir(os.path.join(path, "state")):
         state = _restore(path)
         return {"params": state["ema_params"], "batch_stats": state["batch_stats"]}
     settings, variables, _ = saved_variables(path, "best_ema")
     if build_saved_model(settings) != model:
-        raise UserError(f"{path} holds a {settings['name']} {settings['kwargs']} with {settings['num_classes']} classes, "
-                        f"but this run's model is {config.model.name} {config.model.kwargs.to_dict()} with {config.data.num_classes}")
+        raise UserError(
+            f"{path} holds a {settings['name']} {settings['kwargs']} with {settings['num_classes']} classes, "
+            f"but this run's model is {config.model.name} {config.model.kwargs.to_dict()} with {config.data.num_classes}"
+        )
     return variables

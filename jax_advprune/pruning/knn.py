@@ -90,7 +90,9 @@ def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
-def knn_searcher(refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chunk: int = 16384, mesh: jax.sharding.Mesh):
+def knn_searcher(
+    refs: np.ndarray, *, k: int, metric: str = "euclidean", ref_chunk: int = 16384, mesh: jax.sharding.Mesh
+):
     """search(queries (M, D)) -> (distances (M, k) float32 ascending, indices (M, k) int32 into refs).
 
     refs: (R, D) reference embeddings, R >= k. metric 'euclidean' (L2 distance) or
@@ -152,9 +154,19 @@ def search_program(*, k: int, ref_chunk: int, metric: str, mesh: jax.sharding.Me
     return jax.jit(parallel.shard_over_batch(shard_search, mesh, num_replicated=4))
 
 
-def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclidean", query_chunk: int = 4096,
-        ref_chunk: int = 16384, mesh: jax.sharding.Mesh, progress=None, engine: str = "auto",
-        out: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn(
+    queries: np.ndarray,
+    refs: np.ndarray,
+    *,
+    k: int,
+    metric: str = "euclidean",
+    query_chunk: int = 4096,
+    ref_chunk: int = 16384,
+    mesh: jax.sharding.Mesh,
+    progress=None,
+    engine: str = "auto",
+    out: dict[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest references of every query: (distances (Q, k) float32, indices (Q, k) int32), nearest first, exact.
 
     Queries are read in chunks of `query_chunk` rows (the JAX engine pads the last,
@@ -163,16 +175,39 @@ def knn(queries: np.ndarray, refs: np.ndarray, *, k: int, metric: str = "euclide
     over the chunks. out: {'dist', 'idx'} (Q, k) arrays to fill, e.g. memory-mapped
     files, so that not even the results are held in memory.
     """
-    result = _search_chunks(queries, refs, lambda dist, idx: {"dist": dist, "idx": idx}, k=k, metric=metric, query_chunk=query_chunk,
-                            ref_chunk=ref_chunk, mesh=mesh, progress=progress, engine=engine, out=out)
+    result = _search_chunks(
+        queries,
+        refs,
+        lambda dist, idx: {"dist": dist, "idx": idx},
+        k=k,
+        metric=metric,
+        query_chunk=query_chunk,
+        ref_chunk=ref_chunk,
+        mesh=mesh,
+        progress=progress,
+        engine=engine,
+        out=out,
+    )
     if not len(queries):
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     return result["dist"], result["idx"]
 
 
-def extrapolate_knn(queries: np.ndarray, refs: np.ndarray, ref_scores: np.ndarray, *, k: int, metric: str = "euclidean",
-                    weighting: str = "uniform", query_chunk: int = 4096, ref_chunk: int = 16384, mesh: jax.sharding.Mesh,
-                    progress=None, engine: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
+def extrapolate_knn(
+    queries: np.ndarray,
+    refs: np.ndarray,
+    ref_scores: np.ndarray,
+    *,
+    k: int,
+    metric: str = "euclidean",
+    weighting: str = "uniform",
+    query_chunk: int = 4096,
+    ref_chunk: int = 16384,
+    mesh: jax.sharding.Mesh,
+    progress=None,
+    engine: str = "auto",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Every query's score from its k nearest references' scores, chunk by chunk: (Q,) float32.
 
     `knn` then `extrapolate`, without holding the (Q, k) neighbours: memory is the
@@ -182,14 +217,36 @@ def extrapolate_knn(queries: np.ndarray, refs: np.ndarray, ref_scores: np.ndarra
     """
     if len(ref_scores) != len(refs):
         raise ValueError(f"{len(ref_scores)} reference scores for {len(refs)} references")
-    result = _search_chunks(queries, refs, lambda dist, idx: {"score": extrapolate(ref_scores, dist, idx, weighting)}, k=k, metric=metric,
-                            query_chunk=query_chunk, ref_chunk=ref_chunk, mesh=mesh, progress=progress, engine=engine,
-                            out=None if out is None else {"score": out})
+    result = _search_chunks(
+        queries,
+        refs,
+        lambda dist, idx: {"score": extrapolate(ref_scores, dist, idx, weighting)},
+        k=k,
+        metric=metric,
+        query_chunk=query_chunk,
+        ref_chunk=ref_chunk,
+        mesh=mesh,
+        progress=progress,
+        engine=engine,
+        out=None if out is None else {"score": out},
+    )
     return result["score"] if len(queries) else np.zeros(0, np.float32)
 
 
-def _search_chunks(queries, refs, reduce, *, k: int, metric: str, query_chunk: int, ref_chunk: int, mesh, progress, engine: str,
-                   out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+def _search_chunks(
+    queries,
+    refs,
+    reduce,
+    *,
+    k: int,
+    metric: str,
+    query_chunk: int,
+    ref_chunk: int,
+    mesh,
+    progress,
+    engine: str,
+    out: dict[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
     """Searches the queries chunk by chunk; reduce(dist (M, k), idx (M, k)) -> {name: (M, ...) host array} of
     every chunk is stored into {name: (Q, ...)} (`out`'s arrays where given)."""
     on_chunk = None if progress is None else (lambda i, _: progress.update(i + 1))
@@ -206,11 +263,20 @@ def _search_chunks(queries, refs, reduce, *, k: int, metric: str, query_chunk: i
                 on_chunk(i, None)
         return out
     search = knn_searcher(refs, k=k, metric=metric, ref_chunk=ref_chunk, mesh=mesh)
-    return parallel.map_rows(lambda _, x: reduce(*(parallel.to_host(a) for a in search(x))),
-                             lambda rows: (search.prepare(queries[rows]),), len(queries), query_chunk, mesh, out=out, on_chunk=on_chunk)
+    return parallel.map_rows(
+        lambda _, x: reduce(*(parallel.to_host(a) for a in search(x))),
+        lambda rows: (search.prepare(queries[rows]),),
+        len(queries),
+        query_chunk,
+        mesh,
+        out=out,
+        on_chunk=on_chunk,
+    )
 
 
-def extrapolate(ref_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray, weighting: str = "uniform") -> np.ndarray:
+def extrapolate(
+    ref_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray, weighting: str = "uniform"
+) -> np.ndarray:
     """Scores of queries from their neighbours' scores: (Q,) float32 (`extrapolate_knn` calls it chunk by chunk).
 
     'uniform': the mean (Nieth et al.'s default); 'distance': weights 1 / (distance + 1e-8).

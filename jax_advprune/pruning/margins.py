@@ -5,7 +5,7 @@ Carlini-Wagner logit margin of `attacks.objectives.cw_margin`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -50,13 +50,30 @@ def margin_scores(
     logits_fn = Partial(apply_fn, jax.device_put(variables, parallel.replicated(mesh)))  # placed once, not per chunk
 
     def compute(_, images, labels):
-        result = deepfool(logits_fn, images, labels, norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates, slots=slots, mesh=mesh)
+        result = deepfool(
+            logits_fn,
+            images,
+            labels,
+            norm=norm,
+            max_iter=max_iter,
+            overshoot=overshoot,
+            candidates=candidates,
+            slots=slots,
+            mesh=mesh,
+        )
         return {"margin": result.margin, "converged": result.converged, "n_iter": result.n_iter}
 
     def read(rows):
         images, labels = pool.read(indices[rows])
         return images, labels.astype(np.int32)
 
-    report = None if progress is None else lambda i, done: progress.update(i + 1, mean_iterations=float(done["n_iter"].mean()))
+    report = (
+        None
+        if progress is None
+        else lambda i, done: progress.update(i + 1, mean_iterations=float(done["n_iter"].mean()))
+    )
     out = parallel.map_rows(compute, read, len(indices), chunk_size, mesh, resume_dir=resume_dir, on_chunk=report)
-    return {name: out.get(name, np.zeros(0, dtype)) for name, dtype in (("margin", np.float32), ("converged", bool), ("n_iter", np.int32))}
+    return {
+        name: out.get(name, np.zeros(0, dtype))
+        for name, dtype in (("margin", np.float32), ("converged", bool), ("n_iter", np.int32))
+    }

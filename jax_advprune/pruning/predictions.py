@@ -6,7 +6,7 @@ the training-history recorder and the extrapolation embedding.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -53,9 +53,18 @@ def predict_program(features_fn: FeaturesFn, mesh, attack):
     return jax.jit(parallel.shard_over_batch(shard_predict, mesh, num_replicated=2))
 
 
-def pool_outputs(predict: Predictor, variables: dict, pool: Pool, indices: np.ndarray, *, chunk_size: int, seed: int = 0,
-                 keep: tuple[str, ...] = ("probs", "features"), out: dict[str, np.ndarray] | None = None,
-                 progress=None) -> dict[str, np.ndarray]:
+def pool_outputs(
+    predict: Predictor,
+    variables: dict,
+    pool: Pool,
+    indices: np.ndarray,
+    *,
+    chunk_size: int,
+    seed: int = 0,
+    keep: tuple[str, ...] = ("probs", "features"),
+    out: dict[str, np.ndarray] | None = None,
+    progress=None,
+) -> dict[str, np.ndarray]:
     """`predict` over pool rows `indices` (M,) in chunks of `chunk_size` -> {'labels' (M,) int32, and each of `keep`}.
 
     `out` may hold preallocated (e.g. memory-mapped, for pool-sized embeddings) arrays to fill.

@@ -92,7 +92,9 @@ def puma_eps(
     return eps
 
 
-def puma_drop(margins: np.ndarray, keep: np.ndarray, prunable: np.ndarray, misclassified: str = "eps_min") -> np.ndarray:
+def puma_drop(
+    margins: np.ndarray, keep: np.ndarray, prunable: np.ndarray, misclassified: str = "eps_min"
+) -> np.ndarray:
     """The keep mask (N,) bool after PUMA's `misclassified='drop'`: kept prunable samples with margin <= 0 removed
     (not replaced, so fewer than keep_ratio remain). Samples outside `prunable` stay kept. Other settings: `keep` unchanged."""
     if misclassified != "drop":
@@ -103,8 +105,16 @@ def puma_drop(margins: np.ndarray, keep: np.ndarray, prunable: np.ndarray, miscl
 MARGIN_STRATEGIES = ("prune_easy", "prune_hard", "puma")  # they rank DeepFool margins
 
 
-def problems(strategy: str, *, keep_ratio: float, base_eps: float, score: str | None, score_norm: str | None = None,
-             attack_norm: str | None = None, puma: dict | None = None) -> list[str]:
+def problems(
+    strategy: str,
+    *,
+    keep_ratio: float,
+    base_eps: float,
+    score: str | None,
+    score_norm: str | None = None,
+    attack_norm: str | None = None,
+    puma: dict | None = None,
+) -> list[str]:
     """What makes a selection impossible or meaningless, one line each naming the config key ([] when none).
 
     score: the name of the score the strategy ranks (None when there is none);
@@ -122,11 +132,15 @@ def problems(strategy: str, *, keep_ratio: float, base_eps: float, score: str | 
     if strategy != "random" and score is None:
         out.append(f"pruning.strategy={strategy!r} ranks a score, but none is computed")
     if strategy in MARGIN_STRATEGIES and score is not None and score != "margin":
-        out.append(f"pruning.strategy={strategy!r} ranks DeepFool margins, but scoring.score={score!r}; "
-                   "set scoring.score=margin, or use keep_top / keep_bottom for other scores")
+        out.append(
+            f"pruning.strategy={strategy!r} ranks DeepFool margins, but scoring.score={score!r}; "
+            "set scoring.score=margin, or use keep_top / keep_bottom for other scores"
+        )
     if strategy == "puma" and score == "margin" and score_norm != attack_norm:
-        out.append(f"pruning.strategy='puma' compares margins with the training eps, so scoring.deepfool.norm ({score_norm!r}) "
-                   f"must equal attack.norm ({attack_norm!r})")
+        out.append(
+            f"pruning.strategy='puma' compares margins with the training eps, so scoring.deepfool.norm ({score_norm!r}) "
+            f"must equal attack.norm ({attack_norm!r})"
+        )
     if strategy == "puma":
         options = dict(puma or {})
         if options.get("rule", "below_eps") not in PUMA_RULES:
@@ -139,7 +153,9 @@ def problems(strategy: str, *, keep_ratio: float, base_eps: float, score: str | 
         if not 0.0 <= options.get("low_fraction", 0.1) <= 1.0:
             out.append(f"pruning.puma.low_fraction={options.get('low_fraction')!r} must be in [0, 1]")
         if options.get("misclassified", "eps_min") not in PUMA_MISCLASSIFIED:
-            out.append(f"pruning.puma.misclassified={options.get('misclassified')!r}; allowed: {', '.join(PUMA_MISCLASSIFIED)}")
+            out.append(
+                f"pruning.puma.misclassified={options.get('misclassified')!r}; allowed: {', '.join(PUMA_MISCLASSIFIED)}"
+            )
     return out
 
 
@@ -172,12 +188,23 @@ def select(
     highest / lowest scores of any score (keep_top of DU is the extrapolation
     paper's rule; keep_bottom of a margin is prune_easy).
     """
-    found = problems(strategy, keep_ratio=keep_ratio, base_eps=base_eps, score=None if strategy == "random" else score,
-                     score_norm=score_norm, attack_norm=attack_norm, puma=puma)
+    found = problems(
+        strategy,
+        keep_ratio=keep_ratio,
+        base_eps=base_eps,
+        score=None if strategy == "random" else score,
+        score_norm=score_norm,
+        attack_norm=attack_norm,
+        puma=puma,
+    )
     n = len(labels)
-    for name, array in (("eligible", eligible), ("prunable", prunable)) + ((("scores", scores),) if strategy != "random" else ()):
+    for name, array in (("eligible", eligible), ("prunable", prunable)) + (
+        (("scores", scores),) if strategy != "random" else ()
+    ):
         if array is None or len(array) != n:
-            found.append(f"{name} must hold one entry per pool sample ({n}), got {None if array is None else len(array)}")
+            found.append(
+                f"{name} must hold one entry per pool sample ({n}), got {None if array is None else len(array)}"
+            )
     if found:
         raise ValueError("cannot select: " + "; ".join(found))
     eligible = np.asarray(eligible, bool)
@@ -189,8 +216,17 @@ def select(
         if bad.any():
             raise ValueError(f"{int(bad.sum())} eligible samples have a non-finite {score} score")
         sub_scores = np.where(needs_score, sub_scores, 0.0)
-    keep_sub, eps_sub = _select_among(strategy, sub_scores, np.asarray(labels)[eligible], np.asarray(prunable, bool)[eligible],
-                                      keep_ratio, base_eps, class_balanced, seed, puma)
+    keep_sub, eps_sub = _select_among(
+        strategy,
+        sub_scores,
+        np.asarray(labels)[eligible],
+        np.asarray(prunable, bool)[eligible],
+        keep_ratio,
+        base_eps,
+        class_balanced,
+        seed,
+        puma,
+    )
     keep = np.zeros(n, bool)
     eps = np.full(n, base_eps, np.float32)
     keep[eligible], eps[eligible] = keep_sub, eps_sub
