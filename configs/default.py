@@ -4,19 +4,22 @@ Command (2 CPU cores, measured 87 s on an idle machine; no download):
 
     python -m jax_advprune.main --config configs/default.py --workdir runs/default
 
-Expected result (seed 0, 2-core CPU machine class, EMA weights on the 269 test
-images, standard error about 2.5 points each): clean 97.0%, PGD-20 77.3%,
-APGD-CE 77.3%, APGD-CE + APGD-T 73.6%; 10,700 of 21,400 pool samples kept,
-5,864 of them with a lowered eps. `report.md` in the work directory holds the
-table with each accuracy's standard error; the README's "The embedded default"
-compares it with random pruning and the full pool.
+Expected result (seed 0, EMA weights on the 269 test images, standard error about
+2.5 points each), on an AVX-512 host (oneDNN convolutions): clean 97.0%, PGD-20
+77.3%, APGD-CE 77.0%, APGD-CE + APGD-T 74.0%; 10,700 of 21,400 pool samples kept,
+5,864 of them with a lowered eps. On an AVX2 host (XLA's convolutions, summing in
+another order): 97.4%, 78.1%, 77.7%, 74.7%, 5,886. `report.md` in the work
+directory holds the table with each accuracy's standard error; docs/runs.md
+compares it with random pruning and the full pool, and
+`python benchmarks/embedded_default.py` re-measures all three.
 
 Smoke variant (what the tests run; 2 CPU cores, measured 24 s):
 
     python -m jax_advprune.main --config configs/default.py:smoke --workdir runs/smoke
 
 Expected smoke result: it finishes; the tiny schedule (2 epochs) gives about 48%
-clean and 10% PGD-5 accuracy, far from converged.
+clean and 10% PGD-5 accuracy, far from converged (tests/test_smoke_figures.py pins
+the figures per CPU route).
 
 Data: scikit-learn's 1,797 handwritten digits, bilinearly resized to 16x16x1
 uint8 and split per class into 1,528 train / 269 test images, plus a pool of

@@ -38,8 +38,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_NATIVE_CHILD = os.environ.get("JAX_ADVPRUNE_NATIVE_TEST_CHILD") == "1"
 
 
+# A whole smoke run of the README's command; the oneDNN fuzz cases, run in child processes.
+SLOW_FIXTURES = {"smoke_run", "fuzz_results"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "native: loads the oneDNN custom call; runs in a child pytest process")
+    config.addinivalue_line(
+        "markers",
+        "slow: whole runs, TPU compiles, comparisons with reference libraries on trained models, child processes; "
+        "`python -m pytest -m 'not slow'` (the fast tier) leaves them out",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,10 +77,13 @@ def _run_in_child(item) -> None:
     pytest.fail(f"in a child process ({how}):\n{(proc.stdout + proc.stderr)[-6000:]}", pytrace=False)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m selection, which must see the slow marks added here
 def pytest_collection_modifyitems(config, items):
     if IN_NATIVE_CHILD:
         return
     for item in items:
+        if item.get_closest_marker("native") is not None or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("native") is not None:
             item.runtest = lambda item=item: _run_in_child(item)
 

@@ -64,6 +64,7 @@ def test_apgd_stays_in_ball_and_is_deterministic(digits_mlp, norm, eps):
     np.testing.assert_array_equal(x_adv, np.asarray(run(jax.random.PRNGKey(1))))
 
 
+@pytest.mark.slow
 def test_apgd_is_at_least_as_strong_as_pgd_on_a_trained_model(digits_mlp):
     apply_fn, params, x, y = digits_mlp
     images = np.round(x * 255).astype(np.uint8)

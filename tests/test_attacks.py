@@ -181,6 +181,7 @@ def test_pgd_finds_the_closed_form_optimum_of_a_linear_binary_model(norm, random
     np.testing.assert_allclose(np.asarray(x_adv).reshape(3, -1), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pgd_targeted_reaches_the_target_and_restarts_keep_the_worst_case():
     from jax_advprune.attacks.objectives import cw_margin
 
@@ -289,3 +290,29 @@ def test_killed_or_preempted_margin_scoring_resumes_without_recomputing_finished
     assert len(calls) == 2  # chunks 4 and 5 of ceil(200 / 48) = 5
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
+def test_square_stays_in_the_ball_and_the_box_counts_its_queries_and_only_improves_the_margin(norm, eps):
+    """Square on an affine classifier (8x8x1 images): every candidate inside the eps-ball and [0, 1], at most the
+    query budget per sample, `fooled` exactly where the result is misclassified, and the CW margin of the result
+    never below the clean one's (Square keeps a point only when the margin loss improves)."""
+    from jax_advprune.attacks import square
+    from jax_advprune.attacks.objectives import cw_margin
+
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(64, NUM_CLASSES)).astype(np.float32))
+
+    def logits_fn(images):
+        return images.reshape(images.shape[0], -1) @ weights
+
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1))
+    y = jnp.argmax(logits_fn(x), -1)
+    result = square(logits_fn, x, y, jax.random.PRNGKey(2), eps=eps, norm=norm, queries=40, mesh=None)
+    delta = np.asarray(result.x_adv - x).reshape(16, -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    assert np.all(size <= eps * (1 + 1e-5)) and float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
+    assert np.all((np.asarray(result.queries) >= 1) & (np.asarray(result.queries) <= 40))
+    logits = logits_fn(result.x_adv)
+    np.testing.assert_array_equal(np.asarray(result.fooled), np.asarray(jnp.argmax(logits, -1) != y))
+    gained = np.asarray(cw_margin(logits, y)) - np.asarray(cw_margin(logits_fn(x), y))
+    assert np.all(gained >= -1e-5) and np.any(gained > 1e-2)  # never worse, and it did move some samples

@@ -128,6 +128,7 @@ def within_noise(ours, theirs, n=N):
     return abs(ours - theirs) <= max(3 * math.sqrt(p * (1 - p) / n), 2 / n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_each_component_matches_torchattacks_on_a_trained_model(trained, norm):
     logits_fn, twin, x, y = trained
@@ -198,6 +199,7 @@ def test_each_component_matches_torchattacks_on_a_trained_model(trained, norm):
         assert within_noise(ours, theirs), (name, ours, theirs)
 
 
+@pytest.mark.slow
 def test_standard_autoattack_matches_torchattacks_autoattack(trained, norm="linf"):
     """Same settings as torchattacks' 'standard' (its APGD, APGD-T and FAB take 10 steps; the reference's 100 are our
     defaults), same weights; ours checks every candidate and keeps the first success per sample."""
@@ -242,6 +244,7 @@ def test_fab_projections_equal_the_reference_ones():
         )
 
 
+@pytest.mark.slow
 def test_the_public_attacks_compile_once_per_shape_when_called_directly(trained):
     """A user's plain function called twice with the same shapes: the second call compiles nothing and, with
     the same key, returns the same result."""
@@ -307,6 +310,7 @@ def test_autoattack_refuses_bad_input_before_spending_compute():
         autoattack(logits_fn, x, np.full(4, 10), key, eps=0.03, version="lite")
 
 
+@pytest.mark.slow
 def test_an_interrupted_autoattack_resumes_from_its_saved_passes_to_the_same_result(trained):
     logits_fn, _, x, y = trained
     x, y = x[:32], y[:32]

@@ -8,10 +8,13 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import REPO, main_command
 
 from jax_advprune import storage
 from jax_advprune.children import die_with_parent
+
+pytestmark = pytest.mark.slow  # whole runs of the command, minutes each
 
 CHECKPOINT_EVERY = ["--config.train.checkpoint_every=8"]
 

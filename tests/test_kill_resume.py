@@ -10,10 +10,13 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from conftest import REPO, main_command
 
 from jax_advprune.children import die_with_parent
 from jax_advprune.phases.weights import saved_state
+
+pytestmark = pytest.mark.slow  # whole runs of the command, minutes each
 
 # Random pruning (no scoring phase), a short evaluation, a checkpoint every 8 of 48 steps.
 OVERRIDES = [

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import REPO, main_command, run_main
 
+pytestmark = pytest.mark.slow  # whole runs of the command, minutes each
+
 
 def test_smoke_run_writes_every_phase_output(smoke_run):
     workdir, first = smoke_run

@@ -12,10 +12,13 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jax_advprune import storage
 from jax_advprune.children import die_with_parent
 from jax_advprune.phases.weights import saved_state
+
+pytestmark = pytest.mark.slow  # whole runs of the command, minutes each
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -124,6 +124,7 @@ def test_routes_are_logged_per_shape_and_refusals_go_to_xla(caplog):
     )
 
 
+@pytest.mark.slow
 def test_checked_build_sees_the_known_overrun_and_reports_nothing_on_the_fixed_shapes():
     """The memory checker: the known overrun let through must be reported (positive control), and the kernel as built
     must give no sanitizer report or guard-page fault on the known shapes and a few others, AVX2 kernels, 4 devices."""

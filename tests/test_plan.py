@@ -36,6 +36,7 @@ def load_config(name: str, small_model: bool = True):
     return config
 
 
+@pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5e:2x4"])
 def test_every_smoke_config_compiles_for_a_topology_with_nothing_cpu_only_in_it(topology):
@@ -78,6 +79,7 @@ def test_every_smoke_config_compiles_for_a_topology_with_nothing_cpu_only_in_it(
             assert any(n.startswith("kNN") for n in names)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_costs_come_from_probes_and_memory_grows_with_the_batch():
     config = load_config("cifar10_trades.py:smoke")
@@ -99,6 +101,7 @@ def test_costs_come_from_probes_and_memory_grows_with_the_batch():
     assert collectives.get("all-reduce", [0])[0] > 0  # BatchNorm statistics and gradients are summed over chips
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_an_oversized_batch_is_refused_with_the_largest_that_fits(tmp_path):
     """The README's command with a batch no v5e chip holds: exit status 3, the compiler's reason, and a batch that fits."""
@@ -163,6 +166,7 @@ def _step_operations(step, state, batch) -> list:
     return _operations(jax.make_jaxpr(step.jitted)(state, batch).jaxpr)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_the_train_step_plan_compiles_is_the_run_s_on_the_cpu_mesh():
     """plan's train step on the TPU mesh and the run's on this machine's CPU devices, both built for a TPU (the form the

@@ -32,6 +32,7 @@ def test_same_padding_puts_the_odd_pixel_last():
         ("wide_resnet", dict(depth=16, width=1, activation="relu"), (15, 15, 3)),
     ],
 )
+@pytest.mark.slow
 def test_export_matches_flax(name, kwargs, shape):
     model = create_model(name, num_classes=10, **kwargs)
     x = np.random.default_rng(0).uniform(0, 1, (6,) + shape).astype(np.float32)

@@ -193,6 +193,7 @@ def test_wrappers_safetensors_and_normalisation_by_dataset(tmp_path):
 @pytest.mark.parametrize(
     "name,kwargs", [("wide_resnet", dict(depth=10, width=2, activation="relu")), ("preact_resnet18", dict(width=8))]
 )
+@pytest.mark.slow
 def test_export_then_import_is_bitwise_and_to_torch_pickles(tmp_path, name, kwargs):
     model = create_model(name, num_classes=10, **kwargs)
     x = jnp.asarray(X.transpose(0, 2, 3, 1))
@@ -225,6 +226,7 @@ def test_export_then_import_is_bitwise_and_to_torch_pickles(tmp_path, name, kwar
             )
 
 
+@pytest.mark.slow
 def test_puma_scores_with_an_imported_dm_improves_at_checkpoint_without_training_a_scoring_model(tmp_path):
     """The README's PyTorch path on configs/cifar10_puma.py:smoke: margins from a reference WRN-10-1 checkpoint."""
     import json

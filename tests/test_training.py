@@ -100,6 +100,7 @@ def _run(setup, pool, ckpt_dir, *, stop_after=None, nan_from=None, nan_state_fro
     return state
 
 
+@pytest.mark.slow
 def test_resumed_training_matches_uninterrupted_bitwise(setup, small_pool, tmp_path):
     pool, _, _ = small_pool
     straight = _run(setup, pool, tmp_path / "a")
@@ -167,6 +168,7 @@ def test_ema_decay_follows_the_reference_warmup():
     assert decays[3] == pytest.approx(0.995)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["pgd_at", "trades"])
 def test_three_and_four_devices_give_the_one_device_update(setup, small_pool, loss):
     model, tx, _ = setup
@@ -211,6 +213,7 @@ def test_trades_loss_matches_the_reference_formula_in_pytorch():
     assert ours == pytest.approx(float(natural + 5.0 * robust), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_attack_passes_leave_batchnorm_averages_to_the_training_passes(setup, small_pool):
     """After a TRADES step the running averages are exactly those of two training-mode passes
     (clean, then adversarial) from the old statistics: PGD's forward passes did not touch them."""
@@ -263,6 +266,7 @@ def test_attack_passes_leave_batchnorm_averages_to_the_training_passes(setup, sm
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(small_pool):
     cfg, attack = _config()
     pool, _, _ = small_pool

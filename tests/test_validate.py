@@ -277,6 +277,7 @@ def _command(workdir, *overrides):
     ]
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_message_without_traceback_and_exits_2(tmp_path):
     bad = subprocess.run(
         _command(tmp_path / "run", "--config.attack.eps=-1", "--config.pruning.strategy=pumaa"),

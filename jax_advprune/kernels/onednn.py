@@ -224,7 +224,11 @@ def available() -> bool:
 def _why_not_onednn() -> str | None:
     """None when float32 convolutions go to oneDNN here, else why not; an error when JAX_ADVPRUNE_CONV=onednn can't be met."""
     if get_backend() == "xla":
-        return "JAX_ADVPRUNE_CONV=xla"
+        return (
+            "JAX_ADVPRUNE_CONV=xla"
+            if os.environ.get("JAX_ADVPRUNE_CONV") == "xla"
+            else "chosen for this run (see the 'convolutions:' line)"
+        )
     if not backends.native_convolutions():
         return f"programs for {backends.target_platform()}"
     why_not = _register()
