@@ -20,6 +20,12 @@ TINY = (
 )
 
 
+def _run_module(module: str, *args: str) -> None:
+    """`python -m module args` as a user runs it; fails the test with its stderr unless it exits 0."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_a_tiny_run_of_every_phase_then_the_model_and_the_selection_exported(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.run(main_command(workdir, *TINY), cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -33,26 +39,12 @@ def test_a_tiny_run_of_every_phase_then_the_model_and_the_selection_exported(tmp
     assert margins.shape == (1528 + 300,) and np.isfinite(margins[~np.isnan(margins)]).all()
 
     model = tmp_path / "model.pt"
-    export = subprocess.run(
-        [sys.executable, "-m", "jax_advprune.export", "--workdir", str(workdir), "--out", str(model)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert export.returncode == 0, export.stderr[-3000:]
+    _run_module("jax_advprune.export", "--workdir", str(workdir), "--out", str(model))
     state = torch.load(model, weights_only=True)
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
     out = tmp_path / "kept"
-    kept = subprocess.run(
-        [sys.executable, "-m", "jax_advprune.export_selection", "--workdir", str(workdir), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert kept.returncode == 0, kept.stderr[-3000:]
+    _run_module("jax_advprune.export_selection", "--workdir", str(workdir), "--out", str(out))
     summary = json.load(open(out / "selection.json"))
     keep = np.load(workdir / "selection" / "keep.npy")
     assert summary["rows"] == int(keep[1528:].sum())  # the kept synthetic rows, all of them, in one part

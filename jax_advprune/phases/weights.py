@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jax_advprune import storage
+from jax_advprune import run_dir, storage
 from jax_advprune.checkpoint import Checkpointer, best_checkpoint_dir, best_checkpointer
 from jax_advprune.errors import UserError
 from jax_advprune.models import create_model, import_torch
@@ -60,6 +60,10 @@ def saved_state(workdir: str, best: bool = False):
     if not storage.exists(settings_file(workdir, "train")):
         raise UserError(
             f"{workdir} holds no trained model ({settings_file(workdir, 'train')} is missing): run the train phase first"
+        )
+    if not run_dir.is_complete(workdir, "train"):
+        raise UserError(
+            f"{workdir} holds no trained model yet ({final_checkpoint_dir(workdir)} has no checkpoint): run the train phase first"
         )
     settings = read_json(settings_file(workdir, "train"))
     ckpt_dir, step = final_checkpoint_dir(workdir), None
@@ -107,9 +111,11 @@ def path_problem(path: str) -> str | None:
         return "no such file or directory"
     if storage.isfile(path):
         return None if path.endswith(TORCH_SUFFIXES) else f"a checkpoint file ending in {', '.join(TORCH_SUFFIXES)}"
-    if storage.exists(settings_file(path, "train")) or storage.isdir(os.path.join(path, "state")):
+    if (storage.exists(settings_file(path, "train")) and run_dir.is_complete(path, "train")) or storage.isdir(
+        os.path.join(path, "state")
+    ):
         return None
-    return "a jax_advprune work directory (with settings/train.json) or a checkpoint directory (with state/)"
+    return "a jax_advprune work directory whose train phase saved a checkpoint, or a checkpoint directory (with state/)"
 
 
 def load_variables(path: str, config, image_shape: tuple) -> dict:
