@@ -104,6 +104,67 @@ def conv_layers(*results: dict) -> list[str]:
     return _table([f"{layers} layers, PyTorch time / ours", "forward", "input gradient", "kernel gradient"], rows)
 
 
+def convolution_gains(*results: dict) -> list[str]:
+    """oneDNN's gain over XLA's convolutions in the train step, per instruction set and model, and the default that
+    follows from it (oneDNN where the gain reaches models.layers.MIN_GAIN)."""
+    sys.path.insert(0, REPO)
+    from jax_advprune.models.layers import MIN_GAIN
+
+    rows = []
+    for result in results:
+        isa = result["machine"]["isa_effective"]
+        for r in result["rows"]:
+            gain = r["ours_img_s"] / r["ours_xla_conv_img_s"]
+            rows.append(
+                [
+                    isa,
+                    f"{r['model']}, batch {r['batch']}",
+                    f"{r['ours_img_s']:.1f}",
+                    f"{r['ours_xla_conv_img_s']:.1f}",
+                    f"{gain:.2f}x",
+                    "oneDNN" if gain >= MIN_GAIN else "XLA",
+                ]
+            )
+    head = [
+        "host instruction set",
+        "model",
+        "step img/s, oneDNN convolutions",
+        "step img/s, XLA's",
+        "oneDNN's gain",
+        "default convolutions",
+    ]
+    return _table(head, rows)
+
+
+def onednn_check(*results: dict) -> list[str]:
+    """Runs of the oneDNN kernel's fuzz test (python -m jax_advprune.kernels.check --out ...)."""
+    rows = []
+    for result in results:
+        runs = result["results"]
+        groups = sorted({(r["devices"], r["isa"]) for r in runs})
+        failed = sum(r["status"] != "ok" for r in runs)
+        reports = sum(r["status"] == "report" for r in runs)
+        control = result.get("positive_control")
+        sanitizer = (
+            f"{reports} (positive control {'reported' if control and control['status'] in ('crash', 'report') else 'missed'} first)"
+            if result["checked"]
+            else "(plain build)"
+        )
+        shapes = result.get("shapes", len(runs) // len(groups))
+        where = ", ".join(f"{d} device{'s' if d > 1 else ''} x {isa}" for d, isa in groups)
+        rows.append(
+            [
+                f"`{result.get('command', 'python -m jax_advprune.kernels.check')}`",
+                shapes,
+                f"{len(runs):,} ({where})",
+                failed,
+                sanitizer,
+                f"{result['seconds']:,.0f}" if "seconds" in result else "not recorded",
+            ]
+        )
+    return _table(["command", "shapes", "case runs", "failed", "sanitizer reports", "seconds"], rows)
+
+
 # --------------------------------------------------------------------------- loader
 
 
@@ -312,6 +373,8 @@ RENDERERS = {
     "attacks": attacks,
     "train_step": train_step,
     "conv_layers": conv_layers,
+    "convolution_gains": convolution_gains,
+    "onednn_check": onednn_check,
     "loader": loader,
     "loader_gcs": loader_gcs,
     "scoring": scoring,

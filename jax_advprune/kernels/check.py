@@ -366,6 +366,15 @@ def positive_control() -> Result:
     return result
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('unknown' elsewhere), for the results file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -425,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(
                 {
+                    "command": "python -m jax_advprune.kernels.check "
+                    + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "cpu": cpu_model(),
                     "checked": args.checked,
                     "seed": args.seed,
+                    "shapes": len(cases),
+                    "seconds": round(time.perf_counter() - began, 1),
                     "positive_control": dataclasses.asdict(control) if control else None,
                     "results": [dict(dataclasses.asdict(r), name=r.case.name) for r in results],
                 },
