@@ -154,7 +154,11 @@ def onednn_check(*results: dict) -> list[str]:
         where = ", ".join(f"{d} device{'s' if d > 1 else ''} x {isa}" for d, isa in groups)
         rows.append(
             [
-                f"`{result.get('command', 'python -m jax_advprune.kernels.check')}`",
+                f"`{result['command']}`"
+                if "command" in result
+                else "`python -m jax_advprune.kernels.check"
+                + (" --checked`" if result["checked"] else "`")
+                + " (the other arguments were not recorded)",
                 shapes,
                 f"{len(runs):,} ({where})",
                 failed,
@@ -163,6 +167,34 @@ def onednn_check(*results: dict) -> list[str]:
             ]
         )
     return _table(["command", "shapes", "case runs", "failed", "sanitizer reports", "seconds"], rows)
+
+
+def onednn_overrun(result: dict) -> list[str]:
+    """oneDNN's strided 1x1 kernel-gradient scratchpad overrun per setting (python -m jax_advprune.kernels.overrun_probe)."""
+    rows = []
+    for r in result["settings"]:
+        over = r["overruns"]
+        if over:
+            channels = sorted({o["c"] for o in over})
+            strides = sorted({o["stride"] for o in over})
+            which = (
+                f"{len(over):,} (strides {', '.join(map(str, strides))}; {channels[0]}-{channels[-1]} input channels)"
+            )
+            sizes = sorted(o["overrun_bytes"] for o in over)
+            bytes_past = f"{sizes[0]}-{sizes[-1]}"
+        else:
+            which, bytes_past = "none", ""
+        isa = {"AVX512_CORE": "AVX-512"}.get(r["isa"], r["isa"])
+        hung = ", ".join("x".join(map(str, shape)) for shape in r.get("hung", [])) or "none"
+        rows.append([f"{isa}, {r['threads']}", f"{r['shapes']:,}", which, bytes_past, hung])
+    head = [
+        "ISA, OpenMP threads",
+        "shapes",
+        "shapes written past the scratchpad",
+        "bytes past its end",
+        "shapes on which it hung (n h w c o stride)",
+    ]
+    return _table(head, rows)
 
 
 # --------------------------------------------------------------------------- loader
@@ -375,6 +407,7 @@ RENDERERS = {
     "conv_layers": conv_layers,
     "convolution_gains": convolution_gains,
     "onednn_check": onednn_check,
+    "onednn_overrun": onednn_overrun,
     "loader": loader,
     "loader_gcs": loader_gcs,
     "scoring": scoring,
