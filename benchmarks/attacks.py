@@ -29,7 +29,6 @@ writes benchmarks/results/attacks.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -418,30 +417,26 @@ def main() -> None:
         print(
             f"DeepFool {name}: distance vs foolbox over {a['samples']}/{a['of']} samples both flipped: median rel. diff {100 * a['median_rel_diff']:.3f}%, 95th pct {100 * a['p95_rel_diff']:.3f}%"
         )
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", ARGS.out)
-    with open(out, "w") as f:
-        json.dump(
-            dict(
-                machine=dict(
-                    platform=platform.platform(),
-                    cpus=os.cpu_count(),
-                    cores_used=CORES,
-                    jax=jax.__version__,
-                    torch=torch.__version__,
-                    devices=ARGS.devices,
-                    threads=ARGS.threads,
-                ),
-                machine_state=machine_state,
-                repeats=ARGS.repeats,
-                eps_linf_pgd=EPS_LINF,
-                matmul_gflop_s=peak / 1e9,
-                rows=rows,
-                deepfool_agreement_with_foolbox=agreement,
+    out = hygiene.write_results(
+        ARGS.out,
+        dict(
+            machine=dict(
+                platform=platform.platform(),
+                cpus=os.cpu_count(),
+                cores_used=CORES,
+                jax=jax.__version__,
+                torch=torch.__version__,
+                devices=ARGS.devices,
+                threads=ARGS.threads,
             ),
-            f,
-            indent=2,
-        )
+            machine_state=machine_state,
+            repeats=ARGS.repeats,
+            eps_linf_pgd=EPS_LINF,
+            matmul_gflop_s=peak / 1e9,
+            rows=rows,
+            deepfool_agreement_with_foolbox=agreement,
+        ),
+    )
     print(f"wrote {out}")
 
 

@@ -32,7 +32,6 @@ benchmarks/results/conv_layers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -260,30 +259,26 @@ def main() -> None:
                 f"{side} " + ", ".join(f"{op} {v:.2f}x" for op, v in r.items()) for side, r in sides_ratios.items()
             )
         )
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", hygiene.results_name("conv_layers", ARGS.isa))
-    with open(out, "w") as f:
-        json.dump(
-            dict(
-                machine=dict(
-                    platform=platform.platform(),
-                    cpus=os.cpu_count(),
-                    cores_used=CORES,
-                    jax=jax.__version__,
-                    torch=torch.__version__,
-                    threads=ARGS.threads,
-                    torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                    **hygiene.cpu_record(ARGS.isa),
-                ),
-                machine_state=machine_state,
-                settings=dict(batch=ARGS.batch, calls=ARGS.calls, repeats=ARGS.repeats),
-                rows=rows,
-                total_ratio=totals,
-                per_model_ratio=per_model,
+    out = hygiene.write_results(
+        hygiene.results_name("conv_layers", ARGS.isa),
+        dict(
+            machine=dict(
+                platform=platform.platform(),
+                cpus=os.cpu_count(),
+                cores_used=CORES,
+                jax=jax.__version__,
+                torch=torch.__version__,
+                threads=ARGS.threads,
+                torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                **hygiene.cpu_record(ARGS.isa),
             ),
-            f,
-            indent=2,
-        )
+            machine_state=machine_state,
+            settings=dict(batch=ARGS.batch, calls=ARGS.calls, repeats=ARGS.repeats),
+            rows=rows,
+            total_ratio=totals,
+            per_model_ratio=per_model,
+        ),
+    )
     print(f"\nwrote {out}")
 
 

@@ -109,17 +109,14 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     machine_state = guard.finish()
-    out = os.path.join(REPO, "benchmarks", "results", hygiene.results_name("embedded_default", args.isa))
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "machine": {"cpus": os.cpu_count(), **hygiene.cpu_record(args.isa)},
-                "machine_state": machine_state,
-                "runs": runs,
-            },
-            f,
-            indent=2,
-        )
+    out = hygiene.write_results(
+        hygiene.results_name("embedded_default", args.isa),
+        {
+            "machine": {"cpus": os.cpu_count(), **hygiene.cpu_record(args.isa)},
+            "machine_state": machine_state,
+            "runs": runs,
+        },
+    )
     print(f"wrote {out}")
 
 

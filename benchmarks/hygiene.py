@@ -26,6 +26,7 @@ Nothing here imports JAX, so `use_cores` can run before it is imported.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import threading
 import time
@@ -80,16 +81,9 @@ def cap_isa(isa: str) -> None:
 
 def cpu_record(isa: str) -> dict:
     """The CPU a figure comes from: model name, whether it has AVX-512 and AVX2, and the cap the run set."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from jax_advprune.cpu import cpu_info
+
+    model, flags = cpu_info()
     return {
         "cpu_model": model,
         "avx512f": "avx512f" in flags,
@@ -106,6 +100,15 @@ def cpu_record(isa: str) -> dict:
 def results_name(stem: str, isa: str) -> str:
     """benchmarks/results file name of a run: <stem>.json, or <stem>_<isa>.json under an ISA cap."""
     return f"{stem}.json" if isa == "native" else f"{stem}_{isa.lower()}.json"
+
+
+def write_results(name: str, record: dict) -> str:
+    """Writes `record` as benchmarks/results/<name> (indented JSON) -> its path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return path
 
 
 def _repeats(text: str) -> int:

@@ -380,27 +380,23 @@ def main():
             f"\ngs:// rows: every batch's rows fetched as merged byte ranges from a loopback emulator on the same cores. "
             f"data.cache_dir instead copies the parts once per host ({cache_copy['mib_per_s']:.0f} MiB/s here), then reads as the local rows."
         )
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", f"loader_{args.size}{'_gcs' if args.gcs else ''}.json")
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "pool_size": args.size,
-                "keep": args.keep,
-                "gcs": "loopback emulator (gcp-storage-emulator + tests/gcs_emulator.py, in memory, same cores)"
-                if args.gcs
-                else None,
-                "batch": args.batch,
-                "augmentation": "crop 4 + flip",
-                "repeats": args.repeats,
-                "machine": {"cpus": os.cpu_count(), "cores_used": cores, "platform": platform.platform()},
-                "machine_state": machine_state,
-                "rows": rows,
-                "cache_dir_copy": cache_copy,
-            },
-            f,
-            indent=2,
-        )
+    out = hygiene.write_results(
+        f"loader_{args.size}{'_gcs' if args.gcs else ''}.json",
+        {
+            "pool_size": args.size,
+            "keep": args.keep,
+            "gcs": "loopback emulator (gcp-storage-emulator + tests/gcs_emulator.py, in memory, same cores)"
+            if args.gcs
+            else None,
+            "batch": args.batch,
+            "augmentation": "crop 4 + flip",
+            "repeats": args.repeats,
+            "machine": {"cpus": os.cpu_count(), "cores_used": cores, "platform": platform.platform()},
+            "machine_state": machine_state,
+            "rows": rows,
+            "cache_dir_copy": cache_copy,
+        },
+    )
     print(f"\nwrote {out}")
 
 

@@ -530,29 +530,25 @@ def main() -> None:
             f"| 20,000,000 queries (extrapolated from {e['from_queries'][0]:,} and {e['from_queries'][1]:,}) | | | "
             f"peak {e['rss_anon_peak'] / 2**20:.0f} ({e['bytes_per_query']:.1f} B per query) | |"
         )
-    out = os.path.join(REPO, "benchmarks", "results", "scoring.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(
-            dict(
-                machine=dict(
-                    platform=platform.platform(),
-                    cpus=os.cpu_count(),
-                    cores_used=CORES,
-                    jax=jax.__version__,
-                    devices=ARGS.devices,
-                ),
-                machine_state=machine_state,
-                settings=vars(ARGS),
-                pool_size=len(pool),
-                peak_pss_bytes=peak,
-                peak_rss_bytes=peak_rss,
-                rows=rows,
-                knn_memory=memory_report,
+    out = hygiene.write_results(
+        "scoring.json",
+        dict(
+            machine=dict(
+                platform=platform.platform(),
+                cpus=os.cpu_count(),
+                cores_used=CORES,
+                jax=jax.__version__,
+                devices=ARGS.devices,
             ),
-            f,
-            indent=2,
-        )
+            machine_state=machine_state,
+            settings=vars(ARGS),
+            pool_size=len(pool),
+            peak_pss_bytes=peak,
+            peak_rss_bytes=peak_rss,
+            rows=rows,
+            knn_memory=memory_report,
+        ),
+    )
     print(f"\nwrote {out}")
 
 

@@ -25,6 +25,10 @@ import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [
+    REPO,
+    os.path.join(REPO, "benchmarks"),
+]  # the package and the benchmarks, for the renderers that import them
 MARKER = re.compile(r"<!-- table: (?P<name>[\w-]+) \((?P<files>[^)]*)\) -->\n(?P<body>.*?)<!-- end table -->", re.S)
 
 
@@ -35,6 +39,11 @@ def _rate(value: float) -> str:
 
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:.0f}%"
+
+
+def _median(values: list[float]) -> float:
+    """The middle of an odd number of repetitions (the benchmarks' median)."""
+    return sorted(values)[len(values) // 2]
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:
@@ -107,7 +116,6 @@ def conv_layers(*results: dict) -> list[str]:
 def convolution_gains(*results: dict) -> list[str]:
     """oneDNN's gain over XLA's convolutions in the train step, per instruction set and model, and the default that
     follows from it (oneDNN where the gain reaches models.layers.MIN_GAIN)."""
-    sys.path.insert(0, REPO)
     from jax_advprune.models.layers import MIN_GAIN
 
     rows = []
@@ -219,7 +227,7 @@ def loader(*results: dict) -> list[str]:
         for r in result["rows"]:
             pool = _pool(result["pool_size"]) + ("" if repeated else ", one repetition, before the benchmark rules")
             rate = f"{r['images_per_s']:,.0f}" + (f" ({_pct(r['spread'])})" if repeated else "")
-            busy = f"{sorted(r['cores_busy_all'])[len(r['cores_busy_all']) // 2]:.1f}" if repeated else ""
+            busy = f"{_median(r['cores_busy_all']):.1f}" if repeated else ""
             rows.append(
                 [pool, _loader_name(r["loader"]), r["workers"], rate, busy, f"{r['peak_pss_bytes'] / 2**30:.2f} GiB"]
             )
@@ -233,7 +241,7 @@ def loader_gcs(result: dict) -> list[str]:
             _loader_name(r["loader"]) + (", local disk" if r["loader"] == "jax_advprune" else ""),
             r["workers"],
             f"{r['images_per_s']:,.0f} ({_pct(r['spread'])})",
-            f"{sorted(r['cores_busy_all'])[1]:.1f}",
+            f"{_median(r['cores_busy_all']):.1f}",
         ]
         for r in result["rows"]
     ]
@@ -320,14 +328,12 @@ def knn_memory(result: dict) -> list[str]:
 
 
 def plan_programs(result: dict) -> list[str]:
-    sys.path.insert(0, REPO)
     from jax_advprune.plan import program_table
 
     return program_table(result)
 
 
 def plan_phases(result: dict) -> list[str]:
-    sys.path.insert(0, REPO)
     from jax_advprune.plan import phase_table
 
     return phase_table(result)
@@ -354,7 +360,6 @@ def plan_summary(*plans: dict) -> list[str]:
 
 
 def pruning_study(result: dict) -> list[str]:
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from pruning_study import by_method
 
     return by_method(result["table"], argparse.Namespace(**result["settings"]))

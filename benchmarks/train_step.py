@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -326,36 +325,32 @@ def main() -> None:
             f"| {r['model']} | {r['batch']} | {r['ours_img_s']:.1f} | {r['ref_img_s']:.1f} | {r['speedup']:.2f}x "
             f"| {r['ours_xla_conv_img_s']:.1f} | {r['speedup_xla_conv']:.2f}x |{extra}"
         )
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(REPO, "benchmarks", "results", hygiene.results_name("train_step", ARGS.isa))
-    with open(out, "w") as f:
-        json.dump(
-            dict(
-                machine=dict(
-                    platform=platform.platform(),
-                    cpus=os.cpu_count(),
-                    cores_used=CORES,
-                    jax=jax.__version__,
-                    torch=importlib.metadata.version("torch"),
-                    devices=ARGS.devices,
-                    threads=ARGS.threads,
-                    **hygiene.cpu_record(ARGS.isa),
-                ),
-                machine_state=machine_state,
-                settings=dict(
-                    eps=EPS,
-                    step=STEP,
-                    attack_steps=ATTACK_STEPS,
-                    beta=BETA,
-                    label_smoothing=SMOOTHING,
-                    steps_per_round=ARGS.steps,
-                    rounds=ARGS.repeats,
-                ),
-                rows=rows,
+    out = hygiene.write_results(
+        hygiene.results_name("train_step", ARGS.isa),
+        dict(
+            machine=dict(
+                platform=platform.platform(),
+                cpus=os.cpu_count(),
+                cores_used=CORES,
+                jax=jax.__version__,
+                torch=importlib.metadata.version("torch"),
+                devices=ARGS.devices,
+                threads=ARGS.threads,
+                **hygiene.cpu_record(ARGS.isa),
             ),
-            f,
-            indent=2,
-        )
+            machine_state=machine_state,
+            settings=dict(
+                eps=EPS,
+                step=STEP,
+                attack_steps=ATTACK_STEPS,
+                beta=BETA,
+                label_smoothing=SMOOTHING,
+                steps_per_round=ARGS.steps,
+                rounds=ARGS.repeats,
+            ),
+            rows=rows,
+        ),
+    )
     print(f"\nwrote {out}")
 
 

@@ -16,15 +16,6 @@ import numpy as np
 from jax_advprune import preemption, storage
 
 
-def _sync(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 class ResumeLog:
     """Records `<prefix><i>.npz` in `directory` (made when missing).
 
@@ -41,7 +32,9 @@ class ResumeLog:
     def _listing(self) -> set[str]:
         """The complete records in the directory once every process has got here (the '.tmp' files of atomic writes
         left out)."""
-        _sync(f"listing {self.directory}")
+        from jax_advprune.parallel import sync  # parallel imports this module
+
+        sync(f"listing {self.directory}")
         return {
             name
             for name in storage.listdir(self.directory)

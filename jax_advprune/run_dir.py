@@ -52,9 +52,13 @@ def deepfool_chunks_dir(workdir: str) -> str:
     return os.path.join(scores_dir(workdir), "deepfool_chunks")
 
 
+def scoring_model_dir(workdir: str, suffix: str = "") -> str:
+    """scoring_model<suffix>: the scoring model's training run ('' or '_<run>')."""
+    return os.path.join(workdir, f"scoring_model{suffix}")
+
+
 def scoring_checkpoint_dir(workdir: str, suffix: str = "") -> str:
-    """scoring_model<suffix>/checkpoints: the scoring model's training ('' or '_<run>')."""
-    return os.path.join(workdir, f"scoring_model{suffix}", "checkpoints")
+    return os.path.join(scoring_model_dir(workdir, suffix), "checkpoints")
 
 
 def selection_dir(workdir: str) -> str:
@@ -133,7 +137,7 @@ def is_complete(workdir: str, phase: str) -> bool:
 def has_outputs(workdir: str, phase: str) -> bool:
     """Whether `phase` wrote anything in `workdir`, complete or not (what the settings guard protects)."""
     if phase == "score":
-        return any(storage.exists(d) for d in (scores_dir(workdir), os.path.dirname(scoring_checkpoint_dir(workdir))))
+        return any(storage.exists(d) for d in (scores_dir(workdir), scoring_model_dir(workdir)))
     if phase == "select":
         return storage.exists(selection_dir(workdir))
     return is_complete(workdir, phase)

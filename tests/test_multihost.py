@@ -7,20 +7,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, main_command
 
 from jax_advprune import storage
 from jax_advprune.children import die_with_parent
 from jax_advprune.phases.weights import saved_state
 
 pytestmark = pytest.mark.slow  # whole runs of the command, minutes each
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -46,18 +44,7 @@ def _launch(workdir, processes: int, devices: int, log_name: str, *extra: str, l
     devices, with their output in <logs or workdir>.<log_name>.p<i>.log. One process is started the same way (through
     jax.distributed, so that its cross-device sums go through gloo as a multi-process run's do)."""
     port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "jax_advprune.main",
-        "--config",
-        os.path.join(REPO, "configs/default.py:smoke"),
-        "--workdir",
-        str(workdir),
-        f"--cpu_devices={devices}",
-        *CLI_OVERRIDES,
-        *extra,
-    ]
+    command = main_command(workdir, f"--cpu_devices={devices}", *CLI_OVERRIDES, *extra)
     procs = []
     for pid in range(processes):
         env = dict(

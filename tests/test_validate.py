@@ -2,12 +2,11 @@
 
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import make_npz
+from conftest import main_command, make_npz
 
 from configs import default
 from jax_advprune.main import run
@@ -264,23 +263,10 @@ def test_a_replaced_pool_file_is_refused_naming_it(tmp_path):
         check_run(config, str(workdir), available_devices=4)
 
 
-def _command(workdir, *overrides):
-    return [
-        sys.executable,
-        "-m",
-        "jax_advprune.main",
-        "--config",
-        os.path.join(REPO, "configs/default.py:smoke"),
-        "--workdir",
-        str(workdir),
-        *overrides,
-    ]
-
-
 @pytest.mark.slow
 def test_the_command_line_prints_one_message_without_traceback_and_exits_2(tmp_path):
     bad = subprocess.run(
-        _command(tmp_path / "run", "--config.attack.eps=-1", "--config.pruning.strategy=pumaa"),
+        main_command(tmp_path / "run", "--config.attack.eps=-1", "--config.pruning.strategy=pumaa"),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -294,7 +280,7 @@ def test_the_command_line_prints_one_message_without_traceback_and_exits_2(tmp_p
     )
     assert not (tmp_path / "run").exists()
     verbose = subprocess.run(
-        _command(tmp_path / "run", "--config.attack.eps=-1", "--verbose"),
+        main_command(tmp_path / "run", "--config.attack.eps=-1", "--verbose"),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -302,7 +288,11 @@ def test_the_command_line_prints_one_message_without_traceback_and_exits_2(tmp_p
     )
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
     typo = subprocess.run(
-        _command(tmp_path / "run", "--config.train.bacth_size=8"), cwd=REPO, capture_output=True, text=True, timeout=300
+        main_command(tmp_path / "run", "--config.train.bacth_size=8"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert typo.returncode == 2 and "Traceback" not in typo.stderr and "bacth_size" in typo.stderr
     assert not (tmp_path / "run").exists()

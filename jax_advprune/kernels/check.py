@@ -38,6 +38,7 @@ import zlib
 import numpy as np
 
 from jax_advprune.children import die_with_parent
+from jax_advprune.cpu import cpu_info
 
 KERNELS = (1, 3, 5, 7)
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -366,15 +367,6 @@ def positive_control() -> Result:
     return result
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ('unknown' elsewhere), for the results file."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -436,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "command": "python -m jax_advprune.kernels.check "
                     + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "cpu": cpu_model(),
+                    "cpu": cpu_info()[0],
                     "checked": args.checked,
                     "seed": args.seed,
                     "shapes": len(cases),

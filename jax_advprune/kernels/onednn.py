@@ -60,13 +60,14 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_advprune import backends
+from jax_advprune.cpu import cpu_info
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onednn", "xla")
 TARGET = "jax_advprune_onednn_conv"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
-_backend = [os.environ.get("JAX_ADVPRUNE_CONV", "auto")]
+_backend = [os.environ.get("JAX_ADVPRUNE_CONV", "auto"), "JAX_ADVPRUNE_CONV=xla"]  # (choice, why, for the log)
 
 # Builds of the custom call besides the default one, chosen by JAX_ADVPRUNE_ONEDNN_BUILD (comma-separated), for
 # benchmarks/check_onednn_memory.py:
@@ -92,11 +93,12 @@ class OnednnUnavailableError(RuntimeError):
     """The oneDNN convolution cannot be built or loaded here; the message says why."""
 
 
-def set_backend(name: str) -> None:
-    """'auto' | 'onednn' | 'xla' for convolutions traced from now on (jitted functions already compiled keep theirs)."""
+def set_backend(name: str, why: str = "set_backend('xla')") -> None:
+    """'auto' | 'onednn' | 'xla' for convolutions traced from now on (jitted functions already compiled keep theirs);
+    `why` is what the log says of an 'xla' choice."""
     if name not in BACKENDS:
         raise ValueError(f"convolution backend must be one of {BACKENDS}, got {name!r}")
-    _backend[0] = name
+    _backend[:] = [name, why]
 
 
 def get_backend() -> str:
@@ -224,11 +226,7 @@ def available() -> bool:
 def _why_not_onednn() -> str | None:
     """None when float32 convolutions go to oneDNN here, else why not; an error when JAX_ADVPRUNE_CONV=onednn can't be met."""
     if get_backend() == "xla":
-        return (
-            "JAX_ADVPRUNE_CONV=xla"
-            if os.environ.get("JAX_ADVPRUNE_CONV") == "xla"
-            else "chosen for this run (see the 'convolutions:' line)"
-        )
+        return _backend[1]
     if not backends.native_convolutions():
         return f"programs for {backends.target_platform()}"
     why_not = _register()
@@ -246,15 +244,7 @@ def describe() -> str:
 def host_isa() -> str:
     """'AVX-512', 'AVX2' or 'other': the instruction set oneDNN's kernels use on this host (its CPU's, lowered by
     ONEDNN_MAX_CPU_ISA when that caps it)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return "other"
+    flags = cpu_info()[1]
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if not cap or cap == "ALL" or cap.startswith(("AVX512", "AVX10")) or isa == "other":

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from jax_advprune.kernels.check import cpu_model
+from jax_advprune.cpu import cpu_info
 from jax_advprune.kernels.onednn import onednn_prefix
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overrun_probe.cc")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     with open(args.out, "w") as f:
         json.dump(
-            {"command": "python -m jax_advprune.kernels.overrun_probe", "cpu": cpu_model(), "settings": results},
+            {"command": "python -m jax_advprune.kernels.overrun_probe", "cpu": cpu_info()[0], "settings": results},
             f,
             indent=1,
         )

@@ -47,14 +47,14 @@ def choose_convolutions(model_name: str) -> str:
     if onednn.get_backend() == "auto" and onednn.available():
         isa = onednn.host_isa()
         if isa not in MEASURED_GAIN:  # neither measured nor fuzzed on this instruction set
-            onednn.set_backend("xla")
+            onednn.set_backend("xla", "chosen for this host (see the 'convolutions:' line)")
             return (
                 "XLA (oneDNN was neither measured nor fuzzed on a host without AVX2; "
                 "JAX_ADVPRUNE_CONV=onednn uses it anyway)"
             )
         gain = MEASURED_GAIN[isa].get(family)
         if gain is not None and gain < MIN_GAIN:
-            onednn.set_backend("xla")
+            onednn.set_backend("xla", "chosen for this host (see the 'convolutions:' line)")
             return (
                 f"XLA (oneDNN's gain for {family} on an {isa} host was {gain:.2f}x, below {MIN_GAIN:.2f}x; "
                 "JAX_ADVPRUNE_CONV=onednn uses it anyway)"
