@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -420,11 +419,8 @@ def main() -> None:
     out = hygiene.write_results(
         ARGS.out,
         dict(
-            machine=dict(
-                platform=platform.platform(),
-                cpus=os.cpu_count(),
-                cores_used=CORES,
-                jax=jax.__version__,
+            machine=hygiene.machine_record(
+                CORES,
                 torch=torch.__version__,
                 devices=ARGS.devices,
                 threads=ARGS.threads,

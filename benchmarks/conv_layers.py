@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -262,11 +261,8 @@ def main() -> None:
     out = hygiene.write_results(
         hygiene.results_name("conv_layers", ARGS.isa),
         dict(
-            machine=dict(
-                platform=platform.platform(),
-                cpus=os.cpu_count(),
-                cores_used=CORES,
-                jax=jax.__version__,
+            machine=hygiene.machine_record(
+                CORES,
                 torch=torch.__version__,
                 threads=ARGS.threads,
                 torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),

@@ -102,6 +102,16 @@ def results_name(stem: str, isa: str) -> str:
     return f"{stem}.json" if isa == "native" else f"{stem}_{isa.lower()}.json"
 
 
+def machine_record(cores_used: list[int], **extra) -> dict:
+    """What a results file says of the machine: platform, CPU count, the cores the benchmark kept itself to, the jax
+    version, and `extra` (library versions, devices, threads)."""
+    import platform
+
+    import jax
+
+    return dict(platform=platform.platform(), cpus=os.cpu_count(), cores_used=cores_used, jax=jax.__version__, **extra)
+
+
 def write_results(name: str, record: dict) -> str:
     """Writes `record` as benchmarks/results/<name> (indented JSON) -> its path."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)

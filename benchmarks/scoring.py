@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -533,11 +532,8 @@ def main() -> None:
     out = hygiene.write_results(
         "scoring.json",
         dict(
-            machine=dict(
-                platform=platform.platform(),
-                cpus=os.cpu_count(),
-                cores_used=CORES,
-                jax=jax.__version__,
+            machine=hygiene.machine_record(
+                CORES,
                 devices=ARGS.devices,
             ),
             machine_state=machine_state,

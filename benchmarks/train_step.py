@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -328,11 +327,8 @@ def main() -> None:
     out = hygiene.write_results(
         hygiene.results_name("train_step", ARGS.isa),
         dict(
-            machine=dict(
-                platform=platform.platform(),
-                cpus=os.cpu_count(),
-                cores_used=CORES,
-                jax=jax.__version__,
+            machine=hygiene.machine_record(
+                CORES,
                 torch=importlib.metadata.version("torch"),
                 devices=ARGS.devices,
                 threads=ARGS.threads,
