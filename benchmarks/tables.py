@@ -41,6 +41,10 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:.0f}%"
 
 
+def _pct1(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
+
+
 def _median(values: list[float]) -> float:
     """The middle of an odd number of repetitions (the benchmarks' median)."""
     return sorted(values)[len(values) // 2]
@@ -81,6 +85,25 @@ def attacks(results: dict) -> list[str]:
     return _table(
         ["model", "batch", "attack", "ours img/s", "reference", "ref img/s", "speedup", "% of matmul FLOP/s"], rows
     )
+
+
+def autoattack_agreement(result: dict) -> list[str]:
+    """Robust accuracy per AutoAttack component and of standard AutoAttack, ours and torchattacks', one pair of rows
+    per norm (benchmarks/autoattack_agreement.py)."""
+    names = [row["attack"] for row in result["results"][0]["rows"]]
+    cpu = f"{result['cpu']['cpu_model']}, {result['cpu']['isa_effective']}"
+    head = [f"norm, eps (clean accuracy; {result['samples']} samples; {cpu})", "library"] + [
+        f"Square ({result['queries']} queries)" if n == "Square" else "standard AutoAttack" if n == "AutoAttack" else n
+        for n in names
+    ]
+    rows = []
+    for r in result["results"]:
+        eps = f"{round(r['eps'] * 255)}/255" if r["norm"] == "linf" else f"{r['eps']:g}"
+        label = f"{_attack_name(r['norm'])} {eps} ({_pct1(r['clean_accuracy'])})"
+        for side, key in (("jax_advprune", "ours"), ("torchattacks", "torchattacks")):
+            rows.append([label if side == "jax_advprune" else "", side] + [_pct1(row[key]) for row in r["rows"]])
+        rows.append(["", "within noise"] + ["yes" if row["agree_within_noise"] else "**no**" for row in r["rows"]])
+    return _table(head, rows)
 
 
 def train_step(results: dict) -> list[str]:
@@ -408,6 +431,7 @@ def embedded_default_command(*results: dict) -> list[str]:
 
 RENDERERS = {
     "attacks": attacks,
+    "autoattack_agreement": autoattack_agreement,
     "train_step": train_step,
     "conv_layers": conv_layers,
     "convolution_gains": convolution_gains,

@@ -1,19 +1,21 @@
 """FAB-T, Square and AutoAttack against torchattacks on the same weights, their invariants, and the public API's compile-once.
 
 The model is what a user brings: a plain `lax.conv` CNN on 16x16x3 images,
-trained here for a few hundred steps on class templates plus noise, and the same
-network written in PyTorch with the weights copied (outputs checked equal).
+trained for 150 steps on class templates plus noise, and the same network
+written in PyTorch with the weights copied (outputs checked equal). The model
+and the comparison are benchmarks/autoattack_agreement.py's, which runs it on
+32x32x3 images for docs/attacks.md.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.tree_util import Partial
 
@@ -22,174 +24,40 @@ from jax_advprune.attacks.common import flat_norm
 
 torch = pytest.importorskip("torch")
 torchattacks = pytest.importorskip("torchattacks")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import autoattack_agreement as agreement  # noqa: E402  (the benchmark owns the model and the comparison)
 
-SIDE, CLASSES, N = 16, 10, 256
+SIDE, N = 16, 256
 STEPS, QUERIES = 10, 300  # both sides, per component
-EPS = {"linf": 3 / 255, "l2": 0.25}  # near the 40th percentile of the clean samples' DeepFool distances
-
-
-def plain_cnn(params, x):
-    """(B, 16, 16, 3) in [0, 1] -> (B, 10): conv 3x3 (8) relu, conv 3x3 stride 2 (16) relu, dense."""
-    dn = ("NHWC", "HWIO", "NHWC")
-    h = jax.nn.relu(jax.lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME", dimension_numbers=dn) + params["b1"])
-    h = jax.nn.relu(
-        jax.lax.conv_general_dilated(h, params["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn) + params["b2"]
-    )
-    return h.reshape(h.shape[0], -1) @ params["w"] + params["b"]
-
-
-def torch_twin(params):
-    """The same network in PyTorch (NCHW inside, NHWC flatten order), weights copied."""
-    nn = torch.nn
-
-    class Twin(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-            self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-            self.fc = nn.Linear(16 * 8 * 8, CLASSES)
-
-        def forward(self, x):
-            h = torch.relu(self.c2(torch.relu(self.c1(x))))
-            return self.fc(h.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
-
-    twin = Twin().eval()
-    p = {k: np.asarray(v) for k, v in params.items()}
-    with torch.no_grad():
-        twin.c1.weight.copy_(torch.tensor(p["c1"].transpose(3, 2, 0, 1)))
-        twin.c1.bias.copy_(torch.tensor(p["b1"]))
-        twin.c2.weight.copy_(torch.tensor(p["c2"].transpose(3, 2, 0, 1)))
-        twin.c2.bias.copy_(torch.tensor(p["b2"]))
-        twin.fc.weight.copy_(torch.tensor(p["w"].T))
-        twin.fc.bias.copy_(torch.tensor(p["b"]))
-    return twin
+EPS = agreement.EPS  # near the 40th percentile of the clean samples' DeepFool distances
+plain_cnn, robust_accuracy, torch_robust_accuracy = (
+    agreement.plain_cnn,
+    agreement.robust_accuracy,
+    agreement.torch_robust_accuracy,
+)
 
 
 @pytest.fixture(scope="module")
 def trained():
     """(logits_fn as a Partial, torch twin, x (N, 16, 16, 3) float32, y (N,)): test images the model gets right mostly."""
-    rng = np.random.default_rng(0)
-    templates = 0.5 + rng.uniform(-0.06, 0.06, size=(CLASSES, SIDE // 4, SIDE // 4, 3)).repeat(4, 1).repeat(4, 2)
-
-    def draw(n):
-        y = rng.integers(0, CLASSES, n)
-        return np.clip(templates[y] + rng.normal(0, 0.2, (n, SIDE, SIDE, 3)), 0, 1).astype(np.float32), y.astype(
-            np.int32
-        )
-
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    params = {
-        "c1": jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3,
-        "b1": jnp.zeros(8),
-        "c2": jax.random.normal(keys[1], (3, 3, 8, 16)) * 0.15,
-        "b2": jnp.zeros(16),
-        "w": jax.random.normal(keys[2], (16 * 8 * 8, CLASSES)) * 0.03,
-        "b": jnp.zeros(CLASSES),
-    }
-    tx = optax.adam(3e-3)
-
-    @jax.jit
-    def step(params, opt, x, y):
-        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(plain_cnn(p, x), y).mean()  # noqa: E731
-        grads = jax.grad(loss)(params)
-        updates, opt = tx.update(grads, opt)
-        return optax.apply_updates(params, updates), opt
-
-    opt = tx.init(params)
-    for _ in range(150):
-        params, opt = step(params, opt, *draw(128))
-    x, y = draw(N)
-    twin = torch_twin(params)
-    with torch.no_grad():
-        theirs = twin(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
-    np.testing.assert_allclose(theirs, np.asarray(plain_cnn(params, x)), atol=1e-4)
-    return Partial(plain_cnn, params), twin, x, y
-
-
-def robust_accuracy(logits_fn, x, x_adv, y, eps, norm):
-    """Fraction of samples whose x_adv is within eps of x and still classified y (checked here, independently)."""
-    inside = np.asarray(flat_norm(jnp.asarray(x_adv - x), norm)) <= eps + 1e-5
-    correct = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1)) == y
-    return float(np.mean(correct | ~inside))
-
-
-def torch_robust_accuracy(twin, attack, x, y, eps, norm):
-    nchw = torch.tensor(x).permute(0, 3, 1, 2).contiguous()
-    adv = attack(nchw, torch.tensor(y, dtype=torch.long)).detach().permute(0, 2, 3, 1).numpy()
-    with torch.no_grad():
-        correct = twin(torch.tensor(adv).permute(0, 3, 1, 2)).argmax(1).numpy() == y
-    inside = np.asarray(flat_norm(jnp.asarray(adv - x), norm)) <= eps + 1e-5
-    return float(np.mean(correct | ~inside))
+    return agreement.trained_plain_cnn(SIDE, N)
 
 
 def within_noise(ours, theirs, n=N):
-    """Both measure the same samples: allow 3 binomial standard errors of the larger spread, at least 2 samples."""
-    p = max(min(ours, theirs), 1 / n)
-    return abs(ours - theirs) <= max(3 * math.sqrt(p * (1 - p) / n), 2 / n)
+    return agreement.within_noise(ours, theirs, n)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_each_component_matches_torchattacks_on_a_trained_model(trained, norm):
+    """benchmarks/autoattack_agreement.py's comparison on 16x16 images, and each component's own invariants."""
     logits_fn, twin, x, y = trained
     eps, key = EPS[norm], jax.random.PRNGKey(1)
-    torch_norm = {"linf": "Linf", "l2": "L2"}[norm]
-    torch.manual_seed(0)
     clean = float(np.mean(np.asarray(jnp.argmax(logits_fn(x), -1)) == y))
-    searched = square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES)
-    figures = {
-        "APGD-CE": (
-            apgd(logits_fn, x, y, key, eps=eps, steps=STEPS, norm=norm),
-            torchattacks.APGD(twin, norm=torch_norm, eps=eps, steps=STEPS, loss="ce"),
-        ),
-        "FAB-T": (
-            fab(logits_fn, x, y, key, eps=eps, norm=norm, steps=STEPS).x_adv,
-            torchattacks.FAB(twin, norm=torch_norm, eps=eps, steps=STEPS, multi_targeted=True, n_classes=CLASSES),
-        ),
-        "Square": (searched.x_adv, torchattacks.Square(twin, norm=torch_norm, eps=eps, n_queries=QUERIES)),
-    }
-    targeted = autoattack(
-        logits_fn, x, y, key, eps=eps, norm=norm, version="custom", attacks=["apgd-t"], apgd_steps=STEPS
-    )
-    rows = [
-        (
-            "APGD-T",
-            targeted.robust_accuracy[0],
-            torch_robust_accuracy(
-                twin,
-                torchattacks.APGDT(twin, norm=torch_norm, eps=eps, steps=STEPS, n_classes=CLASSES),
-                x,
-                y,
-                eps,
-                norm,
-            ),
-        )
-    ]
-    # Square's budget counts every forward pass a sample gets; a sample never fooled spends all of it. Same key, same result.
-    spent = np.asarray(searched.queries)
-    assert spent.max() <= QUERIES and spent.min() >= 1 and np.all(spent[~np.asarray(searched.fooled)] == QUERIES)
-    np.testing.assert_array_equal(
-        searched.x_adv, square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES).x_adv
-    )
-    minimal = fab(logits_fn, x, y, key, eps=eps, norm=norm, steps=STEPS)
-    np.testing.assert_array_equal(figures["FAB-T"][0], minimal.x_adv)
-    found = np.isfinite(np.asarray(minimal.distance))
-    np.testing.assert_allclose(
-        np.asarray(minimal.distance)[found], np.asarray(flat_norm(minimal.x_adv - x, norm))[found], rtol=1e-5, atol=1e-7
-    )
-    misclassified = np.asarray(jnp.argmax(logits_fn(minimal.x_adv), -1)) != y
-    np.testing.assert_array_equal(np.asarray(minimal.fooled), misclassified & (np.asarray(minimal.distance) <= eps))
-    for name, (x_adv, attack) in figures.items():
-        assert float(np.min(x_adv)) >= 0 and float(np.max(x_adv)) <= 1
-        if name != "FAB-T":  # FAB returns its smallest adversarial point, which may lie beyond eps
-            assert np.all(np.asarray(flat_norm(jnp.asarray(x_adv - x), norm)) <= eps + 1e-5), name
-        rows.append(
-            (
-                name,
-                robust_accuracy(logits_fn, x, np.asarray(x_adv), y, eps, norm),
-                torch_robust_accuracy(twin, attack, x, y, eps, norm),
-            )
-        )
+    rows = []
+    for name, (ours, theirs) in agreement.component_pairs(logits_fn, twin, x, y, eps, norm, STEPS, QUERIES).items():
+        torch.manual_seed(0)
+        rows.append((name, ours(), theirs()))
     print(
         f"\n{norm} eps {eps:.4f}, clean {clean:.3f}: "
         + ", ".join(f"{n} ours {a:.3f} torchattacks {b:.3f}" for n, a, b in rows)
@@ -197,6 +65,26 @@ def test_each_component_matches_torchattacks_on_a_trained_model(trained, norm):
     assert 0.15 < rows[0][2] < clean - 0.15, "eps must leave the comparison informative"
     for name, ours, theirs in rows:
         assert within_noise(ours, theirs), (name, ours, theirs)
+
+    # Square's budget counts every forward pass a sample gets; a sample never fooled spends all of it. Same key, same result.
+    searched = square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES)
+    spent = np.asarray(searched.queries)
+    assert spent.max() <= QUERIES and spent.min() >= 1 and np.all(spent[~np.asarray(searched.fooled)] == QUERIES)
+    np.testing.assert_array_equal(
+        searched.x_adv, square(logits_fn, x, y, key, eps=eps, norm=norm, queries=QUERIES).x_adv
+    )
+    minimal = fab(logits_fn, x, y, key, eps=eps, norm=norm, steps=STEPS)
+    found = np.isfinite(np.asarray(minimal.distance))
+    np.testing.assert_allclose(
+        np.asarray(minimal.distance)[found], np.asarray(flat_norm(minimal.x_adv - x, norm))[found], rtol=1e-5, atol=1e-7
+    )
+    misclassified = np.asarray(jnp.argmax(logits_fn(minimal.x_adv), -1)) != y
+    np.testing.assert_array_equal(np.asarray(minimal.fooled), misclassified & (np.asarray(minimal.distance) <= eps))
+    ascended = apgd(logits_fn, x, y, key, eps=eps, steps=STEPS, norm=norm)
+    for name, x_adv in {"APGD-CE": ascended, "FAB-T": minimal.x_adv, "Square": searched.x_adv}.items():
+        assert float(np.min(x_adv)) >= 0 and float(np.max(x_adv)) <= 1, name
+        if name != "FAB-T":  # FAB returns its smallest adversarial point, which may lie beyond eps
+            assert np.all(np.asarray(flat_norm(jnp.asarray(x_adv - x), norm)) <= eps + 1e-5), name
 
 
 @pytest.mark.slow
@@ -216,14 +104,7 @@ def test_standard_autoattack_matches_torchattacks_autoattack(trained, norm="linf
     assert np.all(np.asarray(flat_norm(jnp.asarray(ours.x_adv - x), norm)) <= eps + 1e-5)
     assert robust_accuracy(logits_fn, x, ours.x_adv, y, eps, norm) == pytest.approx(ours.robust_accuracy[-1])
     torch.manual_seed(0)
-    theirs = torch_robust_accuracy(
-        twin,
-        torchattacks.AutoAttack(twin, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_classes=CLASSES, seed=0),
-        x,
-        y,
-        eps,
-        norm,
-    )
+    theirs = agreement.standard_autoattack_pair(logits_fn, twin, x, y, eps, norm)[1]()
     print(f"\n{norm}: ours {ours.robust_accuracy} torchattacks.AutoAttack {theirs:.3f}")
     assert within_noise(ours.robust_accuracy[-1], theirs)
 
