@@ -66,6 +66,14 @@ METHODS = [
 SCORES = {"margin": {}, "du": DU_SCORING, "el2n": {}}
 
 
+def _read_json(path: str) -> dict:
+    """The JSON at `path`, or {} where the run has no such file (no score phase, no selection)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def study_config(
     strategy: str,
     score: str | None,
@@ -174,6 +182,8 @@ class Study:
         timings = json.load(open(os.path.join(workdir, "timings.json")))
         ema = results["results"]["ema"]
         compute = score_s + timings.get("select", 0.0) + timings["train"]
+        scored = _read_json(os.path.join(workdir, "scores", "meta.json"))
+        selected = _read_json(os.path.join(workdir, "selection", "meta.json"))
         row = dict(
             method=label,
             kind=kind,
@@ -192,6 +202,10 @@ class Study:
             device_s=round(compute * self.mesh.size, 2),
             devices=self.mesh.size,
             others_cores=round(sum(others) / len(others), 3) if others else None,
+            # what the docs quote about the scores and the selection, kept beside the accuracies
+            spearman_held_out=scored.get("extrapolation", {}).get("spearman_held_out"),
+            scoring_fraction_correct=scored.get("fraction_correct"),
+            kept_per_class=selected.get("kept_per_class"),
             **extra,
         )
         self.rows.append(row)

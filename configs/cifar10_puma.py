@@ -11,7 +11,9 @@ L-inf 8/255, batch 512, 30% originals, EMA, 400 epochs) trains on the selection.
 Scores: a margin model (the same recipe, 100 epochs here: our choice, the paper
 gives no number we have) is adversarially trained on the whole pool, and DeepFool
 L-inf margins (50 iterations, overshoot 0.02, all 10 candidate classes) are
-computed on clean inputs for every pool sample. PUMA keeps the `keep_ratio`
+computed on clean inputs for every pool sample, in the form of DM-Improves-AT's
+DeepFoolAttack (overshoot and clipping, then a 50-step bisection towards the
+boundary; the margin is the distance of the point it returns). PUMA keeps the `keep_ratio`
 lowest-margin samples of the synthetic pool (the original training set is kept
 whole; set pruning.scope='all' to prune it too) and lowers the training eps of
 kept samples whose margin is below 8/255 to their margin (eps_min 0). Which parts
@@ -51,6 +53,10 @@ def get_config(arg: str | None = None):
     s.deepfool.max_iter = 50 if arg is None else 10
     s.deepfool.overshoot = 0.02
     s.deepfool.candidates = 0  # all classes, as the paper's DeepFool
+    # DM-Improves-AT's DeepFoolAttack, the code base PUMA builds on: step slack 1e-6, 50 halvings towards the
+    # clipped point, the distance of the returned point (docs/algorithms.md, section 1).
+    s.deepfool.form = "dm_improves_at"
+    s.deepfool.search_steps = 50
     p = c.pruning
     p.strategy = "puma"
     p.keep_ratio = 0.5

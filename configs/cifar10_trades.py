@@ -11,23 +11,22 @@ with --distributed=on):
 Settings (docs/algorithms.md, section 5): WRN-28-10 with Swish,
 TRADES beta 5 with the attack on KL, L-inf eps 8/255, 10 steps of 2/255, batch 512
 with 30% original / 70% generated images (generated drawn with replacement), an
-epoch = ceil(50,000 / 512) = 98 steps, 400 epochs, SGD Nesterov 0.9, lr 0.2 with
-warm-up over the first 2.5% of steps then cosine decay, weight decay 5e-4 (not on
-BatchNorm or biases), label smoothing 0.1, EMA 0.995 with the reference's dynamic
-decay, random crop (padding 4) and flip; model selection by PGD-40 accuracy of the
-EMA weights on 1,024 held-out training images. No pruning here (keep everything);
+epoch = ceil(50,000 / 512) = 98 steps, 400 epochs, SGD Nesterov, lr 0.2 on the
+reference's schedule (torch's OneCycleLR stepped once per epoch: cosine warm-up from
+lr/25 over the first 2.5% of epochs, cosine down to lr/25/1e4, momentum cycled
+0.95 -> 0.85 -> 0.95), weight decay 5e-4 (not on BatchNorm or biases), label
+smoothing 0.1, EMA 0.995 with the reference's dynamic decay from update 0.025 x
+39,200 = 980 on, BatchNorm averages set to the first update's batch statistics (its
+momentum 1.0 there), random crop (padding 4) and flip; model selection by PGD-40 on the
+CW loss, accuracy of the EMA weights on 1,024 held-out training images. No pruning here (keep everything);
 configs/cifar10_puma.py and cifar10_extrapolation.py build on this.
 
 Expected result (reported by the reference, 20M generated images, 400 epochs,
 AutoAttack on the 10k test images): 92.44% clean, 67.31% robust. Our evaluator is
 the standard AutoAttack (APGD-CE, APGD-T with 9 targets, FAB-T, Square 5,000
 queries), run on the samples each earlier component left robust.
-Differences from the reference we know of (DM-Improves-AT at bbdeb4f): it steps
-OneCycleLR once per epoch, with a cosine warm-up from lr/25 and its momentum
-cycled 0.95 -> 0.85 -> 0.95; ours warms up linearly per step with a fixed momentum
-of 0.9. It starts the EMA after 980 steps (ours at step 0, with the dynamic decay),
-sets the BatchNorm momentum to 1.0 on the first step, and selects the model by
-PGD-40 on the CW loss (ours: on cross-entropy).
+Differences from the reference we know of (DM-Improves-AT at bbdeb4f) are in the
+table of docs/algorithms.md ("Differences from the reference code"), with file:line.
 
 Expected wall time: not measured by this project (it needs accelerators). Estimate
 it before renting them: `python -m jax_advprune.plan --config configs/cifar10_trades.py
@@ -68,13 +67,17 @@ def get_config(arg: str | None = None):
     t.original_fraction = 0.3
     t.synthetic_with_replacement = True
     t.lr = 0.2
-    t.momentum = 0.9
+    t.schedule = "onecycle"  # the reference's 'cosinew': OneCycleLR per epoch, momentum cycled
+    t.onecycle_pct_start = 0.025
+    t.momentum = 0.9  # unused by 'onecycle' (--config.train.schedule=warmup_cosine uses it)
     t.nesterov = True
     t.weight_decay = 5e-4
-    t.warmup_steps = int(0.025 * 400 * EPOCH_STEPS)
+    t.warmup_steps = int(0.025 * 400 * EPOCH_STEPS)  # 'warmup_cosine' only
     t.label_smoothing = 0.1
     t.ema_decay = 0.995
     t.ema_warmup_steps = 0
+    t.ema_start_fraction = 0.025  # the reference's warmup_steps = 0.025 x epochs x steps per epoch (980)
+    t.first_step_batch_stats = True  # the reference's BatchNorm momentum 1.0 on the first update
     t.crop_padding = 4
     t.flip = True
     t.num_workers = 2
@@ -83,6 +86,7 @@ def get_config(arg: str | None = None):
     t.validation_size = 1024
     t.validation_every_epochs = 1.0
     t.validation_pgd_steps = 40
+    t.validation_loss = "cw"  # the reference selects by PGD-40 on its CWLoss
     t.log_every_steps = 50
     t.log_every_s = 60.0
 

@@ -94,9 +94,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.nesterov = True
     c.train.weight_decay = 5e-4
     c.train.warmup_steps = 50
+    # 'warmup_cosine': linear warm-up over warmup_steps, cosine to 0, per step. 'onecycle': DM-Improves-AT's
+    # 'cosinew', torch's OneCycleLR stepped per epoch (cosine warm-up from lr/25 over onecycle_pct_start of the
+    # epochs, cosine down to lr/25/1e4) with momentum cycled 0.95 -> 0.85 -> 0.95 (momentum is then unused).
+    c.train.schedule = "warmup_cosine"
+    c.train.onecycle_pct_start = 0.025
     c.train.label_smoothing = 0.1
     c.train.ema_decay = 0.995
     c.train.ema_warmup_steps = 0
+    # > 0: DM-Improves-AT's EMA start instead, at update fraction x total steps (its 0.025), with its decay rule.
+    c.train.ema_start_fraction = 0.0
+    # True: BatchNorm averages after the first step are that step's batch statistics (the reference's momentum 1.0
+    # on its first update); False: the model's momentum from the first step on.
+    c.train.first_step_batch_stats = False
     c.train.crop_padding = 2
     c.train.flip = False  # digits are not mirror-symmetric
     c.train.num_workers = 0
@@ -105,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.validation_size = 128
     c.train.validation_every_epochs = 5.0
     c.train.validation_pgd_steps = 10
+    c.train.validation_loss = "ce"  # the model-selection PGD's loss: 'ce', or 'cw' (DM-Improves-AT's CWLoss)
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.log_every_steps = 25
@@ -135,6 +146,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scoring.extrapolation.metric = "euclidean"  # or 'cosine'
     c.scoring.extrapolation.weighting = "uniform"  # or 'distance'
     c.scoring.extrapolation.holdout_fraction = 0.1  # scored rows kept out of the references, to measure Spearman
+    # 'l2': unit-length embeddings before the kNN (SSCD's output is L2-normalised, so the reference's Euclidean
+    # kNN ranks like cosine); 'none': the features as they come.
+    c.scoring.extrapolation.normalize = "none"
+    # With history_protocol='reference' and pruning.scope='synthetic' the originals are not scored; True scores them
+    # (their own history run, as the reference does) and makes them kNN references; they stay unprunable.
+    c.scoring.extrapolation.original_references = False
     c.scoring.extrapolation.engine = "auto"  # exact kNN: 'auto' (faiss when installed, on a CPU), 'faiss' or 'jax'
     # The kNN's embedding: '' = the scoring model's penultimate features; or weights (same kinds of path as
     # scoring.init_from) whose penultimate features embed every row (the paper uses SSCD, a copy-detection network).
@@ -151,6 +168,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Top-3 classes by logit instead of all 10: several times faster on the CPU, median distance
     # unchanged (README "Performance"); 0 = all classes (--config.scoring.deepfool.candidates=0).
     c.scoring.deepfool.candidates = 3
+    # 'foolbox': distance ||r_total||; 'dm_improves_at': DM-Improves-AT's DeepFoolAttack (slack 1e-6, then
+    # `search_steps` halvings towards the clipped point, distance of the returned point). docs/algorithms.md.
+    c.scoring.deepfool.form = "foolbox"
+    c.scoring.deepfool.search_steps = 50
 
     c.pruning = ml_collections.ConfigDict()
     c.pruning.strategy = (

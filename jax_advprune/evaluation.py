@@ -26,15 +26,16 @@ def pgd_evaluator(
     norm: str,
     batch_size: int,
     mesh: jax.sharding.Mesh,
+    loss: str = "ce",
 ) -> Callable[..., dict[str, float]]:
     """evaluate(variables, images, labels, seed=0) -> clean and PGD-`steps` accuracy; compiled once.
 
-    PGD: CE loss, random start. images: (N, H, W, C) uint8, the same on every
+    PGD: `loss` ('ce', 'cw' or 'cw_margin', see attacks.objectives), random start. images: (N, H, W, C) uint8, the same on every
     process; labels: (N,) int. Batches of `batch_size` (divisible by the mesh size)
     are split over the mesh's devices. Returns fractions in [0, 1] and n.
     """
     parallel.check_divisible(batch_size, mesh, "eval batch size")
-    batch_correct = pgd_program(apply_fn, eps=eps, step_size=step_size, steps=steps, norm=norm, mesh=mesh)
+    batch_correct = pgd_program(apply_fn, eps=eps, step_size=step_size, steps=steps, norm=norm, mesh=mesh, loss=loss)
 
     def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
         variables = jax.device_put(variables, parallel.replicated(mesh))  # once, not per batch
@@ -52,14 +53,18 @@ def pgd_evaluator(
     return evaluate
 
 
-def pgd_program(apply_fn: ApplyFn, *, eps: float, step_size: float, steps: int, norm: str, mesh: jax.sharding.Mesh):
+def pgd_program(
+    apply_fn: ApplyFn, *, eps: float, step_size: float, steps: int, norm: str, mesh: jax.sharding.Mesh, loss: str = "ce"
+):
     """The jitted (variables, key, images uint8 (B, ...), labels (B,)) -> (B, 2) bool [clean correct, PGD correct]
     of `pgd_evaluator`, split over the mesh."""
 
     def shard_correct(variables, key, x_uint8, y):
         x = to_unit_interval(x_uint8)
         logits_fn = lambda z: apply_fn(variables, z)  # noqa: E731
-        x_adv = pgd(logits_fn, x, y, parallel.shard_key(key), eps=eps, step_size=step_size, steps=steps, norm=norm)
+        x_adv = pgd(
+            logits_fn, x, y, parallel.shard_key(key), eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss
+        )
         return jnp.stack([jnp.argmax(logits_fn(x), -1) == y, jnp.argmax(logits_fn(x_adv), -1) == y], axis=1)
 
     return jax.jit(parallel.shard_over_batch(shard_correct, mesh, num_replicated=2))

@@ -65,7 +65,7 @@ from jax.tree_util import Partial
 
 from jax_advprune import backends, parallel, training, validate
 from jax_advprune.attacks.autoattack import TARGETED, _predict, component, components
-from jax_advprune.attacks.deepfool import _deepfool_loop, queue_programs
+from jax_advprune.attacks.deepfool import BISECTION_ROWS, _deepfool_loop, queue_programs
 from jax_advprune.attacks.dispatch import attack_program, split_dynamic
 from jax_advprune.evaluation import pgd_program
 from jax_advprune.phases import score as score_phase
@@ -365,7 +365,7 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
             attack.steps = loop
         model = build_model(config, tcfg.compute_dtype)
         tx = training.make_optimizer(tcfg, 1000)
-        step = training.make_train_step(model, tx, tcfg, attack, mesh)
+        step = training.make_train_step(model, tx, tcfg, attack, mesh, ema_from=training.ema_start(tcfg, 1000))
         state = _placed(
             jax.eval_shape(lambda: training.init_train_state(model, tx, image_shape, config.seed)), replicated
         )
@@ -392,7 +392,7 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
     programs.append(Program("train step", "train", tcfg.batch_size, train_build, calls, loop_count=config.attack.steps))
 
     # Validation PGD (model selection) and the evaluation's PGD.
-    def pgd_build(steps):
+    def pgd_build(steps, loss="ce"):
         def build(batch, loop=None):
             jitted = pgd_program(
                 apply_fn(eval_model),
@@ -401,6 +401,7 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
                 steps=loop or steps,
                 norm=config.attack.norm,
                 mesh=mesh,
+                loss=loss,
             )
             return _Unrolled(jitted, loop is not None), (variables, key, images(batch), labels(batch))
 
@@ -412,7 +413,7 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
                 f"validation PGD-{tcfg.validation_pgd_steps}",
                 "train",
                 ecfg.batch_size,
-                pgd_build(tcfg.validation_pgd_steps),
+                pgd_build(tcfg.validation_pgd_steps, tcfg.validation_loss),
                 {"train": validations * -(-validation_size // ecfg.batch_size)},
                 loop_count=tcfg.validation_pgd_steps,
             )
@@ -485,7 +486,14 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
     if score_phase.needed(config) and scfg.score == "margin":
         d = scfg.deepfool
         per_chip_slots = scfg.slots // mesh.size
-        settings = dict(norm=d.norm, max_iter=d.max_iter, overshoot=d.overshoot, candidates=d.candidates or None)
+        settings = dict(
+            norm=d.norm,
+            max_iter=d.max_iter,
+            overshoot=d.overshoot,
+            candidates=d.candidates or None,
+            form=d.form,
+            search_steps=d.search_steps,
+        )
         logits_tree = Partial(apply_fn(eval_model), variables)
 
         def deepfool_build(batch, loop=None):
@@ -513,6 +521,18 @@ def run_programs(config, mesh: Mesh, sizes: dict, deepfool_iterations: float) ->
                 f"{scfg.slots} slots; max_iter {d.max_iter}",
             )
         )
+        if d.form == "dm_improves_at" and d.search_steps:  # inside the chunk's program; costed as forward passes
+            bisection_batch = BISECTION_ROWS * mesh.size
+            programs.append(
+                Program(
+                    "DeepFool bisection (as forward passes)",
+                    "score",
+                    bisection_batch,
+                    _forward_build(eval_model, variables, mesh, images, labels),
+                    {"score": d.search_steps * math.ceil(scored / bisection_batch)},
+                    notes=f"{d.search_steps} halvings per sample, each one forward pass",
+                )
+            )
     if score_phase.needed(config) and (
         scfg.score in score_phase.HISTORY_SCORES or scfg.extrapolation.enabled or scfg.score in ("el2n",)
     ):
@@ -790,7 +810,7 @@ def calibrate_utilisation(config, per_device_batch: int = 2, steps: int = 3) -> 
         state = jax.device_put(
             training.init_train_state(model, tx, image_shape, config.seed), parallel.replicated(mesh)
         )
-        step = training.make_train_step(model, tx, tcfg, config.attack, mesh)
+        step = training.make_train_step(model, tx, tcfg, config.attack, mesh, ema_from=training.ema_start(tcfg, 1000))
         batch = per_device_batch * mesh.size
         rng = np.random.default_rng(0)
         host_batch = {

@@ -7,6 +7,8 @@ ask here; nothing below the phases does (the writers they share are in `storage`
       scores/<score>.npy, extras    score phase; scores/meta.json marks it complete
         history/[<run>/]epoch_*.npz   the scoring run's per-pass predictions (resume log)
         deepfool_chunks/chunk_*.npz   DeepFool margins per chunk (resume log)
+        embedding.npy, computed_scores.npz   with extrapolation: the kNN's queries, the computed scores
+        extrapolation_check.json      python -m jax_advprune.check_extrapolation (optional)
       scoring_model[_<run>]/checkpoints[_best]/   the scoring model's training
       selection/keep.npy, eps.npy   select phase; selection/meta.json marks it complete
       checkpoints/, checkpoints_best/   train phase (orbax; the last step marks it complete)
@@ -36,6 +38,21 @@ def data_dir(workdir: str) -> str:
 
 def scores_dir(workdir: str) -> str:
     return os.path.join(workdir, "scores")
+
+
+def computed_scores_file(workdir: str) -> str:
+    """scores/computed_scores.npz: with extrapolation, `rows` (M,) int64 pool rows that got a computed score and
+    `values` (M,) float32 those scores (held-out rows included), for `check_extrapolation`."""
+    return os.path.join(scores_dir(workdir), "computed_scores.npz")
+
+
+def embedding_file(workdir: str) -> str:
+    """scores/embedding.npy: (trainable rows, D) float32, the kNN queries' embedding as searched, in row order."""
+    return os.path.join(scores_dir(workdir), "embedding.npy")
+
+
+def extrapolation_check_file(workdir: str) -> str:
+    return os.path.join(scores_dir(workdir), "extrapolation_check.json")
 
 
 def score_file(workdir: str, score: str) -> str:

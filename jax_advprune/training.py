@@ -50,27 +50,100 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Learning rate per optimizer step: linear warm-up over cfg.warmup_steps to cfg.lr, then cosine to 0."""
+SCHEDULES = ("warmup_cosine", "onecycle")
+# torch.optim.lr_scheduler.OneCycleLR's defaults, as DM-Improves-AT's 'cosinew' scheduler uses them.
+ONECYCLE_DIV_FACTOR = 25.0  # the first learning rate is lr / 25
+ONECYCLE_FINAL_DIV_FACTOR = 1e4  # the last is lr / 25 / 1e4
+ONECYCLE_MOMENTUM = (0.85, 0.95)  # (base, max): max -> base over the warm-up, base -> max after
+
+
+def onecycle_value(epoch, epochs: int, pct_start: float, start: float, peak: float, end: float):
+    """torch's OneCycleLR (two phases, cosine annealing) at scheduler step `epoch` of `epochs`: cosine from `start`
+    to `peak` until step pct_start * epochs - 1, then cosine from `peak` to `end` at step epochs - 1."""
+    warmup_end = float(pct_start * epochs) - 1.0
+    last = float(epochs - 1)
+    epoch = jnp.asarray(epoch, jnp.float32)
+
+    def cosine(a, b, fraction):  # b + (a - b) (cos(pi f) + 1) / 2, written without float32's cancellation near f = 1
+        return b + (a - b) * jnp.cos(jnp.pi / 2 * fraction) ** 2
+
+    rising = cosine(start, peak, epoch / warmup_end) if warmup_end > 0 else peak
+    falling = cosine(peak, end, (epoch - warmup_end) / max(last - warmup_end, 1e-12))
+    return jnp.where(epoch <= warmup_end, rising, falling)
+
+
+def _epochs_of(total_steps: int, steps_per_epoch: int) -> int:
+    return max(1, -(-int(total_steps) // max(1, int(steps_per_epoch))))
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1) -> optax.Schedule:
+    """Learning rate per optimizer step.
+
+    cfg.schedule 'warmup_cosine': linear warm-up over cfg.warmup_steps to cfg.lr, then cosine to 0, per step.
+    'onecycle' (DM-Improves-AT's 'cosinew'): torch's OneCycleLR over the run's epochs (ceil(total_steps /
+    steps_per_epoch)) with pct_start cfg.onecycle_pct_start, stepped once per epoch: cosine from lr / 25 up to lr,
+    then cosine down to lr / 25 / 1e4; constant within an epoch."""
+    if cfg.get("schedule", "warmup_cosine") == "onecycle":
+        epochs, pct = _epochs_of(total_steps, steps_per_epoch), float(cfg.onecycle_pct_start)
+        start = cfg.lr / ONECYCLE_DIV_FACTOR
+        end = start / ONECYCLE_FINAL_DIV_FACTOR
+        return lambda step: onecycle_value(step // steps_per_epoch, epochs, pct, start, cfg.lr, end)
     warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_momentum_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1):
+    """SGD momentum per optimizer step for cfg.schedule 'onecycle' (OneCycleLR's cycle_momentum: 0.95 down to 0.85
+    over the warm-up, back up to 0.95 at the end, per epoch), else the constant cfg.momentum."""
+    if cfg.get("schedule", "warmup_cosine") != "onecycle":
+        return cfg.momentum
+    epochs, pct = _epochs_of(total_steps, steps_per_epoch), float(cfg.onecycle_pct_start)
+    base, peak = ONECYCLE_MOMENTUM
+    return lambda step: onecycle_value(step // steps_per_epoch, epochs, pct, peak, base, peak)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
     """SGD (Nesterov) with weight decay on kernels only (not BatchNorm, not biases), `make_schedule` per step.
 
-    Reads cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.warmup_steps.
-    """
-    return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.sgd(make_schedule(cfg, total_steps), momentum=cfg.momentum, nesterov=cfg.nesterov),
-    )
+    Reads cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.warmup_steps, cfg.schedule (and
+    cfg.onecycle_pct_start). With 'onecycle' the momentum follows `make_momentum_schedule` too (optax's
+    inject_hyperparams; the update is torch.optim.SGD's: buffer = momentum * buffer + grad, Nesterov step grad +
+    momentum * buffer)."""
+    schedule = make_schedule(cfg, total_steps, steps_per_epoch)
+    if cfg.get("schedule", "warmup_cosine") == "onecycle":
+        sgd = optax.inject_hyperparams(optax.sgd)(
+            learning_rate=schedule,
+            momentum=make_momentum_schedule(cfg, total_steps, steps_per_epoch),
+            nesterov=cfg.nesterov,
+        )
+    else:
+        sgd = optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), sgd)
+
+
+def ema_start(cfg: ml_collections.ConfigDict, total_steps: int) -> float | None:
+    """DM-Improves-AT's EMA start, cfg.ema_start_fraction x total_steps (its warmup_steps = 0.025 x epochs x steps
+    per epoch), or None when the fraction is 0 (the train step then uses cfg.ema_warmup_steps and `ema_decay`)."""
+    fraction = float(cfg.get("ema_start_fraction", 0.0))
+    return fraction * total_steps if fraction > 0 else None
 
 
 def ema_decay(step: jax.Array, tau: float, warmup_steps: int = 0) -> jax.Array:
-    """The reference's dynamic EMA decay: 0 before warm-up, then min(tau, (1 + d) / (10 + d))."""
+    """The EMA decay after step `step` (counted from 0): 0 until step warmup_steps, then min(tau, (1 + d) / (10 + d)),
+    d = step - warmup_steps."""
     delta = (step - warmup_steps).astype(jnp.float32)
     return jnp.where(step > warmup_steps, jnp.minimum(tau, (1.0 + delta) / (10.0 + delta)), 0.0)
+
+
+def reference_ema_decay(step: jax.Array, tau: float, start: float) -> jax.Array:
+    """DM-Improves-AT's `ema_update` decay (watrain.py) after update k = step + 1, counting updates from 1: 0 while
+    k < start, then min(tau, (1 + d) / (10 + d)), d = k - start. With start = s + 1 this is `ema_decay` with
+    warmup_steps s except at update k = start, where it is 0.1 instead of 0."""
+    k = (step + 1).astype(jnp.float32)
+    delta = k - start
+    return jnp.where(k >= start, jnp.minimum(tau, (1.0 + delta) / (10.0 + delta)), 0.0)
 
 
 def init_train_state(
@@ -139,16 +212,25 @@ def _adversarial_examples(
     return pgd(attack_logits_fn, x, labels, key, eps=eps, step_size=step_size, steps=attack.steps, norm=attack.norm)
 
 
-def _training_loss(model, cfg, trades: bool, batch_stats, x, x_adv, labels, attack_logits_fn, params):
+def _training_loss(model, cfg, trades: bool, batch_stats, x, x_adv, labels, attack_logits_fn, params, fresh=False):
     """Mean training loss of the batch -> (loss, (adversarial logits, clean logits, updated BatchNorm statistics)).
 
     TRADES: CE_s(clean) + beta * KL, the clean pass first (it updates the BatchNorm
     averages before the adversarial pass, as PyTorch does). PGD-AT: CE_s(adversarial).
+    `fresh` (a traced bool): every pass starts its averages from zero, so that the
+    returned statistics are (1 - momentum) x the last pass's batch statistics (see
+    `make_train_step`, cfg.first_step_batch_stats).
     """
-    variables = {"params": params, "batch_stats": batch_stats}
+
+    def zeroed(stats):
+        if fresh is False:  # the usual step: nothing added to the program
+            return stats
+        return jax.tree_util.tree_map(lambda a: jnp.where(fresh, jnp.zeros_like(a), a), stats)
+
+    variables = {"params": params, "batch_stats": zeroed(batch_stats)}
     if trades:
         clean_logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        variables = {"params": params, "batch_stats": updates["batch_stats"]}
+        variables = {"params": params, "batch_stats": zeroed(updates["batch_stats"])}
     logits, updates = model.apply(variables, x_adv, train=True, mutable=["batch_stats"])
     if trades:
         loss = jnp.mean(trades_loss(clean_logits, logits, labels, cfg.trades_beta, cfg.label_smoothing))
@@ -165,6 +247,7 @@ def make_train_step(
     attack: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     schedule: optax.Schedule | None = None,
+    ema_from: float | None = None,
 ):
     """Adversarial training step (state, host batch) -> (state, metrics), jitted over the mesh.
 
@@ -174,9 +257,17 @@ def make_train_step(
     CE_smoothed(clean) + cfg.trades_beta * KL(softmax(clean) || softmax(adv)),
     with gradients through both logits.
 
+    EMA: `ema_decay` with cfg.ema_warmup_steps, or with `ema_from` (see `ema_start`) DM-Improves-AT's
+    `reference_ema_decay`.
+
     BatchNorm: the attack's forward passes use batch statistics and leave the
     running averages alone; the training forward passes (clean then adversarial
     for TRADES) update them, in that order, as PyTorch does.
+    With cfg.first_step_batch_stats (DM-Improves-AT's `set_bn_momentum(model, 1.0)`
+    on its first update, watrain.py) the averages after step 0 are the batch
+    statistics of the last training pass (the adversarial one), not a 1 - momentum
+    blend with their initial values: that step's passes start from zero averages
+    and the result is divided by 1 - model.bn_momentum.
 
     host batch: this process's share of `image` (b, H, W, C) uint8, `label` (b,) int
     and `eps` (b,) float32 per-sample training radius; it becomes a global batch
@@ -188,6 +279,12 @@ def make_train_step(
     if cfg.loss not in TRAINING_LOSSES:
         raise ValueError(f"train.loss must be one of {TRAINING_LOSSES}, got {cfg.loss!r}")
     trades = cfg.loss == "trades"
+    first_step_stats = bool(cfg.get("first_step_batch_stats", False))
+    if first_step_stats and not isinstance(getattr(model, "bn_momentum", None), float):
+        raise ValueError(
+            "train.first_step_batch_stats needs a model that states its BatchNorm momentum (a `bn_momentum` class "
+            f"attribute, as the project's models have); {type(model).__name__} has none"
+        )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         x, labels, eps = to_unit_interval(batch["image"]), batch["label"], batch["eps"]
@@ -195,13 +292,22 @@ def make_train_step(
         x_adv = _adversarial_examples(
             attack_logits_fn, x, labels, eps, jax.random.fold_in(state.rng, state.step), attack, trades
         )
+        first = (state.step == 0) if first_step_stats else False
         loss_fn = functools.partial(
-            _training_loss, model, cfg, trades, state.batch_stats, x, x_adv, labels, attack_logits_fn
+            _training_loss, model, cfg, trades, state.batch_stats, x, x_adv, labels, attack_logits_fn, fresh=first
         )
         (loss, (logits, clean_logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if first_step_stats:
+            batch_stats = jax.tree_util.tree_map(
+                lambda a: jnp.where(first, a / (1.0 - model.bn_momentum), a), batch_stats
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup_steps)
+        decay = (
+            ema_decay(state.step, cfg.ema_decay, cfg.ema_warmup_steps)
+            if ema_from is None
+            else reference_ema_decay(state.step, cfg.ema_decay, ema_from)
+        )
         ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params

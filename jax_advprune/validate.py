@@ -15,6 +15,7 @@ import os
 
 from jax_advprune import backends, run_dir, storage
 from jax_advprune.attacks.common import NORMS
+from jax_advprune.attacks.deepfool import FORMS as DEEPFOOL_FORMS
 from jax_advprune.data import splits
 from jax_advprune.errors import UserError
 from jax_advprune.models import MODELS, create_model
@@ -22,9 +23,9 @@ from jax_advprune.models.preact_resnet import ACTIVATIONS
 from jax_advprune.phases import evaluate, score, select, train
 from jax_advprune.pruning import importance, strategies
 from jax_advprune.pruning.knn import ENGINES as KNN_ENGINES
-from jax_advprune.pruning.knn import METRICS
+from jax_advprune.pruning.knn import METRICS, NORMALIZATIONS
 from jax_advprune.pruning.knn import faiss_available as knn_engine_available
-from jax_advprune.training import TRAINING_LOSSES
+from jax_advprune.training import SCHEDULES, TRAINING_LOSSES
 
 
 class ConfigError(UserError):
@@ -206,6 +207,16 @@ def _attack_and_train_problems(p: _Problems, config, process_count: int) -> None
     p.within("train.label_smoothing", t.label_smoothing, 0, 1, high_open=True)
     p.within("train.ema_decay", t.ema_decay, 0, 1)
     p.within("train.ema_warmup_steps", t.ema_warmup_steps, 0)
+    p.within("train.ema_start_fraction", t.ema_start_fraction, 0, 1, high_open=True)
+    p.one_of("train.schedule", t.schedule, SCHEDULES)
+    p.within("train.onecycle_pct_start", t.onecycle_pct_start, 0, 1, low_open=True, high_open=True)
+    p.one_of("train.validation_loss", t.validation_loss, ("ce", "cw"))
+    p.need(
+        isinstance(t.first_step_batch_stats, bool),
+        "train.first_step_batch_stats",
+        t.first_step_batch_stats,
+        "True or False",
+    )
     p.within("train.crop_padding", t.crop_padding, 0)
     p.within("train.num_workers", t.num_workers, 0)
     p.within("train.validation_size", t.validation_size, 0)
@@ -246,6 +257,13 @@ def _scoring_problems(p: _Problems, config) -> None:
     p.one_of("scoring.deepfool.norm", s.deepfool.norm, NORMS)
     p.within("scoring.deepfool.max_iter", s.deepfool.max_iter, 1)
     p.within("scoring.deepfool.overshoot", s.deepfool.overshoot, 0)
+    p.one_of("scoring.deepfool.form", s.deepfool.form, DEEPFOOL_FORMS)
+    p.need(
+        isinstance(s.deepfool.search_steps, int) and s.deepfool.search_steps >= 0,
+        "scoring.deepfool.search_steps",
+        s.deepfool.search_steps,
+        "an integer >= 0 (the bisection's halvings in the 'dm_improves_at' form)",
+    )
     candidates = s.deepfool.candidates
     p.need(
         candidates is None or 0 <= candidates <= config.data.num_classes - 1,
@@ -271,6 +289,13 @@ def _scoring_problems(p: _Problems, config) -> None:
                 "'auto' or 'jax': faiss is not installed (pip install faiss-cpu)",
             )
         p.within("scoring.extrapolation.holdout_fraction", ext.holdout_fraction, 0, 1, high_open=True)
+        p.one_of("scoring.extrapolation.normalize", ext.normalize, NORMALIZATIONS)
+        p.need(
+            isinstance(ext.original_references, bool),
+            "scoring.extrapolation.original_references",
+            ext.original_references,
+            "True or False",
+        )
         if ext.embedding_model:
             p.one_of("scoring.extrapolation.embedding_model", ext.embedding_model, sorted(MODELS))
             p.need(

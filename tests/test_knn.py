@@ -91,3 +91,70 @@ def test_streamed_extrapolation_equals_knn_then_extrapolate_and_holds_one_chunk(
     )
     with pytest.raises(ValueError, match="reference scores for 500 references"):
         extrapolate_knn(queries, refs, ref_scores[:-1], k=k, mesh=mesh, engine=engine)
+
+
+def _reference_extrapolate(encodings_orig, scores_orig, encodings_generated, scores_generated, inference, k, metric):
+    """A NumPy port of LS-Dataset-pruning-in-AT's extrapolate.py (commit 552f1c1), scaled_prediction False: the
+    references are the originals then the scored generated rows; each inference row gets the mean score of its k
+    nearest references (torch.topk over the reference axis: smallest Euclidean distances, largest cosines)."""
+    train = np.concatenate([encodings_orig, encodings_generated]).astype(np.float64)
+    scores = np.concatenate([scores_orig, scores_generated]).astype(np.float64)
+    out = []
+    for batch in np.array_split(inference.astype(np.float64), max(1, len(inference) // 16)):  # its batches of 16
+        if metric == "cosine sim":
+            sim = train @ batch.T / (np.linalg.norm(train, axis=1)[:, None] * np.linalg.norm(batch, axis=1)[None])
+            top = np.argsort(-sim, axis=0, kind="stable")[:k]
+        else:
+            dist = np.linalg.norm(train[:, None, :] - batch[None], axis=2)
+            top = np.argsort(dist, axis=0, kind="stable")[:k]
+        out.append(scores[top].mean(axis=0))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("engine", ["jax", "faiss"])
+@pytest.mark.parametrize("normalize", ["l2", "none"])
+def test_extrapolated_scores_equal_the_reference_extrapolate_py(engine, normalize):
+    """Originals and a scored generated subset as references, as extrapolate.py has them; with normalize='l2' the
+    embedding is unit-length first, as SSCD's output is (so Euclidean ranks like the reference's cosine)."""
+    if engine == "faiss" and not faiss_available():
+        pytest.skip("faiss is not installed")
+    from jax_advprune.pruning.knn import normalize_rows
+
+    rng = np.random.default_rng(3)
+    scale = rng.uniform(0.2, 5.0, size=(1, 1))
+    orig, generated = rng.normal(size=(150, 24)) * scale, rng.normal(size=(180, 24)) * scale
+    pool = rng.normal(size=(333, 24)) * rng.uniform(0.2, 5.0, size=(333, 1))  # norms vary: L2 changes the ranking
+    s_orig, s_gen = rng.uniform(size=150), rng.uniform(size=180)
+    embed = lambda z: normalize_rows(np.asarray(z, np.float32).copy(), normalize)  # noqa: E731
+    ours = extrapolate_knn(
+        embed(pool), embed(np.concatenate([orig, generated])), np.concatenate([s_orig, s_gen]).astype(np.float32),
+        k=12, metric="euclidean", query_chunk=64, ref_chunk=100, mesh=make_mesh(2), engine=engine,
+    )  # fmt: skip
+    ref_input = (lambda z: z / np.linalg.norm(z, axis=1, keepdims=True)) if normalize == "l2" else (lambda z: z)
+    theirs = _reference_extrapolate(
+        ref_input(orig), s_orig, ref_input(generated), s_gen, ref_input(pool), 12, "euclidean distance"
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    if normalize == "l2":  # the same ranking as the reference's cosine on the raw features
+        cosine = _reference_extrapolate(orig, s_orig, generated, s_gen, pool, 12, "cosine sim")
+        np.testing.assert_allclose(ours, cosine, rtol=1e-5, atol=1e-6)
+    else:  # and without it, a different one: the option matters on this data
+        cosine = _reference_extrapolate(orig, s_orig, generated, s_gen, pool, 12, "cosine sim")
+        assert not np.allclose(ours, cosine, atol=1e-3)
+
+
+def test_normalize_rows_works_in_place_on_a_memory_mapped_embedding(tmp_path):
+    from jax_advprune.pruning.knn import normalize_rows
+
+    path = tmp_path / "embedding.npy"
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(1000, 8))
+    rows[:] = np.random.default_rng(0).normal(size=(1000, 8)) * 3
+    rows[7] = 0.0  # a zero row stays zero
+    assert normalize_rows(rows, "l2", chunk=128) is rows
+    rows.flush()
+    saved = np.load(path)
+    norms = np.linalg.norm(saved, axis=1)
+    np.testing.assert_allclose(np.delete(norms, 7), 1.0, rtol=1e-6)
+    assert norms[7] == 0.0
+    with pytest.raises(ValueError, match="normalization"):
+        normalize_rows(saved, "l1")

@@ -248,9 +248,24 @@ def test_paper_config_smoke_variants_run_offline(tmp_path, config, devices):
         assert scores["score"] == ("margin" if config == "cifar10_puma" else "du")
         if config == "cifar10_puma":
             assert selection["lowered_eps"] > 0 and selection["mean_eps_kept"] <= 8 / 255
-        else:
-            assert "spearman_held_out" in scores["extrapolation"]
-            assert np.isfinite(scores["extrapolation"]["spearman_held_out"]) and scores["extrapolation"]["held_out"] > 2
+        else:  # the reference's kNN: every scored row a reference, originals included, unit-length embedding
+            assert scores["extrapolation"]["held_out"] == 0 and scores["extrapolation"]["normalize"] == "l2"
+            computed = np.load(tmp_path / "scores/computed_scores.npz")
+            du = np.load(tmp_path / "scores/du.npy")
+            originals = computed["rows"] < 512
+            assert originals.sum() == 512 - 64 and (~originals).sum() == 256
+            np.testing.assert_array_equal(du[computed["rows"]], computed["values"])
+            norms = np.linalg.norm(np.load(tmp_path / "scores/embedding.npy"), axis=1)
+            np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+            check = subprocess.run(
+                [sys.executable, "-m", "jax_advprune.check_extrapolation", "--workdir", str(tmp_path)],
+                cwd=REPO, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert check.returncode == 0, check.stdout + check.stderr
+            record = json.load(open(tmp_path / "scores/extrapolation_check.json"))
+            assert record["held_out"] > 2 and np.isfinite(record["spearman"]) and record["k"] == 12
+            assert f"Spearman {record['spearman']:.3f}" in check.stdout
+            assert json.load(open(tmp_path / "selection/meta.json")) == selection  # the check changed nothing
 
 
 def _check_export_loads_into_the_reference_wide_resnet(workdir):

@@ -189,7 +189,9 @@ def test_the_train_step_plan_compiles_is_the_run_s_on_the_cpu_mesh():
         texts.append(_step_operations(_Step(unrolled.jitted), state, batch))
         model = build_model(config, config.train.compute_dtype)
         tx = training.make_optimizer(config.train, 1000)
-        run_step = training.make_train_step(model, tx, config.train, config.attack, cpu_mesh)
+        run_step = training.make_train_step(
+            model, tx, config.train, config.attack, cpu_mesh, ema_from=training.ema_start(config.train, 1000)
+        )
         cpu_state = jax.eval_shape(lambda: training.init_train_state(model, tx, (32, 32, 3), config.seed))
         cpu_batch = {
             "image": jax.ShapeDtypeStruct((64, 32, 32, 3), np.uint8),

@@ -12,6 +12,18 @@ slots that are refilled as samples finish (`queue_step`). `deepfool` drives the
 queue from the host on the CPU (XLA:CPU runs that about twice as fast as a loop
 body) and inside one `lax.while_loop` elsewhere or within a trace; PUMA's pool
 scoring (`pruning.margins`) calls the same function.
+
+Two forms (`form`):
+- 'foolbox' (the default): the distance is ||r_total||, the accumulated
+  perturbation without the overshoot or the clipping; x_adv is the clipped point.
+- 'dm_improves_at': DM-Improves-AT's `core/attacks/deepfool.py` (Wang et al.
+  2023, the code base PUMA builds on), through its `DeepFoolAttack` class: the
+  same iteration with a step slack of 1e-6 instead of 1e-5, then a bisection of
+  `search_steps` (50) halvings on the segment from x0 to the clipped point
+  clip(x0 + (1 + overshoot) r_total, 0, 1), keeping the points whose prediction
+  is still the origin class; it returns the last midpoint it evaluated, and the
+  distance is ||x_adv - x0||, the distance of the returned point. As there, the
+  origin class is the prediction at x0 (the class ignores the labels it is given).
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 # Added to each linearised distance so that a step never lands exactly on the
 # boundary (foolbox adds 1e-4; a smaller value keeps L-inf margins of ~1/255 exact).
 STEP_SLACK = 1e-5
+REFERENCE_STEP_SLACK = 1e-6  # DM-Improves-AT's `pert + 1e-6`
+FORMS = ("foolbox", "dm_improves_at")
+BISECTION_ROWS = 256  # rows per forward pass of the bisection (bounds its activation memory)
 HOST_DRIVEN_SLOTS_PER_DEVICE = 2
 _TINY = 1e-8
 
@@ -41,9 +56,11 @@ _TINY = 1e-8
 class DeepFoolResult(NamedTuple):
     """Per-sample DeepFool outputs; every field has leading shape (B,).
 
-    x_adv: (B, H, W, C) the final point, clip(x0 + (1 + overshoot) r_total, 0, 1).
-    distance: ||r_total|| in the attack norm, the estimated distance (>= 0) from x0
-      to the nearest decision boundary, without the overshoot.
+    x_adv: (B, H, W, C) the final point, clip(x0 + (1 + overshoot) r_total, 0, 1);
+      in the 'dm_improves_at' form the bisection's last point on the way to it.
+    distance: in the attack norm, the estimated distance (>= 0) from x0 to the
+      nearest decision boundary: ||r_total||, without the overshoot ('foolbox'),
+      or ||x_adv - x0|| ('dm_improves_at').
     margin: +distance where x0 is classified as its label, -distance otherwise.
     converged: True where the prediction at x_adv differs from the one at x0.
     n_iter: number of DeepFool steps the sample took (int32).
@@ -97,12 +114,19 @@ def queue_start(x: jax.Array, *, slots: int, num_candidates: int) -> DeepFoolQue
 
 
 def queue_step(
-    logits_fn: LogitsFn, x: jax.Array, queue: DeepFoolQueue, *, norm: str, max_iter: int, overshoot: float
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    queue: DeepFoolQueue,
+    *,
+    norm: str,
+    max_iter: int,
+    overshoot: float,
+    slack: float = STEP_SLACK,
 ) -> DeepFoolQueue:
     """One DeepFool iteration on every slot, then finished samples are written out and replaced.
 
     One forward pass and one VJP per candidate class on the S slots; x (B, ...) is the batch
-    the queue draws from.
+    the queue draws from; `slack` is added to each step's linearised distance.
     """
     slot, out = queue.slot, queue.out
     batch = x.shape[0]
@@ -138,7 +162,7 @@ def queue_step(
         direction = best_grad / per_sample(grad_norms[rows, best] + _TINY, best_grad)
     else:
         direction = jnp.sign(best_grad)
-    r_step = per_sample(distances[rows, best] + STEP_SLACK, direction) * direction
+    r_step = per_sample(distances[rows, best] + slack, direction) * direction
     going_on = slot["live"] & ~finished
     r = jnp.where(per_sample(going_on, r_step), slot["r"] + r_step, slot["r"])
     x_next = jnp.clip(slot["x0"] + (1.0 + overshoot) * r, 0.0, 1.0)
@@ -165,12 +189,82 @@ def queue_step(
 
 
 def queue_result(queue: DeepFoolQueue, y: jax.Array) -> DeepFoolResult:
-    """DeepFoolResult of a drained queue; y (B,) int labels set the margins' sign."""
+    """DeepFoolResult of a drained queue ('foolbox' form); y (B,) int labels set the margins' sign."""
     out = queue.out
     distance = out["r_norm"]
     return DeepFoolResult(
         out["x_adv"], distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
     )
+
+
+def bisect_to_boundary(
+    logits_fn: LogitsFn, x0: jax.Array, origin: jax.Array, x_end: jax.Array, steps: int
+) -> jax.Array:
+    """DM-Improves-AT's refinement: `steps` halvings of t in [0, 1] on x0 + t (x_end - x0), keeping the low end where
+    the prediction is still `origin` (B,) and the high end where it is not -> the last midpoint evaluated
+    (B, H, W, C); x_end itself when steps is 0. x0 and x_end (B, H, W, C) in [0, 1]. One forward pass of the batch
+    per halving."""
+    if steps <= 0:
+        return x_end
+    dx = x_end - x0
+    ends = jnp.zeros(x0.shape[:1], x0.dtype), jnp.ones(x0.shape[:1], x0.dtype)
+
+    def halve(_, carry):
+        low, high, _ = carry
+        mid = (low + high) / 2
+        point = x0 + per_sample(mid, dx) * dx
+        stays = jnp.argmax(logits_fn(point), axis=-1) == origin
+        return jnp.where(stays, mid, low), jnp.where(stays, high, mid), point
+
+    return jax.lax.fori_loop(0, steps, halve, (*ends, x0))[2]
+
+
+def reference_result(
+    logits_fn: LogitsFn, x0: jax.Array, y: jax.Array, queue: DeepFoolQueue, *, norm: str, search_steps: int
+) -> DeepFoolResult:
+    """DeepFoolResult of a drained queue in the 'dm_improves_at' form: the bisection from x0 (B, H, W, C) in [0, 1]
+    towards each sample's clipped DeepFool point, in slices of BISECTION_ROWS rows, and the distance of the point
+    it returns. `converged` and `n_iter` are the DeepFool iteration's; y (B,) sets the margins' sign."""
+    out = queue.out
+    batch = x0.shape[0]
+    rows = min(BISECTION_ROWS, batch)
+    extra = -batch % rows
+
+    def sliced(a):  # (B, ...) -> (slices, rows, ...), padded with copies of row 0
+        a = jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)]) if extra else a
+        return a.reshape((-1, rows) + a.shape[1:])
+
+    points = jax.lax.map(
+        lambda a: bisect_to_boundary(logits_fn, *a, search_steps),
+        (sliced(x0), sliced(out["origin"]), sliced(out["x_adv"])),
+    )
+    x_adv = points.reshape((-1,) + x0.shape[1:])[:batch]
+    distance = flat_norm(x_adv - x0, norm)
+    return DeepFoolResult(
+        x_adv, distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
+    )
+
+
+def finish_queue(
+    logits_fn: LogitsFn, x0: jax.Array, y: jax.Array, queue: DeepFoolQueue, *, norm: str, form: str, search_steps: int
+) -> DeepFoolResult:
+    """The DeepFoolResult of a drained queue in `form` (see the module docstring); x0 (B, H, W, C) in [0, 1]."""
+    if form == "foolbox":
+        return queue_result(queue, y)
+    return reference_result(logits_fn, x0, y, queue, norm=norm, search_steps=search_steps)
+
+
+def check_form(form: str, search_steps: int) -> None:
+    """Raises ValueError unless `form` is one of FORMS and search_steps >= 0."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if int(search_steps) != search_steps or search_steps < 0:
+        raise ValueError(f"search_steps must be an integer >= 0, got {search_steps!r}")
+
+
+def step_slack(form: str) -> float:
+    """The slack added to each linearised distance in `form`: 1e-5 ('foolbox'), 1e-6 ('dm_improves_at')."""
+    return STEP_SLACK if form == "foolbox" else REFERENCE_STEP_SLACK
 
 
 def num_candidates(logits_fn: LogitsFn, x: jax.Array, slots: int, candidates: int | None) -> int:
@@ -192,6 +286,8 @@ def deepfool(
     mesh=AUTO,
     host_driven: bool | None = None,
     steps_per_check: int = 2,
+    form: str = "foolbox",
+    search_steps: int = 50,
 ) -> DeepFoolResult:
     """Minimal perturbation that changes the model's prediction, per sample.
 
@@ -224,6 +320,11 @@ def deepfool(
         `backends.host_driven_deepfool()`, the host on the CPU (it runs
         straight-line code about twice as fast as a loop body), the while loop on
         accelerators. Inside a trace it is always the while loop.
+      form: 'foolbox' (distance ||r_total||) or 'dm_improves_at' (DM-Improves-AT's
+        DeepFoolAttack: step slack 1e-6, then a bisection towards the clipped point,
+        distance of the returned point); see the module docstring.
+      search_steps: the bisection's halvings in the 'dm_improves_at' form (its
+        default, 50); one forward pass of every sample each. Unused by 'foolbox'.
 
     What each form costs (2-core Xeon, AVX-512; benchmarks/attacks.py against
     foolbox's DeepFool on the same model in the same run):
@@ -247,7 +348,10 @@ def deepfool(
       DeepFoolResult, see its docstring.
     """
     check_norm(norm)
-    settings = dict(norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
+    check_form(form, search_steps)
+    settings = dict(
+        norm=norm, max_iter=max_iter, overshoot=overshoot, candidates=candidates, form=form, search_steps=search_steps
+    )
     if is_traced((logits_fn, x, y)):  # inside the caller's jit: the while loop, in its fastest form for the platform
         if backends.target_platform() == "cpu":
             logits_fn = as_function_tree(
@@ -279,7 +383,7 @@ def deepfool(
     queue = start(logits_fn, x)
     while np.any(parallel.to_host(queue.slot["live"])):
         queue = advance(logits_fn, x, queue)
-    result = finish(queue, y)
+    result = finish(logits_fn, x, queue, y)
     return jax.tree_util.tree_map(lambda a: a[:batch], result) if extra else result
 
 
@@ -290,7 +394,19 @@ def in_trace_steps(steps_per_check: int) -> int:
 
 
 def _deepfool_loop(
-    logits_fn, x, y, key, *, norm, max_iter, overshoot, candidates, slots, steps_per_iteration: int = 1
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    norm,
+    max_iter,
+    overshoot,
+    candidates,
+    slots,
+    steps_per_iteration: int = 1,
+    form: str = "foolbox",
+    search_steps: int = 50,
 ) -> DeepFoolResult:
     """DeepFool with the queue inside one `lax.while_loop`, `steps_per_iteration` queue steps per iteration
     (traceable; `key` is unused)."""
@@ -298,21 +414,35 @@ def _deepfool_loop(
     x = to_unit_interval(jnp.asarray(x))
     slots = x.shape[0] if slots is None else max(1, min(int(slots), x.shape[0]))
     queue = queue_start(x, slots=slots, num_candidates=num_candidates(logits_fn, x, slots, candidates))
+    slack = step_slack(form)
 
     def steps(q):
         for _ in range(steps_per_iteration):
-            q = queue_step(logits_fn, x, q, norm=norm, max_iter=max_iter, overshoot=overshoot)
+            q = queue_step(logits_fn, x, q, norm=norm, max_iter=max_iter, overshoot=overshoot, slack=slack)
         return q
 
     queue = jax.lax.while_loop(lambda q: jnp.any(q.slot["live"]), steps, queue)
-    return queue_result(queue, y)
+    return finish_queue(logits_fn, x, y, queue, norm=norm, form=form, search_steps=search_steps)
 
 
 @functools.cache
 def queue_programs(
-    mesh: Mesh, slots: int, steps_per_check: int, *, norm: str, max_iter: int, overshoot: float, candidates: int | None
+    mesh: Mesh,
+    slots: int,
+    steps_per_check: int,
+    *,
+    norm: str,
+    max_iter: int,
+    overshoot: float,
+    candidates: int | None,
+    form: str = "foolbox",
+    search_steps: int = 50,
 ):
-    """(start, advance, finish): the host-driven queue's jitted programs, sharded over `mesh`, `slots` per device."""
+    """(start, advance, finish): the host-driven queue's jitted programs, sharded over `mesh`, `slots` per device.
+
+    start(logits_fn, x) -> queue; advance(logits_fn, x, queue) -> queue (`steps_per_check` steps);
+    finish(logits_fn, x, queue, y) -> DeepFoolResult in `form`."""
+    slack = step_slack(form)
 
     def start_shard(logits_fn, x):
         x = to_unit_interval(x)
@@ -321,10 +451,13 @@ def queue_programs(
     def advance_shard(logits_fn, x, queue):
         x = to_unit_interval(x)
         for _ in range(steps_per_check):
-            queue = queue_step(logits_fn, x, queue, norm=norm, max_iter=max_iter, overshoot=overshoot)
+            queue = queue_step(logits_fn, x, queue, norm=norm, max_iter=max_iter, overshoot=overshoot, slack=slack)
         return queue
+
+    def finish_shard(logits_fn, x, queue, y):
+        return finish_queue(logits_fn, to_unit_interval(x), y, queue, norm=norm, form=form, search_steps=search_steps)
 
     start = jax.jit(parallel.shard_over_batch(start_shard, mesh, 1))
     advance = jax.jit(parallel.shard_over_batch(advance_shard, mesh, 1), donate_argnums=2)
-    finish = jax.jit(parallel.shard_over_batch(queue_result, mesh, 0))
+    finish = jax.jit(parallel.shard_over_batch(finish_shard, mesh, 1))
     return start, advance, finish

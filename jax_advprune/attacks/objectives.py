@@ -23,6 +23,12 @@ def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.max(others, axis=-1) - true_logit
 
 
+def cw_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The CW loss of DM-Improves-AT's model selection (`CWLoss`, confidence 0), per sample (B,):
+    -max(z_y - max_{k != y} z_k, 0) = min(cw_margin, 0). It is 0, with no gradient, once a sample is misclassified."""
+    return jnp.minimum(cw_margin(logits, labels), 0.0)
+
+
 def kl_to_clean(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
     """KL(clean_probs || softmax(logits)) (B,): the TRADES inner objective.
 
@@ -32,7 +38,12 @@ def kl_to_clean(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
     return optax.losses.kl_divergence(jax.nn.log_softmax(logits, axis=-1), clean_probs)
 
 
-ATTACK_LOSSES: dict[str, AttackLoss] = {"ce": cross_entropy, "cw_margin": cw_margin, "kl": kl_to_clean}
+ATTACK_LOSSES: dict[str, AttackLoss] = {
+    "ce": cross_entropy,
+    "cw_margin": cw_margin,
+    "cw": cw_loss,
+    "kl": kl_to_clean,
+}
 
 
 def get_attack_loss(loss: str | AttackLoss) -> AttackLoss:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,6 +18,9 @@ ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
 PAD_1 = ((1, 1), (1, 1))
 
 
+BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
+
+
 class PreActBlock(nn.Module):
     """BN-act-conv3x3(stride)-BN-act-conv3x3 plus a shortcut (1x1 conv when the shape changes), padded as the reference."""
 
@@ -29,7 +32,7 @@ class PreActBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         act = ACTIVATIONS[self.activation]
-        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn1")(x))
+        out = act(nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, dtype=self.dtype, name="bn1")(x))
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             shortcut = Conv(
@@ -44,7 +47,7 @@ class PreActBlock(nn.Module):
         out = Conv(
             self.planes, (3, 3), strides=self.stride, padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv1"
         )(out)
-        out = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn2")(out))
+        out = act(nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, dtype=self.dtype, name="bn2")(out))
         out = Conv(self.planes, (3, 3), padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv2")(out)
         return out + shortcut
 
@@ -58,6 +61,7 @@ class PreActResNet(nn.Module):
     With `return_features`: (logits, penultimate features (B, 8 * width)).
     """
 
+    bn_momentum: ClassVar[float] = BN_MOMENTUM  # read by the train step (train.first_step_batch_stats)
     num_classes: int = 10
     blocks: Sequence[int] = (2, 2, 2, 2)
     width: int = 64
@@ -76,7 +80,7 @@ class PreActResNet(nn.Module):
                 x = PreActBlock(
                     self.width * 2**stage, stride, self.activation, self.dtype, name=f"stage{stage}_block{i}"
                 )(x, train)
-        bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn_final")
+        bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, dtype=self.dtype, name="bn_final")
         features = jnp.mean(ACTIVATIONS[self.activation](bn(x)), axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
         return (logits, features.astype(jnp.float32)) if return_features else logits

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jax_advprune.models.layers import Conv
+
+BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
 
 
 class SmallCNN(nn.Module):
@@ -23,6 +25,7 @@ class SmallCNN(nn.Module):
     With `return_features`: (logits, penultimate features (B, widths[-1])).
     """
 
+    bn_momentum: ClassVar[float] = BN_MOMENTUM  # read by the train step (train.first_step_batch_stats)
     num_classes: int = 10
     widths: Sequence[int] = (32, 64, 128)
     mean: Sequence[float] = (0.5,)
@@ -35,7 +38,7 @@ class SmallCNN(nn.Module):
         for i, width in enumerate(self.widths):
             stride = 1 if i == 0 else 2
             x = Conv(width, (3, 3), strides=(stride, stride), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"bn{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
         features = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)

@@ -9,7 +9,7 @@ and the last layer's bias starts at zero, as the reference does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # N(0, 
 _dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # PyTorch's Linear default
 
 
+BN_MOMENTUM = 0.99  # Flax convention: running = momentum * running + (1 - momentum) * batch
+
+
 class WideBlock(nn.Module):
     """BN-act then conv3x3(stride)-BN-act-conv3x3; a 1x1 shortcut on the activated input when widths differ."""
 
@@ -35,7 +38,7 @@ class WideBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         act = ACTIVATIONS[self.activation]
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name=name)  # noqa: E731
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, dtype=self.dtype, name=name)  # noqa: E731
         conv = lambda planes, k, stride, name: Conv(  # noqa: E731
             planes,
             (k, k),
@@ -64,6 +67,7 @@ class WideResNet(nn.Module):
     With `return_features`: (logits, penultimate features (B, 64 * width)).
     """
 
+    bn_momentum: ClassVar[float] = BN_MOMENTUM  # read by the train step (train.first_step_batch_stats)
     num_classes: int = 10
     depth: int = 28
     width: int = 10
@@ -85,7 +89,7 @@ class WideResNet(nn.Module):
                     planes, stride if i == 0 else 1, self.activation, self.dtype, name=f"group{group}_block{i}"
                 )(x, train)
         x = ACTIVATIONS[self.activation](
-            nn.BatchNorm(use_running_average=not train, momentum=0.99, dtype=self.dtype, name="bn_final")(x)
+            nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, dtype=self.dtype, name="bn_final")(x)
         )
         features = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(features).astype(

@@ -98,13 +98,18 @@ def reference_protocol(config) -> bool:
 
 def scored_indices(config, data: Data) -> np.ndarray:
     """Pool rows that get a computed score: the trainable originals (not with the reference history protocol
-    and pruning.scope='synthetic': they are never pruned, and that protocol trains nothing on them) plus every
-    trainable synthetic row, or with extrapolation `scoring.extrapolation.subset_size` of them drawn with its seed."""
+    and pruning.scope='synthetic': they are never pruned, and that protocol trains nothing on them, unless
+    scoring.extrapolation.original_references wants them as kNN references) plus every trainable synthetic row,
+    or with extrapolation `scoring.extrapolation.subset_size` of them drawn with its seed."""
     ext = config.scoring.extrapolation
     synthetic = np.flatnonzero(data.trainable & data.pool.is_synthetic)
     if ext.enabled:
         synthetic = np.random.default_rng([ext.seed, 13]).choice(synthetic, ext.subset_size, replace=False)
-    skip_originals = reference_protocol(config) and config.pruning.scope == "synthetic"
+    skip_originals = (
+        reference_protocol(config)
+        and config.pruning.scope == "synthetic"
+        and not (ext.enabled and ext.original_references)
+    )
     originals = np.zeros(0, np.int64) if skip_originals else np.flatnonzero(data.trainable & ~data.pool.is_synthetic)
     return np.sort(np.concatenate([originals, synthetic]))
 
@@ -164,6 +169,7 @@ def run(config, workdir: str, data: Data, mesh, initial: dict | None = None) -> 
     full[scored] = values
     if scfg.extrapolation.enabled:
         full, meta["extrapolation"] = _extrapolate(config, workdir, data, mesh, predict, variables, scored, values)
+        storage.save_npz(run_dir.computed_scores_file(workdir), rows=scored.astype(np.int64), values=values)
     for name, array in extras.items():
         whole = np.zeros(n, array.dtype)
         whole[scored] = array
@@ -388,6 +394,8 @@ def _margins(config, workdir: str, data: Data, mesh, variables: dict, scored: np
         overshoot=df.overshoot,
         candidates=df.candidates or None,
         slots=scfg.slots,
+        form=df.form,
+        search_steps=df.search_steps,
         chunk_size=scfg.chunk_size,
         mesh=mesh,
         indices=scored,
@@ -419,10 +427,11 @@ def _extrapolate(
     scoring.extrapolation.embedding_from those of the weights it names.
 
     A `holdout_fraction` of the scored rows is left out of the references and
-    extrapolated too: the Spearman correlation there measures the extrapolation.
+    extrapolated too: the Spearman correlation there measures the extrapolation
+    (with 0, `python -m jax_advprune.check_extrapolation` measures it afterwards).
+    With `normalize='l2'` both sides are unit-length before the search.
     """
     ext = config.scoring.extrapolation
-    out_dir = run_dir.scores_dir(workdir)
     if ext.embedding_from:  # the penultimate features of other weights (the paper: SSCD)
         embed_config = embedding_config(config)
         predict = predictions.Predictor(features_fn(build_model(embed_config)), mesh=mesh)
@@ -434,9 +443,8 @@ def _extrapolate(
     ref_features = predictions.pool_outputs(predict, variables, data.pool, refs, chunk_size=chunk, keep=("features",))[
         "features"
     ]
-    embedding_path = os.path.join(
-        out_dir, "embedding.npy"
-    )  # (trainable rows, D): the queries' embedding, kept for inspection
+    ref_features = knn_lib.normalize_rows(ref_features, ext.normalize)
+    embedding_path = run_dir.embedding_file(workdir)  # (trainable rows, D): the queries' embedding, kept
     # Every process fills its own memory-mapped copy (beside the file, or in TMPDIR for a remote work dir); process 0 keeps its.
     keep_copy = storage.atomic_output if storage.is_writer() else storage.scratch_file
     with keep_copy(embedding_path, f".{jax.process_index()}.npy") as tmp_path:
@@ -453,6 +461,7 @@ def _extrapolate(
             out={"features": embedding},
             progress=_progress(config, workdir, "score/embedding", len(queries), chunk),
         )
+        knn_lib.normalize_rows(embedding, ext.normalize)  # in place: the file holds what the kNN searched
         embedding.flush()
         query_chunk = max(chunk // mesh.size, 1) * mesh.size
         engine = knn_lib.knn_engine(mesh, ext.engine)

@@ -64,6 +64,7 @@ def _validation(
         step_size=config.attack.eps * config.eval.step_fraction,
         steps=config.train.validation_pgd_steps,
         norm=config.attack.norm,
+        loss=config.train.validation_loss,
         batch_size=config.eval.batch_size,
         mesh=mesh,
     )
@@ -105,7 +106,7 @@ def train_model(
     model, eval_model = build_model(config, tcfg.compute_dtype), build_model(config)
     plan = batch_plan(config, data, keep, seed)
     num_steps = max(1, int(np.ceil(epochs * plan.steps_per_epoch)))
-    tx = training.make_optimizer(tcfg, num_steps)
+    tx = training.make_optimizer(tcfg, num_steps, plan.steps_per_epoch)
     # Placed as the step's outputs are before a checkpoint is restored into it: restored arrays are committed
     # to their devices, and a multi-host run cannot move them to other hosts' devices afterwards.
     state = jax.device_put(
@@ -148,7 +149,13 @@ def train_model(
         tcfg.compute_dtype,
     )
     train_step = training.make_train_step(
-        model, tx, tcfg, config.attack, mesh, schedule=training.make_schedule(tcfg, num_steps)
+        model,
+        tx,
+        tcfg,
+        config.attack,
+        mesh,
+        schedule=training.make_schedule(tcfg, num_steps, plan.steps_per_epoch),
+        ema_from=training.ema_start(tcfg, num_steps),
     )
     writer = storage.is_writer()
     progress = Progress(

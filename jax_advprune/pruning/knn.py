@@ -83,6 +83,24 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+NORMALIZATIONS = ("none", "l2")
+
+
+def normalize_rows(x: np.ndarray, normalize: str, chunk: int = 65536) -> np.ndarray:
+    """x (N, D) with every row scaled to unit L2 length ('l2'; a zero row stays zero), in place chunk by chunk
+    when x is a writable float32 array (a memory-mapped embedding), else as a new float32 array; 'none': x."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"embedding normalization must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize == "none":
+        return x
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.writeable):
+        x = np.array(x, np.float32)
+    for start in range(0, len(x), chunk):
+        rows = x[start : start + chunk]
+        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return x
+
+
 def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if metric == "cosine":

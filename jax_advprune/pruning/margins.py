@@ -27,6 +27,8 @@ def margin_scores(
     overshoot: float,
     candidates: int | None,
     slots: int,
+    form: str = "foolbox",
+    search_steps: int = 50,
     chunk_size: int,
     mesh: jax.sharding.Mesh,
     indices: np.ndarray | None = None,
@@ -39,7 +41,7 @@ def margin_scores(
     padded, its padding discarded) and runs `attacks.deepfool` on each over the
     mesh, `slots` at a time (divisible by the mesh size); its work queue makes
     the cost follow the samples' total iterations, not the slowest sample's.
-    norm, max_iter, overshoot and candidates are DeepFool's.
+    norm, max_iter, overshoot, candidates, form and search_steps are DeepFool's.
     With `resume_dir`, each finished chunk is saved there and chunks already there
     are loaded instead of recomputed, so a killed run resumes where it stopped.
     Returns `margin` (M,) float32 (signed, in units of the runner's norm on [0, 1]
@@ -60,6 +62,8 @@ def margin_scores(
             candidates=candidates,
             slots=slots,
             mesh=mesh,
+            form=form,
+            search_steps=search_steps,
         )
         return {"margin": result.margin, "converged": result.converged, "n_iter": result.n_iter}
 
