@@ -85,6 +85,8 @@ def check(workdir: str, holdout_fraction: float = 0.1, seed: int = 0) -> dict:
     """Reads the work directory's extrapolation files, runs `held_out_check` and writes its JSON -> the record."""
     from jax_advprune import parallel
 
+    if not 0 < holdout_fraction < 1:
+        raise UserError(f"--holdout_fraction must lie in (0, 1), got {holdout_fraction}")
     meta_path = os.path.join(run_dir.scores_dir(workdir), "meta.json")
     needed = (meta_path, run_dir.computed_scores_file(workdir), run_dir.embedding_file(workdir))
     missing = [p for p in needed if not storage.exists(p)]

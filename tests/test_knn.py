@@ -158,3 +158,13 @@ def test_normalize_rows_works_in_place_on_a_memory_mapped_embedding(tmp_path):
     assert norms[7] == 0.0
     with pytest.raises(ValueError, match="normalization"):
         normalize_rows(saved, "l1")
+
+
+def test_check_extrapolation_refuses_a_bad_fraction_or_a_directory_without_an_extrapolation(tmp_path, capsys):
+    from jax_advprune import check_extrapolation
+
+    assert check_extrapolation.main(["--workdir", str(tmp_path), "--holdout_fraction", "2"]) == 2
+    assert "--holdout_fraction must lie in (0, 1)" in capsys.readouterr().err
+    assert check_extrapolation.main(["--workdir", str(tmp_path)]) == 2
+    assert "has no finished extrapolation" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written

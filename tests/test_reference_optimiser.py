@@ -127,6 +127,7 @@ def test_cw_loss_is_the_reference_cwloss():
     np.testing.assert_allclose(cw_loss(jnp.asarray(logits), jnp.asarray(labels)), theirs.numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_first_step_batch_statistics_are_those_of_a_momentum_one_first_update(small_pool, monkeypatch):
     """train.first_step_batch_stats: after a TRADES step 0 the BatchNorm averages equal those of the same step with
     the layers' momentum set to 1.0 in PyTorch's terms (0 in Flax's: the batch statistics of the last pass); the
