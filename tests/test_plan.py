@@ -103,6 +103,28 @@ def test_costs_come_from_probes_and_memory_grows_with_the_batch():
 
 @pytest.mark.slow
 @needs_libtpu
+def test_every_looped_program_s_cost_probes_compile():
+    """The one- and two-iteration probes of every program with a loop (train step, PGD, APGD-CE, APGD-T, FAB-T) of
+    the standard-AutoAttack config compile for a TPU: a full-size plan of configs/cifar10_trades.py once stopped after
+    80 minutes of compiles at APGD-T's probes, whose function took no `unroll`."""
+    config = load_config("cifar10_trades.py:smoke")
+    mesh, _, _ = plan.topology_mesh("v5e:2x2")
+    with backends.building_for("tpu"):
+        looped = [
+            p
+            for p in plan.run_programs(config, mesh, {"original": 512, "synthetic": 1024, "test": 128}, 2)
+            if p.loop_count > 0
+        ]
+        names = {p.name for p in looped}
+        assert {"AutoAttack apgd-ce", "AutoAttack apgd-t", "AutoAttack fab-t", "train step"} <= names, names
+        for program in looped:
+            for n in (1, 2):
+                compiled = plan.compile_program(*program.build(program.batch, loop=n), -1.0)
+                assert compiled.ok, (program.name, n, compiled.error)
+
+
+@pytest.mark.slow
+@needs_libtpu
 def test_an_oversized_batch_is_refused_with_the_largest_that_fits(tmp_path):
     """The README's command with a batch no v5e chip holds: exit status 3, the compiler's reason, and a batch that fits.
     At the compiler's lowest effort (--compile_effort -1: the search's compiles take half the time; its memory

@@ -100,10 +100,12 @@ def _check(logits_fn, x, y, key, *, x_adv, eps, norm):
     return inside & (jnp.argmax(logits_fn(x_adv), -1) != y)
 
 
-def _apgd_targeted(logits_fn, x, y, key, *, eps, rank, steps, norm):
+def _apgd_targeted(logits_fn, x, y, key, *, eps, rank, steps, norm, unroll: int | bool = 1):
     """APGD with the targeted DLR loss towards the rank-th most likely clean class."""
     targets = target_classes(logits_fn(x), rank)
-    return _apgd(logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="dlr_targeted", targets=targets, unroll=1)
+    return _apgd(
+        logits_fn, x, y, key, eps=eps, steps=steps, norm=norm, loss="dlr_targeted", targets=targets, unroll=unroll
+    )
 
 
 def component(name: str, *, norm: str, apgd_steps: int, fab_steps: int, square_queries: int) -> tuple[Callable, dict]:
