@@ -90,7 +90,9 @@ def test_costs_come_from_probes_and_memory_grows_with_the_batch():
             for p in plan.run_programs(config, mesh, {"original": 512, "synthetic": 1024, "test": 128}, 2)
             if p.name == "train step"
         )
-        small, large = (plan.compile_program(*program.build(per_chip * mesh.size)) for per_chip in (4, 32))
+        # Far apart: between 32 and 256 images per chip the compiler's temporaries stay flat (4.97 MB for this step,
+        # with the reference optimiser's options on), and below that they need not shrink (4 per chip: 5.45 MB).
+        small, large = (plan.compile_program(*program.build(per_chip * mesh.size)) for per_chip in (4, 1024))
         flops, _, collectives = plan._probe_costs(program, program.batch)
         one = plan.compile_program(*program.build(program.batch, loop=1))
     assert small.ok and large.ok
