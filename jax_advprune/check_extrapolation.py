@@ -27,6 +27,11 @@ from jax_advprune import run_dir, storage
 from jax_advprune.errors import UserError
 
 
+def _check_fraction(holdout_fraction: float) -> None:
+    if not 0 < holdout_fraction < 1:
+        raise UserError(f"--holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+
+
 def held_out_check(
     embedding: np.ndarray,
     query_rows: np.ndarray,
@@ -45,8 +50,7 @@ def held_out_check(
     drawn with `seed`, is extrapolated from the rest with knn_settings' k, metric and weighting."""
     from jax_advprune.pruning import knn
 
-    if not 0 < holdout_fraction < 1:
-        raise UserError(f"--holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    _check_fraction(holdout_fraction)
     position = np.searchsorted(query_rows, rows)
     if np.any(position >= len(query_rows)) or np.any(query_rows[np.minimum(position, len(query_rows) - 1)] != rows):
         raise UserError("the computed rows are not all rows of the embedding: the score files do not belong together")
@@ -85,8 +89,7 @@ def check(workdir: str, holdout_fraction: float = 0.1, seed: int = 0) -> dict:
     """Reads the work directory's extrapolation files, runs `held_out_check` and writes its JSON -> the record."""
     from jax_advprune import parallel
 
-    if not 0 < holdout_fraction < 1:
-        raise UserError(f"--holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    _check_fraction(holdout_fraction)  # before reading anything
     meta_path = os.path.join(run_dir.scores_dir(workdir), "meta.json")
     needed = (meta_path, run_dir.computed_scores_file(workdir), run_dir.embedding_file(workdir))
     missing = [p for p in needed if not storage.exists(p)]

@@ -200,12 +200,9 @@ def queue_result(queue: DeepFoolQueue, y: jax.Array) -> DeepFoolResult:
 def bisect_to_boundary(
     logits_fn: LogitsFn, x0: jax.Array, origin: jax.Array, x_end: jax.Array, steps: int
 ) -> jax.Array:
-    """DM-Improves-AT's refinement: `steps` halvings of t in [0, 1] on x0 + t (x_end - x0), keeping the low end where
-    the prediction is still `origin` (B,) and the high end where it is not -> the last midpoint evaluated
-    (B, H, W, C); x_end itself when steps is 0. x0 and x_end (B, H, W, C) in [0, 1]. One forward pass of the batch
-    per halving."""
-    if steps <= 0:
-        return x_end
+    """DM-Improves-AT's refinement: `steps` (>= 1) halvings of t in [0, 1] on x0 + t (x_end - x0), keeping the low end
+    where the prediction is still `origin` (B,) and the high end where it is not -> the last midpoint evaluated
+    (B, H, W, C). x0 and x_end (B, H, W, C) in [0, 1]. One forward pass of the batch per halving."""
     dx = x_end - x0
     ends = jnp.zeros(x0.shape[:1], x0.dtype), jnp.ones(x0.shape[:1], x0.dtype)
 
@@ -226,6 +223,11 @@ def reference_result(
     towards each sample's clipped DeepFool point, in slices of BISECTION_ROWS rows, and the distance of the point
     it returns. `converged` and `n_iter` are the DeepFool iteration's; y (B,) sets the margins' sign."""
     out = queue.out
+    if search_steps <= 0:  # no bisection: the clipped point itself
+        distance = flat_norm(out["x_adv"] - x0, norm)
+        return DeepFoolResult(
+            out["x_adv"], distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
+        )
     batch = x0.shape[0]
     rows = min(BISECTION_ROWS, batch)
     extra = -batch % rows
