@@ -188,13 +188,16 @@ def queue_step(
     return DeepFoolQueue(slot, out)
 
 
+def _result(out: dict, x_adv: jax.Array, distance: jax.Array, y: jax.Array) -> DeepFoolResult:
+    """DeepFoolResult from a drained queue's `out`, the returned points and their distances; y (B,) sets the sign."""
+    return DeepFoolResult(
+        x_adv, distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
+    )
+
+
 def queue_result(queue: DeepFoolQueue, y: jax.Array) -> DeepFoolResult:
     """DeepFoolResult of a drained queue ('foolbox' form); y (B,) int labels set the margins' sign."""
-    out = queue.out
-    distance = out["r_norm"]
-    return DeepFoolResult(
-        out["x_adv"], distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
-    )
+    return _result(queue.out, queue.out["x_adv"], queue.out["r_norm"], y)
 
 
 def bisect_to_boundary(
@@ -224,10 +227,7 @@ def reference_result(
     it returns. `converged` and `n_iter` are the DeepFool iteration's; y (B,) sets the margins' sign."""
     out = queue.out
     if search_steps <= 0:  # no bisection: the clipped point itself
-        distance = flat_norm(out["x_adv"] - x0, norm)
-        return DeepFoolResult(
-            out["x_adv"], distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
-        )
+        return _result(out, out["x_adv"], flat_norm(out["x_adv"] - x0, norm), y)
     batch = x0.shape[0]
     rows = min(BISECTION_ROWS, batch)
     extra = -batch % rows
@@ -241,10 +241,7 @@ def reference_result(
         (sliced(x0), sliced(out["origin"]), sliced(out["x_adv"])),
     )
     x_adv = points.reshape((-1,) + x0.shape[1:])[:batch]
-    distance = flat_norm(x_adv - x0, norm)
-    return DeepFoolResult(
-        x_adv, distance, jnp.where(out["origin"] == y, distance, -distance), out["converged"], out["n_iter"]
-    )
+    return _result(out, x_adv, flat_norm(x_adv - x0, norm), y)
 
 
 def finish_queue(
