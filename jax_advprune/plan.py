@@ -41,7 +41,8 @@ These are estimates from a compiler and published peaks, not measurements on a T
 
 A config whose train step does not fit the chips is refused (exit status 3) with the
 compiler's reason and the largest per-chip batch that would fit. Writes plan.json
-(or --out).
+(or --out) after each program, with `"complete": false` and the programs still to
+compile until the last one is done.
 """
 
 from __future__ import annotations
@@ -868,11 +869,15 @@ def make_plan(
     only: tuple[str, ...] = (),
     effort: float = 0.0,
     report: Callable[[str], None] = print,
+    partial: Callable[[dict], None] | None = None,
 ) -> dict:
     """The plan of `config` on `topology` (see the module docstring) as a JSON-able dict; without `costs` the cost
     probes are not compiled (FLOPs, bytes and hours are then 0). `only`: keep the programs whose name contains one of
     these words (case-insensitive; the hours then cover those programs only, and the plan says so). `effort`: the
-    compiler's optimisation effort (see `compile_program`; other than 0 the figures are not the run's)."""
+    compiler's optimisation effort (see `compile_program`; other than 0 the figures are not the run's).
+
+    `partial`, if given, receives the plan so far after each program (its `complete` is False and `remaining` names
+    the programs not yet compiled), so that a long plan that stops late keeps what it found."""
     if not -1.0 <= effort <= 1.0:
         raise PlanError(f"the compile effort must lie in [-1, 1], got {effort}")
     mesh, chip, hosts = topology_mesh(topology)
@@ -896,7 +901,7 @@ def make_plan(
                     f"--programs {','.join(only)} matches none of this run's programs: {[p.name for p in programs]}"
                 )
             programs = kept
-        for program in programs:
+        for done, program in enumerate(programs):
             report(f"compiling {program.name} for {topology} (global batch {program.batch}) ...")
             reports.append(
                 report_program(
@@ -908,6 +913,33 @@ def make_plan(
                     effort,
                 )
             )
+            if partial is not None and done + 1 < len(programs):
+                so_far = _assemble_plan(
+                    config,
+                    topology,
+                    mesh,
+                    chip,
+                    hosts,
+                    sizes,
+                    deepfool_iterations,
+                    utilisation,
+                    calibration,
+                    only,
+                    effort,
+                    reports,
+                )
+                so_far["complete"] = False
+                so_far["remaining"] = [p.name for p in programs[done + 1 :]]
+                partial(so_far)
+    return _assemble_plan(
+        config, topology, mesh, chip, hosts, sizes, deepfool_iterations, utilisation, calibration, only, effort, reports
+    )
+
+
+def _assemble_plan(
+    config, topology, mesh, chip, hosts, sizes, deepfool_iterations, utilisation, calibration, only, effort, reports
+) -> dict:
+    """The plan's JSON-able dict from the program reports compiled so far (see `make_plan`)."""
     phases: dict[str, dict] = {}
     for r in reports:
         for phase, hours in r.hours_roofline.items():
@@ -917,6 +949,8 @@ def make_plan(
         entry["hours_at_utilisation"] = entry["hours_roofline"] / utilisation
         entry["chip_hours_at_utilisation"] = entry["hours_at_utilisation"] * mesh.size
     return {
+        "complete": True,
+        "remaining": [],
         "topology": topology,
         "chips": mesh.size,
         "hosts": hosts,
@@ -1004,6 +1038,8 @@ def phase_table(plan: dict) -> list[str]:
     lines.append(
         f"| total | {total['hours_roofline']:.2f} | {total['hours_at_utilisation']:.1f} | {total['chip_hours_at_utilisation']:.0f} |"
     )
+    if not plan.get("complete", True):
+        lines.append(f"| not in the total (the plan stopped before them): {', '.join(plan['remaining'])} | | | |")
     return lines
 
 
@@ -1040,6 +1076,15 @@ def format_plan(plan: dict) -> str:
         notes.append(f"- only the programs matching {', '.join(plan['only'])}: the hours leave the others out")
     notes.append(f"- {plan['estimate']}")
     return "\n".join(lines + [""] + notes + (["", "Not for an accelerator (must be empty):"] + bad if bad else []))
+
+
+def write_plan(plan: dict, path: str) -> None:
+    """Writes `plan` as JSON to `path` atomically (a temporary file, then a rename): a reader, or a plan killed while
+    writing, never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(plan, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _report(line: str) -> None:
@@ -1125,13 +1170,13 @@ def main(argv=None) -> int:
             only=tuple(flag_values.programs),
             effort=flag_values.compile_effort,
             report=_report,
+            partial=lambda so_far: write_plan(so_far, flag_values.out),
         )
     except PlanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_plan(plan))
-    with open(flag_values.out, "w") as f:
-        json.dump(plan, f, indent=1)
+    write_plan(plan, flag_values.out)
     print(f"\nwrote {flag_values.out}")
     train = next((p for p in plan["programs"] if p["name"] == "train step"), None)
     if train is not None and not train["fits"]:

@@ -46,6 +46,7 @@ def test_every_smoke_config_compiles_for_a_topology_with_nothing_cpu_only_in_it(
     topologies took 117 s on 2 idle cores (one topology took 152 s at the default effort without sharing). The memory
     figures at effort -1 are not the run's; the test below checks them at the default effort."""
     for name in CONFIGS:
+        partials = []
         result = plan.make_plan(
             load_config(name),
             topology,
@@ -56,8 +57,16 @@ def test_every_smoke_config_compiles_for_a_topology_with_nothing_cpu_only_in_it(
             costs=False,
             effort=-1.0,
             report=lambda line: None,
+            partial=partials.append,
         )
         assert result["compile_effort"] == -1.0 and "not the run's" in result["estimate"]
+        # After each program but the last, the plan so far: a plan that stops late keeps what it compiled.
+        assert result["complete"] and not result["remaining"]
+        assert len(partials) == len(result["programs"]) - 1
+        for done, so_far in enumerate(partials, start=1):
+            assert not so_far["complete"] and so_far["programs"] == result["programs"][:done]
+            assert so_far["remaining"] == [p["name"] for p in result["programs"][done:]]
+            assert "not in the total" in plan.phase_table(so_far)[-1]
         assert result["chips"] == (4 if topology == "v5e:2x2" else 8) and result["hosts"] == (
             1 if topology == "v5e:2x2" else 2
         )
