@@ -198,6 +198,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.apgd_targets = 3  # target classes of APGD-T and FAB-T (AutoAttack standard: 9)
     c.eval.fab_steps = 100  # FAB-T iterations (eval.attack='autoattack')
     c.eval.square_queries = 5000  # Square Attack budget per sample (eval.attack='autoattack')
+    # digits only: > 0 also evaluates on this many images drawn from the pool's generator with a disjoint seed (never
+    # trained on), reported beside the real test split, never instead of it: samples of the generator, not real data.
+    c.eval.generated_test_size = 0
+    # Which weights of the train phase are evaluated: the final raw and EMA weights and the best-validation EMA
+    # weights (AutoAttack on a large split costs minutes per set of weights; evaluate what you report).
+    c.eval.weights = ("raw", "ema", "best_ema")
 
     if arg == "smoke":
         c.data.synthetic_size = 2_000

@@ -139,6 +139,36 @@ def config_problems(config, *, available_devices: int, process_count: int, platf
     p.within("eval.fab_steps", ecfg.fab_steps, 1)
     p.within("eval.square_queries", ecfg.square_queries, 1)
     p.within("eval.batch_size", ecfg.batch_size, 1)
+    from jax_advprune.phases.weights import WEIGHTS
+
+    weights = tuple(ecfg.get("weights", WEIGHTS))
+    p.need(
+        bool(weights) and set(weights) <= set(WEIGHTS),
+        "eval.weights",
+        weights,
+        "a non-empty subset of " + ", ".join(WEIGHTS),
+    )
+    p.need(
+        set(weights) != {"best_ema"} or config.train.validation_size > 0 or bool(ecfg.init_from),
+        "eval.weights",
+        weights,
+        "more than 'best_ema' with train.validation_size=0 (no best-validation checkpoint is kept)",
+    )
+    held_out = ecfg.get("generated_test_size", 0)
+    if p.need(
+        isinstance(held_out, int) and not isinstance(held_out, bool),
+        "eval.generated_test_size",
+        held_out,
+        "a whole number of images",
+    ):
+        p.within("eval.generated_test_size", held_out, 0)
+        p.need(
+            held_out == 0 or config.data.name == "digits",
+            "eval.generated_test_size",
+            held_out,
+            f"0 with data.name={config.data.name!r} (a held-out generated split is drawn from the embedded default's "
+            "generator, data.name='digits')",
+        )
     for key, size in split_sizes(config).items():  # the sizes mesh_size chose the device count for
         p.need(size % num_devices == 0, key, size, f"a multiple of the {num_devices} devices of the mesh")
     return p

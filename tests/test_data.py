@@ -1,5 +1,6 @@
 """Sources and loader: memory-mapped round trips, bad input, masks, mixing, resume."""
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import make_npz
 
-from jax_advprune.data.generate import write_embedded_default
+from jax_advprune.data.generate import write_embedded_default, write_held_out_generated
 from jax_advprune.data.loader import (
     BatchReader,
     EmptySelectionError,
@@ -176,6 +177,41 @@ def test_embedded_default_is_deterministic_and_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match="use a new --workdir"):
         write_embedded_default(str(tmp_path / "a"), image_size=16, synthetic_size=400, test_fraction=0.15, seed=0)
     assert os.path.getmtime(a["train"]) == mtime
+
+
+def test_the_held_out_generated_split_is_the_pool_s_generator_with_other_draws_and_never_a_pool_image(tmp_path):
+    data_dir = str(tmp_path / "data")
+    paths = write_embedded_default(data_dir, image_size=16, synthetic_size=2000, test_fraction=0.15, seed=0)
+    held_out_path = write_held_out_generated(
+        data_dir, size=1003, image_size=16, synthetic_size=2000, test_fraction=0.15, seed=0
+    )
+    held_out, pool = NpzPart(held_out_path, 10), NpzPart(paths["synthetic"], 10)
+    train = NpzPart(paths["train"], 10)
+    images, labels = held_out.read(np.arange(len(held_out)))
+    # Balanced as the pool is (size // 10 per class, the remainder to the first classes), sorted by class.
+    assert images.shape == (1003, 16, 16, 1) and list(np.bincount(labels)) == [101, 101, 101] + [100] * 7
+    # Never an image of the pool or of the train split, byte for byte.
+    seen = {row.tobytes() for row in np.concatenate([pool.images, train.images]).reshape(-1, 256)}
+    assert not any(row.tobytes() in seen for row in images.reshape(-1, 256))
+
+    # The same generator: per class, the mean held-out image is much nearer the pool's mean of that class than the
+    # pool's class means are to one another.
+    def class_means(x, y):
+        return np.stack([x[y == c].reshape(-1, 256).astype(float).mean(0) for c in range(10)])
+
+    ours, theirs = class_means(images, labels), class_means(pool.images, pool.labels())
+    between = np.linalg.norm(theirs[:, None] - theirs[None], axis=-1)[~np.eye(10, dtype=bool)].min()
+    assert np.linalg.norm(ours - theirs, axis=-1).max() < between / 4
+    # Deterministic: another directory, the same images.
+    write_embedded_default(str(tmp_path / "again"), image_size=16, synthetic_size=2000, test_fraction=0.15, seed=0)
+    again = write_held_out_generated(
+        str(tmp_path / "again"), size=1003, image_size=16, synthetic_size=2000, test_fraction=0.15, seed=0
+    )
+    np.testing.assert_array_equal(NpzPart(again, 10).images, images)
+    meta = json.load(open(os.path.join(data_dir, "generated_test_meta.json")))
+    assert meta["num_test"] == 1003 and meta["draw_seed"] != 0
+    with pytest.raises(ValueError, match="use a new --workdir"):
+        write_held_out_generated(data_dir, size=500, image_size=16, synthetic_size=2000, test_fraction=0.15, seed=0)
 
 
 def test_plain_epochs_are_seeded_permutations_of_the_kept_pool(small_pool):

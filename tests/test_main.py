@@ -155,12 +155,30 @@ def test_any_weights_can_be_evaluated_alone_and_training_can_start_from_them(smo
     """--phases=evaluate with eval.init_from (a work dir: its best EMA weights); train.init_from (one of its checkpoints)."""
     workdir, _ = smoke_run
     source = json.load(open(workdir / "results.json"))
-    evaluated = run_main(tmp_path / "eval", "--phases=evaluate", f"--config.eval.init_from={workdir}")
+    evaluated = run_main(
+        tmp_path / "eval",
+        "--phases=evaluate",
+        f"--config.eval.init_from={workdir}",
+        "--config.eval.generated_test_size=300",
+    )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     results = json.load(open(tmp_path / "eval" / "results.json"))
     assert list(results["results"]) == ["given"] and results["init_from"] == str(workdir) and results["kept"] is None
-    assert results["results"]["given"] == source["results"]["best_ema"]  # the same weights, the same attack seed
-    assert "given weights" in open(tmp_path / "eval" / "report.md").read()
+    # The same weights, the same attack seed: the test split's figures do not move when a held-out split is added.
+    assert results["results"]["given"] == source["results"]["best_ema"]
+    report = open(tmp_path / "eval" / "report.md").read()
+    assert "given weights" in report
+    # The held-out generated split, beside the test split: its own accuracies and standard errors, labelled.
+    held_out = results["held_out_generated"]
+    assert held_out["size"] == 300 and "not real data" in held_out["what"]
+    given = held_out["results"]["given"]
+    assert 0 <= given["autoattack_lite_accuracy"] <= given["apgd_ce_accuracy"] <= given["clean_accuracy"] <= 1
+    assert given["pgd_accuracy"] <= given["clean_accuracy"]
+    assert given["clean_accuracy_se"] == pytest.approx(
+        (given["clean_accuracy"] * (1 - given["clean_accuracy"]) / 300) ** 0.5
+    )
+    assert report.index("Test split: 269 images") < report.index("Held-out generated split: 300 images")
+    assert report.count("| weights |") == 2 and "not real data" in report
     assert not (tmp_path / "eval" / "checkpoints").exists() and not (tmp_path / "eval" / "selection").exists()
     step = source["checkpoint_step"]
     started = run_main(
@@ -441,10 +459,12 @@ def test_the_smoke_command_finishes_on_any_number_of_cpu_devices(tmp_path, devic
         "--config.scoring.train_epochs=0.5",
         "--config.train.validation_every_epochs=0.5",
         "--config.eval.apgd_steps=2",
+        "--config.eval.weights=('ema', 'best_ema')",
     )
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.load(open(tmp_path / "run" / "results.json"))
+    assert list(results["results"]) == ["ema", "best_ema"]  # eval.weights: only what is asked for is evaluated
     assert results["devices"]["count"] == mesh
     if mesh < devices:
         assert f"the mesh spans {mesh} of the {devices} cpu devices" in proc.stdout

@@ -33,6 +33,16 @@ BAD_SETTINGS = [
     ({"eval.attack": "autoatack"}, "eval.attack='autoatack': one of pgd, autoattack_lite, autoattack"),
     ({"eval.square_queries": 0}, "eval.square_queries=0"),
     ({"eval.apgd_targets": -1}, "eval.apgd_targets=-1"),
+    ({"eval.generated_test_size": -5}, "eval.generated_test_size=-5: a number in [0, inf]"),
+    ({"eval.weights": ("ema", "best")}, "eval.weights=('ema', 'best'): a non-empty subset of best_ema, ema, raw"),
+    (
+        {"eval.weights": ("best_ema",), "train.validation_size": 0},
+        "eval.weights=('best_ema',): more than 'best_ema' with train.validation_size=0",
+    ),
+    (
+        {"eval.generated_test_size": 100, "data.name": "npz"},
+        "eval.generated_test_size=100: 0 with data.name='npz' (a held-out generated split is drawn from",
+    ),
     ({"attack.eps": -1.0}, "attack.eps=-1.0"),
     ({"attack.eps": 2.0}, "attack.eps=2.0: a number in (0, 1]"),
     ({"attack.norm": "l3"}, "attack.norm='l3': one of linf, l2"),

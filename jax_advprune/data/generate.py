@@ -85,11 +85,14 @@ def sample_synthetic(
     seed: int,
     pca_components: int = 24,
     mixture_components: int = 6,
+    sample_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fits PCA + per-class Gaussian mixtures to (x_train (N, 64), y_train) and samples.
 
     Returns (pixels (size, 64) in [0, 1], labels (size,) int64), sorted by class,
     with size // 10 samples per class (the remainder going to the first classes).
+    The generator (PCA and mixtures) is fitted with `seed`; the draws use `seed` too
+    unless `sample_seed` is given: the same generator, other samples.
     """
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
@@ -98,12 +101,14 @@ def sample_synthetic(
     codes = pca.transform(x_train)
     per_class = np.full(DIGITS_CLASSES, size // DIGITS_CLASSES)
     per_class[: size % DIGITS_CLASSES] += 1
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if sample_seed is None else sample_seed)
     pixels, labels = [], []
     for c in range(DIGITS_CLASSES):
         mixture = GaussianMixture(
             n_components=mixture_components, covariance_type="full", reg_covar=1e-3, random_state=seed + c
         ).fit(codes[y_train == c])
+        if sample_seed is not None:  # sklearn draws from the fitted model's random_state
+            mixture.random_state = np.random.RandomState(np.random.SeedSequence([sample_seed, c]).generate_state(1)[0])
         with warnings.catch_warnings():  # numerically asymmetric covariances; harmless
             warnings.simplefilter("ignore", RuntimeWarning)
             sampled, _ = mixture.sample(int(per_class[c]))
@@ -145,3 +150,75 @@ def write_embedded_default(
             indent=2,
         )
     return paths
+
+
+def held_out_sample_seed(seed: int) -> int:
+    """The draw seed of the held-out generated test split for data seed `seed`: a SeedSequence stream with its own
+    spawn key, disjoint from the pool's draws (which use `seed` and `seed + class`)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(HELD_OUT_SPAWN_KEY,)).generate_state(1)[0])
+
+
+HELD_OUT_SPAWN_KEY = 7  # any fixed value; it only has to differ from the pool's (which uses no SeedSequence)
+
+
+def _row_keys(images: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in images.reshape(len(images), -1)}
+
+
+def write_held_out_generated(
+    data_dir: str, *, size: int, image_size: int, synthetic_size: int, test_fraction: float, seed: int
+) -> str:
+    """Writes generated_test.npz into data_dir once (beside `write_embedded_default`'s files) and returns its path.
+
+    `size` images drawn from the embedded default's generator (the same PCA and mixtures, fitted on the same train
+    split with `seed`) with a disjoint draw seed (`held_out_sample_seed`): a test split of the generator's
+    distribution that is never trained on. Any draw whose uint8 image equals a pool or train image is replaced by a
+    further draw of its class, and the count is recorded in generated_test_meta.json. Balanced per class as
+    `sample_synthetic`. Raises if the file exists with other settings (nothing is overwritten).
+    """
+    settings = dict(
+        size=size, image_size=image_size, synthetic_size=synthetic_size, test_fraction=test_fraction, seed=seed
+    )
+    path = os.path.join(data_dir, "generated_test.npz")
+    meta_path = os.path.join(data_dir, "generated_test_meta.json")
+    if storage.exists(meta_path):
+        existing = json.loads(storage.read_text(meta_path))["settings"]
+        if existing != settings:
+            raise ValueError(
+                f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir"
+            )
+        if storage.exists(path):
+            return path
+    from jax_advprune.data.npz_format import IMAGE_KEY, open_npz_member
+
+    x_train, y_train, _, _ = digits_split(test_fraction, seed)
+    seen = _row_keys(to_uint8_images(x_train, image_size))
+    seen |= _row_keys(np.asarray(open_npz_member(os.path.join(data_dir, "synthetic.npz"), IMAGE_KEY)))
+    wanted = np.full(DIGITS_CLASSES, size // DIGITS_CLASSES)
+    wanted[: size % DIGITS_CLASSES] += 1
+    draw = size + size // 10 + DIGITS_CLASSES  # spare draws of every class, to replace any that equal a seen image
+    pixels, labels = sample_synthetic(x_train, y_train, draw, seed, sample_seed=held_out_sample_seed(seed))
+    images = to_uint8_images(pixels, image_size)
+    keep, replaced = [], 0
+    for c in range(DIGITS_CLASSES):
+        rows = np.flatnonzero(labels == c)
+        fresh = [r for r in rows if images[r].tobytes() not in seen]
+        replaced += len(rows) - len(fresh)
+        if len(fresh) < wanted[c]:
+            raise ValueError(f"the generator gave only {len(fresh)} unseen images of class {c}, {wanted[c]} wanted")
+        keep.extend(fresh[: wanted[c]])
+    keep = np.asarray(keep)
+    storage.makedirs(data_dir)
+    write_npz(path, images[keep], labels[keep])
+    with atomic_output(meta_path) as tmp, open(tmp, "w") as f:
+        json.dump(
+            {
+                "settings": settings,
+                "draw_seed": held_out_sample_seed(seed),
+                "num_test": int(len(keep)),
+                "draws_equal_to_a_pool_or_train_image": int(replaced),
+            },
+            f,
+            indent=2,
+        )
+    return path

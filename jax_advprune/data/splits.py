@@ -16,7 +16,7 @@ import numpy as np
 
 from jax_advprune import parallel, storage
 from jax_advprune.data.cifar import LAYOUTS, convert_cifar_tarball, detect_layout
-from jax_advprune.data.generate import digits_split, write_embedded_default
+from jax_advprune.data.generate import digits_split, write_embedded_default, write_held_out_generated
 from jax_advprune.data.make_pool import write_generated_dataset
 from jax_advprune.data.sources import NpzPart, Pool, open_pool
 
@@ -40,6 +40,9 @@ class Data:
     test_labels: np.ndarray
     trainable: np.ndarray
     files: list[str]
+    # eval.generated_test_size > 0 (digits only): a held-out split drawn from the pool's generator, never trained on
+    held_out_images: np.ndarray | None = None
+    held_out_labels: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,4 +196,21 @@ def load_data(config, data_dir: str) -> Data:
     )
     trainable = trainable_mask(len(pool), pool.num_original, config.train.validation_size, config.seed)
     files = (given if cfg.name != "tfds" else []) + ([cfg.tarball] if cfg.name == "cifar_tarball" else [])
-    return Data(pool, test_images, test_labels, trainable, files)
+    held_out_images = held_out_labels = None
+    if cfg.name == "digits" and config.eval.get("generated_test_size", 0):
+        held_out_path = _prepared_once(
+            "held-out generated split",
+            lambda: write_held_out_generated(
+                data_dir,
+                size=config.eval.generated_test_size,
+                image_size=cfg.image_size,
+                synthetic_size=cfg.synthetic_size,
+                test_fraction=cfg.test_fraction,
+                seed=cfg.seed,
+            ),
+        )
+        held_out = NpzPart(held_out_path, cfg.num_classes)
+        held_out_images, held_out_labels = held_out.read(np.arange(len(held_out)))
+        files.append(held_out_path)
+        log.info("held-out generated split: %d images of the pool's generator (never trained on)", len(held_out))
+    return Data(pool, test_images, test_labels, trainable, files, held_out_images, held_out_labels)

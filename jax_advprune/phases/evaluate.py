@@ -1,5 +1,8 @@
 """Evaluate phase: clean, PGD and AutoAttack (lite or standard) accuracy on the test split -> results.json, report.md.
 
+With eval.generated_test_size > 0 (the embedded default), the same on a held-out
+split drawn from the pool's generator, reported beside the test split's.
+
 Evaluated: the final raw and EMA weights, and the EMA weights of the
 best-validation checkpoint (`checkpoints_best/`, what the reference reports).
 Every accuracy comes with its binomial standard error over the test split.
@@ -15,9 +18,10 @@ import time
 from jax_advprune import provenance, run_dir, storage
 from jax_advprune.checkpoint import abstract_like, best_checkpoint_dir, best_checkpointer
 from jax_advprune.data.splits import Data
+from jax_advprune.errors import UserError
 from jax_advprune.evaluation import autoattack_evaluator, pgd_evaluator
 from jax_advprune.phases.common import apply_fn, build_model, section
-from jax_advprune.phases.weights import saved_state, saved_variables
+from jax_advprune.phases.weights import WEIGHTS, saved_state, saved_variables
 from jax_advprune.run_dir import final_checkpoint_dir
 
 log = logging.getLogger("jax_advprune")
@@ -61,10 +65,17 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1.0 - accuracy) / n) if n else float("nan")
 
 
-def evaluate_weights(config, data: Data, mesh, model, candidates: dict, workdir: str | None = None) -> dict:
-    """{weights: {accuracy name: fraction, '<name>_se': its standard error}} for each set of variables in `candidates`.
+HELD_OUT = "held_out_generated"  # results.json's key (and evaluate_passes/ suffix) of the held-out generated split
 
-    With a work directory, AutoAttack saves each pass under <workdir>/evaluate_passes/<weights>/ and resumes from them."""
+
+def evaluate_weights(
+    config, data: Data, mesh, model, candidates: dict, workdir: str | None = None
+) -> tuple[dict, dict | None]:
+    """({weights: {accuracy name: fraction, '<name>_se': its standard error}} on the test split, the same on the
+    held-out generated split or None without one) for each set of variables in `candidates`.
+
+    With a work directory, AutoAttack saves each pass under <workdir>/evaluate_passes/<weights>[_held_out_generated]/
+    and resumes from them."""
     ecfg = config.eval
     common = dict(eps=config.attack.eps, norm=config.attack.norm, batch_size=ecfg.batch_size, mesh=mesh)
     evaluate_pgd = pgd_evaluator(
@@ -81,32 +92,45 @@ def evaluate_weights(config, data: Data, mesh, model, candidates: dict, workdir:
             square_queries=ecfg.square_queries,
             **common,
         )
-    n = len(data.test_labels)
-    results = {}
-    for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
-        accuracies = {
-            k: v
-            for k, v in evaluate_pgd(variables, data.test_images, data.test_labels, config.seed).items()
-            if k != "n"
-        }
-        if evaluate_aa is not None:
-            resume_dir = run_dir.evaluate_passes_dir(workdir, weights) if workdir else None
-            accuracies.update(
-                evaluate_aa(variables, data.test_images, data.test_labels, config.seed, resume_dir=resume_dir)
+
+    def on_split(images, labels, suffix: str) -> dict:
+        n = len(labels)
+        results = {}
+        for weights, variables in candidates.items():  # the same compiled evaluators for every set of weights
+            accuracies = {k: v for k, v in evaluate_pgd(variables, images, labels, config.seed).items() if k != "n"}
+            if evaluate_aa is not None:
+                resume_dir = run_dir.evaluate_passes_dir(workdir, weights + suffix) if workdir else None
+                accuracies.update(evaluate_aa(variables, images, labels, config.seed, resume_dir=resume_dir))
+            results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
+            log.info(
+                "[evaluate] %s weights%s: %s",
+                weights,
+                f" ({HELD_OUT}, {n} images)" if suffix else "",
+                ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()),
             )
-        results[weights] = accuracies | {f"{k}_se": standard_error(v, n) for k, v in accuracies.items()}
-        log.info(
-            "[evaluate] %s weights: %s",
-            weights,
-            ", ".join(f"{k} {v:.4f} ± {standard_error(v, n):.4f}" for k, v in accuracies.items()),
-        )
-    return results
+        return results
+
+    on_test = on_split(data.test_images, data.test_labels, "")
+    if data.held_out_labels is None:
+        return on_test, None
+    return on_test, on_split(data.held_out_images, data.held_out_labels, "_" + HELD_OUT)
+
+
+def _accuracy_table(results: dict, labels: dict, header: dict) -> list[str]:
+    columns = [c for c in HEADERS if c in next(iter(results.values()))]
+    return [
+        "| weights | " + " | ".join(f"{header[c]} accuracy" for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ] + [
+        f"| {labels[w]} | " + " | ".join(f"{r[c]:.4f} ± {r[c + '_se']:.4f}" for c in columns) + " |"
+        for w, r in results.items()
+    ]
 
 
 def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
-    """report.md: what was kept, the threat model and the accuracy table (± one standard error)."""
+    """report.md: what was kept, the threat model and the accuracy table (± one standard error), and the held-out
+    generated split's table after it where there is one."""
     ecfg, results = config.eval, summary["results"]
-    columns = [c for c in HEADERS if c in next(iter(results.values()))]
     step, best = summary["checkpoint_step"], summary["best_validation_step"]
     labels = {
         "raw": f"raw (step {step})",
@@ -138,12 +162,16 @@ def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
         }[ecfg.attack]
         + "Each accuracy ± one binomial standard error.",
         "",
-        "| weights | " + " | ".join(f"{header[c]} accuracy" for c in columns) + " |",
-        "| --- |" + " --- |" * len(columns),
-    ] + [
-        f"| {labels[w]} | " + " | ".join(f"{r[c]:.4f} ± {r[c + '_se']:.4f}" for c in columns) + " |"
-        for w, r in results.items()
-    ]
+    ] + _accuracy_table(results, labels, header)
+    held_out = summary.get(HELD_OUT)
+    if held_out:
+        lines += [
+            "",
+            f"Held-out generated split: {held_out['size']} images drawn from the pool's generator with a seed disjoint "
+            "from the pool's, never trained on. They are samples of the generator, not real data: this table is "
+            "beside the test split's, not instead of it. Same attacks.",
+            "",
+        ] + _accuracy_table(held_out["results"], labels, header)
     return "\n".join(lines) + "\n"
 
 
@@ -178,9 +206,16 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
     if run_dir.is_complete(workdir, NAME):
         log.info("[evaluate] complete, skipped (%s)", run_dir.results_file(workdir))
         return
+    wanted = tuple(config.eval.get("weights", WEIGHTS))  # what `weights_to_evaluate` can give from a train phase
+    candidates = {name: v for name, v in candidates.items() if name == "given" or name in wanted}
+    if not candidates:
+        raise UserError(
+            f"eval.weights={wanted!r}: none of these weights exists in {workdir} (no best-validation checkpoint "
+            "without train.validation_size > 0)"
+        )
     run_dir.record_settings(workdir, NAME, settings(config))
     start = time.perf_counter()
-    results = evaluate_weights(config, data, mesh, build_model(config), candidates, workdir)
+    results, held_out = evaluate_weights(config, data, mesh, build_model(config), candidates, workdir)
     selection_path = run_dir.selection_file(workdir, "meta.json")
     selection = (
         storage.read_json(selection_path) if storage.exists(selection_path) and "given" not in candidates else None
@@ -206,12 +241,18 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
         "wall_seconds": timings | {NAME: round(time.perf_counter() - start, 3)},
         "results": results,
     }
+    if held_out is not None:
+        summary[HELD_OUT] = {
+            "size": len(data.held_out_labels),
+            "what": "drawn from the pool's generator with a disjoint seed, never trained on; not real data",
+            "results": held_out,
+        }
     storage.write_text(run_dir.report_file(workdir), report(config, workdir, summary, selection))
     storage.write_json(run_dir.results_file(workdir), summary)
-    _to_tensorboard(config, workdir, results)
+    _to_tensorboard(config, workdir, results, held_out)
 
 
-def _to_tensorboard(config, workdir: str, results: dict) -> None:
+def _to_tensorboard(config, workdir: str, results: dict, held_out: dict | None = None) -> None:
     """The run's hyperparameters and test accuracies as a TensorBoard hparams entry (tensorboard/evaluate)."""
     if not storage.is_writer():
         return
@@ -220,7 +261,11 @@ def _to_tensorboard(config, workdir: str, results: dict) -> None:
     flat = run_dir.flatten(config.to_dict())
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
     metrics = {
-        f"test/{weights}/{k}": v for weights, r in results.items() for k, v in r.items() if not k.endswith("_se")
+        f"{split}/{weights}/{k}": v
+        for split, split_results in (("test", results), (HELD_OUT, held_out or {}))
+        for weights, r in split_results.items()
+        for k, v in r.items()
+        if not k.endswith("_se")
     }
     with summary_writer(run_dir.tensorboard_dir(workdir, NAME)) as writer:
         writer.add_hparams(hparams, metrics, name="hparams")
