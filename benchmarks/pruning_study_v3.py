@@ -1,0 +1,569 @@
+"""Study v3: the papers' claims in the papers' regime: converged final training, margins from a converged robust
+model, a redundant pool, and a held-out test split that can tell 1 point from noise.
+
+    pip install -e ".[bench]"
+    python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--ratios 0.5 0.25]
+        [--lengths 24 32 43 57 76 101 135] [--epochs E] [--workdir runs/study_v3] [--report-only]
+
+What it runs (configs/default.py's digits: 1,528 real originals + a generated pool;
+pruning.scope='synthetic', class-balanced, batches of 30% originals, an epoch of 12
+steps whatever the pool holds, so every run of a pool trains the same steps):
+
+1. Convergence. The full pool (the largest of --pools, seed 0) is trained for each
+   of --lengths epochs in turn (each a separate run with its own cosine schedule)
+   and scored by PGD-20 on the held-out generated split. The final-training length
+   is the first length L whose accuracy is less than 0.5 points above that of the
+   length nearest 0.75 L: it stops improving over the last 25% of the epochs. Every
+   final run trains L epochs. (--epochs E skips this and uses E.)
+2. Per pool size and seed:
+   - full pool: trained L epochs. Its EMA weights are also PUMA's margin model
+     (scoring.init_from), a converged robust model as in the PUMA paper, so the
+     margin score costs DeepFool over the pool alone (the model's training is
+     reported beside it, since a user without one pays it).
+   - DU, extrapolated: Nieth et al.'s protocol: a history run on a random 5% of the
+     generated pool alone (scoring.history_protocol='reference', DU window 10, the
+     subset trained L epochs of its own passes), kNN-extrapolated (k = 12,
+     L2-normalised penultimate features of that run's model) to the whole pool.
+   - at each keep ratio: random, PUMA, keep_top DU (extrapolated) and prune_hard
+     (the lowest margins dropped), class-balanced.
+3. Every final model is evaluated (EMA weights) on the 269 real test digits and on
+   a held-out generated split (--held-out images of the pool's generator with a
+   disjoint seed, never trained on: samples of the generator, not real data):
+   clean, PGD-20, APGD-CE and APGD-CE + APGD-T (3 targets).
+
+Reported: per cell, mean and min..max over seeds of each accuracy on both splits,
+and each run's measured seconds split into score, select and train; paired
+differences against random at the same pool, keep ratio and seed (mean, min..max);
+the scoring cost of margins (DeepFool over the pool, plus the margin model's
+training) against DU on 5% plus the kNN. Every run is a normal work directory
+under --workdir: a rerun after a kill skips what finished (a score phase killed
+midway restarts clean, so that its seconds are whole). Writes
+benchmarks/results/pruning_study_v3.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hygiene  # noqa: E402
+
+STRATEGIES = [  # (label, strategy, score)
+    ("random", "random", None),
+    ("puma", "puma", "margin"),
+    ("keep_top du (extrapolated)", "keep_top", "du"),
+    ("prune_hard", "prune_hard", "margin"),
+]
+SPLITS = {"test": "269 real test digits", "held_out": "held-out generated split"}
+METRICS = {
+    "clean": "clean_accuracy",
+    "pgd": "pgd_accuracy",
+    "apgd_ce": "apgd_ce_accuracy",
+    "aa": "autoattack_lite_accuracy",
+}
+CONVERGED_GAIN = 0.005  # less than 0.5 points over the last 25% of the epochs
+
+
+def v3_config(
+    pool: int,
+    seed: int,
+    epochs: float,
+    *,
+    strategy: str = "random",
+    keep_ratio: float = 1.0,
+    score: str | None = None,
+    held_out: int = 10_000,
+    robust_evaluation: str = "autoattack_lite",
+    apgd_steps: int = 100,
+    margin_model: str = "",
+    subset_fraction: float = 0.05,
+):
+    """configs/default.py in the study's setting (see the module docstring)."""
+    from configs import default
+
+    c = default.get_config()
+    c.seed = seed
+    c.data.synthetic_size = pool
+    c.train.epochs = epochs
+    c.pruning.strategy = strategy
+    c.pruning.keep_ratio = keep_ratio
+    c.pruning.scope = "synthetic"
+    c.pruning.class_balanced = True
+    c.eval.generated_test_size = held_out
+    c.eval.weights = ("ema",)
+    c.eval.attack = robust_evaluation
+    c.eval.apgd_steps = apgd_steps
+    if score is not None:
+        c.scoring.score = score
+    if score == "margin":
+        c.scoring.init_from = margin_model
+    if score == "du":
+        c.scoring.train_epochs = epochs
+        c.scoring.du_window = min(10, int(epochs))  # DU needs as many records as its window
+        c.scoring.history_protocol = "reference"
+        c.scoring.extrapolation.enabled = True
+        c.scoring.extrapolation.subset_size = max(1, round(subset_fraction * pool))
+        c.scoring.extrapolation.normalize = "l2"
+    return c
+
+
+def length_grid_neighbour(lengths: list[float], length: float) -> float | None:
+    """The length of `lengths` nearest 0.75 x `length` among the shorter ones (None for the shortest)."""
+    shorter = [x for x in lengths if x < length]
+    return min(shorter, key=lambda x: abs(x - 0.75 * length)) if shorter else None
+
+
+def converged_length(curve: list[dict]) -> tuple[float | None, list[dict]]:
+    """(the first length whose held-out PGD-20 accuracy is less than CONVERGED_GAIN above that of the length nearest
+    0.75 x it, or None; the curve with each point's 'gain' over that shorter length) from points
+    {'epochs', 'held_out_pgd', ...} sorted by epochs."""
+    lengths = [p["epochs"] for p in curve]
+    by_length = {p["epochs"]: p for p in curve}
+    chosen, marked = None, []
+    for point in curve:
+        previous = length_grid_neighbour(lengths, point["epochs"])
+        gain = None if previous is None else point["held_out_pgd"] - by_length[previous]["held_out_pgd"]
+        marked.append(point | {"gain": gain, "compared_with": previous})
+        if chosen is None and gain is not None and gain < CONVERGED_GAIN:
+            chosen = point["epochs"]
+    return chosen, marked
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Per (pool, keep ratio, strategy other than random): each metric on each split minus random's at the same
+    pool, keep ratio and seed; mean and min..max over the seeds that have both."""
+    out = []
+    keys = sorted({(r["pool"], r["keep_ratio"], r["method"]) for r in rows if r["kind"] == "pruned"})
+    for pool, ratio, method in keys:
+        if method == "random":
+            continue
+        pairs = []
+        for r in rows:
+            if (r["pool"], r["keep_ratio"], r["method"]) != (pool, ratio, method):
+                continue
+            base = next(
+                (
+                    b
+                    for b in rows
+                    if (b["pool"], b["keep_ratio"], b["method"], b["seed"]) == (pool, ratio, "random", r["seed"])
+                ),
+                None,
+            )
+            if base is not None:
+                pairs.append((r, base))
+        if not pairs:
+            continue
+        line = {"pool": pool, "keep_ratio": ratio, "method": method, "seeds": [r["seed"] for r, _ in pairs]}
+        for split in SPLITS:
+            for metric in METRICS:
+                key = f"{split}_{metric}"
+                diffs = [r[key] - b[key] for r, b in pairs]
+                line[key] = _spread(diffs)
+        out.append(line)
+    return out
+
+
+def _spread(values) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (pool, method, keep ratio) over seeds: each accuracy's mean and min..max, and the seconds."""
+    table = []
+    for key in dict.fromkeys((r["pool"], r["method"], r["keep_ratio"]) for r in rows):
+        sel = [r for r in rows if (r["pool"], r["method"], r["keep_ratio"]) == key]
+        line = {
+            "pool": key[0],
+            "method": key[1],
+            "keep_ratio": key[2],
+            "kind": sel[0]["kind"],
+            "seeds": [r["seed"] for r in sel],
+            "kept": round(sum(r["kept"] for r in sel) / len(sel)),
+            "epochs": sel[0]["epochs"],
+        }
+        for split in SPLITS:
+            for metric in METRICS:
+                line[f"{split}_{metric}"] = _spread([r[f"{split}_{metric}"] for r in sel])
+        for part in ("score_s", "select_s", "train_s", "compute_s"):
+            line[part] = _spread([r[part] for r in sel])
+        table.append(line)
+    return table
+
+
+class StudyV3:
+    """Runs (or reuses) the study's work directories and collects one row per run."""
+
+    def __init__(self, args):
+        from jax_advprune import parallel
+
+        self.args, self.rows = args, []
+        self.mesh = parallel.make_mesh(None)
+        self.start = time.perf_counter()
+
+    def _path(self, *parts) -> str:
+        return os.path.join(self.args.workdir, *parts)
+
+    def shared_data(self, pool: int) -> str:
+        """<workdir>/data_<pool>: the pool and the held-out split, written once and linked into every run of that
+        pool size (the files a run would write itself, with the same settings)."""
+        from jax_advprune.data.generate import write_embedded_default, write_held_out_generated
+
+        config = v3_config(pool, 0, 1.0, held_out=self.args.held_out)
+        data_dir = self._path(f"data_{pool}")
+        settings = dict(
+            image_size=config.data.image_size,
+            synthetic_size=pool,
+            test_fraction=config.data.test_fraction,
+            seed=config.data.seed,
+        )
+        write_embedded_default(data_dir, **settings)
+        write_held_out_generated(data_dir, size=self.args.held_out, **settings)
+        return data_dir
+
+    def _link_data(self, workdir: str, pool: int) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        link = os.path.join(workdir, "data")
+        if not os.path.lexists(link):
+            os.symlink(self.shared_data(pool), link)
+
+    def score_seconds(self, pool: int, seed: int, score: str, config) -> float:
+        """Computes (once) the score phase of `config` into <workdir>/pool<N>/seed<s>/scores_<score> -> its seconds."""
+        from jax_advprune import run_dir
+        from jax_advprune.data.splits import load_data
+        from jax_advprune.phases import score as score_phase
+
+        source = self._path(f"pool{pool}", f"seed{seed}", f"scores_{score}")
+        timing = os.path.join(source, "score_seconds.json")
+        if not os.path.exists(timing):
+            shutil.rmtree(source, ignore_errors=True)  # a killed score phase restarts clean: its seconds are whole
+            self._link_data(source, pool)
+            begin = time.perf_counter()
+            data = load_data(config, run_dir.data_dir(source))
+            initial = None
+            if config.scoring.init_from:  # the margin model: a work directory's best-validation EMA weights
+                from jax_advprune.phases.weights import load_variables
+
+                initial = load_variables(config.scoring.init_from, config, data.pool.image_shape)
+            score_phase.run(config, source, data, self.mesh, initial)
+            with open(timing, "w") as f:
+                json.dump({"seconds": time.perf_counter() - begin}, f)
+        with open(timing) as f:
+            return json.load(f)["seconds"]
+
+    def run(self, name: str, label: str, config, *, kind: str, score: str | None = None, **extra) -> dict:
+        """One work directory -> its row; a finished directory is read, not rerun."""
+        from pruning_study import share_scores
+
+        from jax_advprune.main import run
+
+        pool = config.data.synthetic_size
+        workdir = self._path(f"pool{pool}", name)
+        score_s = 0.0
+        if score is not None:
+            score_s = self.score_seconds(pool, config.seed, score, config)
+            share_scores(self._path(f"pool{pool}", f"seed{config.seed}", f"scores_{score}"), workdir)
+        self._link_data(workdir, pool)
+        if not os.path.exists(os.path.join(workdir, "results.json")):
+            run(config, workdir)
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+        with open(os.path.join(workdir, "timings.json")) as f:
+            timings = json.load(f)
+        row = dict(
+            name=name,
+            method=label,
+            kind=kind,
+            pool=pool,
+            seed=config.seed,
+            keep_ratio=config.pruning.keep_ratio,
+            score=score,
+            epochs=config.train.epochs,
+            kept=results["kept"],
+            score_s=round(score_s, 2),
+            select_s=timings.get("select", 0.0),
+            train_s=timings["train"],
+            evaluate_s=timings.get("evaluate"),
+            compute_s=round(score_s + timings.get("select", 0.0) + timings["train"], 2),
+            **extra,
+        )
+        for split, where in (("test", results["results"]), ("held_out", results["held_out_generated"]["results"])):
+            for metric, key in METRICS.items():
+                if key in where["ema"]:
+                    row[f"{split}_{metric}"] = where["ema"][key]
+        self.rows.append(row)
+        print(
+            f"== pool {pool} {name}: held-out clean {row['held_out_clean']:.4f} PGD-20 {row['held_out_pgd']:.4f}; "
+            f"test PGD-20 {row['test_pgd']:.4f}; compute {row['compute_s']:.1f}s "
+            f"({(time.perf_counter() - self.start) / 60:.1f} min)",
+            flush=True,
+        )
+        return row
+
+    def convergence(self) -> tuple[float, list[dict]]:
+        """Runs the full pool at each --lengths (ascending) until the accuracy stops improving -> (L, curve)."""
+        args, pool = self.args, max(self.args.pools)
+        curve = []
+        for epochs in sorted(args.lengths):
+            config = v3_config(pool, 0, epochs, held_out=args.held_out, robust_evaluation="pgd")
+            row = self.run(f"convergence/epochs{epochs:g}", "full pool", config, kind="convergence")
+            curve.append({k: row[k] for k in ("epochs", "held_out_pgd", "held_out_clean", "test_pgd", "train_s")})
+            chosen, marked = converged_length(curve)
+            if chosen is not None:
+                return chosen, marked
+        chosen, marked = converged_length(curve)
+        longest = max(args.lengths)
+        print(f"!! no length in {sorted(args.lengths)} met the criterion; using the longest, {longest:g}", flush=True)
+        return longest, marked
+
+    def pool_seed(self, pool: int, seed: int, epochs: float) -> None:
+        args = self.args
+        common = dict(held_out=args.held_out, apgd_steps=args.apgd_steps)
+        full = self.run(f"seed{seed}/full_pool", "full pool", v3_config(pool, seed, epochs, **common), kind="full")
+        margin_model = self._path(f"pool{pool}", f"seed{seed}", "full_pool")
+        for ratio in args.ratios:
+            for label, strategy, score in STRATEGIES:
+                config = v3_config(
+                    pool,
+                    seed,
+                    epochs,
+                    strategy=strategy,
+                    keep_ratio=ratio,
+                    score=score,
+                    margin_model=margin_model,
+                    subset_fraction=args.subset_fraction,
+                    **common,
+                )
+                slug = label.split(" ")[0] if score != "du" else "du_extrapolated"
+                self.run(
+                    f"seed{seed}/{slug}_keep{ratio:g}",
+                    label,
+                    config,
+                    kind="pruned",
+                    score=score,
+                    margin_model_train_s=full["train_s"] if score == "margin" else 0.0,
+                )
+
+
+def scoring_costs(rows: list[dict]) -> list[dict]:
+    """Per pool: the margin score's seconds (DeepFool over the pool) and its model's training, against DU's (a
+    history run on the subset, the embedding and the kNN), mean and min..max over seeds."""
+    out = []
+    for pool in sorted({r["pool"] for r in rows}):
+        line = {"pool": pool}
+        for score, label in (("margin", "puma"), ("du", "keep_top du (extrapolated)")):
+            sel = {r["seed"]: r for r in rows if r["pool"] == pool and r["method"] == label}
+            if sel:
+                line[f"{score}_score_s"] = _spread([r["score_s"] for r in sel.values()])
+                if score == "margin":
+                    line["margin_model_train_s"] = _spread([r["margin_model_train_s"] for r in sel.values()])
+        out.append(line)
+    return out
+
+
+def _pct(cell: dict) -> str:
+    return f"{100 * cell['mean']:.1f} ({100 * cell['min']:.1f}..{100 * cell['max']:.1f})"
+
+
+def _pts(cell: dict) -> str:
+    return f"{100 * cell['mean']:+.1f} ({100 * cell['min']:+.1f}..{100 * cell['max']:+.1f})"
+
+
+def tables(result: dict) -> list[str]:
+    """The study's Markdown: the convergence curve, the accuracy table of both splits, the paired differences and
+    the scoring costs."""
+    s = result["settings"]
+    lines = [
+        f"Convergence (full pool of {max(s['pools']):,}, seed 0; PGD-20 of the EMA weights on the {s['held_out']:,}-image "
+        "held-out generated split; gain: over the length nearest 0.75 x it):",
+        "",
+        "| epochs | held-out clean | held-out PGD-20 | gain (points) | test PGD-20 | train s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in result["convergence"]:
+        gain = "" if p["gain"] is None else f"{100 * p['gain']:+.2f} (vs {p['compared_with']:g})"
+        lines.append(
+            f"| {p['epochs']:g} | {100 * p['held_out_clean']:.1f} | {100 * p['held_out_pgd']:.1f} | {gain} "
+            f"| {100 * p['test_pgd']:.1f} | {p['train_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Final runs: {result['epochs']:g} epochs of 12 steps each (equal steps for every run), seeds {s['seeds']}, "
+        "class-balanced, EMA weights. Mean (min..max over seeds), %. Held-out: generated images, not real data.",
+        "",
+        "| pool | method | keep | kept | held-out clean | held-out PGD-20 | held-out APGD-CE+T | test clean | test PGD-20 "
+        "| test APGD-CE+T | score s | select s | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in result["table"]:
+        if t["kind"] == "convergence":
+            continue
+        lines.append(
+            f"| {t['pool']:,} | {t['method']} | {t['keep_ratio']:g} | {t['kept']:,} | {_pct(t['held_out_clean'])} "
+            f"| {_pct(t['held_out_pgd'])} | {_pct(t['held_out_aa'])} | {_pct(t['test_clean'])} | {_pct(t['test_pgd'])} "
+            f"| {_pct(t['test_aa'])} | {t['score_s']['mean']:.0f} | {t['select_s']['mean']:.1f} | {t['train_s']['mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "Paired differences against random at the same pool, keep ratio and seed (points; mean, min..max over seeds):",
+        "",
+        "| pool | method | keep | held-out clean | held-out PGD-20 | held-out APGD-CE+T | test clean | test PGD-20 "
+        "| test APGD-CE+T |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in result["paired"]:
+        lines.append(
+            f"| {d['pool']:,} | {d['method']} | {d['keep_ratio']:g} | {_pts(d['held_out_clean'])} | {_pts(d['held_out_pgd'])} "
+            f"| {_pts(d['held_out_aa'])} | {_pts(d['test_clean'])} | {_pts(d['test_pgd'])} | {_pts(d['test_aa'])} |"
+        )
+    lines += [
+        "",
+        "Scoring cost (s, mean over seeds): margins = DeepFool over the pool with the converged full-pool model "
+        f"(+ that model's training, if one has to be trained); DU = a history run on {100 * s['subset_fraction']:g}% "
+        "of the pool + embedding + kNN.",
+        "",
+        "| pool | margins: DeepFool | + margin model's training | DU on the subset + kNN |",
+        "| --- | --- | --- | --- |",
+    ]
+    for c in result["scoring_costs"]:
+        margin, model, du = c.get("margin_score_s"), c.get("margin_model_train_s"), c.get("du_score_s")
+        lines.append(
+            f"| {c['pool']:,} | {margin['mean']:.0f} | {model['mean']:.0f} | {du['mean']:.0f} |"
+            if margin and model and du
+            else f"| {c['pool']:,} | | | |"
+        )
+    return lines
+
+
+def write_outputs(result: dict, out_dir: str = os.path.join(REPO, "benchmarks", "results")) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    lines = tables(result)
+    with open(os.path.join(out_dir, "pruning_study_v3.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "pruning_study_v3.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print("\n".join(lines))
+    plot(result, os.path.join(out_dir, "pruning_study_v3.png"))
+    print(f"wrote {out_dir}/pruning_study_v3.{{md,json,png}}")
+
+
+def plot(result: dict, path: str) -> None:
+    """Left: the convergence curve. Right: held-out PGD-20 against keep ratio per method and pool (mean,
+    min..max bars), the full pool as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    curve = result["convergence"]
+    left.plot([p["epochs"] for p in curve], [100 * p["held_out_pgd"] for p in curve], "o-", label="held-out PGD-20")
+    left.axvline(result["epochs"], color="grey", linestyle=":", label=f"chosen: {result['epochs']:g} epochs")
+    left.set_xlabel("epochs (12 steps each)")
+    left.set_ylabel("accuracy (%)")
+    left.set_title("full pool: final-training length")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    styles = {pool: style for pool, style in zip(sorted(result["settings"]["pools"]), ("-", "--", ":"))}
+    for i, (label, _, _) in enumerate(STRATEGIES):
+        for pool, style in styles.items():
+            rows = sorted(
+                [t for t in result["table"] if t["method"] == label and t["pool"] == pool],
+                key=lambda t: t["keep_ratio"],
+            )
+            if not rows:
+                continue
+            y = [100 * t["held_out_pgd"]["mean"] for t in rows]
+            err = [
+                [m - 100 * t["held_out_pgd"]["min"] for m, t in zip(y, rows)],
+                [100 * t["held_out_pgd"]["max"] - m for m, t in zip(y, rows)],
+            ]
+            right.errorbar(
+                [t["keep_ratio"] for t in rows],
+                y,
+                yerr=err,
+                color=plt.cm.tab10(i),
+                linestyle=style,
+                marker="o",
+                capsize=2,
+                label=f"{label}, pool {pool:,}",
+            )
+    for pool, style in styles.items():
+        full = next((t for t in result["table"] if t["kind"] == "full" and t["pool"] == pool), None)
+        if full:
+            right.axhline(100 * full["held_out_pgd"]["mean"], color="k", linestyle=style, label=f"full pool {pool:,}")
+    right.set_xlabel("keep ratio of the generated pool")
+    right.set_title("held-out PGD-20 at equal training steps")
+    right.legend(fontsize=7, loc="lower right")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pools", type=int, nargs="+", default=[20_000, 200_000])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135])
+    parser.add_argument("--epochs", type=float, default=None, help="skip the convergence runs; train this long")
+    parser.add_argument("--held-out", type=int, default=10_000)
+    parser.add_argument("--apgd-steps", type=int, default=100)
+    parser.add_argument("--subset-fraction", type=float, default=0.05)
+    parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "study_v3"))
+    parser.add_argument("--results-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the outputs from benchmarks/results/pruning_study_v3.json"
+    )
+    hygiene.add_arguments(parser)
+    args = parser.parse_args()
+    if args.report_only:
+        with open(os.path.join(args.results_dir, "pruning_study_v3.json")) as f:
+            write_outputs(json.load(f), args.results_dir)
+        return
+    guard = hygiene.IdleGuard(args.allow_busy)
+    from jax_advprune import parallel
+    from jax_advprune.main import setup_logging
+
+    setup_logging()
+    parallel.use_cpu_devices()
+    begin = time.perf_counter()
+    study = StudyV3(args)
+    if args.epochs is None:
+        epochs, curve = study.convergence()
+    else:
+        epochs, curve = args.epochs, []
+    for pool in args.pools:
+        for seed in args.seeds:
+            study.pool_seed(pool, seed, epochs)
+    runs = [r for r in study.rows if r["kind"] != "convergence"]
+    scores = {(r["pool"], r["seed"], r["score"]): r["score_s"] for r in runs if r["score"]}
+    # Every run's measured phases (a rerun that skipped finished runs still counts them), each score once.
+    measured = sum(r["select_s"] + r["train_s"] + (r["evaluate_s"] or 0.0) for r in study.rows) + sum(scores.values())
+    machine = guard.finish() | {"cores": len(os.sched_getaffinity(0))}
+    write_outputs(
+        {
+            "settings": vars(args),
+            "machine": machine,
+            "wall_seconds_this_invocation": round(time.perf_counter() - begin, 1),
+            "measured_seconds_of_all_runs": round(measured, 1),
+            "epochs": epochs,
+            "convergence": curve,
+            "runs": runs,
+            "table": summarise(runs),
+            "paired": paired_differences(runs),
+            "scoring_costs": scoring_costs(runs),
+        },
+        args.results_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()
