@@ -267,10 +267,10 @@ class StudyV3:
         pool = config.data.synthetic_size
         workdir = self._path(f"pool{pool}", name)
         score_s = 0.0
+        self._link_data(workdir, pool)  # first: share_scores then leaves the linked data alone
         if score is not None:
             score_s = self.score_seconds(pool, config.seed, score, config)
             share_scores(self._path(f"pool{pool}", f"seed{config.seed}", f"scores_{score}"), workdir)
-        self._link_data(workdir, pool)
         if not os.path.exists(os.path.join(workdir, "results.json")):
             run(config, workdir)
         with open(os.path.join(workdir, "results.json")) as f:
