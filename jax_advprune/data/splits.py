@@ -197,7 +197,8 @@ def load_data(config, data_dir: str) -> Data:
     trainable = trainable_mask(len(pool), pool.num_original, config.train.validation_size, config.seed)
     files = (given if cfg.name != "tfds" else []) + ([cfg.tarball] if cfg.name == "cifar_tarball" else [])
     held_out_images = held_out_labels = None
-    if cfg.name == "digits" and config.eval.get("generated_test_size", 0):
+    # (a config reopened from recorded data settings, as export_selection does, has no eval section)
+    if cfg.name == "digits" and "eval" in config and config.eval.get("generated_test_size", 0):
         held_out_path = _prepared_once(
             "held-out generated split",
             lambda: write_held_out_generated(
