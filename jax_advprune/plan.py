@@ -3,6 +3,7 @@
     python -m jax_advprune.plan --config configs/<x>.py[:variant] --topology v5e:8x8 [--config.x=y ...]
         [--synthetic_size 20000000] [--original_size 50000] [--test_size 10000] [--deepfool_iterations 5]
         [--utilisation auto|0.4] [--bisect train|all|none] [--programs 'train step,DeepFool'] [--out plan.json]
+    python -m jax_advprune.plan --restate plan.json --utilisation 0.5 [--restate_reason '...'] --out restated.json
 
 With libtpu installed (the `[plan]` extra), `jax.experimental.topologies` describes
 real TPU topologies on a machine without a TPU, and the TPU compiler runs here. For
@@ -42,7 +43,8 @@ These are estimates from a compiler and published peaks, not measurements on a T
 A config whose train step does not fit the chips is refused (exit status 3) with the
 compiler's reason and the largest per-chip batch that would fit. Writes plan.json
 (or --out) after each program, with `"complete": false` and the programs still to
-compile until the last one is done.
+compile until the last one is done. `--restate` re-states a written plan's hours at
+another utilisation without compiling again.
 """
 
 from __future__ import annotations
@@ -994,6 +996,31 @@ def _assemble_plan(
     }
 
 
+def restate(plan: dict, utilisation: float, reason: str) -> dict:
+    """`plan` with its hours re-stated at another `utilisation` (0 < u <= 1), without compiling anything: the
+    roofline hours are the compiler's and stay; the hours at the utilisation are roofline / u. The replaced
+    calibration is kept under 'replaced_calibration' with `reason`."""
+    if not 0.0 < utilisation <= 1.0:
+        raise PlanError(f"the utilisation must lie in (0, 1], got {utilisation}")
+    out = json.loads(json.dumps(plan))
+    out["replaced_calibration"] = {
+        "utilisation": plan["utilisation"],
+        "calibration": plan["calibration"],
+        "why": reason,
+    }
+    out["utilisation"], out["calibration"] = utilisation, None
+    for entry in out["phases"].values():
+        entry["hours_at_utilisation"] = entry["hours_roofline"] / utilisation
+        entry["chip_hours_at_utilisation"] = entry["hours_at_utilisation"] * out["chips"]
+    for key in ("hours_at_utilisation", "chip_hours_at_utilisation"):
+        out["total"][key] = sum(p[key] for p in out["phases"].values())
+    out["estimate"] = (
+        "compiled by the TPU compiler on a CPU host; times from published peaks (roofline) and a utilisation of "
+        f"{utilisation:g} re-stated after the plan ({reason}); not measured on a TPU"
+    )
+    return out
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -1132,6 +1159,15 @@ def main(argv=None) -> int:
         "(default: every program of the run)",
         flag_values=flag_values,
     )
+    flags.DEFINE_string(
+        "restate",
+        None,
+        "a plan.json to re-state at --utilisation (a number) without compiling; --restate_reason says why",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "restate_reason", "", "why the utilisation is re-stated (kept in the plan)", flag_values=flag_values
+    )
     flags.DEFINE_float(
         "compile_effort",
         0.0,
@@ -1146,6 +1182,20 @@ def main(argv=None) -> int:
         return 2
     if not os.environ.get("JAX_PLATFORMS"):  # this host computes on its CPU (calibration); TPUs are only compiled for
         jax.config.update("jax_platforms", "cpu")
+    if flag_values.restate:
+        if flag_values.utilisation == "auto":
+            print("error: --restate needs --utilisation as a number, e.g. 0.5", file=sys.stderr)
+            return 2
+        try:
+            with open(flag_values.restate) as f:
+                restated = restate(json.load(f), float(flag_values.utilisation), flag_values.restate_reason or "given")
+        except (OSError, ValueError, KeyError, PlanError) as error:
+            print(f"error: --restate {flag_values.restate}: {error}", file=sys.stderr)
+            return 2
+        print(format_plan(restated))
+        write_plan(restated, flag_values.out)
+        print(f"\nwrote {flag_values.out}")
+        return 0
     if flag_values.config is None or not flag_values.topology:
         print("error: --config and --topology are required", file=sys.stderr)
         return 2

@@ -299,3 +299,62 @@ def test_collectives_and_what_an_accelerator_must_not_run_are_read_from_hlo_text
     assert hygiene["f64"]
     clean = plan.hygiene_of("%a = bf16[2]{0} add(bf16[2]{0} %x, bf16[2]{0} %x)")
     assert not clean["cpu_custom_calls"] and not clean["host_callbacks"] and not clean["f64"]
+
+
+def test_a_written_plan_is_restated_at_another_utilisation_without_compiling(tmp_path):
+    """--restate: the roofline hours stay, the hours at the utilisation are roofline / u (chip-hours x the chips), the
+    replaced calibration is kept with its reason; a utilisation outside (0, 1] or 'auto' is refused."""
+    written = {
+        "chips": 8,
+        "utilisation": 0.77,
+        "calibration": {"utilisation": 0.77, "measured_seconds": 3.4},
+        "phases": {"train": {"hours_roofline": 1.3}, "evaluate": {"hours_roofline": 0.7}},
+        "total": {"hours_roofline": 2.0},
+        "estimate": "",
+        "programs": [],
+        "chip": {"name": "TPU v5e", "hbm_bytes": 16e9, "bf16_flops": 197e12, "hbm_bandwidth": 819e9, "source": "x"},
+        "config": {"model": "m", "loss": "trades"},
+        "topology": "v5e:2x4",
+        "hosts": 2,
+    }
+    restated = plan.restate(written, 0.5, "calibrated beside other jobs")
+    assert restated["utilisation"] == 0.5 and restated["calibration"] is None
+    assert restated["phases"]["train"] == {
+        "hours_roofline": 1.3,
+        "hours_at_utilisation": 2.6,
+        "chip_hours_at_utilisation": 20.8,
+    }
+    assert restated["total"]["hours_at_utilisation"] == pytest.approx(4.0)
+    assert restated["total"]["chip_hours_at_utilisation"] == pytest.approx(32.0)
+    assert restated["replaced_calibration"]["why"] == "calibrated beside other jobs"
+    assert restated["replaced_calibration"]["calibration"]["measured_seconds"] == 3.4
+    assert "re-stated" in restated["estimate"] and written["utilisation"] == 0.77  # the input is not modified
+    with pytest.raises(plan.PlanError, match="must lie in"):
+        plan.restate(written, 1.5, "")
+    source = tmp_path / "plan.json"
+    source.write_text(json.dumps(written))
+    refused = subprocess.run(
+        [sys.executable, "-m", "jax_advprune.plan", "--restate", str(source), "--out", str(tmp_path / "out.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "needs --utilisation as a number" in refused.stderr
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_advprune.plan",
+            "--restate",
+            str(source),
+            "--utilisation",
+            "0.5",
+            "--out",
+            str(tmp_path / "out.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["total"]["chip_hours_at_utilisation"] == pytest.approx(32.0)
