@@ -2,7 +2,7 @@
 model, a redundant pool, and a held-out test split that can tell 1 point from noise.
 
     pip install -e ".[bench]"
-    python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--ratios 0.5 0.25]
+    python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--seeds-of 20000=0] [--ratios 0.5 0.25]
         [--lengths 24 32 43 57 76 101 135] [--epochs E] [--workdir runs/study_v3] [--report-only]
 
 What it runs (configs/default.py's digits: 1,528 real originals + a generated pool;
@@ -21,15 +21,21 @@ steps whatever the pool holds, so every run of a pool trains the same steps):
      margin score costs DeepFool over the pool alone (the model's training is
      reported beside it, since a user without one pays it).
    - DU, extrapolated: Nieth et al.'s protocol: a history run on a random 5% of the
-     generated pool alone (scoring.history_protocol='reference', DU window 10, the
-     subset trained L epochs of its own passes), kNN-extrapolated (k = 12,
-     L2-normalised penultimate features of that run's model) to the whole pool.
+     generated pool alone (scoring.history_protocol='reference', DU window 10, as
+     many steps as a final run in passes over the subset, at least 10), kNN-
+     extrapolated (k = 12, L2-normalised penultimate features of that run's model)
+     to the whole pool.
    - at each keep ratio: random, PUMA, keep_top DU (extrapolated) and prune_hard
      (the lowest margins dropped), class-balanced.
 3. Every final model is evaluated (EMA weights) on the 269 real test digits and on
    a held-out generated split (--held-out images of the pool's generator with a
    disjoint seed, never trained on: samples of the generator, not real data):
-   clean, PGD-20, APGD-CE and APGD-CE + APGD-T (3 targets).
+   clean, PGD-20, APGD-CE and APGD-CE + APGD-T (3 targets), APGD at --apgd-steps
+   iterations (25: AutoAttack's 100 would cost an estimated 2-3 minutes per run on
+   10,000 images on 2 cores, from PGD-20's 9 s there, more than a run's training).
+4. Seeds: --seeds at every pool, except where --seeds-of names a pool: by default
+   3 seeds at 200,000 (where extrapolation claims its saving) and one at 20,000,
+   to fit one sitting of under 2.5 hours on 2 cores.
 
 Reported: per cell, mean and min..max over seeds of each accuracy on both splits,
 and each run's measured seconds split into score, select and train; paired
@@ -106,13 +112,26 @@ def v3_config(
     if score == "margin":
         c.scoring.init_from = margin_model
     if score == "du":
-        c.scoring.train_epochs = epochs
-        c.scoring.du_window = min(10, int(epochs))  # DU needs as many records as its window
+        subset = max(1, round(subset_fraction * pool))
+        c.scoring.train_epochs = du_passes(subset, epochs, c.train.batch_size)
+        c.scoring.du_window = min(10, int(c.scoring.train_epochs))  # DU needs as many records as its window
         c.scoring.history_protocol = "reference"
         c.scoring.extrapolation.enabled = True
-        c.scoring.extrapolation.subset_size = max(1, round(subset_fraction * pool))
+        c.scoring.extrapolation.subset_size = subset
+        c.scoring.extrapolation.seed = seed  # the subset is part of what a seed varies
         c.scoring.extrapolation.normalize = "l2"
     return c
+
+
+EPOCH_STEPS = 12  # ceil(1,528 originals / batch 128): an epoch of the final training, whatever the pool holds
+
+
+def du_passes(subset: int, epochs: float, batch: int, window: int = 10) -> int:
+    """Passes over the DU subset in its history run: as many steps as the final run (`epochs` x EPOCH_STEPS), and at
+    least `window` passes, one DU record each. (configs/cifar10_extrapolation.py allows up to twice the final run's
+    steps: 400 passes over 100k images at batch 512, early-stopped, against 400 epochs of 98 steps.)"""
+    steps_per_pass = -(-subset // batch)
+    return max(window, round(epochs * EPOCH_STEPS / steps_per_pass))
 
 
 def length_grid_neighbour(lengths: list[float], length: float) -> float | None:
@@ -507,15 +526,27 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def seeds_of(args, pool: int) -> list[int]:
+    """The seeds run at `pool`: --seeds, unless --seeds-of names that pool ('20000=0,1')."""
+    for entry in args.seeds_of:
+        size, _, seeds = entry.partition("=")
+        if int(size) == pool:
+            return [int(s) for s in seeds.split(",")]
+    return list(args.seeds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pools", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds-of", nargs="*", default=["20000=0"], help="per-pool seeds, e.g. 20000=0 (default: --seeds)"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135])
     parser.add_argument("--epochs", type=float, default=None, help="skip the convergence runs; train this long")
     parser.add_argument("--held-out", type=int, default=10_000)
-    parser.add_argument("--apgd-steps", type=int, default=100)
+    parser.add_argument("--apgd-steps", type=int, default=25)
     parser.add_argument("--subset-fraction", type=float, default=0.05)
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "study_v3"))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "benchmarks", "results"))
@@ -541,7 +572,7 @@ def main() -> None:
     else:
         epochs, curve = args.epochs, []
     for pool in args.pools:
-        for seed in args.seeds:
+        for seed in seeds_of(args, pool):
             study.pool_seed(pool, seed, epochs)
     runs = [r for r in study.rows if r["kind"] != "convergence"]
     scores = {(r["pool"], r["seed"], r["score"]): r["score_s"] for r in runs if r["score"]}

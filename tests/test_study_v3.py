@@ -55,3 +55,20 @@ def test_paired_differences_pair_each_seed_with_random_at_the_same_pool_ratio_an
     assert diff["mean"] == pytest.approx(0.005) and diff["min"] == pytest.approx(-0.01)
     assert diff["max"] == pytest.approx(0.02) and diff["n"] == 2
     assert line["test_clean"]["mean"] == pytest.approx(0.0)
+
+
+def test_the_du_history_run_trains_as_many_steps_as_a_final_run_and_at_least_its_window():
+    # 5% of 20,000 = 1,000 images: 8 steps a pass; a final run of 76 epochs is 912 steps -> 114 passes.
+    assert study.du_passes(1000, 76, 128) == 114
+    # 5% of 200,000 = 10,000 images: 79 steps a pass -> 912 / 79 = 11.5 -> 12 passes.
+    assert study.du_passes(10_000, 76, 128) == 12
+    # A short final run still gives DU its window of records.
+    assert study.du_passes(10_000, 3, 128) == 10
+
+
+def test_per_pool_seeds_override_the_common_ones():
+    import argparse
+
+    args = argparse.Namespace(seeds=[0, 1, 2], seeds_of=["20000=0", "5000=3,4"])
+    assert study.seeds_of(args, 20_000) == [0] and study.seeds_of(args, 5000) == [3, 4]
+    assert study.seeds_of(args, 200_000) == [0, 1, 2]
