@@ -118,6 +118,19 @@ def sample_synthetic(
     return np.concatenate(pixels), np.concatenate(labels)
 
 
+def already_written(meta_path: str, settings: dict, paths: list[str]) -> bool:
+    """True when `meta_path` records `settings` and every one of `paths` exists (the files need not be written
+    again); raises ValueError when it records other settings (nothing is overwritten)."""
+    if not storage.exists(meta_path):
+        return False
+    existing = json.loads(storage.read_text(meta_path))["settings"]
+    if existing != settings:
+        raise ValueError(
+            f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir"
+        )
+    return all(storage.exists(p) for p in paths)
+
+
 def write_embedded_default(
     data_dir: str, *, image_size: int, synthetic_size: int, test_fraction: float, seed: int
 ) -> dict[str, str]:
@@ -129,14 +142,8 @@ def write_embedded_default(
     settings = dict(image_size=image_size, synthetic_size=synthetic_size, test_fraction=test_fraction, seed=seed)
     paths = {name: os.path.join(data_dir, f"{name}.npz") for name in ("train", "test", "synthetic")}
     meta_path = os.path.join(data_dir, "meta.json")
-    if storage.exists(meta_path):
-        existing = json.loads(storage.read_text(meta_path))["settings"]
-        if existing != settings:
-            raise ValueError(
-                f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir"
-            )
-        if all(storage.exists(p) for p in paths.values()):
-            return paths
+    if already_written(meta_path, settings, list(paths.values())):
+        return paths
     storage.makedirs(data_dir)
     x_train, y_train, x_test, y_test = digits_split(test_fraction, seed)
     write_npz(paths["train"], to_uint8_images(x_train, image_size), y_train)
@@ -181,14 +188,8 @@ def write_held_out_generated(
     )
     path = os.path.join(data_dir, "generated_test.npz")
     meta_path = os.path.join(data_dir, "generated_test_meta.json")
-    if storage.exists(meta_path):
-        existing = json.loads(storage.read_text(meta_path))["settings"]
-        if existing != settings:
-            raise ValueError(
-                f"{meta_path} was written with {existing}, but the config asks for {settings}; use a new --workdir"
-            )
-        if storage.exists(path):
-            return path
+    if already_written(meta_path, settings, [path]):
+        return path
     from jax_advprune.data.npz_format import IMAGE_KEY, open_npz_member
 
     x_train, y_train, _, _ = digits_split(test_fraction, seed)
