@@ -3,7 +3,7 @@ model, a redundant pool, and a held-out test split that can tell 1 point from no
 
     pip install -e ".[bench]"
     python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--seeds-of 20000=0] [--ratios 0.5 0.25]
-        [--lengths 24 32 43 57 76 101 135] [--epochs E] [--workdir runs/study_v3] [--report-only]
+        [--lengths 24 32 43 57 76 101 135 180] [--epochs E] [--workdir runs/study_v3] [--report-only]
 
 What it runs (configs/default.py's digits: 1,528 real originals + a generated pool;
 pruning.scope='synthetic', class-balanced, batches of 30% originals, an epoch of 12
@@ -254,12 +254,13 @@ class StudyV3:
             os.symlink(self.shared_data(pool), link)
 
     def score_seconds(self, pool: int, seed: int, score: str, config) -> float:
-        """Computes (once) the score phase of `config` into <workdir>/pool<N>/seed<s>/scores_<score> -> its seconds."""
+        """Computes (once) the score phase of `config` into <workdir>/pool<N>/epochs<E>/seed<s>/scores_<score> -> its
+        seconds."""
         from jax_advprune import run_dir
         from jax_advprune.data.splits import load_data
         from jax_advprune.phases import score as score_phase
 
-        source = self._path(f"pool{pool}", f"seed{seed}", f"scores_{score}")
+        source = self._path(f"pool{pool}", f"epochs{config.train.epochs:g}", f"seed{seed}", f"scores_{score}")
         timing = os.path.join(source, "score_seconds.json")
         if not os.path.exists(timing):
             shutil.rmtree(source, ignore_errors=True)  # a killed score phase restarts clean: its seconds are whole
@@ -289,7 +290,10 @@ class StudyV3:
         self._link_data(workdir, pool)  # first: share_scores then leaves the linked data alone
         if score is not None:
             score_s = self.score_seconds(pool, config.seed, score, config)
-            share_scores(self._path(f"pool{pool}", f"seed{config.seed}", f"scores_{score}"), workdir)
+            share_scores(
+                self._path(f"pool{pool}", f"epochs{config.train.epochs:g}", f"seed{config.seed}", f"scores_{score}"),
+                workdir,
+            )
         if not os.path.exists(os.path.join(workdir, "results.json")):
             run(config, workdir)
         with open(os.path.join(workdir, "results.json")) as f:
@@ -343,10 +347,13 @@ class StudyV3:
         return longest, marked
 
     def pool_seed(self, pool: int, seed: int, epochs: float) -> None:
+        """The grid at `pool` and `seed`, every run training `epochs` (in the run names, so that runs of another
+        length are never mistaken for these)."""
         args = self.args
         common = dict(held_out=args.held_out, apgd_steps=args.apgd_steps)
-        full = self.run(f"seed{seed}/full_pool", "full pool", v3_config(pool, seed, epochs, **common), kind="full")
-        margin_model = self._path(f"pool{pool}", f"seed{seed}", "full_pool")
+        where = f"epochs{epochs:g}/seed{seed}"
+        full = self.run(f"{where}/full_pool", "full pool", v3_config(pool, seed, epochs, **common), kind="full")
+        margin_model = self._path(f"pool{pool}", where, "full_pool")
         for ratio in args.ratios:
             for label, strategy, score in STRATEGIES:
                 config = v3_config(
@@ -362,7 +369,7 @@ class StudyV3:
                 )
                 slug = label.split(" ")[0] if score != "du" else "du_extrapolated"
                 self.run(
-                    f"seed{seed}/{slug}_keep{ratio:g}",
+                    f"{where}/{slug}_keep{ratio:g}",
                     label,
                     config,
                     kind="pruned",
@@ -543,7 +550,7 @@ def main() -> None:
         "--seeds-of", nargs="*", default=["20000=0"], help="per-pool seeds, e.g. 20000=0 (default: --seeds)"
     )
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135])
+    parser.add_argument("--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135, 180])
     parser.add_argument("--epochs", type=float, default=None, help="skip the convergence runs; train this long")
     parser.add_argument("--held-out", type=int, default=10_000)
     parser.add_argument("--apgd-steps", type=int, default=25)
