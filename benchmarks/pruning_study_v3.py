@@ -34,8 +34,9 @@ steps whatever the pool holds, so every run of a pool trains the same steps):
    iterations (25: AutoAttack's 100 would cost an estimated 2-3 minutes per run on
    10,000 images on 2 cores, from PGD-20's 9 s there, more than a run's training).
 4. Seeds: --seeds at every pool, except where --seeds-of names a pool: by default
-   3 seeds at 200,000 (where extrapolation claims its saving) and one at 20,000,
-   to fit one sitting of under 2.5 hours on 2 cores.
+   3 seeds at 200,000 (where extrapolation claims its saving) and one at 20,000.
+   A run of L epochs trains in about L x 1.2 s here; when L is long, trim the grid
+   (--seeds, --seeds-of, --ratios) before it starts, never the convergence.
 
 Reported: per cell, mean and min..max over seeds of each accuracy on both splits,
 and each run's measured seconds split into score, select and train; paired
