@@ -231,6 +231,15 @@ class StudyV3:
     def _path(self, *parts) -> str:
         return os.path.join(self.args.workdir, *parts)
 
+    def _score_dir(self, config, score: str) -> str:
+        """<workdir>/pool<N>/epochs<E>/seed<s>/scores_<score>: the score phase every run of that cell shares."""
+        return self._path(
+            f"pool{config.data.synthetic_size}",
+            f"epochs{config.train.epochs:g}",
+            f"seed{config.seed}",
+            f"scores_{score}",
+        )
+
     def shared_data(self, pool: int) -> str:
         """<workdir>/data_<pool>: the pool and the held-out split, written once and linked into every run of that
         pool size (the files a run would write itself, with the same settings)."""
@@ -254,18 +263,17 @@ class StudyV3:
         if not os.path.lexists(link):
             os.symlink(self.shared_data(pool), link)
 
-    def score_seconds(self, pool: int, seed: int, score: str, config) -> float:
-        """Computes (once) the score phase of `config` into <workdir>/pool<N>/epochs<E>/seed<s>/scores_<score> -> its
-        seconds."""
+    def score_seconds(self, config, score: str) -> float:
+        """Computes (once) the score phase of `config` into its `_score_dir` -> its seconds."""
         from jax_advprune import run_dir
         from jax_advprune.data.splits import load_data
         from jax_advprune.phases import score as score_phase
 
-        source = self._path(f"pool{pool}", f"epochs{config.train.epochs:g}", f"seed{seed}", f"scores_{score}")
+        source = self._score_dir(config, score)
         timing = os.path.join(source, "score_seconds.json")
         if not os.path.exists(timing):
             shutil.rmtree(source, ignore_errors=True)  # a killed score phase restarts clean: its seconds are whole
-            self._link_data(source, pool)
+            self._link_data(source, config.data.synthetic_size)
             begin = time.perf_counter()
             data = load_data(config, run_dir.data_dir(source))
             initial = None
@@ -290,11 +298,8 @@ class StudyV3:
         score_s = 0.0
         self._link_data(workdir, pool)  # first: share_scores then leaves the linked data alone
         if score is not None:
-            score_s = self.score_seconds(pool, config.seed, score, config)
-            share_scores(
-                self._path(f"pool{pool}", f"epochs{config.train.epochs:g}", f"seed{config.seed}", f"scores_{score}"),
-                workdir,
-            )
+            score_s = self.score_seconds(config, score)
+            share_scores(self._score_dir(config, score), workdir)
         if not os.path.exists(os.path.join(workdir, "results.json")):
             run(config, workdir)
         with open(os.path.join(workdir, "results.json")) as f:

@@ -48,5 +48,6 @@ def run(config, workdir: str, mesh, phases: tuple[str, ...] = PHASES) -> None:
         timed(select, data)
     trained = timed(train, data, mesh, given.get("train"))[1] if "train" in phases else None
     if "evaluate" in phases:
-        timed(evaluate, data, mesh, *evaluate.weights_to_evaluate(workdir, trained, given.get("eval")))
+        wanted = tuple(config.eval.get("weights", evaluate.WEIGHTS))
+        timed(evaluate, data, mesh, *evaluate.weights_to_evaluate(workdir, trained, given.get("eval"), wanted))
     log.info("done (%s): %s", ", ".join(phases), workdir)

@@ -49,6 +49,7 @@ another utilisation without compiling again.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -894,6 +895,24 @@ def make_plan(
         calibration = calibrate_utilisation(config)
         utilisation = calibration["utilisation"]
     reports = []
+
+    def assemble(remaining=()) -> dict:  # the plan of the programs compiled so far
+        return _assemble_plan(
+            config,
+            topology,
+            mesh,
+            chip,
+            hosts,
+            sizes,
+            deepfool_iterations,
+            utilisation,
+            calibration,
+            only,
+            effort,
+            reports,
+            remaining,
+        )
+
     with backends.building_for("tpu"):
         programs = run_programs(config, mesh, sizes, deepfool_iterations)
         if only:
@@ -916,32 +935,27 @@ def make_plan(
                 )
             )
             if partial is not None and done + 1 < len(programs):
-                so_far = _assemble_plan(
-                    config,
-                    topology,
-                    mesh,
-                    chip,
-                    hosts,
-                    sizes,
-                    deepfool_iterations,
-                    utilisation,
-                    calibration,
-                    only,
-                    effort,
-                    reports,
-                )
-                so_far["complete"] = False
-                so_far["remaining"] = [p.name for p in programs[done + 1 :]]
-                partial(so_far)
-    return _assemble_plan(
-        config, topology, mesh, chip, hosts, sizes, deepfool_iterations, utilisation, calibration, only, effort, reports
-    )
+                partial(assemble(remaining=[p.name for p in programs[done + 1 :]]))
+    return assemble()
 
 
 def _assemble_plan(
-    config, topology, mesh, chip, hosts, sizes, deepfool_iterations, utilisation, calibration, only, effort, reports
+    config,
+    topology,
+    mesh,
+    chip,
+    hosts,
+    sizes,
+    deepfool_iterations,
+    utilisation,
+    calibration,
+    only,
+    effort,
+    reports,
+    remaining=(),
 ) -> dict:
-    """The plan's JSON-able dict from the program reports compiled so far (see `make_plan`)."""
+    """The plan's JSON-able dict from the program reports compiled so far (see `make_plan`); complete unless
+    programs `remaining` are still to compile."""
     phases: dict[str, dict] = {}
     for r in reports:
         for phase, hours in r.hours_roofline.items():
@@ -951,8 +965,8 @@ def _assemble_plan(
         entry["hours_at_utilisation"] = entry["hours_roofline"] / utilisation
         entry["chip_hours_at_utilisation"] = entry["hours_at_utilisation"] * mesh.size
     return {
-        "complete": True,
-        "remaining": [],
+        "complete": not remaining,
+        "remaining": list(remaining),
         "topology": topology,
         "chips": mesh.size,
         "hosts": hosts,
@@ -1002,7 +1016,7 @@ def restate(plan: dict, utilisation: float, reason: str) -> dict:
     calibration is kept under 'replaced_calibration' with `reason`."""
     if not 0.0 < utilisation <= 1.0:
         raise PlanError(f"the utilisation must lie in (0, 1], got {utilisation}")
-    out = json.loads(json.dumps(plan))
+    out = copy.deepcopy(plan)
     out["replaced_calibration"] = {
         "utilisation": plan["utilisation"],
         "calibration": plan["calibration"],

@@ -159,13 +159,13 @@ def write_embedded_default(
     return paths
 
 
+HELD_OUT_SPAWN_KEY = 7  # any fixed value; it only has to differ from the pool's (which uses no SeedSequence)
+
+
 def held_out_sample_seed(seed: int) -> int:
     """The draw seed of the held-out generated test split for data seed `seed`: a SeedSequence stream with its own
     spawn key, disjoint from the pool's draws (which use `seed` and `seed + class`)."""
     return int(np.random.SeedSequence(seed, spawn_key=(HELD_OUT_SPAWN_KEY,)).generate_state(1)[0])
-
-
-HELD_OUT_SPAWN_KEY = 7  # any fixed value; it only has to differ from the pool's (which uses no SeedSequence)
 
 
 def _row_keys(images: np.ndarray) -> set[bytes]:

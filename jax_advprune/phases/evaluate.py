@@ -175,10 +175,13 @@ def report(config, workdir: str, summary: dict, selection: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = None) -> tuple[dict, dict]:
+def weights_to_evaluate(
+    workdir: str, trained_state=None, given: dict | None = None, wanted: tuple[str, ...] = WEIGHTS
+) -> tuple[dict, dict]:
     """({name: variables}, {'checkpoint_step', 'best_validation_step'}) of what the phase evaluates: the `given`
-    variables (eval.init_from), or the final raw and EMA weights (of `trained_state`, or of the work directory's
-    last checkpoint) and the EMA weights of the best-validation checkpoint."""
+    variables (eval.init_from), or those of `wanted` (eval.weights) among the final raw and EMA weights (of
+    `trained_state`, or of the work directory's last checkpoint) and the EMA weights of the best-validation
+    checkpoint, which is restored only when wanted."""
     if given is not None:
         return {"given": given}, {"checkpoint_step": None, "best_validation_step": None}
     if trained_state is None:
@@ -192,10 +195,17 @@ def weights_to_evaluate(workdir: str, trained_state=None, given: dict | None = N
             {"raw": trained_state.variables(), "ema": trained_state.variables(ema=True)},
             int(trained_state.step),
         )
-    best_state, best_step = best_validation_state(workdir, trained_state) if trained_state is not None else (None, None)
+    candidates = {name: v for name, v in candidates.items() if name in wanted}
+    best_state, best_step = None, None
+    if "best_ema" in wanted and trained_state is not None:
+        best_state, best_step = best_validation_state(workdir, trained_state)
     if best_state is not None:
         candidates["best_ema"] = best_state.variables(ema=True)
-    elif trained_state is None and storage.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir))):
+    elif (
+        "best_ema" in wanted
+        and trained_state is None
+        and storage.isdir(best_checkpoint_dir(final_checkpoint_dir(workdir)))
+    ):
         _, candidates["best_ema"], best_step = saved_variables(workdir, "best_ema")
     return candidates, {"checkpoint_step": step, "best_validation_step": best_step}
 
@@ -206,9 +216,8 @@ def run(config, workdir: str, data: Data, mesh, candidates: dict, steps: dict) -
     if run_dir.is_complete(workdir, NAME):
         log.info("[evaluate] complete, skipped (%s)", run_dir.results_file(workdir))
         return
-    wanted = tuple(config.eval.get("weights", WEIGHTS))  # what `weights_to_evaluate` can give from a train phase
-    candidates = {name: v for name, v in candidates.items() if name == "given" or name in wanted}
-    if not candidates:
+    if not candidates:  # eval.weights asked only for a best-validation checkpoint that was never written
+        wanted = tuple(config.eval.get("weights", WEIGHTS))
         raise UserError(
             f"eval.weights={wanted!r}: none of these weights exists in {workdir} (no best-validation checkpoint "
             "without train.validation_size > 0)"
