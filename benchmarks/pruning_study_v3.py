@@ -2,7 +2,7 @@
 model, a redundant pool, and a held-out test split that can tell 1 point from noise.
 
     pip install -e ".[bench]"
-    python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--seeds-of 20000=0] [--ratios 0.5 0.25]
+    python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--seeds-of 20000=0] [--ratios 0.5 0.25] [--ratios-of 1=0.25]
         [--lengths 24 32 43 57 76 101 135 180 240 320 427] [--epochs E] [--workdir runs/study_v3] [--report-only]
 
 What it runs (configs/default.py's digits: 1,528 real originals + a generated pool;
@@ -16,10 +16,12 @@ steps whatever the pool holds, so every run of a pool trains the same steps):
    length nearest 0.75 L: it stops improving over the last 25% of the epochs. Every
    final run trains L epochs. (--epochs E skips this and uses E.)
 2. Per pool size and seed:
-   - full pool: trained L epochs. Its EMA weights are also PUMA's margin model
-     (scoring.init_from), a converged robust model as in the PUMA paper, so the
-     margin score costs DeepFool over the pool alone (the model's training is
-     reported beside it, since a user without one pays it).
+   - full pool: trained L epochs (at seed 0 of the largest pool, the convergence
+     run of L itself, copied and evaluated again with the grid's attacks). Its EMA
+     weights are also PUMA's margin model (scoring.init_from), a robust model
+     trained to convergence (or as long as --lengths allow), as in the PUMA paper,
+     so the margin score costs DeepFool over the pool alone (the model's training
+     is reported beside it, since a user without one pays it).
    - DU, extrapolated: Nieth et al.'s protocol: a history run on a random 5% of the
      generated pool alone (scoring.history_protocol='reference', DU window 10, as
      many steps as a final run in passes over the subset, at least 10), kNN-
@@ -35,8 +37,9 @@ steps whatever the pool holds, so every run of a pool trains the same steps):
    10,000 images on 2 cores, from PGD-20's 9 s there, more than a run's training).
 4. Seeds: --seeds at every pool, except where --seeds-of names a pool: by default
    3 seeds at 200,000 (where extrapolation claims its saving) and one at 20,000.
-   A run of L epochs trains in about L x 1.2 s here; when L is long, trim the grid
-   (--seeds, --seeds-of, --ratios) before it starts, never the convergence.
+   A run of L epochs trains in about L x 0.8-1.3 s here (the speed varies by
+   day); when L is long, trim the grid (--seeds, --seeds-of, --ratios,
+   --ratios-of) before it starts, never the convergence.
 
 Reported: per cell, mean and min..max over seeds of each accuracy on both splits,
 and each run's measured seconds split into score, select and train; paired
@@ -224,7 +227,7 @@ class StudyV3:
     def __init__(self, args):
         from jax_advprune import parallel
 
-        self.args, self.rows = args, []
+        self.args, self.rows, self.not_run = args, [], []
         self.mesh = parallel.make_mesh(None)
         self.start = time.perf_counter()
 
@@ -287,14 +290,18 @@ class StudyV3:
         with open(timing) as f:
             return json.load(f)["seconds"]
 
-    def run(self, name: str, label: str, config, *, kind: str, score: str | None = None, **extra) -> dict:
-        """One work directory -> its row; a finished directory is read, not rerun."""
+    def run(self, name: str, label: str, config, *, kind: str, score: str | None = None, **extra) -> dict | None:
+        """One work directory -> its row; a finished directory is read, not rerun. With --finished-only, an
+        unfinished one is recorded in `self.not_run` and nothing runs -> None."""
         from pruning_study import share_scores
 
         from jax_advprune.main import run
 
         pool = config.data.synthetic_size
         workdir = self._path(f"pool{pool}", name)
+        if self.args.finished_only and not os.path.exists(os.path.join(workdir, "results.json")):
+            self.not_run.append(f"pool{pool}/{name}")
+            return None
         score_s = 0.0
         self._link_data(workdir, pool)  # first: share_scores then leaves the linked data alone
         if score is not None:
@@ -343,6 +350,8 @@ class StudyV3:
         for epochs in sorted(args.lengths):
             config = v3_config(pool, 0, epochs, held_out=args.held_out, robust_evaluation="pgd")
             row = self.run(f"convergence/epochs{epochs:g}", "full pool", config, kind="convergence")
+            if row is None:  # --finished-only: the curve ends at the first length not run
+                break
             curve.append({k: row[k] for k in ("epochs", "held_out_pgd", "held_out_clean", "test_pgd", "train_s")})
             chosen, marked = converged_length(curve)
             if chosen is not None:
@@ -352,15 +361,45 @@ class StudyV3:
         print(f"!! no length in {sorted(args.lengths)} met the criterion; using the longest, {longest:g}", flush=True)
         return longest, marked
 
+    def reuse_convergence_run(self, pool: int, seed: int, epochs: float, name: str) -> str | None:
+        """The convergence run of `epochs` trained the full pool at seed 0 exactly as the grid's full-pool run would
+        (only eval differs): its directory is copied to `name` without its evaluation, so the grid's full pool, and
+        with it PUMA's margin model, is that run's training, evaluated again with the grid's attacks. -> the copied
+        run's name, or None when there is none to copy (another pool or seed, or --epochs without convergence)."""
+        source = self._path(f"pool{pool}", "convergence", f"epochs{epochs:g}")
+        target = self._path(f"pool{pool}", name)
+        if seed != 0 or pool != max(self.args.pools) or not os.path.exists(os.path.join(source, "results.json")):
+            return None
+        if not os.path.exists(os.path.join(target, "results.json")) and not self.args.finished_only:
+            shutil.rmtree(target, ignore_errors=True)  # a copy killed midway starts again
+            shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("lock", "tensorboard"))
+            for written_by_evaluate in ("results.json", "report.md", os.path.join("settings", "evaluate.json")):
+                os.remove(os.path.join(target, written_by_evaluate))
+            with open(os.path.join(target, "timings.json")) as f:
+                timings = json.load(f)
+            timings.pop("evaluate", None)  # the phase runs again and adds its own seconds
+            with open(os.path.join(target, "timings.json"), "w") as f:
+                json.dump(timings, f)
+        return os.path.relpath(source, self._path(f"pool{pool}"))
+
     def pool_seed(self, pool: int, seed: int, epochs: float) -> None:
         """The grid at `pool` and `seed`, every run training `epochs` (in the run names, so that runs of another
         length are never mistaken for these)."""
         args = self.args
         common = dict(held_out=args.held_out, apgd_steps=args.apgd_steps)
         where = f"epochs{epochs:g}/seed{seed}"
-        full = self.run(f"{where}/full_pool", "full pool", v3_config(pool, seed, epochs, **common), kind="full")
+        reused = self.reuse_convergence_run(pool, seed, epochs, f"{where}/full_pool")
+        full = self.run(
+            f"{where}/full_pool",
+            "full pool",
+            v3_config(pool, seed, epochs, **common),
+            kind="full",
+            **({"trained_in": reused} if reused else {}),
+        )
+        if full is None:  # --finished-only: nothing of this seed can have run without its full pool
+            return
         margin_model = self._path(f"pool{pool}", where, "full_pool")
-        for ratio in args.ratios:
+        for ratio in ratios_of(args, seed):
             for label, strategy, score in STRATEGIES:
                 config = v3_config(
                     pool,
@@ -408,70 +447,118 @@ def _pts(cell: dict) -> str:
     return f"{100 * cell['mean']:+.1f} ({100 * cell['min']:+.1f}..{100 * cell['max']:+.1f})"
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
+def convergence_table(result: dict) -> list[str]:
+    """The convergence curve: per length, held-out clean and PGD-20, the gain over the length nearest 0.75 x it,
+    test PGD-20 and the training seconds."""
+
+    def used(p: dict) -> str:  # the length the final runs train; "chosen" only where it met the rule
+        if p["epochs"] != result["epochs"]:
+            return ""
+        met = p["gain"] is not None and p["gain"] < CONVERGED_GAIN
+        return " (chosen)" if met else " (used: the longest; rule not met)"
+
+    rows = [
+        [
+            f"{p['epochs']:g}{used(p)}",
+            f"{100 * p['held_out_clean']:.1f}",
+            f"{100 * p['held_out_pgd']:.1f}",
+            "" if p["gain"] is None else f"{100 * p['gain']:+.2f} (vs {p['compared_with']:g})",
+            f"{100 * p['test_pgd']:.1f}",
+            f"{p['train_s']:.0f}",
+        ]
+        for p in result["convergence"]
+    ]
+    return _table(["epochs", "held-out clean", "held-out PGD-20", "gain (points)", "test PGD-20", "train s"], rows)
+
+
+def grid_table(result: dict) -> list[str]:
+    """Per pool, method and keep ratio: kept count, accuracies on both splits (mean (min..max) over seeds, %) and
+    the measured seconds of score, select and train."""
+    rows = [
+        [
+            f"{t['pool']:,}",
+            t["method"],
+            f"{t['keep_ratio']:g}",
+            f"{t['kept']:,}",
+            str(len(t["seeds"])),
+            *(_pct(t[f"{split}_{metric}"]) for split in SPLITS for metric in ("clean", "pgd", "aa")),
+            f"{t['score_s']['mean']:.0f}",
+            f"{t['select_s']['mean']:.1f}",
+            f"{t['train_s']['mean']:.0f}",
+        ]
+        for t in result["table"]
+        if t["kind"] != "convergence"
+    ]
+    head = ["pool", "method", "keep", "kept", "seeds"]
+    head += [f"{where} {what}" for where in ("held-out", "test") for what in ("clean", "PGD-20", "APGD-CE+T")]
+    return _table(head + ["score s", "select s", "train s"], rows)
+
+
+def paired_table(result: dict) -> list[str]:
+    """Each pruned cell minus random at the same pool, keep ratio and seed, in points (mean (min..max) over seeds)."""
+    rows = [
+        [
+            f"{d['pool']:,}",
+            d["method"],
+            f"{d['keep_ratio']:g}",
+            str(len(d["seeds"])),
+            *(_pts(d[f"{split}_{metric}"]) for split in SPLITS for metric in ("clean", "pgd", "aa")),
+        ]
+        for d in result["paired"]
+    ]
+    head = ["pool", "method minus random", "keep", "seeds"]
+    head += [f"{where} {what}" for where in ("held-out", "test") for what in ("clean", "PGD-20", "APGD-CE+T")]
+    return _table(head, rows)
+
+
+def scoring_cost_table(result: dict) -> list[str]:
+    """Per pool: margins (DeepFool over the pool, and the margin model's training) against DU on the subset + kNN,
+    seconds (mean over seeds)."""
+    rows = []
+    for c in result["scoring_costs"]:
+        cells = [c.get("margin_score_s"), c.get("margin_model_train_s"), c.get("du_score_s")]
+        rows.append([f"{c['pool']:,}"] + ["" if cell is None else f"{cell['mean']:.0f}" for cell in cells])
+    head = ["pool", "margins: DeepFool over the pool", "+ margin model's training", "DU on the subset + kNN"]
+    return _table(head, rows)
+
+
 def tables(result: dict) -> list[str]:
     """The study's Markdown: the convergence curve, the accuracy table of both splits, the paired differences and
-    the scoring costs."""
+    the scoring costs, each with its caption."""
     s = result["settings"]
-    lines = [
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    return [
         f"Convergence (full pool of {max(s['pools']):,}, seed 0; PGD-20 of the EMA weights on the {s['held_out']:,}-image "
         "held-out generated split; gain: over the length nearest 0.75 x it):",
         "",
-        "| epochs | held-out clean | held-out PGD-20 | gain (points) | test PGD-20 | train s |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for p in result["convergence"]:
-        gain = "" if p["gain"] is None else f"{100 * p['gain']:+.2f} (vs {p['compared_with']:g})"
-        lines.append(
-            f"| {p['epochs']:g} | {100 * p['held_out_clean']:.1f} | {100 * p['held_out_pgd']:.1f} | {gain} "
-            f"| {100 * p['test_pgd']:.1f} | {p['train_s']:.0f} |"
-        )
-    lines += [
+        *convergence_table(result),
         "",
-        f"Final runs: {result['epochs']:g} epochs of 12 steps each (equal steps for every run), seeds {s['seeds']}, "
+        f"Final runs: {result['epochs']:g} epochs of 12 steps each (equal steps for every run), seeds {seeds}, "
         "class-balanced, EMA weights. Mean (min..max over seeds), %. Held-out: generated images, not real data.",
         "",
-        "| pool | method | keep | kept | held-out clean | held-out PGD-20 | held-out APGD-CE+T | test clean | test PGD-20 "
-        "| test APGD-CE+T | score s | select s | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for t in result["table"]:
-        if t["kind"] == "convergence":
-            continue
-        lines.append(
-            f"| {t['pool']:,} | {t['method']} | {t['keep_ratio']:g} | {t['kept']:,} | {_pct(t['held_out_clean'])} "
-            f"| {_pct(t['held_out_pgd'])} | {_pct(t['held_out_aa'])} | {_pct(t['test_clean'])} | {_pct(t['test_pgd'])} "
-            f"| {_pct(t['test_aa'])} | {t['score_s']['mean']:.0f} | {t['select_s']['mean']:.1f} | {t['train_s']['mean']:.0f} |"
-        )
-    lines += [
+        *grid_table(result),
         "",
         "Paired differences against random at the same pool, keep ratio and seed (points; mean, min..max over seeds):",
         "",
-        "| pool | method | keep | held-out clean | held-out PGD-20 | held-out APGD-CE+T | test clean | test PGD-20 "
-        "| test APGD-CE+T |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for d in result["paired"]:
-        lines.append(
-            f"| {d['pool']:,} | {d['method']} | {d['keep_ratio']:g} | {_pts(d['held_out_clean'])} | {_pts(d['held_out_pgd'])} "
-            f"| {_pts(d['held_out_aa'])} | {_pts(d['test_clean'])} | {_pts(d['test_pgd'])} | {_pts(d['test_aa'])} |"
-        )
-    lines += [
+        *paired_table(result),
         "",
         "Scoring cost (s, mean over seeds): margins = DeepFool over the pool with the converged full-pool model "
         f"(+ that model's training, if one has to be trained); DU = a history run on {100 * s['subset_fraction']:g}% "
         "of the pool + embedding + kNN.",
         "",
-        "| pool | margins: DeepFool | + margin model's training | DU on the subset + kNN |",
-        "| --- | --- | --- | --- |",
+        *scoring_cost_table(result),
+        *(
+            ["", "Not run (the grid was stopped before them): " + ", ".join(result["not_run"]) + "."]
+            if result.get("not_run")
+            else []
+        ),
     ]
-    for c in result["scoring_costs"]:
-        margin, model, du = c.get("margin_score_s"), c.get("margin_model_train_s"), c.get("du_score_s")
-        lines.append(
-            f"| {c['pool']:,} | {margin['mean']:.0f} | {model['mean']:.0f} | {du['mean']:.0f} |"
-            if margin and model and du
-            else f"| {c['pool']:,} | | | |"
-        )
-    return lines
 
 
 def write_outputs(result: dict, out_dir: str = os.path.join(REPO, "benchmarks", "results")) -> None:
@@ -548,6 +635,15 @@ def seeds_of(args, pool: int) -> list[int]:
     return list(args.seeds)
 
 
+def ratios_of(args, seed: int) -> list[float]:
+    """The keep ratios run at `seed`: --ratios, except where --ratios-of names the seed (e.g. 1=0.25)."""
+    for entry in args.ratios_of:
+        named, ratios = entry.split("=")
+        if int(named) == seed:
+            return [float(r) for r in ratios.split(",")]
+    return args.ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pools", type=int, nargs="+", default=[20_000, 200_000])
@@ -556,6 +652,9 @@ def main() -> None:
         "--seeds-of", nargs="*", default=["20000=0"], help="per-pool seeds, e.g. 20000=0 (default: --seeds)"
     )
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument(
+        "--ratios-of", nargs="*", default=[], help="per-seed keep ratios, e.g. 1=0.25 (default: --ratios)"
+    )
     parser.add_argument("--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135, 180, 240, 320, 427])
     parser.add_argument("--epochs", type=float, default=None, help="skip the convergence runs; train this long")
     parser.add_argument("--held-out", type=int, default=10_000)
@@ -563,6 +662,11 @@ def main() -> None:
     parser.add_argument("--subset-fraction", type=float, default=0.05)
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "study_v3"))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: report the runs of this grid that finished, and list those that did not",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the outputs from benchmarks/results/pruning_study_v3.json"
     )
@@ -604,6 +708,7 @@ def main() -> None:
             "table": summarise(runs),
             "paired": paired_differences(runs),
             "scoring_costs": scoring_costs(runs),
+            "not_run": study.not_run,
         },
         args.results_dir,
     )

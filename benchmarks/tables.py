@@ -388,6 +388,30 @@ def pruning_study(result: dict) -> list[str]:
     return by_method(result["table"], argparse.Namespace(**result["settings"]))
 
 
+def study_v3_convergence(result: dict) -> list[str]:
+    from pruning_study_v3 import convergence_table
+
+    return convergence_table(result)
+
+
+def study_v3_grid(result: dict) -> list[str]:
+    from pruning_study_v3 import grid_table
+
+    return grid_table(result)
+
+
+def study_v3_paired(result: dict) -> list[str]:
+    from pruning_study_v3 import paired_table
+
+    return paired_table(result)
+
+
+def study_v3_scoring_cost(result: dict) -> list[str]:
+    from pruning_study_v3 import scoring_cost_table
+
+    return scoring_cost_table(result)
+
+
 def embedded_default(*results: dict) -> list[str]:
     """The README's runs of the embedded default, one block of rows per CPU the JSON files come from."""
     rows = []
@@ -445,6 +469,10 @@ RENDERERS = {
     "plan_phases": plan_phases,
     "plan_summary": plan_summary,
     "pruning_study": pruning_study,
+    "study_v3_convergence": study_v3_convergence,
+    "study_v3_grid": study_v3_grid,
+    "study_v3_paired": study_v3_paired,
+    "study_v3_scoring_cost": study_v3_scoring_cost,
     "embedded_default": embedded_default,
     "embedded_default_command": embedded_default_command,
 }
