@@ -79,6 +79,12 @@ METRICS = {
     "apgd_ce": "apgd_ce_accuracy",
     "aa": "autoattack_lite_accuracy",
 }
+# The tables' accuracy columns: (key of a row, header), the held-out split first (it has the resolution).
+ACCURACY_COLUMNS = [
+    (f"{split}_{metric}", f"{where} {what}")
+    for split, where in (("held_out", "held-out"), ("test", "test"))
+    for metric, what in (("clean", "clean"), ("pgd", "PGD-20"), ("aa", "APGD-CE+T"))
+]
 CONVERGED_GAIN = 0.005  # less than 0.5 points over the last 25% of the epochs
 
 
@@ -453,15 +459,21 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def length_used(result: dict) -> str:
+    """'chosen' where the final-training length met the convergence rule, else what it is: the longest."""
+    point = next((p for p in result["convergence"] if p["epochs"] == result["epochs"]), None)
+    if point is None:
+        return "given by --epochs"
+    met = point["gain"] is not None and point["gain"] < CONVERGED_GAIN
+    return "chosen" if met else "used: the longest; rule not met"
+
+
 def convergence_table(result: dict) -> list[str]:
     """The convergence curve: per length, held-out clean and PGD-20, the gain over the length nearest 0.75 x it,
     test PGD-20 and the training seconds."""
 
-    def used(p: dict) -> str:  # the length the final runs train; "chosen" only where it met the rule
-        if p["epochs"] != result["epochs"]:
-            return ""
-        met = p["gain"] is not None and p["gain"] < CONVERGED_GAIN
-        return " (chosen)" if met else " (used: the longest; rule not met)"
+    def used(p: dict) -> str:  # the length the final runs train
+        return f" ({length_used(result)})" if p["epochs"] == result["epochs"] else ""
 
     rows = [
         [
@@ -487,7 +499,7 @@ def grid_table(result: dict) -> list[str]:
             f"{t['keep_ratio']:g}",
             f"{t['kept']:,}",
             str(len(t["seeds"])),
-            *(_pct(t[f"{split}_{metric}"]) for split in SPLITS for metric in ("clean", "pgd", "aa")),
+            *(_pct(t[key]) for key, _ in ACCURACY_COLUMNS),
             f"{t['score_s']['mean']:.0f}",
             f"{t['select_s']['mean']:.1f}",
             f"{t['train_s']['mean']:.0f}",
@@ -495,8 +507,7 @@ def grid_table(result: dict) -> list[str]:
         for t in result["table"]
         if t["kind"] != "convergence"
     ]
-    head = ["pool", "method", "keep", "kept", "seeds"]
-    head += [f"{where} {what}" for where in ("held-out", "test") for what in ("clean", "PGD-20", "APGD-CE+T")]
+    head = ["pool", "method", "keep", "kept", "seeds"] + [name for _, name in ACCURACY_COLUMNS]
     return _table(head + ["score s", "select s", "train s"], rows)
 
 
@@ -508,13 +519,11 @@ def paired_table(result: dict) -> list[str]:
             d["method"],
             f"{d['keep_ratio']:g}",
             str(len(d["seeds"])),
-            *(_pts(d[f"{split}_{metric}"]) for split in SPLITS for metric in ("clean", "pgd", "aa")),
+            *(_pts(d[key]) for key, _ in ACCURACY_COLUMNS),
         ]
         for d in result["paired"]
     ]
-    head = ["pool", "method minus random", "keep", "seeds"]
-    head += [f"{where} {what}" for where in ("held-out", "test") for what in ("clean", "PGD-20", "APGD-CE+T")]
-    return _table(head, rows)
+    return _table(["pool", "method minus random", "keep", "seeds"] + [name for _, name in ACCURACY_COLUMNS], rows)
 
 
 def scoring_cost_table(result: dict) -> list[str]:
@@ -584,7 +593,9 @@ def plot(result: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     curve = result["convergence"]
     left.plot([p["epochs"] for p in curve], [100 * p["held_out_pgd"] for p in curve], "o-", label="held-out PGD-20")
-    left.axvline(result["epochs"], color="grey", linestyle=":", label=f"chosen: {result['epochs']:g} epochs")
+    left.axvline(
+        result["epochs"], color="grey", linestyle=":", label=f"{result['epochs']:g} epochs ({length_used(result)})"
+    )
     left.set_xlabel("epochs (12 steps each)")
     left.set_ylabel("accuracy (%)")
     left.set_title("full pool: final-training length")
@@ -620,7 +631,7 @@ def plot(result: dict, path: str) -> None:
             right.axhline(100 * full["held_out_pgd"]["mean"], color="k", linestyle=style, label=f"full pool {pool:,}")
     right.set_xlabel("keep ratio of the generated pool")
     right.set_title("held-out PGD-20 at equal training steps")
-    right.legend(fontsize=7, loc="lower right")
+    right.legend(fontsize=7, loc="center left")
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -35,7 +35,8 @@ def _row(method, seed, pgd, ratio=0.5, pool=20_000):
     row = {"pool": pool, "keep_ratio": ratio, "method": method, "seed": seed, "kind": "pruned"}
     for split in study.SPLITS:
         for metric in study.METRICS:
-            row[f"{split}_{metric}"] = pgd if metric == "pgd" else 0.9
+            # the held-out split 0.1 above the test split: a column of one split under the other's header shows
+            row[f"{split}_{metric}"] = (pgd if metric == "pgd" else 0.8) + (0.1 if split == "held_out" else 0.0)
     return row
 
 
@@ -145,7 +146,9 @@ def test_the_tables_show_every_cell_its_seeds_and_the_paired_differences():
     assert "| 32 (chosen) | 90.0 | 60.2 | +0.20 (vs 24) | 50.0 | 20 |" in text
     result["convergence"][1]["gain"] = 0.01  # the rule not met: the longest length is used, and said so
     assert "| 32 (used: the longest; rule not met) |" in "\n".join(study.convergence_table(result))
-    assert "| 20,000 | random | 0.5 | 10,000 | 2 | 90.0 (90.0..90.0) | 65.0 (60.0..70.0) |" in text
+    held_out, test = "90.0 (90.0..90.0) | 75.0 (70.0..80.0)", "80.0 (80.0..80.0) | 65.0 (60.0..70.0)"
+    assert f"| 20,000 | random | 0.5 | 10,000 | 2 | {held_out} | 90.0 (90.0..90.0) | {test} |" in text
+    assert "| held-out clean | held-out PGD-20 | held-out APGD-CE+T | test clean | test PGD-20 |" in text
     assert "| 20,000 | puma | 0.5 | 2 | +0.0 (+0.0..+0.0) | +0.5 (-1.0..+2.0) |" in text
     assert text.endswith("| 20,000 | 30 | 300 |  |")  # margins scored; no DU run in this grid
     assert doc_tables.RENDERERS["study_v3_paired"](result) == study.paired_table(result)
