@@ -35,7 +35,7 @@ def _row(method, seed, pgd, ratio=0.5, pool=20_000):
     row = {"pool": pool, "keep_ratio": ratio, "method": method, "seed": seed, "kind": "pruned"}
     for split in study.SPLITS:
         for metric in study.METRICS:
-            # the held-out split 0.1 above the test split: a column of one split under the other's header shows
+            # the held-out split 0.1 above the test split, so a split's figures under the other's header fail
             row[f"{split}_{metric}"] = (pgd if metric == "pgd" else 0.8) + (0.1 if split == "held_out" else 0.0)
     return row
 
