@@ -65,6 +65,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hygiene  # noqa: E402
+from tables import _table  # noqa: E402  (the documents' Markdown table, head and rows)
 
 STRATEGIES = [  # (label, strategy, score)
     ("random", "random", None),
@@ -372,6 +373,8 @@ class StudyV3:
         (only eval differs): its directory is copied to `name` without its evaluation, so the grid's full pool, and
         with it PUMA's margin model, is that run's training, evaluated again with the grid's attacks. -> the copied
         run's name, or None when there is none to copy (another pool or seed, or --epochs without convergence)."""
+        from jax_advprune import run_dir, storage
+
         source = self._path(f"pool{pool}", "convergence", f"epochs{epochs:g}")
         target = self._path(f"pool{pool}", name)
         if seed != 0 or pool != max(self.args.pools) or not os.path.exists(os.path.join(source, "results.json")):
@@ -379,13 +382,16 @@ class StudyV3:
         if not os.path.exists(os.path.join(target, "results.json")) and not self.args.finished_only:
             shutil.rmtree(target, ignore_errors=True)  # a copy killed midway starts again
             shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("lock", "tensorboard"))
-            for written_by_evaluate in ("results.json", "report.md", os.path.join("settings", "evaluate.json")):
-                os.remove(os.path.join(target, written_by_evaluate))
-            with open(os.path.join(target, "timings.json")) as f:
-                timings = json.load(f)
+            evaluated = (
+                run_dir.results_file(target),
+                run_dir.report_file(target),
+                run_dir.settings_file(target, "evaluate"),
+            )
+            for written_by_evaluate in evaluated:
+                os.remove(written_by_evaluate)
+            timings = storage.read_json(run_dir.timings_file(target))
             timings.pop("evaluate", None)  # the phase runs again and adds its own seconds
-            with open(os.path.join(target, "timings.json"), "w") as f:
-                json.dump(timings, f)
+            storage.write_json(run_dir.timings_file(target), timings)
         return os.path.relpath(source, self._path(f"pool{pool}"))
 
     def pool_seed(self, pool: int, seed: int, epochs: float) -> None:
@@ -451,12 +457,6 @@ def _pct(cell: dict) -> str:
 
 def _pts(cell: dict) -> str:
     return f"{100 * cell['mean']:+.1f} ({100 * cell['min']:+.1f}..{100 * cell['max']:+.1f})"
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"] + [
-        "| " + " | ".join(row) + " |" for row in rows
-    ]
 
 
 def length_used(result: dict) -> str:

@@ -388,28 +388,16 @@ def pruning_study(result: dict) -> list[str]:
     return by_method(result["table"], argparse.Namespace(**result["settings"]))
 
 
-def study_v3_convergence(result: dict) -> list[str]:
-    from pruning_study_v3 import convergence_table
+def study_v3(table: str):
+    """The renderer of benchmarks/pruning_study_v3.py's `table` function (its convergence, grid, paired and scoring
+    cost tables), imported when a document uses it."""
 
-    return convergence_table(result)
+    def render(result: dict) -> list[str]:
+        import pruning_study_v3
 
+        return getattr(pruning_study_v3, table)(result)
 
-def study_v3_grid(result: dict) -> list[str]:
-    from pruning_study_v3 import grid_table
-
-    return grid_table(result)
-
-
-def study_v3_paired(result: dict) -> list[str]:
-    from pruning_study_v3 import paired_table
-
-    return paired_table(result)
-
-
-def study_v3_scoring_cost(result: dict) -> list[str]:
-    from pruning_study_v3 import scoring_cost_table
-
-    return scoring_cost_table(result)
+    return render
 
 
 def embedded_default(*results: dict) -> list[str]:
@@ -469,10 +457,10 @@ RENDERERS = {
     "plan_phases": plan_phases,
     "plan_summary": plan_summary,
     "pruning_study": pruning_study,
-    "study_v3_convergence": study_v3_convergence,
-    "study_v3_grid": study_v3_grid,
-    "study_v3_paired": study_v3_paired,
-    "study_v3_scoring_cost": study_v3_scoring_cost,
+    "study_v3_convergence": study_v3("convergence_table"),
+    "study_v3_grid": study_v3("grid_table"),
+    "study_v3_paired": study_v3("paired_table"),
+    "study_v3_scoring_cost": study_v3("scoring_cost_table"),
     "embedded_default": embedded_default,
     "embedded_default_command": embedded_default_command,
 }

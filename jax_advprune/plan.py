@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -896,22 +897,9 @@ def make_plan(
         utilisation = calibration["utilisation"]
     reports = []
 
-    def assemble(remaining=()) -> dict:  # the plan of the programs compiled so far
-        return _assemble_plan(
-            config,
-            topology,
-            mesh,
-            chip,
-            hosts,
-            sizes,
-            deepfool_iterations,
-            utilisation,
-            calibration,
-            only,
-            effort,
-            reports,
-            remaining,
-        )
+    # The plan of the programs compiled so far (`reports` grows in place), given those still `remaining`.
+    fixed = (config, topology, mesh, chip, hosts, sizes, deepfool_iterations, utilisation, calibration, only, effort)
+    assemble = functools.partial(_assemble_plan, *fixed, reports)
 
     with backends.building_for("tpu"):
         programs = run_programs(config, mesh, sizes, deepfool_iterations)

@@ -164,4 +164,8 @@ def test_finished_only_runs_nothing_and_lists_what_did_not_run(tmp_path):
     assert runner.run("epochs427/seed1/puma_keep0.25", "puma", config, kind="pruned", score="margin") is None
     assert runner.not_run == ["pool200000/epochs427/seed1/puma_keep0.25"] and runner.rows == []
     assert not any(tmp_path.iterdir())  # no work directory, score directory or data link was made
-    assert runner.reuse_convergence_run(200_000, 0, 427, "epochs427/seed0/full_pool") is None
+    # A finished convergence run of that length is not copied either: the grid's full pool stays "not run".
+    (tmp_path / "pool200000" / "convergence" / "epochs427").mkdir(parents=True)
+    (tmp_path / "pool200000" / "convergence" / "epochs427" / "results.json").write_text("{}")
+    runner.reuse_convergence_run(200_000, 0, 427, "epochs427/seed0/full_pool")
+    assert not (tmp_path / "pool200000" / "epochs427").exists()
