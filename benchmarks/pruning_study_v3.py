@@ -3,7 +3,7 @@ model, a redundant pool, and a held-out test split that can tell 1 point from no
 
     pip install -e ".[bench]"
     python benchmarks/pruning_study_v3.py [--pools 20000 200000] [--seeds 0 1 2] [--seeds-of 20000=0] [--ratios 0.5 0.25] [--ratios-of 1=0.25]
-        [--lengths 24 32 43 57 76 101 135 180 240 320 427] [--epochs E] [--workdir runs/study_v3] [--report-only]
+        [--lengths 24 32 43 57 76 101 135 180 240 320 427 569 759] [--epochs E] [--workdir runs/study_v3] [--report-only]
 
 What it runs (configs/default.py's digits: 1,528 real originals + a generated pool;
 pruning.scope='synthetic', class-balanced, batches of 30% originals, an epoch of 12
@@ -666,7 +666,9 @@ def main() -> None:
     parser.add_argument(
         "--ratios-of", nargs="*", default=[], help="per-seed keep ratios, e.g. 1=0.25 (default: --ratios)"
     )
-    parser.add_argument("--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135, 180, 240, 320, 427])
+    parser.add_argument(
+        "--lengths", type=float, nargs="+", default=[24, 32, 43, 57, 76, 101, 135, 180, 240, 320, 427, 569, 759]
+    )
     parser.add_argument("--epochs", type=float, default=None, help="skip the convergence runs; train this long")
     parser.add_argument("--held-out", type=int, default=10_000)
     parser.add_argument("--apgd-steps", type=int, default=25)
