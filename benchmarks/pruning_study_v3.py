@@ -67,6 +67,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hygiene  # noqa: E402
 from tables import _table  # noqa: E402  (the documents' Markdown table, head and rows)
 
+from jax_advprune import run_dir, storage  # noqa: E402  (no jax: safe before the device count is set)
+
 STRATEGIES = [  # (label, strategy, score)
     ("random", "random", None),
     ("puma", "puma", "margin"),
@@ -87,6 +89,16 @@ ACCURACY_COLUMNS = [
     for metric, what in (("clean", "clean"), ("pgd", "PGD-20"), ("aa", "APGD-CE+T"))
 ]
 CONVERGED_GAIN = 0.005  # less than 0.5 points over the last 25% of the epochs
+
+
+def meets_rule(gain: float | None) -> bool:
+    """Whether a length's gain over the length nearest 0.75 x it (a fraction; None for the shortest) converged."""
+    return gain is not None and gain < CONVERGED_GAIN
+
+
+def finished(workdir: str) -> bool:
+    """Whether the run in `workdir` has evaluated (its results file exists)."""
+    return os.path.exists(run_dir.results_file(workdir))
 
 
 def v3_config(
@@ -162,7 +174,7 @@ def converged_length(curve: list[dict]) -> tuple[float | None, list[dict]]:
         previous = length_grid_neighbour(lengths, point["epochs"])
         gain = None if previous is None else point["held_out_pgd"] - by_length[previous]["held_out_pgd"]
         marked.append(point | {"gain": gain, "compared_with": previous})
-        if chosen is None and gain is not None and gain < CONVERGED_GAIN:
+        if chosen is None and meets_rule(gain):
             chosen = point["epochs"]
     return chosen, marked
 
@@ -275,7 +287,6 @@ class StudyV3:
 
     def score_seconds(self, config, score: str) -> float:
         """Computes (once) the score phase of `config` into its `_score_dir` -> its seconds."""
-        from jax_advprune import run_dir
         from jax_advprune.data.splits import load_data
         from jax_advprune.phases import score as score_phase
 
@@ -292,10 +303,8 @@ class StudyV3:
 
                 initial = load_variables(config.scoring.init_from, config, data.pool.image_shape)
             score_phase.run(config, source, data, self.mesh, initial)
-            with open(timing, "w") as f:
-                json.dump({"seconds": time.perf_counter() - begin}, f)
-        with open(timing) as f:
-            return json.load(f)["seconds"]
+            storage.write_json(timing, {"seconds": time.perf_counter() - begin})
+        return storage.read_json(timing)["seconds"]
 
     def run(self, name: str, label: str, config, *, kind: str, score: str | None = None, **extra) -> dict | None:
         """One work directory -> its row; a finished directory is read, not rerun. With --finished-only, an
@@ -306,7 +315,7 @@ class StudyV3:
 
         pool = config.data.synthetic_size
         workdir = self._path(f"pool{pool}", name)
-        if self.args.finished_only and not os.path.exists(os.path.join(workdir, "results.json")):
+        if self.args.finished_only and not finished(workdir):
             self.not_run.append(f"pool{pool}/{name}")
             return None
         score_s = 0.0
@@ -314,12 +323,10 @@ class StudyV3:
         if score is not None:
             score_s = self.score_seconds(config, score)
             share_scores(self._score_dir(config, score), workdir)
-        if not os.path.exists(os.path.join(workdir, "results.json")):
+        if not finished(workdir):
             run(config, workdir)
-        with open(os.path.join(workdir, "results.json")) as f:
-            results = json.load(f)
-        with open(os.path.join(workdir, "timings.json")) as f:
-            timings = json.load(f)
+        results = storage.read_json(run_dir.results_file(workdir))
+        timings = storage.read_json(run_dir.timings_file(workdir))
         row = dict(
             name=name,
             method=label,
@@ -373,13 +380,11 @@ class StudyV3:
         (only eval differs): its directory is copied to `name` without its evaluation, so the grid's full pool, and
         with it PUMA's margin model, is that run's training, evaluated again with the grid's attacks. -> the copied
         run's name, or None when there is none to copy (another pool or seed, or --epochs without convergence)."""
-        from jax_advprune import run_dir, storage
-
         source = self._path(f"pool{pool}", "convergence", f"epochs{epochs:g}")
         target = self._path(f"pool{pool}", name)
-        if seed != 0 or pool != max(self.args.pools) or not os.path.exists(os.path.join(source, "results.json")):
+        if seed != 0 or pool != max(self.args.pools) or not finished(source):
             return None
-        if not os.path.exists(os.path.join(target, "results.json")) and not self.args.finished_only:
+        if not finished(target) and not self.args.finished_only:
             shutil.rmtree(target, ignore_errors=True)  # a copy killed midway starts again
             shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("lock", "tensorboard"))
             evaluated = (
@@ -464,8 +469,7 @@ def length_used(result: dict) -> str:
     point = next((p for p in result["convergence"] if p["epochs"] == result["epochs"]), None)
     if point is None:
         return "given by --epochs"
-    met = point["gain"] is not None and point["gain"] < CONVERGED_GAIN
-    return "chosen" if met else "used: the longest; rule not met"
+    return "chosen" if meets_rule(point["gain"]) else "used: the longest; rule not met"
 
 
 def convergence_table(result: dict) -> list[str]:

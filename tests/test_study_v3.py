@@ -29,6 +29,12 @@ def test_the_converged_length_is_the_first_that_gains_under_half_a_point_over_it
     assert study.converged_length(curve[:3])[0] is None
     # A loss counts as converged too (the accuracy stopped improving).
     assert study.converged_length([{"epochs": 40, "held_out_pgd": 0.7}, {"epochs": 53, "held_out_pgd": 0.69}])[0] == 53
+    # The rule is strict (exactly 0.5 points is still improving), and the shortest length has nothing to gain over.
+    assert study.meets_rule(0.0049) and not study.meets_rule(0.005) and not study.meets_rule(None)
+    # The tables' label applies the same rule to the stored curve as the choice did.
+    assert study.length_used({"convergence": marked, "epochs": 57}) == "chosen"
+    assert study.length_used({"convergence": marked, "epochs": 76}) == "used: the longest; rule not met"
+    assert study.length_used({"convergence": marked, "epochs": 100}) == "given by --epochs"
 
 
 def _row(method, seed, pgd, ratio=0.5, pool=20_000):
